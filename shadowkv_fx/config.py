@@ -1,0 +1,73 @@
+"""User-facing configuration."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class ShadowKVConfig:
+    """ShadowKV knobs, named after the paper (Sun et al., 2024).
+
+    Parameters
+    ----------
+    sparse_budget:
+        Tokens of the compressed prompt fetched per decode step and KV head
+        (``sparse_budget / chunk_size`` chunks are selected). Must be a multiple of
+        ``chunk_size``. A budget covering every chunk selects them all.
+    rank:
+        Rank of the truncated SVD of the pre-RoPE keys (at most ``H_kv * D``).
+    chunk_size:
+        Tokens per chunk; one landmark (mean post-RoPE key) per chunk.
+    local_chunks:
+        Chunks at the end of the prompt kept dense on the device (plus the
+        remainder that does not fill a chunk).
+    outlier_chunks:
+        Chunks per KV head whose tokens agree least with their landmark, kept dense.
+    enabled:
+        ``False`` leaves the traced graph untouched (dense attention, dense cache).
+    """
+
+    sparse_budget: int = 2048
+    rank: int = 160
+    chunk_size: int = 8
+    local_chunks: int = 4
+    outlier_chunks: int = 48
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("sparse_budget", "rank", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ShadowKVConfig.{name} must be a positive int, got {value!r}")
+        for name in ("local_chunks", "outlier_chunks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ShadowKVConfig.{name} must be an int >= 0, got {value!r}")
+        if self.sparse_budget % self.chunk_size:
+            lower = self.sparse_budget - self.sparse_budget % self.chunk_size
+            raise ValueError(
+                f"sparse_budget={self.sparse_budget} is not a multiple of chunk_size={self.chunk_size}: "
+                f"use sparse_budget={lower or self.chunk_size} or {lower + self.chunk_size}"
+            )
+
+    @property
+    def budget_chunks(self) -> int:
+        return self.sparse_budget // self.chunk_size
+
+    @property
+    def min_sparse_prompt(self) -> int:
+        """Shortest prompt (tokens) that is compressed; shorter ones decode densely."""
+        return (self.local_chunks + self.outlier_chunks + 1) * self.chunk_size
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> "ShadowKVConfig":
+        """Build from a ``torch.compile(options=...)`` dict, rejecting unknown keys."""
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown ShadowKV option(s) {unknown}; known: {sorted(known)}")
+        return cls(**options)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

