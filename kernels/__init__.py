@@ -1,0 +1,1 @@
+"""Kernels behind ``torch.ops.shadowkv``: plain-PyTorch references (any device) and Triton (CUDA)."""

@@ -1,0 +1,125 @@
+"""Plain-PyTorch references for every ShadowKV kernel: the ground truth, and the CPU path.
+
+Shapes: ``B`` batch, ``Hq``/``Hkv`` query/key-value heads, ``G = Hq // Hkv``, ``n`` new
+query tokens, ``C`` chunks, ``L`` chunk size, ``T`` compressed tokens, ``r`` rank, ``D`` head dim.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def low_rank_keys(k_pre: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of one sequence's pre-RoPE keys, in float32.
+
+    Args:
+        k_pre: ``[Hkv, T, D]``.
+    Returns:
+        ``U [T, rank]`` and ``SV [Hkv, rank, D]`` (``diag(s) V^T``) with ``U @ SV[h] ~= k_pre[h]``;
+        zero-padded when ``min(T, Hkv*D) < rank``.
+    """
+    hkv, t, d = k_pre.shape
+    flat = k_pre.permute(1, 0, 2).reshape(t, hkv * d).float()
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    kept = min(rank, s.numel())
+    u_r = flat.new_zeros(t, rank)
+    u_r[:, :kept] = u[:, :kept]
+    sv = flat.new_zeros(rank, hkv * d)
+    sv[:kept] = s[:kept, None] * vh[:kept]
+    return u_r, sv.view(rank, hkv, d).permute(1, 0, 2).contiguous()
+
+
+def chunk_landmarks(k_rot: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-chunk mean of post-RoPE keys and each chunk's worst token agreement.
+
+    Args:
+        k_rot: ``[Hkv, C*L, D]``.
+    Returns:
+        ``landmarks [Hkv, C, D]`` and ``min_cosine [Hkv, C]`` (lowest cosine similarity between a
+        chunk's landmark and its tokens: low means the mean represents the chunk badly).
+    """
+    hkv, t, d = k_rot.shape
+    chunks = k_rot.float().view(hkv, t // chunk_size, chunk_size, d)
+    landmarks = chunks.mean(dim=2)
+    cosine = torch.nn.functional.cosine_similarity(chunks, landmarks.unsqueeze(2), dim=-1)
+    return landmarks, cosine.min(dim=-1).values
+
+
+def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor, scale: float) -> torch.Tensor:
+    """Chunk relevance: softmax(q . landmarks) per query head, summed over tokens, max over the GQA group.
+
+    Args:
+        q: ``[B, Hq, n, D]`` post-RoPE queries.
+        landmarks: ``[B, Hkv, C, D]``.
+        selectable: ``[B, Hkv, C]`` bool; outlier and padding chunks are False.
+    Returns:
+        ``[B, Hkv, C]`` float32, ``-inf`` where not selectable.
+    """
+    b, hq, n, d = q.shape
+    hkv = landmarks.shape[1]
+    grouped = q.float().view(b, hkv, hq // hkv, n, d)
+    logits = torch.einsum("bhgnd,bhcd->bhgnc", grouped, landmarks.float()) * scale
+    logits = logits.masked_fill(~selectable[:, :, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    scores = probs.sum(dim=3).amax(dim=2)
+    return scores.masked_fill(~selectable, float("-inf"))
+
+
+def rebuild_keys(u: torch.Tensor, sv: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE keys of chosen tokens from the low-rank factors: ``U[token_idx] @ SV``.
+
+    Args:
+        u: ``[B, T, r]``; sv: ``[B, Hkv, r, D]``; token_idx: ``[B, Hkv, N]`` int64.
+    Returns:
+        ``[B, Hkv, N, D]`` in ``sv.dtype``.
+    """
+    b, hkv, n = token_idx.shape
+    rows = torch.gather(u.unsqueeze(1).expand(b, hkv, -1, -1), 2, token_idx.unsqueeze(-1).expand(-1, -1, -1, u.shape[-1]))
+    return torch.matmul(rows.float(), sv.float()).to(sv.dtype)
+
+
+def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Values of chosen chunks, read from (host) memory and moved to ``device``.
+
+    Args:
+        v_chunks: ``[B, Hkv, C, L, D]`` (pinned host memory when the model is on a GPU).
+        chunk_idx: ``[B, Hkv, k]`` int64 on any device.
+    Returns:
+        ``[B, Hkv, k*L, D]`` on ``device``.
+    """
+    b, hkv, c, l, d = v_chunks.shape
+    idx = chunk_idx.to(v_chunks.device)
+    picked = torch.gather(v_chunks, 2, idx[..., None, None].expand(-1, -1, -1, l, d))
+    return picked.reshape(b, hkv, -1, d).to(device, non_blocking=True)
+
+
+def gather_positions(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows of a per-position table (cos/sin and the like) for per-head token positions.
+
+    Args:
+        table: ``[B, 1, S, c]``; positions: ``[B, Hkv, N]`` int64 (padded-prompt indices).
+    Returns:
+        ``[B, Hkv, N, c]``.
+    """
+    b, hkv, n = positions.shape
+    rows = table[:, 0].unsqueeze(1).expand(b, hkv, -1, -1)
+    return torch.gather(rows, 2, positions.unsqueeze(-1).expand(-1, -1, -1, table.shape[-1]))
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """One softmax over the given keys, GQA-aware.
+
+    Args:
+        q: ``[B, Hq, n, D]``; k, v: ``[B, Hkv, N, D]``.
+        allowed: bool, broadcastable to ``[B, Hkv, n, N]``; every query row must allow one key.
+    Returns:
+        ``[B, Hq, n, D]``.
+    """
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    mask = allowed.expand(b, hkv, n, k.shape[2])
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        mask = mask.repeat_interleave(group, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

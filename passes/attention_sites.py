@@ -1,0 +1,234 @@
+"""Find attention sites in a dynamo FX graph by shape, not by model class.
+
+A site is ``linear(k or qkv) -> layout ops [-> k-norm] -> RoPE(k, per-position tables) ->
+[repeat_kv] -> attention(q, k, v)`` where attention is SDPA or eager
+``matmul -> scale -> [+mask] -> softmax -> [to] -> [dropout] -> matmul``.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+SOFTMAX_TARGETS = {torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax, "softmax"}
+MATMUL_TARGETS = {torch.matmul, operator.matmul, "matmul"}
+LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear}
+
+
+@dataclass
+class AttentionSite:
+    """One attention in the graph, and what the rewrite needs from it."""
+
+    attention: fx.Node
+    output: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    scale: float | None
+    removed: list[fx.Node] = field(default_factory=list)
+    k_proj: fx.Node | None = None
+    k_pre: fx.Node | None = None
+    rope_region: list[fx.Node] = field(default_factory=list)
+    rope_inputs: list[fx.Node] = field(default_factory=list)
+    skip_reason: str | None = None
+
+    @property
+    def name(self) -> str:
+        weight = self.k_proj.args[1] if self.k_proj is not None and len(self.k_proj.args) > 1 else None
+        return getattr(weight, "name", self.attention.name)
+
+
+def _is(node, targets) -> bool:
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in targets
+
+
+def _shape(node: fx.Node):
+    val = node.meta.get("example_value", node.meta.get("val"))
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _strip_repeat_kv(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """``reshape(expand(x[:, :, None]))`` is transformers' ``repeat_kv``: look through it."""
+    chain = []
+    if node.op == "call_method" and node.target == "reshape":
+        expand = node.args[0]
+        if isinstance(expand, fx.Node) and expand.op == "call_method" and expand.target == "expand":
+            item = expand.args[0]
+            if _is(item, {operator.getitem}) and isinstance(item.args[1], tuple) and None in item.args[1]:
+                chain = [node, expand, item]
+                node = item.args[0]
+    return node, chain
+
+
+def find_sdpa_sites(graph: fx.Graph) -> list[AttentionSite]:
+    sites = []
+    for node in graph.nodes:
+        if not _is(node, SDPA_TARGETS):
+            continue
+        q, k, v = node.args[:3]
+        kw = node.kwargs
+        site = AttentionSite(node, node, q, k, v, kw.get("scale"), removed=[node])
+        if float(kw.get("dropout_p", 0.0) or 0.0) != 0.0:
+            site.skip_reason = "attention dropout is on (model in training mode?)"
+        sites.append(site)
+    return sites
+
+
+def find_eager_sites(graph: fx.Graph) -> list[AttentionSite]:
+    """``softmax(matmul(q, k^T) * s [+ m]) [-> to] [-> dropout] -> matmul(., v)``."""
+    sites = []
+    for sm in graph.nodes:
+        if not _is(sm, SOFTMAX_TARGETS):
+            continue
+        removed = [sm]
+        pre = sm.args[0]
+        if _is(pre, {operator.add}) and len(pre.users) == 1:
+            removed.append(pre)
+            pre = pre.args[0]
+        scale = None
+        if _is(pre, {operator.mul, operator.truediv}) and isinstance(pre.args[1], (int, float)):
+            scale = float(pre.args[1]) if pre.target is operator.mul else 1.0 / float(pre.args[1])
+            removed.append(pre)
+            pre = pre.args[0]
+        if not _is(pre, MATMUL_TARGETS) or scale is None:
+            continue
+        removed.append(pre)
+        q, kt = pre.args[:2]
+        if not (isinstance(kt, fx.Node) and kt.op == "call_method" and kt.target == "transpose" and set(kt.args[1:]) in ({2, 3}, {-1, -2})):
+            continue
+        removed.append(kt)
+        post = sm
+        while len(post.users) == 1:
+            (user,) = post.users
+            if user.op == "call_method" and user.target == "to" or _is(user, {torch.nn.functional.dropout}):
+                removed.append(user)
+                post = user
+                continue
+            break
+        out = next((u for u in post.users if _is(u, MATMUL_TARGETS) and u.args[0] is post), None)
+        if out is None:
+            continue
+        site = AttentionSite(out, out, q, kt.args[0], out.args[1], scale, removed=removed + [out])
+        if len(sm.users) != 1 or any(len(n.users) != 1 for n in removed[1:-1] if n is not kt):
+            site.skip_reason = "attention weights are used outside the attention (output_attentions?)"
+        sites.append(site)
+    return sites
+
+
+def _ancestors(node: fx.Node, stop=lambda n: False) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                if not stop(a):
+                    todo.append(a)
+    return seen
+
+
+def _forward(src: fx.Node, allowed: set[fx.Node]) -> set[fx.Node]:
+    """Nodes reachable from ``src`` through users inside ``allowed`` (``src`` excluded)."""
+    seen, todo = set(), [src]
+    while todo:
+        for u in todo.pop().users:
+            if u in allowed and u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _reaches(src: fx.Node, dst: fx.Node, allowed: set[fx.Node]) -> bool:
+    todo, seen = [src], {src}
+    while todo:
+        n = todo.pop()
+        if n is dst:
+            return True
+        for u in n.users:
+            if u in allowed and u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return False
+
+
+def locate_rope(site: AttentionSite) -> None:
+    """Fill ``k_proj``, ``k_pre``, ``rope_region`` and ``rope_inputs`` of a site, or a skip reason."""
+    k_post, repeat_chain = _strip_repeat_kv(site.k)
+    v, v_chain = _strip_repeat_kv(site.v)
+    site.k, site.v = k_post, v
+    site.removed += repeat_chain + v_chain
+    up = _ancestors(k_post, stop=lambda n: _is(n, LINEAR_TARGETS))
+    projections = [n for n in up if _is(n, LINEAR_TARGETS)]
+    if not projections:
+        site.skip_reason = "no linear key projection feeds the attention keys"
+        return
+    order = {n: i for i, n in enumerate(k_post.graph.nodes)}
+    site.k_proj = max(projections, key=order.__getitem__)
+    path = _forward(site.k_proj, up | {k_post}) | {site.k_proj}
+    dominators = [
+        n for n in sorted(path, key=order.__getitem__)
+        if n not in (site.k_proj, k_post) and not _reaches(site.k_proj, k_post, path - {n})
+    ]
+    for cut in reversed([site.k_proj] + dominators):
+        region_set = _forward(cut, path)
+        region = sorted(region_set, key=order.__getitem__)
+        externals = []
+        for n in region:
+            for a in n.all_input_nodes:
+                if a is not cut and a not in region_set and a not in externals:
+                    externals.append(a)
+        if externals:
+            site.k_pre, site.rope_region = cut, region
+            site.rope_inputs = sorted(externals, key=order.__getitem__)
+            break
+    if site.k_pre is None or site.k_pre is site.k_proj:
+        site.skip_reason = (
+            "no rotary embedding between the key projection and the attention (learned or absolute "
+            "positions?): ShadowKV rebuilds keys before RoPE"
+        )
+        return
+    _check_rope(site)
+
+
+def _check_rope(site: AttentionSite) -> None:
+    k_shape, post_shape = _shape(site.k_pre), _shape(site.k)
+    if k_shape is None or len(k_shape) != 4 or k_shape != post_shape:
+        site.skip_reason = f"keys around RoPE are not [B, H, S, D] of one shape ({k_shape} -> {post_shape})"
+        return
+    for node in site.rope_inputs:
+        shape = _shape(node)
+        if shape is None or len(shape) != 4 or shape[1] != 1:
+            site.skip_reason = f"RoPE input {node.name} is not a per-position table [B, 1, S, c] (shape {shape})"
+            return
+    region = set(site.rope_region)
+    for node in site.rope_region:
+        if node is site.k:
+            continue
+        if any(u not in region for u in node.users):
+            site.skip_reason = f"RoPE intermediate {node.name} is used outside the key path"
+            return
+    allowed = set(site.removed)
+    leaks = [u.name for u in site.k.users if u not in allowed]
+    if leaks:
+        site.skip_reason = f"post-RoPE keys also feed {leaks} (a dense KV cache?)"
+        return
+    leaks = [u.name for u in site.v.users if u not in allowed]
+    if leaks:
+        site.skip_reason = f"values also feed {leaks} (a dense KV cache?)"
+
+
+def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
+    """Every attention of the graph in execution order, each located or given a skip reason."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    sites = sorted(find_sdpa_sites(graph) + find_eager_sites(graph), key=lambda s: order[s.attention])
+    for site in sites:
+        if site.skip_reason is None:
+            locate_rope(site)
+        if site.scale is None and site.skip_reason is None:
+            shape = _shape(site.q)
+            site.scale = 1.0 / math.sqrt(shape[-1]) if shape else None
+    return sites

@@ -1,0 +1,179 @@
+"""``ShadowKVCache``: the compressed KV cache, as a ``transformers`` ``Cache``."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from shadowkv_fx.config import ShadowKVConfig
+from shadowkv_fx.layer_state import LayerState, PromptLayout, RopeFn
+
+
+class ShadowKVLayer(CacheLayerMixin):
+    """Bookkeeping face of one layer for ``transformers``; the state lives in ``LayerState``.
+
+    K/V never pass through ``update``: the rewritten graph hands them to ``torch.ops.shadowkv``.
+    """
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, owner: "ShadowKVCache", config: ShadowKVConfig) -> None:
+        super().__init__()
+        self.owner = owner
+        self.state = LayerState(config)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        raise RuntimeError("ShadowKVLayer is filled by torch.ops.shadowkv, not by Cache.update")
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        raise RuntimeError(
+            "ShadowKVCache.update was called: this model's attention was not rewritten by shadowkv_fx. "
+            "Use shadowkv_fx.optimize(model) before generate()."
+        )
+
+    def get_seq_length(self) -> int:
+        return self.owner.seq_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.seq_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.state = LayerState(self.state.config)
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("ShadowKV does not support beam search (num_beams > 1)")
+
+
+class ShadowKVCache(Cache):
+    """Compressed KV cache for a batch of left-padded prompts.
+
+    Created by the optimized model's ``forward``/``generate``; pass one explicitly as
+    ``past_key_values=ShadowKVCache(num_layers, config)`` to keep it after generation.
+    """
+
+    def __init__(self, num_layers: int, config: ShadowKVConfig | None = None) -> None:
+        self.config = config or ShadowKVConfig()
+        super().__init__(layers=[ShadowKVLayer(self, self.config) for _ in range(num_layers)])
+        self.layout: PromptLayout | None = None
+        self.seq_length = 0
+        self.phase = "prefill"
+        self.touched: set[int] = set()
+        self._shared_tables: list[list[torch.Tensor]] = []
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def begin_step(self, key_valid: torch.Tensor | None, input_len: int) -> None:
+        """Record what the next forward holds: a whole prompt (prefill) or new tokens (decode)."""
+        self.touched = set()
+        if self.layout is None:
+            self.phase = "prefill"
+            self.layout = PromptLayout.from_mask(key_valid, self.config)
+        else:
+            self.phase = "decode"
+
+    def end_step(self, input_len: int) -> None:
+        missing = sorted(set(range(len(self.layers))) - self.touched)
+        if missing:
+            raise RuntimeError(
+                f"the ShadowKV attention op did not run for layers {missing[:8]}: the compiled graph fell "
+                "back to eager or lost the rewrite. Nothing was cached for this step."
+            )
+        self.seq_length += input_len
+
+    def next_positions(self, input_len: int, device: torch.device) -> torch.Tensor:
+        """Positions (``[B, n]``) of the next ``n`` tokens of each sequence."""
+        lengths = torch.tensor(self.layout.lengths, device=device)
+        start = lengths + self.seq_length - self.layout.padded_len
+        return start[:, None] + torch.arange(input_len, device=device)
+
+    def _tables(self, rope_inputs: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
+        """Per-position RoPE inputs, stored once when layers share them (they usually do)."""
+        for tables in self._shared_tables:
+            if len(tables) == len(rope_inputs) and all(
+                s.shape[1:] == t.shape[1:] and s.dtype == t.dtype and torch.equal(s, t.expand_as(s))
+                for s, t in zip(tables, rope_inputs)
+            ):
+                return tables
+        tables = [t.expand(batch, *t.shape[1:]).contiguous() for t in rope_inputs]
+        self._shared_tables.append(tables)
+        return tables
+
+    def attention(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k_pre: torch.Tensor,
+        v: torch.Tensor,
+        rope_inputs: list[torch.Tensor],
+        rope_fn: RopeFn,
+        scale: float,
+    ) -> torch.Tensor:
+        """Run one layer's attention: dense + compress at prefill, sparse at decode."""
+        if layer_idx >= len(self.layers):
+            raise RuntimeError(f"attention site {layer_idx} but the cache has {len(self.layers)} layers")
+        self.touched.add(layer_idx)
+        state = self.layers[layer_idx].state
+        k_rot = rope_fn(k_pre, *rope_inputs)
+        if self.phase == "decode":
+            return state.decode(q, k_rot, v, rope_fn, scale)
+        out = _dense_prefill(q, k_rot, v, self.layout, scale)
+        state.prefill(k_pre, k_rot, v, self._tables(rope_inputs, q.shape[0]), self.layout)
+        return out
+
+    def memory_report(self) -> dict[str, dict[str, int]]:
+        """Bytes per component and device, beside the dense cache for the same tokens.
+
+        Returns ``{"gpu"|"cpu": {component: bytes}, "dense": {"kv": bytes}}`` ("gpu" means the
+        model's device, which is the CPU for a CPU model).
+        """
+        report: dict[str, dict[str, int]] = {"gpu": {}, "cpu": {}, "dense": {"kv": 0}}
+        for layer in self.layers:
+            state = layer.state
+            if self.layout is None or state.tail_k is None:
+                continue
+            for name, (where, nbytes) in state.memory_bytes().items():
+                side = "cpu" if name == "offloaded_V" else "gpu"
+                report[side][name] = report[side].get(name, 0) + nbytes
+            b, hkv, _, d = state.local_k.shape
+            tokens = sum(self.layout.lengths) + b * state.tail_len
+            report["dense"]["kv"] += 2 * tokens * hkv * d * state.local_k.element_size()
+        report["gpu"]["rope_tables"] = sum(t.numel() * t.element_size() for ts in self._shared_tables for t in ts)
+        return report
+
+
+def _dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PromptLayout, scale: float) -> torch.Tensor:
+    """Causal attention per sequence over its real tokens; pad rows are zero (never read)."""
+    out = torch.zeros_like(q)
+    for b, start in enumerate(layout.pad):
+        out[b : b + 1, :, start:] = torch.nn.functional.scaled_dot_product_attention(
+            q[b : b + 1, :, start:], k[b : b + 1, :, start:], v[b : b + 1, :, start:],
+            is_causal=True, scale=scale, enable_gqa=True,
+        )
+    return out
+
+
+def prompt_mask(attention_mask: torch.Tensor | None, input_ids_shape: torch.Size, device: Any) -> torch.Tensor:
+    """Validate a 2-D mask as left padding and return it as bool ``[B, S]``."""
+    b, s = input_ids_shape
+    if attention_mask is None:
+        return torch.ones(b, s, dtype=torch.bool, device=device)
+    mask = attention_mask.to(torch.bool)
+    if mask.dim() != 2 or tuple(mask.shape) != (b, s):
+        raise ValueError(f"attention_mask must be 2-D [batch, seq] = {(b, s)}, got {tuple(mask.shape)}")
+    if (mask[:, 1:].int() < mask[:, :-1].int()).any():
+        raise ValueError(
+            "attention_mask has padding after real tokens: ShadowKV needs left padding "
+            "(tokenizer.padding_side = 'left')"
+        )
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"empty prompt in batch rows {empty}: every sequence needs at least one token")
+    return mask
+
