@@ -16,7 +16,7 @@ import torch.fx as fx
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 SOFTMAX_TARGETS = {torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax, "softmax"}
 MATMUL_TARGETS = {torch.matmul, operator.matmul, "matmul"}
-LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear}
+LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear, torch.addmm, torch.mm, torch.matmul}
 
 
 @dataclass

@@ -144,22 +144,25 @@ def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, co
     """
     config = config or ShadowKVConfig()
     _check_supported(model)
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    if config.rank > kv_heads * head_dim:
-        raise ValueError(f"rank={config.rank} > H_kv * D = {kv_heads} * {head_dim}: use rank <= {kv_heads * head_dim}")
     runtime = ShadowKVRuntime(model, config, compile_graph, compile_kwargs)
     model._shadowkv = runtime
     model.forward = _delegate(runtime.original_forward, runtime.forward)
     model.generate = _delegate(runtime.original_generate, runtime.generate)
-    if validate and config.enabled:
-        try:
+    try:
+        if validate and config.enabled:
             _validate(model, runtime)
-        except Exception:
-            del model.forward, model.generate, model._shadowkv
-            raise
+        _check_rank(model.config, config)
+    except Exception:
+        del model.forward, model.generate, model._shadowkv
+        raise
     return model
+
+
+def _check_rank(cfg, config: ShadowKVConfig) -> None:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    if config.rank > kv_heads * head_dim:
+        raise ValueError(f"rank={config.rank} > H_kv * D = {kv_heads} * {head_dim}: use rank <= {kv_heads * head_dim}")
 
 
 def _delegate(original: Callable, replacement: Callable) -> Callable:

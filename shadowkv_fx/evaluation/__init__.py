@@ -1,0 +1,44 @@
+"""Offline RULER-style accuracy suite: dense vs ShadowKV vs a sink + local window baseline.
+
+Typical use::
+
+    from shadowkv_fx.evaluation import run_eval
+    records = run_eval(model_factory, tokenizer, tasks=["niah_single_1", "vt"],
+                       lengths=["2k", "4k"], budgets=[256], samples_per_task=4,
+                       output_json="eval/results.json", plot_dir="eval")
+"""
+from .baselines import SinkLocalCache, SinkLocalLayer, sink_local_generate, sink_local_window_for_budget
+from .runner import (
+    DEFAULT_TASKS,
+    ablation_variants,
+    eval_command,
+    print_results_table,
+    run_eval,
+    shadowkv_attended_tokens,
+    summarize,
+)
+from .scoring import metric_for_task, score_prediction, string_match_all, string_match_part
+from .tasks import TASKS, TaskSample, make_sample, make_samples, parse_length
+
+__all__ = [
+    "DEFAULT_TASKS",
+    "TASKS",
+    "SinkLocalCache",
+    "SinkLocalLayer",
+    "TaskSample",
+    "ablation_variants",
+    "eval_command",
+    "make_sample",
+    "make_samples",
+    "metric_for_task",
+    "parse_length",
+    "print_results_table",
+    "run_eval",
+    "score_prediction",
+    "shadowkv_attended_tokens",
+    "sink_local_generate",
+    "sink_local_window_for_budget",
+    "string_match_all",
+    "string_match_part",
+    "summarize",
+]

@@ -60,13 +60,11 @@ class SinkLocalLayer(DynamicLayer):
         full_keys = torch.cat([self.keys, key_states], dim=-2)
         full_values = torch.cat([self.values, value_states], dim=-2)
         if full_keys.shape[-2] > self.capacity:
-            keep_tail = self.window - 1
             # Keys are cached post-RoPE, so dropping the middle keeps every kept key
             # at its original position.
-            self.keys = torch.cat([full_keys[..., : self.n_sink, :], full_keys[..., full_keys.shape[-2] - keep_tail :, :]], dim=-2)
-            self.values = torch.cat(
-                [full_values[..., : self.n_sink, :], full_values[..., full_values.shape[-2] - keep_tail :, :]], dim=-2
-            )
+            tail_start = full_keys.shape[-2] - (self.window - 1)
+            self.keys = torch.cat([full_keys[..., : self.n_sink, :], full_keys[..., tail_start:, :]], dim=-2)
+            self.values = torch.cat([full_values[..., : self.n_sink, :], full_values[..., tail_start:, :]], dim=-2)
         else:
             self.keys, self.values = full_keys, full_values
         return full_keys, full_values
@@ -90,10 +88,6 @@ class SinkLocalLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("SinkLocalLayer evicts tokens and cannot be cropped")
 
-    def reset(self) -> None:
-        super().reset()
-        self.cumulative_length = 0
-
 
 class SinkLocalCache(Cache):
     """A cache of :class:`SinkLocalLayer` for ``model.generate(past_key_values=...)``.
@@ -115,26 +109,29 @@ class SinkLocalCache(Cache):
         self.window = window
 
     def attended_tokens(self, context_tokens: int) -> int:
-        """Keys attended by a decode query after ``context_tokens`` tokens (query included)."""
-        return min(context_tokens + 1, self.n_sink + self.window)
+        """Prompt keys a decode query sees right after a ``context_tokens``-token prefill.
+
+        The query's own key comes on top, as for ShadowKV's count.
+        """
+        return min(context_tokens, self.n_sink + self.window - 1)
 
 
 def sink_local_window_for_budget(attended_tokens: int, n_sink: int) -> int:
-    """Window that makes the baseline attend ``attended_tokens`` keys per decode step.
+    """Window that makes the first decode step attend ``attended_tokens`` prompt keys.
 
     Parameters
     ----------
     attended_tokens:
-        Target keys per decode step (sinks + window).
+        Prompt keys to attend (sinks + tail); the query's own key comes on top.
     n_sink:
         Sink tokens.
 
     Returns
     -------
     int
-        ``attended_tokens - n_sink``, at least 1.
+        ``attended_tokens - n_sink + 1`` (the window counts the query), at least 1.
     """
-    return max(1, attended_tokens - n_sink)
+    return max(1, attended_tokens - n_sink + 1)
 
 
 @torch.no_grad()

@@ -1,0 +1,352 @@
+"""Run dense, ShadowKV and the sink + local baseline on the same long-context samples.
+
+Every method sees the identical prompts and the same greedy decoding, so score
+differences come from what each method lets the decoder attend to. Methods are run
+one model at a time (dense first, then one optimized copy per ShadowKV config) to keep
+peak memory at two model copies.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from ..config import ShadowKVConfig
+from .baselines import sink_local_generate, sink_local_window_for_budget
+from .scoring import score_prediction
+from .tasks import TASKS, TaskSample, make_samples, parse_length
+
+__all__ = [
+    "DEFAULT_TASKS",
+    "ablation_variants",
+    "shadowkv_attended_tokens",
+    "run_eval",
+    "summarize",
+    "print_results_table",
+    "eval_command",
+]
+
+METHODS = ("dense", "shadowkv", "sink_local")
+DEFAULT_TASKS = (
+    "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+    "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe",
+)  # fmt: skip
+
+
+def ablation_variants(kind: str | None, base: ShadowKVConfig = ShadowKVConfig()) -> dict[str, ShadowKVConfig]:
+    """Named ShadowKV configs for the paper's ablations.
+
+    Parameters
+    ----------
+    kind:
+        ``None``/``""`` (just ``base``), ``"rank"`` (32/64/160), ``"chunk"`` (4/8/16) or
+        ``"outliers"`` (0 vs 48 outlier chunks).
+    base:
+        Config the ablated knob is varied from.
+    """
+    if not kind:
+        return {"shadowkv": base}
+    if kind == "rank":
+        return {f"rank={r}": replace(base, rank=r) for r in (32, 64, 160)}
+    if kind == "chunk":
+        return {f"chunk={c}": replace(base, chunk_size=c) for c in (4, 8, 16)}
+    if kind == "outliers":
+        return {f"outliers={o}": replace(base, outlier_chunks=o) for o in (0, 48)}
+    raise ValueError(f"unknown ablation {kind!r}: use rank, chunk or outliers")
+
+
+def shadowkv_attended_tokens(config: ShadowKVConfig, context_tokens: int) -> int:
+    """Prompt keys ShadowKV attends per decode step (per KV head), generated tokens excluded.
+
+    Selected chunks + outlier chunks + local chunks and the partial last chunk; prompts
+    shorter than ``config.min_sparse_prompt`` decode densely.
+    """
+    if not config.enabled or context_tokens < config.min_sparse_prompt:
+        return context_tokens
+    local = config.local_chunks * config.chunk_size + context_tokens % config.chunk_size
+    return min(context_tokens, config.sparse_budget + config.outlier_chunks * config.chunk_size + local)
+
+
+def _with_budget(config: ShadowKVConfig, budget: int) -> ShadowKVConfig:
+    # A budget must be whole chunks; round down rather than reject so one budget list fits every chunk size.
+    return replace(config, sparse_budget=max(config.chunk_size, budget - budget % config.chunk_size))
+
+
+def _default_optimize(model, config: ShadowKVConfig):
+    import shadowkv_fx
+
+    return shadowkv_fx.optimize(model, config)
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, sample: TaskSample, max_new_tokens: int, sink: tuple[int, int] | None) -> str:
+    encoded = tokenizer(sample.prompt, add_special_tokens=False, return_tensors="pt")
+    device = next(model.parameters()).device
+    input_ids = encoded["input_ids"].to(device)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if sink is not None:
+        output = sink_local_generate(model, input_ids, n_sink=sink[0], window=sink[1], **kwargs)
+    else:
+        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def _resolve_factory(models) -> tuple[Callable[[], torch.nn.Module], torch.nn.Module | None]:
+    if isinstance(models, torch.nn.Module):
+        # optimize() transforms in place, so ShadowKV runs get deep copies of the given model.
+        return (lambda: copy.deepcopy(models)), models
+    if callable(models):
+        return models, None
+    raise TypeError("models must be a model factory (callable returning a fresh model) or a model")
+
+
+def run_eval(
+    models,
+    tokenizer,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    lengths: Sequence[int | str] = (2048, 4096, 8192),
+    budgets: Sequence[int] = (256, 512),
+    samples_per_task: int = 4,
+    methods: Sequence[str] = METHODS,
+    variants: Mapping[str, ShadowKVConfig] | None = None,
+    optimize_fn: Callable | None = None,
+    n_sink: int = 4,
+    seed: int = 0,
+    max_new_tokens: int | None = None,
+    output_json: str | Path | None = None,
+    plot_dir: str | Path | None = None,
+    progress: bool = True,
+    print_table: bool = True,
+) -> list[dict]:
+    """Score every method on the same seeded samples.
+
+    Parameters
+    ----------
+    models:
+        Factory returning a fresh HF causal LM (called once for dense + sink_local and
+        once per ShadowKV config), or a model (used as is for dense, deep-copied per config).
+    tokenizer:
+        The model's tokenizer.
+    tasks, lengths, samples_per_task, seed:
+        Sample grid (see :func:`.tasks.make_samples`); lengths accept ``"4k"``.
+    budgets:
+        ShadowKV ``sparse_budget`` values (rounded down to whole chunks).
+    methods:
+        Subset of ``("dense", "shadowkv", "sink_local")``.
+    variants:
+        Named ShadowKV configs (see :func:`ablation_variants`), each run at every budget;
+        default ``{"shadowkv": ShadowKVConfig()}``. The sink + local baseline is matched
+        to the attended tokens of the first variant.
+    optimize_fn:
+        ``optimize_fn(model, config) -> model`` applying ShadowKV; defaults to
+        :func:`shadowkv_fx.optimize`. Injectable for tests.
+    n_sink:
+        Sink tokens of the baseline.
+    max_new_tokens:
+        Overrides each task's decode budget.
+    output_json, plot_dir:
+        Where to write the records (JSON) and the PNG plots, if given.
+    progress, print_table:
+        tqdm progress bar; rich summary table.
+
+    Returns
+    -------
+    list[dict]
+        One record per (method, config, sample): ``method``, ``variant``, ``label``,
+        ``budget``, ``attended_tokens``, ``context_tokens``, ``attended_fraction``,
+        ``task``, ``length``, ``index``, ``depth``, ``score``, ``prediction``,
+        ``references``, ``config``, ``seconds``.
+    """
+    from tqdm.auto import tqdm
+
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; known: {METHODS}")
+    missing = [t for t in tasks if t not in TASKS]
+    if missing:
+        raise ValueError(f"unknown task(s) {missing}; known: {sorted(TASKS)}")
+    factory, given_model = _resolve_factory(models)
+    optimize_fn = optimize_fn or _default_optimize
+    variants = dict(variants or {"shadowkv": ShadowKVConfig()})
+    lengths = [parse_length(length) for length in lengths]
+    samples = [s for t in tasks for n in lengths for s in make_samples(t, tokenizer, n, samples_per_task, seed=seed)]
+
+    # (method, variant, label, budget, config, sink) per run, in the order models are built.
+    runs: list[tuple] = []
+    if "dense" in methods:
+        runs.append(("dense", None, "dense", None, None, None))
+    if "sink_local" in methods:
+        reference = next(iter(variants.values()))
+        for budget in budgets:
+            runs.append(("sink_local", None, f"sink_local b={budget}", budget, _with_budget(reference, budget), n_sink))
+    if "shadowkv" in methods:
+        for name, template in variants.items():
+            for budget in budgets:
+                runs.append(("shadowkv", name, f"{name} b={budget}", budget, _with_budget(template, budget), None))
+
+    records: list[dict] = []
+    bar = tqdm(total=len(runs) * len(samples), disable=not progress, desc="eval", unit="sample")
+    dense_model = None
+    try:
+        for method, variant, label, budget, config, sink in runs:
+            if method == "shadowkv":
+                # Dense runs come first: drop that copy before building the next one.
+                model = dense_model = None
+                model = optimize_fn(factory(), config)
+            else:
+                if dense_model is None:
+                    dense_model = given_model if given_model is not None else factory()
+                model = dense_model
+            for sample in samples:
+                bar.set_postfix_str(f"{label} {sample.task} {sample.target_length}")
+                context = sample.num_tokens
+                if method == "dense":
+                    attended, sink_args = context, None
+                else:
+                    attended = shadowkv_attended_tokens(config, context)
+                    sink_args = (sink, sink_local_window_for_budget(attended, sink)) if method == "sink_local" else None
+                start = time.perf_counter()
+                prediction = _generate(model, tokenizer, sample, max_new_tokens or sample.max_new_tokens, sink_args)
+                records.append(
+                    {
+                        "method": method,
+                        "variant": variant,
+                        "label": label,
+                        "budget": budget,
+                        "attended_tokens": attended,
+                        "context_tokens": context,
+                        "attended_fraction": attended / context,
+                        "task": sample.task,
+                        "length": sample.target_length,
+                        "index": sample.index,
+                        "depth": sample.depth,
+                        "score": score_prediction(sample.task, prediction, sample.references),
+                        "prediction": prediction,
+                        "references": sample.references,
+                        "config": None if config is None else config.to_dict(),
+                        "n_sink": sink,
+                        "seconds": time.perf_counter() - start,
+                    }
+                )
+                bar.update()
+            if method == "shadowkv":
+                del model
+    finally:
+        bar.close()
+
+    if output_json is not None:
+        meta = {"tasks": list(tasks), "lengths": lengths, "budgets": list(budgets), "samples_per_task": samples_per_task,
+                "seed": seed, "methods": list(methods), "variants": {k: v.to_dict() for k, v in variants.items()},
+                "n_sink": n_sink}  # fmt: skip
+        path = Path(output_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    if plot_dir is not None:
+        from .plots import plot_all
+
+        plot_all(records, plot_dir)
+    if print_table:
+        print_results_table(records)
+    return records
+
+
+def summarize(records: Iterable[dict]) -> dict[str, dict[tuple[str, int], float]]:
+    """Mean score per ``label`` and ``(task, length)``."""
+    sums: dict[str, dict[tuple[str, int], list[float]]] = {}
+    for record in records:
+        sums.setdefault(record["label"], {}).setdefault((record["task"], record["length"]), []).append(record["score"])
+    return {label: {key: sum(v) / len(v) for key, v in cells.items()} for label, cells in sums.items()}
+
+
+def print_results_table(records: Sequence[dict], console=None) -> None:
+    """Rich table: one row per method/config, mean score (x100) per task, per length and overall."""
+    from rich.console import Console
+    from rich.table import Table
+
+    records = list(records)
+    if not records:
+        return
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    lengths = sorted({r["length"] for r in records})
+    table = Table(title="RULER-style accuracy (x100)")
+    table.add_column("method", no_wrap=True)
+    for column in ["attended", *tasks, *[f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths], "avg"]:
+        table.add_column(column, justify="right")
+
+    def mean(values: list[float]) -> str:
+        return f"{100 * sum(values) / len(values):.1f}" if values else "-"
+
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    for label in labels:
+        rows = [r for r in records if r["label"] == label]
+        attended = f"{100 * sum(r['attended_fraction'] for r in rows) / len(rows):.0f}%"
+        per_task = [mean([r["score"] for r in rows if r["task"] == t]) for t in tasks]
+        per_length = [mean([r["score"] for r in rows if r["length"] == n]) for n in lengths]
+        table.add_row(label, attended, *per_task, *per_length, mean([r["score"] for r in rows]))
+    if console is None:
+        # Non-terminal output defaults to 80 columns, which would truncate the task names.
+        needed = max(len(label) for label in labels) + sum(len(t) + 3 for t in tasks) + 9 * (len(lengths) + 3)
+        console = Console(width=max(Console().width, needed))
+    console.print(table)
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def eval_command(
+    model: str = "smollm2",
+    tasks: str = ",".join(DEFAULT_TASKS),
+    lengths: str = "2k,4k,8k",
+    budgets: str = "256,512",
+    samples: int = 4,
+    methods: str = ",".join(METHODS),
+    ablation: str = "",
+    n_sink: int = 4,
+    seed: int = 0,
+    out_dir: str = "eval_results",
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> list[dict]:
+    """String-argument entry point for the ``shadowkv-fx eval`` CLI command.
+
+    ``model`` is ``"smollm2"`` (the embedded SmolLM2-135M-Instruct) or a local Hugging
+    Face model directory. Writes ``results.json`` and the plots into ``out_dir``.
+    """
+    torch_dtype = getattr(torch, dtype)
+    if model == "smollm2":
+        from ..smollm2 import load_smollm2
+
+        _, tokenizer = load_smollm2(torch_dtype, device)
+
+        def factory():
+            return load_smollm2(torch_dtype, device)[0]
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
+
+        def factory():
+            return AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(device).eval()
+
+    out = Path(out_dir)
+    return run_eval(
+        factory,
+        tokenizer,
+        tasks=_csv(tasks),
+        lengths=_csv(lengths),
+        budgets=[int(b) for b in _csv(budgets)],
+        samples_per_task=samples,
+        methods=_csv(methods),
+        variants=ablation_variants(ablation or None),
+        n_sink=n_sink,
+        seed=seed,
+        output_json=out / "results.json",
+        plot_dir=out,
+    )

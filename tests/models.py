@@ -1,0 +1,65 @@
+"""Tiny random Hugging Face models of every supported architecture, and comparison helpers."""
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+ARCHS = {
+    "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}),
+    "yi": (T.LlamaConfig, T.LlamaForCausalLM, {"rope_parameters": {"rope_type": "default", "rope_theta": 5e6}}),
+    "mistral": (T.MistralConfig, T.MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {}),
+    "glm4": (T.Glm4Config, T.Glm4ForCausalLM, {"partial_rotary_factor": 0.5}),
+}
+
+
+def tiny_pair(arch: str, *, kv_heads: int = 2, group: int = 2, head_dim: int = 16, layers: int = 2,
+              attn: str = "sdpa", seed: int = 0, vocab: int = 96, max_positions: int = 2048):
+    """Two copies of one random model: one to keep dense, one to optimize."""
+    config_cls, model_cls, extra = ARCHS[arch]
+    heads = kv_heads * group
+    cfg = config_cls(
+        vocab_size=vocab, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=max_positions, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra,
+    )
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    dense = model_cls(cfg).eval()
+    other = model_cls(cfg).eval()
+    other.load_state_dict(dense.state_dict())
+    return dense, other
+
+
+def full_rank(model) -> int:
+    cfg = model.config
+    return cfg.num_key_value_heads * cfg.head_dim
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0, what: str = "") -> None:
+    """allclose that says how many elements differ, the max abs/rel error and the first mismatches."""
+    actual, expected = actual.float(), expected.float()
+    assert actual.shape == expected.shape, f"{what} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual - expected).abs()
+    bad = (diff > atol + rtol * expected.abs()) | actual.isnan() != expected.isnan()
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        rel = (diff / expected.abs().clamp_min(1e-12)).max().item()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements differ; max abs {diff.max().item():.3e}, "
+            f"max rel {rel:.3e}; first at {idx}: "
+            + ", ".join(f"{actual[tuple(i)].item():.6g} vs {expected[tuple(i)].item():.6g}" for i in idx)
+        )
+
+
+def left_padded(batch: int, lengths: list[int], vocab: int, seed: int = 0):
+    """Random token ids (never pad/bos/eos) left-padded to the longest length, and their mask."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, width - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[b, width - n:] = 1
+    return ids, mask
