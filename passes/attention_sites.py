@@ -28,7 +28,7 @@ class AttentionSite:
     q: fx.Node
     k: fx.Node
     v: fx.Node
-    scale: float | None
+    scale: float | fx.Node | None  # a node when dynamo lifted the module's scaling into an input
     removed: list[fx.Node] = field(default_factory=list)
     k_proj: fx.Node | None = None
     k_pre: fx.Node | None = None
@@ -49,6 +49,11 @@ def _is(node, targets) -> bool:
 def _shape(node: fx.Node):
     val = node.meta.get("example_value", node.meta.get("val"))
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _is_scalar(node) -> bool:
+    """A float that dynamo lifted out of the module (``self.scaling.item()``)."""
+    return isinstance(node, fx.Node) and isinstance(node.meta.get("example_value"), (float, torch.SymFloat))
 
 
 def _strip_repeat_kv(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
@@ -90,10 +95,15 @@ def find_eager_sites(graph: fx.Graph) -> list[AttentionSite]:
             removed.append(pre)
             pre = pre.args[0]
         scale = None
-        if _is(pre, {operator.mul, operator.truediv}) and isinstance(pre.args[1], (int, float)):
-            scale = float(pre.args[1]) if pre.target is operator.mul else 1.0 / float(pre.args[1])
-            removed.append(pre)
-            pre = pre.args[0]
+        if _is(pre, {operator.mul, operator.truediv}):
+            factor = pre.args[1]
+            if isinstance(factor, (int, float)):
+                scale = float(factor) if pre.target is operator.mul else 1.0 / float(factor)
+            elif pre.target is operator.mul and _is_scalar(factor):
+                scale = factor
+            if scale is not None:
+                removed.append(pre)
+                pre = pre.args[0]
         if not _is(pre, MATMUL_TARGETS) or scale is None:
             continue
         removed.append(pre)

@@ -96,7 +96,7 @@ def shadowkv_pass(gm: fx.GraphModule, enabled: bool = True) -> PassReport:
         with gm.graph.inserting_before(site.output):
             new = gm.graph.call_function(
                 torch.ops.shadowkv.attention.default,
-                (site.q, site.k_pre, site.v, list(site.rope_inputs), layer, site_id, float(site.scale)),
+                (site.q, site.k_pre, site.v, list(site.rope_inputs), layer, site_id, site.scale),
             )
         new.meta.update(site.output.meta)
         site.output.replace_all_uses_with(new)

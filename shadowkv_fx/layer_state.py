@@ -176,7 +176,8 @@ class LayerState:
         chunk = self.config.chunk_size
         token_idx = (chunk_idx[..., None] * chunk + torch.arange(chunk, device=chunk_idx.device)).flatten(2)
         k_pre = ref.rebuild_keys(self.u, self.sv, token_idx)
-        positions = token_idx + self.pad[:, None, None]
+        # picks of a shorter sequence's padding chunks point past its prompt; they are masked later
+        positions = (token_idx + self.pad[:, None, None]).clamp(max=self.rope_tables[0].shape[2] - 1)
         tables = [ref.gather_positions(t, positions) for t in self.rope_tables]
         k_rot = rope_fn(k_pre, *tables).to(self.local_k.dtype)
         v = ref.gather_value_chunks(self.v_chunks, chunk_idx, self.local_v.device)
