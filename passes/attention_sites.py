@@ -209,6 +209,10 @@ def _check_rope(site: AttentionSite) -> None:
     if k_shape is None or len(k_shape) != 4 or k_shape != post_shape:
         site.skip_reason = f"keys around RoPE are not [B, H, S, D] of one shape ({k_shape} -> {post_shape})"
         return
+    for node in site.rope_region:
+        if _is(node, {torch.cat}) and node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) in (2, -2):
+            site.skip_reason = f"keys are concatenated along the sequence ({node.name}) with a dense KV cache"
+            return
     for node in site.rope_inputs:
         shape = _shape(node)
         if shape is None or len(shape) != 4 or shape[1] != 1:

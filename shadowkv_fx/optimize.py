@@ -182,7 +182,7 @@ def _validate(model, runtime: ShadowKVRuntime) -> None:
         with torch.no_grad():
             model(ids)
     except torch._dynamo.exc.BackendCompilerFailed as exc:
-        cause = exc.__cause__ or exc
+        cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
         if isinstance(cause, UnsupportedModelError):
             raise UnsupportedModelError(f"{type(model).__name__}: {cause}") from None
         raise

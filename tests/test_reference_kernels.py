@@ -1,0 +1,109 @@
+"""Properties of the plain-PyTorch kernels (the ground truth the Triton kernels are held to)."""
+import torch
+from hypothesis import given, strategies as st
+
+from shadowkv_fx.kernels import reference as ref
+from tests.models import assert_close
+
+
+def rope_half(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def cos_sin(positions, dim, theta=10000.0):
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = positions.double()[..., None] * inv
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@given(hkv=st.integers(1, 3), t=st.integers(2, 40), d=st.sampled_from([4, 6, 16]), seed=st.integers(0, 999))
+def test_full_rank_rebuild_is_exact_and_truncation_error_is_the_svd_tail(hkv, t, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(hkv, t, d, generator=g, dtype=torch.float64).float()
+    full = hkv * d
+    u, sv = ref.low_rank_keys(k, full)
+    idx = torch.arange(t).expand(1, hkv, t)
+    rebuilt = ref.rebuild_keys(u[None], sv[None], idx)[0]
+    assert_close(rebuilt, k, atol=1e-4, what="full-rank rebuild")
+    rank = max(1, min(t, full) // 2)
+    u_r, sv_r = ref.low_rank_keys(k, rank)
+    err = (ref.rebuild_keys(u_r[None], sv_r[None], idx)[0] - k).flatten().norm()
+    singular = torch.linalg.svdvals(k.permute(1, 0, 2).reshape(t, full).double())
+    tail = singular[rank:].norm().float()
+    assert torch.isclose(err, tail, rtol=1e-3, atol=1e-4), (err, tail)
+
+
+@given(t=st.integers(1, 30), seed=st.integers(0, 999))
+def test_rope_after_rebuild_equals_rope_before_truncation_at_full_rank(t, seed):
+    g = torch.Generator().manual_seed(seed)
+    hkv, d, s = 2, 8, 64
+    k_pre = torch.randn(1, hkv, s, d, generator=g)
+    cos, sin = (x.float()[None, None] for x in cos_sin(torch.arange(s), d))
+    u, sv = ref.low_rank_keys(k_pre[0], hkv * d)
+    token_idx = torch.randint(0, s, (1, hkv, t), generator=g)
+    rebuilt = ref.rebuild_keys(u[None], sv[None], token_idx)
+    after = rope_half(rebuilt, ref.gather_positions(cos, token_idx), ref.gather_positions(sin, token_idx))
+    before = torch.gather(rope_half(k_pre, cos, sin), 2, token_idx[..., None].expand(-1, -1, -1, d))
+    assert_close(after, before, atol=1e-4, what="RoPE after rebuild")
+
+
+def test_score_chunks_matches_a_loop_and_masks_unselectable():
+    g = torch.Generator().manual_seed(0)
+    b, hkv, group, n, c, d = 2, 2, 3, 2, 7, 8
+    q = torch.randn(b, hkv * group, n, d, generator=g)
+    lm = torch.randn(b, hkv, c, d, generator=g)
+    sel = torch.rand(b, hkv, c, generator=g) > 0.3
+    sel[..., 0] = True
+    scores = ref.score_chunks(q, lm, sel, 0.5)
+    for bi in range(b):
+        for h in range(hkv):
+            best = torch.full((c,), float("-inf"))
+            for gi in range(group):
+                logits = q[bi, h * group + gi] @ lm[bi, h].T * 0.5
+                logits[:, ~sel[bi, h]] = float("-inf")
+                best = torch.maximum(best, logits.softmax(-1).sum(0))
+            best[~sel[bi, h]] = float("-inf")
+            assert_close(scores[bi, h], best, atol=1e-6, what=f"scores b={bi} h={h}")
+
+
+def test_gathers_return_the_indexed_rows():
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(2, 3, 5, 4, 6, generator=g)
+    idx = torch.randint(0, 5, (2, 3, 2), generator=g)
+    out = ref.gather_value_chunks(v, idx, torch.device("cpu"))
+    for b in range(2):
+        for h in range(3):
+            expected = torch.cat([v[b, h, i] for i in idx[b, h]])
+            assert torch.equal(out[b, h], expected)
+    table = torch.randn(2, 1, 9, 4, generator=g)
+    pos = torch.randint(0, 9, (2, 3, 5), generator=g)
+    rows = ref.gather_positions(table, pos)
+    assert torch.equal(rows[1, 2, 3], table[1, 0, pos[1, 2, 3]])
+
+
+def test_landmarks_and_outlier_measure():
+    k = torch.randn(2, 12, 4)
+    k[0, 4:8] = torch.tensor([1.0, 0, 0, 0])
+    landmarks, min_cos = ref.chunk_landmarks(k, 4)
+    assert_close(landmarks, k.view(2, 3, 4, 4).mean(2), atol=1e-6, what="landmarks")
+    assert_close(min_cos[0, 1], torch.tensor(1.0), atol=1e-5, what="identical tokens agree with their mean")
+    assert (min_cos < 1.0 + 1e-5).all()
+
+
+def test_masked_attention_equals_sdpa_on_the_allowed_subset():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 1, 8, generator=g)
+    k = torch.randn(1, 2, 10, 8, generator=g)
+    v = torch.randn(1, 2, 10, 8, generator=g)
+    allowed = torch.zeros(1, 2, 1, 10, dtype=torch.bool)
+    allowed[0, 0, 0, [1, 3, 4]] = True
+    allowed[0, 1, 0, [0, 9]] = True
+    out = ref.masked_attention(q, k, v, allowed, 0.3)
+    for h in range(4):
+        kv = h // 2
+        keep = allowed[0, kv, 0]
+        w = (q[0, h] @ k[0, kv, keep].T * 0.3).softmax(-1)
+        assert_close(out[0, h], w @ v[0, kv, keep], atol=1e-6, what=f"head {h}")
