@@ -1,0 +1,114 @@
+"""Bad input gets a clear error naming the fix, never a silent wrong answer."""
+import pytest
+import torch
+
+import shadowkv_fx
+from tests.models import left_padded, tiny_pair
+
+CFG = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    _, m = tiny_pair("llama", max_positions=128)
+    return shadowkv_fx.optimize(m, CFG)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sparse_budget=2047), "not a multiple of chunk_size=8: use sparse_budget=2040 or 2048"),
+        (dict(rank=0), "rank must be a positive int"),
+        (dict(chunk_size=3, sparse_budget=10), "multiple of chunk_size"),
+        (dict(outlier_chunks=-1), "outlier_chunks must be an int >= 0"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        shadowkv_fx.ShadowKVConfig(**kwargs)
+
+
+def test_unknown_compile_option_is_named():
+    with pytest.raises(ValueError, match=r"unknown ShadowKV option\(s\) \['budget'\]"):
+        shadowkv_fx.ShadowKVConfig.from_options({"budget": 8})
+
+
+def test_rank_above_kv_width():
+    _, m = tiny_pair("llama", kv_heads=2, head_dim=8)
+    with pytest.raises(ValueError, match=r"rank=17 > H_kv \* D = 2 \* 8: use rank <= 16"):
+        shadowkv_fx.optimize(m, shadowkv_fx.ShadowKVConfig(rank=17))
+
+
+def test_optimize_twice(model):
+    with pytest.raises(ValueError, match="already applied"):
+        shadowkv_fx.optimize(model, CFG)
+
+
+def test_prompt_past_context(model):
+    ids, mask = left_padded(1, [129], 96)
+    with pytest.raises(ValueError, match="past the model's context"), torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=2)
+
+
+def test_generation_past_context(model):
+    ids, mask = left_padded(1, [126], 96)
+    with pytest.raises(ValueError, match="past the model's context"), torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+
+
+def test_empty_prompt(model):
+    with pytest.raises(ValueError, match="empty prompt"), torch.no_grad():
+        model(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_fully_padded_row(model):
+    ids, mask = left_padded(2, [20, 5], 96)
+    mask[1] = 0
+    with pytest.raises(ValueError, match=r"empty prompt in batch rows \[1\]"), torch.no_grad():
+        model(ids, attention_mask=mask)
+
+
+def test_right_padding(model):
+    ids, mask = left_padded(2, [20, 5], 96)
+    mask = mask.flip(1)
+    with pytest.raises(ValueError, match="padding_side = 'left'"), torch.no_grad():
+        model(ids, attention_mask=mask)
+
+
+def test_beam_search(model):
+    ids, mask = left_padded(1, [20], 96)
+    with pytest.raises(NotImplementedError, match="beam search"), torch.no_grad():
+        model.generate(ids, attention_mask=mask, num_beams=2, max_new_tokens=2)
+
+
+def test_foreign_cache(model):
+    import transformers
+
+    ids, mask = left_padded(1, [20], 96)
+    with pytest.raises(TypeError, match="needs a ShadowKVCache"), torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=transformers.DynamicCache())
+
+
+def test_training_mode_model():
+    _, m = tiny_pair("llama")
+    m.train()
+    with pytest.raises(ValueError, match=r"model.eval\(\)"):
+        shadowkv_fx.optimize(m, CFG)
+
+
+def test_cache_is_untouched_after_a_rejected_step(model):
+    ids, mask = left_padded(1, [40], 96)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        cache = out.past_key_values
+        length = cache.get_seq_length()
+        with pytest.raises(ValueError, match="padding inside generated tokens"):
+            model(ids[:, -1:], attention_mask=torch.cat([mask, torch.zeros(1, 1, dtype=torch.long)], 1), past_key_values=cache)
+    assert cache.get_seq_length() == length
+
+
+def test_host_memory_too_small_for_the_batch():
+    from shadowkv_fx.layer_state import _check_host_memory
+
+    with pytest.raises(MemoryError, match="use a smaller batch"):
+        _check_host_memory(1 << 60)

@@ -1,0 +1,80 @@
+"""Compression on: the sparse path's bookkeeping, batching invariants and memory report."""
+import torch
+
+import shadowkv_fx
+from tests.models import assert_close, left_padded, tiny_pair
+
+SMALL = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2)
+
+
+def run(model, ids, mask, new_tokens, **kwargs):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kwargs)
+
+
+def test_each_sequence_of_a_mixed_batch_gets_what_it_gets_alone():
+    """Left padding, one prompt too short to compress and one compressed (DESIGN.md §5)."""
+    _, model = tiny_pair("qwen2", seed=5)
+    shadowkv_fx.optimize(model, SMALL)
+    lengths = [120, 13, 77]
+    ids, mask = left_padded(3, lengths, 96, seed=5)
+    together = run(model, ids, mask, 6)
+    width = ids.shape[1]
+    for b, n in enumerate(lengths):
+        alone = run(model, ids[b:b + 1, width - n:], mask[b:b + 1, width - n:], 6)
+        assert torch.equal(together.sequences[b, width:], alone.sequences[0, n:]), b
+        for step, (t, a) in enumerate(zip(together.logits, alone.logits)):
+            assert_close(t[b], a[0], atol=1e-4, rtol=1e-4, what=f"row {b} step {step}")
+
+
+def test_selection_is_sparse_and_generated_tokens_are_never_dropped():
+    _, model = tiny_pair("llama", seed=1)
+    shadowkv_fx.optimize(model, SMALL)
+    ids, mask = left_padded(2, [200, 150], 96, seed=1)
+    out = run(model, ids, mask, 40)
+    cache = out.past_key_values
+    state = cache.layers[0].state
+    assert state.compressed
+    chunks = cache.layout.chunks
+    assert chunks == [200 // 4 - 2, 150 // 4 - 2]
+    assert state.tail_len == 39, "every generated token but the last is cached"
+    assert state.tail_k.shape[2] >= 39
+    q = torch.randn(2, model.config.num_attention_heads, 1, model.config.head_dim)
+    chunk_idx, picked = state.select(q, 0.25)
+    assert chunk_idx.shape[-1] == SMALL.budget_chunks and picked.all()
+    outliers = ~state.selectable[0, :, : chunks[0]]
+    assert (outliers.sum(-1) == SMALL.outlier_chunks).all()
+    for h in range(outliers.shape[0]):
+        assert not torch.isin(chunk_idx[0, h], outliers[h].nonzero().flatten()).any(), "outliers are never re-selected"
+    assert cache.get_seq_length() == ids.shape[1] + 39
+
+
+def test_memory_report_counts_every_component_and_beats_dense_on_long_prompts():
+    _, model = tiny_pair("mistral", kv_heads=2, head_dim=16, seed=2)
+    shadowkv_fx.optimize(model, shadowkv_fx.ShadowKVConfig(sparse_budget=32, rank=4, chunk_size=8, local_chunks=2, outlier_chunks=2))
+    ids, mask = left_padded(1, [1000], 96, seed=2)
+    cache = run(model, ids, mask, 3).past_key_values
+    report = cache.memory_report()
+    layers, hkv, d, elt = 2, 2, 16, 4
+    chunks = 1000 // 8 - 2
+    assert report["gpu"]["U"] == layers * chunks * 8 * 4 * elt
+    assert report["gpu"]["SV"] == layers * hkv * 4 * d * elt
+    assert report["gpu"]["landmarks"] == layers * hkv * chunks * d * elt
+    assert report["gpu"]["outliers"] == layers * 2 * hkv * 2 * 8 * d * elt
+    assert report["cpu"]["offloaded_V"] == layers * hkv * chunks * 8 * d * elt
+    assert report["dense"]["kv"] == layers * 2 * (1000 + 2) * hkv * d * elt
+    device_bytes = sum(report["gpu"].values())
+    assert device_bytes < report["dense"]["kv"]
+
+
+def test_forward_without_generate_makes_and_returns_a_cache():
+    _, model = tiny_pair("phi3", seed=4)
+    shadowkv_fx.optimize(model, SMALL)
+    ids, mask = left_padded(1, [64], 96, seed=4)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        assert isinstance(out.past_key_values, shadowkv_fx.ShadowKVCache)
+        step = model(ids[:, -1:], past_key_values=out.past_key_values)
+    assert step.logits.shape == (1, 1, 96)
+    assert out.past_key_values.get_seq_length() == 65
