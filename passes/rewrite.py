@@ -46,11 +46,11 @@ class PassReport:
         return "\n".join(lines)
 
 
-def pass_uuid() -> str:
+def pass_uuid(folder: Path = Path(__file__).parent) -> str:
     """Changes whenever the pass's source does, so inductor's cache keys on it."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.read_bytes())
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -92,11 +92,11 @@ def shadowkv_pass(gm: fx.GraphModule, enabled: bool = True) -> PassReport:
         if not enabled:
             report.sites.append(SiteReport(index, site.name, "disabled"))
             continue
-        site_id = ops.register_rope(extract_rope(site, gm))
+        rope_key = ops.register_rope(extract_rope(site, gm))
         with gm.graph.inserting_before(site.output):
             new = gm.graph.call_function(
                 torch.ops.shadowkv.attention.default,
-                (site.q, site.k_pre, site.v, list(site.rope_inputs), layer, site_id, site.scale),
+                (site.q, site.k_pre, site.v, list(site.rope_inputs), layer, rope_key, site.scale),
             )
         new.meta.update(site.output.meta)
         site.output.replace_all_uses_with(new)

@@ -3,32 +3,38 @@
 A rewritten graph calls ``torch.ops.shadowkv.attention`` in place of each attention. The op is
 opaque to dynamo/inductor (a fake impl gives its shape); at run time it reaches the cache that the
 optimized model's ``forward`` made active for this step, and the RoPE subgraph the pass cut out
-of the same site (registered under ``site_id``).
+of the same site (registered under ``rope_key``).
 """
 from __future__ import annotations
 
 import contextlib
-import itertools
+import hashlib
 from typing import Iterator
 
 import torch
 
 from shadowkv_fx.layer_state import RopeFn
 
-_ROPE_FNS: dict[int, RopeFn] = {}
-_SITE_IDS = itertools.count()
+_ROPE_FNS: dict[str, RopeFn] = {}
 _ACTIVE: list = []
 
 
-def register_rope(rope_fn: RopeFn) -> int:
-    """Keep a site's key-RoPE subgraph; the returned id travels in the graph as an int."""
-    site_id = next(_SITE_IDS)
-    _ROPE_FNS[site_id] = rope_fn
-    return site_id
+def register_rope(rope_gm: torch.fx.GraphModule) -> str:
+    """Keep a site's key-RoPE subgraph under a hash of its code.
+
+    The key travels in the graph as a string, so a graph inductor loads from its on-disk cache
+    names the same function in any process that traced the same model.
+    """
+    key = hashlib.sha256(rope_gm.code.encode()).hexdigest()[:16]
+    _ROPE_FNS.setdefault(key, rope_gm)
+    return key
 
 
-def rope_fn(site_id: int) -> RopeFn:
-    return _ROPE_FNS[site_id]
+def rope_fn(rope_key: str) -> RopeFn:
+    try:
+        return _ROPE_FNS[rope_key]
+    except KeyError:
+        raise RuntimeError(f"no key-RoPE function {rope_key!r} in this process: re-run shadowkv_fx.optimize") from None
 
 
 @contextlib.contextmanager
@@ -50,14 +56,19 @@ def current_cache():
     return _ACTIVE[-1]
 
 
-@torch.library.custom_op("shadowkv::attention", mutates_args=())
+# The op keeps per-sequence state with data-dependent shapes outside the graph: a CUDA graph
+# replay would freeze it, so inductor must not capture it (yet).
+_TAGS = [t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None]
+
+
+@torch.library.custom_op("shadowkv::attention", mutates_args=(), tags=_TAGS)
 def attention(
     q: torch.Tensor,
     k_pre: torch.Tensor,
     v: torch.Tensor,
     rope_inputs: list[torch.Tensor],
     layer_idx: int,
-    site_id: int,
+    rope_key: str,
     scale: float,
 ) -> torch.Tensor:
     """ShadowKV attention of one layer.
@@ -70,9 +81,10 @@ def attention(
     Returns:
         ``[B, Hq, n, Dv]``, what the replaced attention returned.
     """
-    return current_cache().attention(layer_idx, q, k_pre, v, list(rope_inputs), rope_fn(site_id), scale)
+    out = current_cache().attention(layer_idx, q, k_pre, v, list(rope_inputs), rope_fn(rope_key), scale)
+    return out.contiguous()  # the fake impl promises a contiguous result
 
 
 @attention.register_fake
-def _(q, k_pre, v, rope_inputs, layer_idx, site_id, scale):
+def _(q, k_pre, v, rope_inputs, layer_idx, rope_key, scale):
     return q.new_empty(*q.shape[:-1], v.shape[-1])

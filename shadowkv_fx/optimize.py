@@ -101,7 +101,7 @@ class ShadowKVRuntime:
             if position_ids is None:
                 position_ids = cache.next_positions(n, input_ids.device)
             self._check_length(int(position_ids.max()) + 1)
-        with active_cache(cache), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with active_cache(cache), torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             out = self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
         cache.end_step(n)
         out.past_key_values = cache
@@ -172,7 +172,9 @@ def _delegate(original: Callable, replacement: Callable) -> Callable:
     def call(*args, **kwargs):
         return replacement(*args, **kwargs)
 
-    return call
+    # An outer torch.compile (an OptimizedModule around this model) must not trace the cache
+    # bookkeeping: the inner, already compiled forward is the graph.
+    return torch._dynamo.disable(call)
 
 
 def _validate(model, runtime: ShadowKVRuntime) -> None:

@@ -1,0 +1,105 @@
+"""The ``shadowkv`` dynamo backend: the same pass as ``optimize``, then inductor.
+
+``torch.compile(model, backend="shadowkv")`` finds this module through the
+``torch_dynamo_backends`` entry point, with no prior ``import shadowkv_fx``.
+
+Why ``generate`` needs a hook: ``torch.compile(model)`` returns an ``OptimizedModule`` whose
+``.generate`` is the *original* model's method, which calls the original forward; dynamo never
+sees it (DESIGN.md §7). Loading this backend therefore teaches ``OptimizedModule`` one thing:
+when it was compiled with ``backend="shadowkv"``, ``.generate`` optimizes the wrapped model once
+(same pass, inductor after it) and runs ShadowKV. Other compiled modules are untouched.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch._dynamo.eval_frame import OptimizedModule
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from shadowkv_fx.config import ShadowKVConfig
+from shadowkv_fx.passes.rewrite import pass_uuid, shadowkv_pass
+
+log = logging.getLogger(__name__)
+
+
+class ShadowKVInductorKey(CustomGraphPass):
+    """Keys inductor's FX-graph cache on the ShadowKV pass's source (the rewrite ran earlier)."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> str:
+        return pass_uuid()
+
+
+def inductor_graph(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None):
+    """Hand a rewritten graph to inductor, the ShadowKV ops staying opaque inside it."""
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {"post_grad_custom_pre_pass": ShadowKVInductorKey()}
+    if mode in ("reduce-overhead", "max-autotune"):
+        patches["triton.cudagraphs"] = True
+    if mode == "max-autotune":
+        patches["max_autotune"] = True
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def shadowkv_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
+    """Dynamo backend. A graph with no attention passes through to inductor unchanged.
+
+    A graph whose attention feeds a dense ``DynamicCache`` cannot hold ShadowKV state: that is
+    ``compiled(input_ids)`` on the original forward. It fails loudly instead of running dense.
+    """
+    config = ShadowKVConfig.from_options(options)
+    report = shadowkv_pass(gm, enabled=config.enabled)
+    if report.skipped and config.enabled:
+        raise RuntimeError(
+            "backend='shadowkv' traced a forward whose attention feeds a dense KV cache, so it would "
+            f"run dense:\n{report}\nUse compiled.generate(...) on the result of "
+            "torch.compile(model, backend='shadowkv'), or shadowkv_fx.optimize(model, compile_graph=...)."
+        )
+    return inductor_graph(gm, example_inputs, mode)
+
+
+def _compiled_with_shadowkv(module: OptimizedModule):
+    """Return ``(mode, options)`` if ``module`` was compiled with this backend, else None."""
+    callback = getattr(module.dynamo_ctx, "callback", None)
+    while callback is not None:
+        if callback is shadowkv_backend:
+            return None, None
+        if getattr(callback, "compiler_fn", None) is shadowkv_backend:
+            kwargs = getattr(callback, "kwargs", {})
+            return kwargs.get("mode"), kwargs.get("options")
+        callback = getattr(callback, "_torchdynamo_orig_backend", None)
+    return False
+
+
+def _shadowkv_generate(module: OptimizedModule, mode, options):
+    import shadowkv_fx
+
+    model = module._orig_mod
+    if getattr(model, "_shadowkv", None) is None:
+        config = ShadowKVConfig.from_options(options)
+        shadowkv_fx.optimize(model, config, compile_graph=functools.partial(inductor_graph, mode=mode))
+    return model.generate
+
+
+def _install_generate_hook() -> None:
+    if getattr(OptimizedModule, "_shadowkv_hooked", False):
+        return
+    plain_getattr = OptimizedModule.__getattr__
+
+    def __getattr__(self, name: str):
+        if name == "generate":
+            found = _compiled_with_shadowkv(self)
+            if found is not False:
+                return _shadowkv_generate(self, *found)
+        return plain_getattr(self, name)
+
+    OptimizedModule.__getattr__ = __getattr__
+    OptimizedModule._shadowkv_hooked = True
+
+
+_install_generate_hook()
