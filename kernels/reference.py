@@ -19,13 +19,32 @@ def low_rank_keys(k_pre: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     """
     hkv, t, d = k_pre.shape
     flat = k_pre.permute(1, 0, 2).reshape(t, hkv * d).float()
-    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    if t > 4 * hkv * d:
+        u, s, vh = _tall_svd(flat)
+    else:
+        u, s, vh = torch.linalg.svd(flat, full_matrices=False)
     kept = min(rank, s.numel())
     u_r = flat.new_zeros(t, rank)
     u_r[:, :kept] = u[:, :kept]
     sv = flat.new_zeros(rank, hkv * d)
     sv[:kept] = s[:kept, None] * vh[:kept]
     return u_r, sv.view(rank, hkv, d).permute(1, 0, 2).contiguous()
+
+
+def _tall_svd(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of a tall ``[T, W]`` matrix through its ``W x W`` Gram matrix, in float64.
+
+    Long prompts make ``T`` 100x ``W``; the Gram route costs one GEMM and a small eigh instead of
+    a tall gesvd. Components below float32 resolution are dropped (their U columns stay zero).
+    """
+    k64 = flat.double()
+    eigvals, eigvecs = torch.linalg.eigh(k64.T @ k64)
+    order = eigvals.flip(0).clamp_min(0).sqrt()
+    v = eigvecs.flip(1)
+    keep = order > order[0] * 1e-7
+    u = torch.zeros(flat.shape[0], order.numel(), dtype=torch.float64, device=flat.device)
+    u[:, keep] = (k64 @ v[:, keep]) / order[keep]
+    return u.float(), order.float(), v.T.float()
 
 
 def chunk_landmarks(k_rot: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:

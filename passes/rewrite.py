@@ -68,13 +68,14 @@ def extract_rope(site: AttentionSite, owner: torch.nn.Module) -> fx.GraphModule:
 
 def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
     """Erase the replaced site and whatever fed only it (masks, repeat_kv, key RoPE)."""
-    todo = list(candidates)
+    todo, erased = list(candidates), set()
     while todo:
         node = todo.pop()
-        if node.graph is not graph or node.users or node.op in ("placeholder", "output"):
+        if node in erased or node.users or node.op in ("placeholder", "output"):
             continue
         inputs = node.all_input_nodes
         graph.erase_node(node)
+        erased.add(node)
         todo.extend(inputs)
 
 

@@ -1,7 +1,7 @@
 """ShadowKV long-context decoding for unmodified Hugging Face models, as an FX graph pass."""
 from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.config import ShadowKVConfig
-from shadowkv_fx.optimize import UnsupportedModelError, optimize, pass_report
+from shadowkv_fx.optimize import UnsupportedModelError, optimize, pass_report, restore
 
-__all__ = ["ShadowKVCache", "ShadowKVConfig", "UnsupportedModelError", "optimize", "pass_report"]
+__all__ = ["ShadowKVCache", "ShadowKVConfig", "UnsupportedModelError", "optimize", "pass_report", "restore"]
 __version__ = "0.1.0"

@@ -151,10 +151,14 @@ class ShadowKVCache(Cache):
 def _dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PromptLayout, scale: float) -> torch.Tensor:
     """Causal attention per sequence over its real tokens; pad rows are zero (never read)."""
     out = torch.zeros_like(q)
+    group = q.shape[1] // k.shape[1]
     for b, start in enumerate(layout.pad):
+        # explicit head repeat: SDPA's flash kernel takes no GQA, and the math fallback would
+        # materialise S x S scores per head
+        kb = k[b : b + 1, :, start:].repeat_interleave(group, dim=1)
+        vb = v[b : b + 1, :, start:].repeat_interleave(group, dim=1)
         out[b : b + 1, :, start:] = torch.nn.functional.scaled_dot_product_attention(
-            q[b : b + 1, :, start:], k[b : b + 1, :, start:], v[b : b + 1, :, start:],
-            is_causal=True, scale=scale, enable_gqa=True,
+            q[b : b + 1, :, start:], kb, vb, is_causal=True, scale=scale
         )
     return out
 

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 
 from shadowkv_fx.config import ShadowKVConfig
-from shadowkv_fx.kernels import reference as ref
+from shadowkv_fx.kernels import dispatch, reference as ref
 
 RopeFn = Callable[..., torch.Tensor]
 
@@ -180,7 +180,7 @@ class LayerState:
         positions = (token_idx + self.pad[:, None, None]).clamp(max=self.rope_tables[0].shape[2] - 1)
         tables = [ref.gather_positions(t, positions) for t in self.rope_tables]
         k_rot = rope_fn(k_pre, *tables).to(self.local_k.dtype)
-        v = ref.gather_value_chunks(self.v_chunks, chunk_idx, self.local_v.device)
+        v = dispatch.gather_value_chunks(self.v_chunks, chunk_idx, self.local_v.device)
         return k_rot, v
 
     def decode(self, q: torch.Tensor, k_rot_new: torch.Tensor, v_new: torch.Tensor, rope_fn: RopeFn, scale: float) -> torch.Tensor:

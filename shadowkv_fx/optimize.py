@@ -153,7 +153,7 @@ def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, co
             _validate(model, runtime)
         _check_rank(model.config, config)
     except Exception:
-        del model.forward, model.generate, model._shadowkv
+        restore(model)
         raise
     return model
 
@@ -194,6 +194,15 @@ def _validate(model, runtime: ShadowKVRuntime) -> None:
             f"{type(model).__name__}: found {report.rewritten} rewritable attention sites for "
             f"{runtime.num_layers} layers. {report if report.matched else 'No attention (SDPA or softmax) found.'}"
         )
+
+
+def restore(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo ``optimize``: the model's own forward and generate again (dense attention)."""
+    if getattr(model, "_shadowkv", None) is None:
+        raise ValueError("this model was not optimized by shadowkv_fx")
+    del model.forward, model.generate
+    model._shadowkv = None
+    return model
 
 
 def pass_report(model) -> PassReport:

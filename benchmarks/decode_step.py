@@ -1,0 +1,124 @@
+"""Decode-step time, side by side in one run: HF dense vs ShadowKV eager / inductor / reduce-overhead.
+
+Llama-3.1-8B-shaped model with random bf16 weights (no download). Run on a GPU:
+
+    python benchmarks/decode_step.py --context 32768 --batch 1 2 4 --steps 16
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import torch
+import transformers as T
+from transformers import DynamicCache
+
+import shadowkv_fx
+from shadowkv_fx.backend import inductor_graph
+
+
+def llama31_8b(layers: int) -> T.LlamaForCausalLM:
+    cfg = T.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    )
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = T.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = model.to_empty(device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for p in model.parameters():
+        p.normal_(0.0, 0.02, generator=gen)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg, device="cuda")
+    return model.eval()
+
+
+def timed_decode(model, ids, steps: int, cache) -> dict:
+    """Prefill, two warm-up steps, then ``steps`` timed greedy steps (CUDA-synchronised)."""
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - t0
+        token = out.logits[:, -1:].argmax(-1)
+        tokens = [token]
+        for i in range(steps + 2):
+            if i == 2:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(token)
+        torch.cuda.synchronize()
+        per_step = (time.perf_counter() - t0) / steps
+    return {"prefill_s": prefill, "step_ms": 1e3 * per_step, "tok_s": ids.shape[0] / per_step,
+            "tokens": torch.cat(tokens, 1).tolist(), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run(args) -> list[dict]:
+    model = llama31_8b(args.layers)
+    config = shadowkv_fx.ShadowKVConfig(sparse_budget=args.budget, rank=args.rank, outlier_chunks=args.outliers)
+    variants = {
+        "shadowkv-eager": None,
+        "shadowkv-inductor": inductor_graph,
+        "shadowkv-reduce-overhead": functools.partial(inductor_graph, mode="reduce-overhead"),
+    }
+    rows = []
+    for batch in args.batch:
+        ids = torch.randint(0, 128000, (batch, args.context), device="cuda")
+        methods = (["dense"] if not args.skip_dense else []) + list(variants)
+        for method in methods:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                if method == "dense":
+                    result = timed_decode(model, ids, args.steps, DynamicCache(config=model.config))
+                else:
+                    shadowkv_fx.optimize(model, config, compile_graph=variants[method])
+                    timed_decode(model, ids, 2, None)  # compile the prefill and decode graphs at these shapes
+                    result = timed_decode(model, ids, args.steps, None)
+            except torch.OutOfMemoryError as exc:
+                result = {"error": f"OOM: {str(exc)[:120]}"}
+            finally:
+                if getattr(model, "_shadowkv", None) is not None:
+                    shadowkv_fx.restore(model)
+            row = {"method": method, "batch": batch, "context": args.context, **result}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--context", type=int, default=32768)
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--budget", type=int, default=2048)
+    p.add_argument("--rank", type=int, default=160)
+    p.add_argument("--outliers", type=int, default=48)
+    p.add_argument("--skip-dense", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    rows = run(args)
+    ref = {r["batch"]: r["tokens"] for r in rows if r["method"] == "shadowkv-eager" and "tokens" in r}
+    print(f"\n{'method':<26}{'batch':>6}{'context':>9}{'prefill s':>11}{'ms/step':>10}{'tok/s':>9}{'peak GiB':>10}  same tokens as eager")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['method']:<26}{r['batch']:>6}{r['context']:>9}  {r['error']}")
+            continue
+        same = "-" if r["method"] == "dense" else str(r["tokens"] == ref.get(r["batch"]))
+        print(f"{r['method']:<26}{r['batch']:>6}{r['context']:>9}{r['prefill_s']:>11.2f}{r['step_ms']:>10.2f}"
+              f"{r['tok_s']:>9.1f}{r['peak_gib']:>10.1f}  {same}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f)
+
+
+if __name__ == "__main__":
+    main()
