@@ -31,8 +31,9 @@ def llama31_8b(layers: int) -> T.LlamaForCausalLM:
         model = T.LlamaForCausalLM(cfg).to(torch.bfloat16)
     model = model.to_empty(device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for p in model.parameters():
-        p.normal_(0.0, 0.02, generator=gen)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg, device="cuda")
     return model.eval()
 
@@ -71,7 +72,7 @@ def run(args) -> list[dict]:
     rows = []
     for batch in args.batch:
         ids = torch.randint(0, 128000, (batch, args.context), device="cuda")
-        methods = (["dense"] if not args.skip_dense else []) + list(variants)
+        methods = [m for m in ["dense", *variants] if m in args.methods]
         for method in methods:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -102,7 +103,7 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--rank", type=int, default=160)
     p.add_argument("--outliers", type=int, default=48)
-    p.add_argument("--skip-dense", action="store_true")
+    p.add_argument("--methods", nargs="+", default=["dense", "shadowkv-eager", "shadowkv-inductor", "shadowkv-reduce-overhead"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rows = run(args)

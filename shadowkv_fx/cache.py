@@ -101,7 +101,8 @@ class ShadowKVCache(Cache):
                 for s, t in zip(tables, rope_inputs)
             ):
                 return tables
-        tables = [t.expand(batch, *t.shape[1:]).contiguous() for t in rope_inputs]
+        # a copy, never a view: under CUDA graphs the inputs live in memory the next replay reuses
+        tables = [t.expand(batch, *t.shape[1:]).clone(memory_format=torch.contiguous_format) for t in rope_inputs]
         self._shared_tables.append(tables)
         return tables
 

@@ -140,6 +140,8 @@ class LayerState:
         self.local_valid = torch.arange(local_max, device=k_pre.device) < local_lens[:, None]
         self.compressed = c_max > 0
         if self.compressed:
+            # fixed at prefill so a decode step needs no device-to-host read to size its top-k
+            self.select_k = min(cfg.budget_chunks, max(c - cfg.outlier_chunks for c in layout.chunks if c))
             self.u = _pad_stack(us, c_max * chunk, 0)
             self.sv = torch.stack(svs)
             self.landmarks = _pad_stack(lms, c_max, 1)
@@ -167,8 +169,7 @@ class LayerState:
     def select(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k chunks per KV head: ``chunk_idx [B, Hkv, k]`` and whether each pick is real."""
         scores = ref.score_chunks(q, self.landmarks, self.selectable, scale)
-        k = min(self.config.budget_chunks, int(self.selectable.sum(dim=-1).max()))
-        top = torch.topk(scores, k, dim=-1)
+        top = torch.topk(scores, self.select_k, dim=-1)
         return top.indices, torch.isfinite(top.values)
 
     def sparse_keys_values(self, chunk_idx: torch.Tensor, rope_fn: RopeFn) -> tuple[torch.Tensor, torch.Tensor]:

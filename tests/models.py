@@ -11,6 +11,7 @@ ARCHS = {
     "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
     "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {}),
     "glm4": (T.Glm4Config, T.Glm4ForCausalLM, {"partial_rotary_factor": 0.5}),
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {}),
 }
 
 
