@@ -56,9 +56,9 @@ def shadowkv_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None 
     report = shadowkv_pass(gm, enabled=config.enabled)
     if report.skipped and config.enabled:
         raise RuntimeError(
-            "backend='shadowkv' traced a forward whose attention feeds a dense KV cache, so it would "
-            f"run dense:\n{report}\nUse compiled.generate(...) on the result of "
-            "torch.compile(model, backend='shadowkv'), or shadowkv_fx.optimize(model, compile_graph=...)."
+            f"backend='shadowkv' cannot run ShadowKV on this graph, and would run it dense:\n{report}\n"
+            "For a Hugging Face model use compiled.generate(...) on torch.compile(model, backend='shadowkv'), "
+            "whose forward is traced without a dense cache, or shadowkv_fx.optimize(model)."
         )
     return inductor_graph(gm, example_inputs, mode)
 

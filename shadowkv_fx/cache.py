@@ -72,15 +72,28 @@ class ShadowKVCache(Cache):
     def begin_step(self, key_valid: torch.Tensor | None, input_len: int) -> None:
         """Record what the next forward holds: a whole prompt (prefill) or new tokens (decode)."""
         self.touched = set()
+        self._tails_at_start = [layer.state.tail_len for layer in self.layers]
         if self.layout is None:
             self.phase = "prefill"
             self.layout = PromptLayout.from_mask(key_valid, self.config)
         else:
             self.phase = "decode"
 
+    def rollback(self) -> None:
+        """Forget a step that failed half-way, so no layer keeps tokens the others lack."""
+        if self.phase == "prefill":
+            self.layout = None
+            self._shared_tables = []
+            for layer in self.layers:
+                layer.reset()
+        else:
+            for layer, tail_len in zip(self.layers, self._tails_at_start):
+                layer.state.tail_len = tail_len
+
     def end_step(self, input_len: int) -> None:
         missing = sorted(set(range(len(self.layers))) - self.touched)
         if missing:
+            self.rollback()
             raise RuntimeError(
                 f"the ShadowKV attention op did not run for layers {missing[:8]}: the compiled graph fell "
                 "back to eager or lost the rewrite. Nothing was cached for this step."

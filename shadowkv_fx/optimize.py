@@ -101,8 +101,12 @@ class ShadowKVRuntime:
             if position_ids is None:
                 position_ids = cache.next_positions(n, input_ids.device)
             self._check_length(int(position_ids.max()) + 1)
-        with active_cache(cache), torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            out = self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
+        try:
+            with active_cache(cache), torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                out = self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
+        except BaseException:
+            cache.rollback()
+            raise
         cache.end_step(n)
         out.past_key_values = cache
         return out

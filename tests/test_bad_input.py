@@ -112,3 +112,27 @@ def test_host_memory_too_small_for_the_batch():
 
     with pytest.raises(MemoryError, match="use a smaller batch"):
         _check_host_memory(1 << 60)
+
+
+def test_a_step_that_fails_half_way_leaves_no_layer_ahead(model, monkeypatch):
+    from shadowkv_fx.layer_state import LayerState
+
+    ids, mask = left_padded(1, [40], 96)
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask).past_key_values
+        model(ids[:, -1:], past_key_values=cache)
+        tails = [layer.state.tail_len for layer in cache.layers]
+        calls = {"n": 0}
+        decode = LayerState.decode
+
+        def failing_second_layer(self, *args):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("simulated device failure")
+            return decode(self, *args)
+
+        monkeypatch.setattr(LayerState, "decode", failing_second_layer)
+        with pytest.raises(RuntimeError, match="simulated"):
+            model(ids[:, -1:], past_key_values=cache)
+    assert [layer.state.tail_len for layer in cache.layers] == tails
+    assert cache.get_seq_length() == 41
