@@ -106,6 +106,13 @@ def _resolve_factory(models) -> tuple[Callable[[], torch.nn.Module], torch.nn.Mo
     raise TypeError("models must be a model factory (callable returning a fresh model) or a model")
 
 
+def _write_partial(output_json: str | Path, records: list[dict]) -> None:
+    """Keep what is done on disk: a long CPU run cut short still leaves its records."""
+    path = Path(output_json).with_suffix(".partial.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"records": records}, indent=1))
+
+
 def run_eval(
     models,
     tokenizer,
@@ -235,6 +242,8 @@ def run_eval(
                     }
                 )
                 bar.update()
+                if output_json is not None:
+                    _write_partial(output_json, records)
             if method == "shadowkv":
                 del model
     finally:
