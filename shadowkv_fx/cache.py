@@ -69,7 +69,7 @@ class ShadowKVCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
-    def begin_step(self, key_valid: torch.Tensor | None, input_len: int) -> None:
+    def begin_step(self, key_valid: torch.Tensor | None) -> None:
         """Record what the next forward holds: a whole prompt (prefill) or new tokens (decode)."""
         self.touched = set()
         self._tails_at_start = [layer.state.tail_len for layer in self.layers]

@@ -92,20 +92,10 @@ def generate(
     console.print(tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True))
 
 
-def _eval(*args, **kwargs):
-    from shadowkv_fx.evaluation.runner import eval_command
-
-    return eval_command(*args, **kwargs)
-
-
 def _register_eval() -> None:
-    import functools
-
     from shadowkv_fx.evaluation.runner import eval_command
 
-    app.command("eval", help="Accuracy suite: dense vs ShadowKV vs sink+local on RULER-style tasks.")(
-        functools.wraps(eval_command)(_eval)
-    )
+    app.command("eval", help="Accuracy suite: dense vs ShadowKV vs sink+local on RULER-style tasks.")(eval_command)
 
 
 _register_eval()

@@ -28,7 +28,7 @@ def greedy_decode(model, ids: torch.Tensor, new_tokens: int, cache) -> tuple[tor
     """Prefill then greedy decode step by step; returns (tokens, prefill seconds, decode tokens/s)."""
     with torch.no_grad():
         start = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - start
         token = out.logits[:, -1:].argmax(-1)
         tokens = [token]
@@ -53,11 +53,9 @@ def run_demo(model, tokenizer, length: int, config: shadowkv_fx.ShadowKVConfig, 
     ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
     results = []
     say(f"dense: prefill {ids.shape[1]} tokens and decode {new_tokens}")
-    tokens, prefill, speed = greedy_decode(model, ids, new_tokens, DynamicCache(config=model.config))
-    answer = tokenizer.decode(tokens[0], skip_special_tokens=True)
     cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+    tokens, prefill, speed = greedy_decode(model, ids, new_tokens, cache)
+    answer = tokenizer.decode(tokens[0], skip_special_tokens=True)
     results.append(RunResult("dense", answer, score_prediction(sample.task, answer, sample.references),
                              dense_cache_bytes(cache), 0, prefill, speed))
     del cache

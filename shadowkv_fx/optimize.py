@@ -91,13 +91,13 @@ class ShadowKVRuntime:
         if cache.layout is None:
             key_valid = prompt_mask(attention_mask, input_ids.shape, input_ids.device)
             self._check_length(int(key_valid.sum(dim=1).max()))
-            cache.begin_step(key_valid, n)
+            cache.begin_step(key_valid)
             if position_ids is None:
                 position_ids = (key_valid.long().cumsum(dim=1) - 1).clamp(min=0)
         else:
             if attention_mask is not None and not bool(attention_mask[:, -n:].bool().all()):
                 raise ValueError("padding inside generated tokens is not supported by ShadowKV")
-            cache.begin_step(None, n)
+            cache.begin_step(None)
             if position_ids is None:
                 position_ids = cache.next_positions(n, input_ids.device)
             self._check_length(int(position_ids.max()) + 1)
