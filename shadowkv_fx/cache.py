@@ -152,8 +152,7 @@ class ShadowKVCache(Cache):
             state = layer.state
             if self.layout is None or state.tail_k is None:
                 continue
-            for name, (where, nbytes) in state.memory_bytes().items():
-                side = "cpu" if name == "offloaded_V" else "gpu"
+            for name, (side, nbytes) in state.memory_bytes().items():
                 report[side][name] = report[side].get(name, 0) + nbytes
             b, hkv, _, d = state.local_k.shape
             tokens = sum(self.layout.lengths) + b * state.tail_len

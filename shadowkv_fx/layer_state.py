@@ -40,6 +40,12 @@ class PromptLayout:
         return max(self.chunks)
 
 
+def chunk_tokens(chunk_idx: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Token indices of chunks: ``[..., k]`` chunk ids -> ``[..., k * chunk_size]`` token ids."""
+    offsets = torch.arange(chunk_size, device=chunk_idx.device)
+    return (chunk_idx[..., None] * chunk_size + offsets).flatten(-2)
+
+
 def _pad_stack(rows: Sequence[torch.Tensor], length: int, dim: int) -> torch.Tensor:
     """Stack tensors along a new batch dim, zero-padding ``dim`` (of each row) to ``length``."""
     out = []
@@ -119,7 +125,7 @@ class LayerState:
                 outliers = torch.topk(-min_cos, cfg.outlier_chunks, dim=-1).indices
                 selectable = torch.ones(hkv, n_chunks, dtype=torch.bool, device=k_pre.device)
                 selectable.scatter_(1, outliers, False)
-                token_idx = (outliers[..., None] * chunk + torch.arange(chunk, device=k_pre.device)).flatten(1)
+                token_idx = chunk_tokens(outliers, chunk)
                 oks.append(torch.gather(kr, 1, token_idx[..., None].expand(-1, -1, d)))
                 ovs.append(torch.gather(vb, 1, token_idx[..., None].expand(-1, -1, d)))
             else:
@@ -175,7 +181,7 @@ class LayerState:
     def sparse_keys_values(self, chunk_idx: torch.Tensor, rope_fn: RopeFn) -> tuple[torch.Tensor, torch.Tensor]:
         """Rebuild the chosen chunks' keys (low rank, then RoPE at their positions) and fetch their values."""
         chunk = self.config.chunk_size
-        token_idx = (chunk_idx[..., None] * chunk + torch.arange(chunk, device=chunk_idx.device)).flatten(2)
+        token_idx = chunk_tokens(chunk_idx, chunk)
         k_pre = ref.rebuild_keys(self.u, self.sv, token_idx)
         # picks of a shorter sequence's padding chunks point past its prompt; they are masked later
         positions = (token_idx + self.pad[:, None, None]).clamp(max=self.rope_tables[0].shape[2] - 1)
@@ -210,18 +216,17 @@ class LayerState:
         return ref.masked_attention(q, torch.cat(keys, 2), torch.cat(values, 2), torch.cat(allowed, 3), scale)
 
     def memory_bytes(self) -> dict[str, tuple[str, int]]:
-        """Bytes per component as ``name -> (where, bytes)``."""
+        """Bytes per component as ``name -> (side, bytes)``; side is "gpu" (the model's device) or "cpu" (host)."""
         def size(t: torch.Tensor | None) -> int:
             return 0 if t is None else t.numel() * t.element_size()
 
         parts: dict[str, tuple[str, int]] = {}
-        device = self.local_k.device.type
         if self.compressed:
-            parts["U"] = (device, size(self.u))
-            parts["SV"] = (device, size(self.sv))
-            parts["landmarks"] = (device, size(self.landmarks))
-            parts["outliers"] = (device, size(self.outlier_k) + size(self.outlier_v))
+            parts["U"] = ("gpu", size(self.u))
+            parts["SV"] = ("gpu", size(self.sv))
+            parts["landmarks"] = ("gpu", size(self.landmarks))
+            parts["outliers"] = ("gpu", size(self.outlier_k) + size(self.outlier_v))
             parts["offloaded_V"] = ("cpu", size(self.v_chunks))
-        parts["local"] = (device, size(self.local_k) + size(self.local_v))
-        parts["tail"] = (device, size(self.tail_k) + size(self.tail_v))
+        parts["local"] = ("gpu", size(self.local_k) + size(self.local_v))
+        parts["tail"] = ("gpu", size(self.tail_k) + size(self.tail_v))
         return parts
