@@ -146,7 +146,7 @@ def test_run_eval_end_to_end_with_fake_shadowkv(tokenizer, tmp_path):
     variants = {f"rank={r}": ShadowKVConfig(rank=r, local_chunks=2, outlier_chunks=4) for r in (8, 16)}
     records = run_eval(
         factory, tokenizer, tasks=["niah_single_1", "vt"], lengths=["768"], budgets=[64, 100], samples_per_task=2,
-        variants=variants, optimize_fn=fake_optimize, n_sink=4, max_new_tokens=3,
+        methods=("dense", "shadowkv", "sink_local"), variants=variants, optimize_fn=fake_optimize, n_sink=4, max_new_tokens=3,
         output_json=tmp_path / "out" / "results.json", plot_dir=tmp_path / "out", progress=False, print_table=True,
     )  # fmt: skip
     # 4 samples x (dense + 2 sink_local budgets + 2 variants x 2 budgets)

@@ -1,18 +1,21 @@
-"""Offline RULER-style accuracy suite: dense vs ShadowKV vs a sink + local window baseline.
+"""Offline RULER-style accuracy suite: dense vs ShadowKV vs sink + local window and Quest baselines.
 
 Typical use::
 
     from shadowkv_fx.evaluation import run_eval
     records = run_eval(model_factory, tokenizer, tasks=["niah_single_1", "vt"],
-                       lengths=["2k", "4k"], budgets=[256], samples_per_task=4,
+                       lengths=["2k", "4k"], budgets=[256, "1/16"], samples_per_task=4,
                        output_json="eval/results.json", plot_dir="eval")
 """
 from .baselines import SinkLocalCache, SinkLocalLayer, sink_local_generate, sink_local_window_for_budget
+from .quest import QuestAttention, quest_generate
 from .runner import (
     DEFAULT_TASKS,
     ablation_variants,
     eval_command,
+    parse_budget,
     print_results_table,
+    resolve_budget,
     run_eval,
     shadowkv_attended_tokens,
     summarize,
@@ -22,6 +25,7 @@ from .tasks import TASKS, TaskSample, make_sample, make_samples, parse_length
 
 __all__ = [
     "DEFAULT_TASKS",
+    "QuestAttention",
     "TASKS",
     "SinkLocalCache",
     "SinkLocalLayer",
@@ -31,8 +35,11 @@ __all__ = [
     "make_sample",
     "make_samples",
     "metric_for_task",
+    "parse_budget",
     "parse_length",
     "print_results_table",
+    "quest_generate",
+    "resolve_budget",
     "run_eval",
     "score_prediction",
     "shadowkv_attended_tokens",

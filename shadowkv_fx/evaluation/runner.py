@@ -1,4 +1,4 @@
-"""Run dense, ShadowKV and the sink + local baseline on the same long-context samples.
+"""Run dense, ShadowKV and the sink + local and Quest baselines on the same long-context samples.
 
 Every method sees the identical prompts and the same greedy decoding, so score
 differences come from what each method lets the decoder attend to. Methods are run
@@ -8,22 +8,28 @@ peak memory at two model copies.
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import re
 import time
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
 from ..config import ShadowKVConfig
 from .baselines import sink_local_generate, sink_local_window_for_budget
+from .quest import QuestAttention, quest_generate
 from .scoring import score_prediction
 from .tasks import TASKS, TaskSample, make_samples, parse_length
 
 __all__ = [
     "DEFAULT_TASKS",
     "ablation_variants",
+    "parse_budget",
+    "resolve_budget",
     "shadowkv_attended_tokens",
     "run_eval",
     "summarize",
@@ -31,7 +37,7 @@ __all__ = [
     "eval_command",
 ]
 
-METHODS = ("dense", "shadowkv", "sink_local")
+METHODS = ("dense", "shadowkv", "sink_local", "quest")
 DEFAULT_TASKS = (
     "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
     "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe",
@@ -77,24 +83,103 @@ def _with_budget(config: ShadowKVConfig, budget: int) -> ShadowKVConfig:
     return replace(config, sparse_budget=max(config.chunk_size, budget - budget % config.chunk_size))
 
 
+def parse_budget(spec: int | str) -> int | Fraction:
+    """A budget spec: ``256`` / ``"256"`` (tokens) or ``"1/16"`` (that fraction of the context length).
+
+    Returns
+    -------
+    int or Fraction
+        Tokens, or the fraction (``0 < f <= 1``).
+    """
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if spec < 1:
+            raise ValueError(f"budget must be positive, got {spec}")
+        return spec
+    text = str(spec).strip()
+    if re.fullmatch(r"\d+", text):
+        return parse_budget(int(text))
+    match = re.fullmatch(r"(\d+)\s*/\s*(\d+)", text)
+    if not match or int(match.group(2)) == 0 or not 0 < Fraction(int(match.group(1)), int(match.group(2))) <= 1:
+        raise ValueError(f"not a budget: {spec!r} (use tokens, e.g. 256, or a fraction of the context, e.g. 1/16)")
+    return Fraction(int(match.group(1)), int(match.group(2)))
+
+
+def resolve_budget(spec: int | str, length: int) -> int:
+    """Tokens of a budget spec at a context length (before rounding down to whole chunks).
+
+    ``"1/16"`` at ``length=4096`` is 256; an int spec is returned as is.
+    """
+    budget = parse_budget(spec)
+    return budget if isinstance(budget, int) else int(budget * length)
+
+
+def _spec_key(spec: int | str) -> int | str:
+    """How a spec is stored and labelled: ints stay ints, fractions read ``"1/16"``."""
+    budget = parse_budget(spec)
+    return budget if isinstance(budget, int) else f"{budget.numerator}/{budget.denominator}"
+
+
 def _default_optimize(model, config: ShadowKVConfig):
     import shadowkv_fx
 
     return shadowkv_fx.optimize(model, config)
 
 
+def _dense_generate(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+
+
 @torch.no_grad()
-def _generate(model, tokenizer, sample: TaskSample, max_new_tokens: int, sink: tuple[int, int] | None) -> str:
+def _generate(model, tokenizer, sample: TaskSample, max_new_tokens: int, generate_fn: Callable = _dense_generate) -> str:
     encoded = tokenizer(sample.prompt, add_special_tokens=False, return_tensors="pt")
     device = next(model.parameters()).device
     input_ids = encoded["input_ids"].to(device)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id)
     kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if sink is not None:
-        output = sink_local_generate(model, input_ids, n_sink=sink[0], window=sink[1], **kwargs)
-    else:
-        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    output = generate_fn(model, input_ids, **kwargs)
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+
+class _Run(NamedTuple):
+    """One model's pass over some samples: dense, or a method at one budget (and variant)."""
+
+    method: str
+    variant: str | None
+    label: str
+    budget: int | str | None  # the spec as given: 256 or "1/16"
+    config: ShadowKVConfig | None
+    samples: list[TaskSample]
+
+
+def _plan_runs(methods, variants, budgets, samples) -> list[_Run]:
+    """Runs in the order models are built: dense-model methods first, then one ShadowKV copy per run.
+
+    A fractional budget resolves per context length, so it becomes one run per length.
+    """
+    lengths = sorted({s.target_length for s in samples})
+
+    def per_budget(method: str, variant: str | None, name: str, template: ShadowKVConfig) -> list[_Run]:
+        out = []
+        for spec in budgets:
+            key = _spec_key(spec)
+            if isinstance(parse_budget(spec), int):
+                groups = [(resolve_budget(spec, 0), samples)]
+            else:
+                groups = [(resolve_budget(spec, n), [s for s in samples if s.target_length == n]) for n in lengths]
+            for tokens, subset in groups:
+                out.append(_Run(method, variant, f"{name} b={key}", key, _with_budget(template, tokens), subset))
+        return out
+
+    runs = [_Run("dense", None, "dense", None, None, samples)] if "dense" in methods else []
+    # The baselines are matched to the attended tokens of the first variant.
+    reference = next(iter(variants.values()))
+    for method in ("sink_local", "quest"):
+        if method in methods:
+            runs += per_budget(method, None, method, reference)
+    if "shadowkv" in methods:
+        for name, template in variants.items():
+            runs += per_budget("shadowkv", name, name, template)
+    return runs
 
 
 def _resolve_factory(models) -> tuple[Callable[[], torch.nn.Module], torch.nn.Module | None]:
@@ -118,7 +203,7 @@ def run_eval(
     tokenizer,
     tasks: Sequence[str] = DEFAULT_TASKS,
     lengths: Sequence[int | str] = (2048, 4096, 8192),
-    budgets: Sequence[int] = (256, 512),
+    budgets: Sequence[int | str] = (256, 512),
     samples_per_task: int = 4,
     methods: Sequence[str] = METHODS,
     variants: Mapping[str, ShadowKVConfig] | None = None,
@@ -136,20 +221,23 @@ def run_eval(
     Parameters
     ----------
     models:
-        Factory returning a fresh HF causal LM (called once for dense + sink_local and
+        Factory returning a fresh HF causal LM (called once for dense and the baselines and
         once per ShadowKV config), or a model (used as is for dense, deep-copied per config).
     tokenizer:
         The model's tokenizer.
     tasks, lengths, samples_per_task, seed:
         Sample grid (see :func:`.tasks.make_samples`); lengths accept ``"4k"``.
     budgets:
-        ShadowKV ``sparse_budget`` values (rounded down to whole chunks).
+        ShadowKV ``sparse_budget`` specs (see :func:`parse_budget`): tokens (``256``) or a
+        fraction of each context length (``"1/16"``: 256 at 4k, 512 at 8k), rounded down to
+        whole chunks. A fractional spec builds one ShadowKV model per length.
     methods:
-        Subset of ``("dense", "shadowkv", "sink_local")``.
+        Subset of ``("dense", "shadowkv", "sink_local", "quest")``.
     variants:
         Named ShadowKV configs (see :func:`ablation_variants`), each run at every budget;
-        default ``{"shadowkv": ShadowKVConfig()}``. The sink + local baseline is matched
-        to the attended tokens of the first variant.
+        default ``{"shadowkv": ShadowKVConfig()}``. The sink + local and Quest baselines
+        attend as many prompt tokens per decode step as the first variant (Quest with its
+        ``chunk_size`` as page size and its local window).
     optimize_fn:
         ``optimize_fn(model, config) -> model`` applying ShadowKV; defaults to
         :func:`shadowkv_fx.optimize`. Injectable for tests.
@@ -166,9 +254,10 @@ def run_eval(
     -------
     list[dict]
         One record per (method, config, sample): ``method``, ``variant``, ``label``,
-        ``budget``, ``attended_tokens``, ``context_tokens``, ``attended_fraction``,
+        ``budget`` (the spec, ``256`` or ``"1/16"``; labels and tables group by it),
+        ``sparse_budget`` (resolved, whole chunks), ``attended_tokens``, ``context_tokens``, ``attended_fraction``,
         ``task``, ``length``, ``index``, ``depth``, ``score``, ``prediction``,
-        ``references``, ``config``, ``seconds``.
+        ``references``, ``config``, ``n_sink``, ``seconds``.
     """
     from tqdm.auto import tqdm
 
@@ -184,24 +273,15 @@ def run_eval(
     lengths = [parse_length(length) for length in lengths]
     samples = [s for t in tasks for n in lengths for s in make_samples(t, tokenizer, n, samples_per_task, seed=seed)]
 
-    # (method, variant, label, budget, config, sink) per run, in the order models are built.
-    runs: list[tuple] = []
-    if "dense" in methods:
-        runs.append(("dense", None, "dense", None, None, None))
-    if "sink_local" in methods:
-        reference = next(iter(variants.values()))
-        for budget in budgets:
-            runs.append(("sink_local", None, f"sink_local b={budget}", budget, _with_budget(reference, budget), n_sink))
-    if "shadowkv" in methods:
-        for name, template in variants.items():
-            for budget in budgets:
-                runs.append(("shadowkv", name, f"{name} b={budget}", budget, _with_budget(template, budget), None))
+    for spec in budgets:
+        parse_budget(spec)  # fail before any model is built
+    runs = _plan_runs(methods, variants, budgets, samples)
 
     records: list[dict] = []
-    bar = tqdm(total=len(runs) * len(samples), disable=not progress, desc="eval", unit="sample")
+    bar = tqdm(total=sum(len(run.samples) for run in runs), disable=not progress, desc="eval", unit="sample")
     dense_model = None
     try:
-        for method, variant, label, budget, config, sink in runs:
+        for method, variant, label, budget, config, run_samples in runs:
             if method == "shadowkv":
                 # Dense runs come first: drop that copy before building the next one.
                 model = dense_model = None
@@ -210,22 +290,32 @@ def run_eval(
                 if dense_model is None:
                     dense_model = given_model if given_model is not None else factory()
                 model = dense_model
-            for sample in samples:
+            sink = n_sink if method == "sink_local" else None
+            for sample in run_samples:
                 bar.set_postfix_str(f"{label} {sample.task} {sample.target_length}")
                 context = sample.num_tokens
-                if method == "dense":
-                    attended, sink_args = context, None
-                else:
+                attended, generate_fn = context, _dense_generate
+                if method != "dense":
                     attended = shadowkv_attended_tokens(config, context)
-                    sink_args = (sink, sink_local_window_for_budget(attended, sink)) if method == "sink_local" else None
+                if method == "sink_local":
+                    window = sink_local_window_for_budget(attended, sink)
+                    generate_fn = functools.partial(sink_local_generate, n_sink=sink, window=window)
+                elif method == "quest":
+                    quest = QuestAttention(attended, config.chunk_size, config.local_chunks)
+                    attended = quest.attended_tokens(context)
+                    generate_fn = functools.partial(
+                        quest_generate, token_budget=quest.token_budget, page_size=quest.page_size,
+                        local_pages=quest.local_pages,
+                    )  # fmt: skip
                 start = time.perf_counter()
-                prediction = _generate(model, tokenizer, sample, max_new_tokens or sample.max_new_tokens, sink_args)
+                prediction = _generate(model, tokenizer, sample, max_new_tokens or sample.max_new_tokens, generate_fn)
                 records.append(
                     {
                         "method": method,
                         "variant": variant,
                         "label": label,
                         "budget": budget,
+                        "sparse_budget": None if config is None else config.sparse_budget,
                         "attended_tokens": attended,
                         "context_tokens": context,
                         "attended_fraction": attended / context,
@@ -250,7 +340,7 @@ def run_eval(
         bar.close()
 
     if output_json is not None:
-        meta = {"tasks": list(tasks), "lengths": lengths, "budgets": list(budgets), "samples_per_task": samples_per_task,
+        meta = {"tasks": list(tasks), "lengths": lengths, "budgets": [_spec_key(b) for b in budgets], "samples_per_task": samples_per_task,
                 "seed": seed, "methods": list(methods), "variants": {k: v.to_dict() for k, v in variants.items()},
                 "n_sink": n_sink}  # fmt: skip
         path = Path(output_json)
@@ -326,8 +416,12 @@ def eval_command(
     """String-argument entry point for the ``shadowkv-fx eval`` CLI command.
 
     ``model`` is ``"smollm2"`` (the embedded SmolLM2-135M-Instruct) or a local Hugging
-    Face model directory. Writes ``results.json`` and the plots into ``out_dir``.
+    Face model directory. ``budgets`` is comma-separated specs: tokens (``256``) or
+    fractions of each context length (``1/16``). Writes ``results.json`` and the plots
+    into ``out_dir``.
     """
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     torch_dtype = getattr(torch, dtype)
     if model == "smollm2":
         from ..smollm2 import load_smollm2
@@ -350,7 +444,7 @@ def eval_command(
         tokenizer,
         tasks=_csv(tasks),
         lengths=_csv(lengths),
-        budgets=[int(b) for b in _csv(budgets)],
+        budgets=_csv(budgets),
         samples_per_task=samples,
         methods=_csv(methods),
         variants=ablation_variants(ablation or None),
