@@ -1,5 +1,8 @@
 """Decode-step time, side by side in one run: HF dense vs ShadowKV eager / inductor / reduce-overhead.
 
+reduce-overhead is what ``torch.compile(model, backend="shadowkv", mode="reduce-overhead")`` selects:
+inductor around the ShadowKV ops, and each decode step captured whole as one CUDA graph.
+
 Llama-3.1-8B-shaped model with random bf16 weights (no download). Run on a GPU:
 
     python benchmarks/decode_step.py --context 32768 --batch 1 2 4 --steps 16
@@ -7,7 +10,6 @@ Llama-3.1-8B-shaped model with random bf16 weights (no download). Run on a GPU:
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 
@@ -64,10 +66,10 @@ def timed_decode(model, ids, steps: int, cache) -> dict:
 def run(args) -> list[dict]:
     model = llama31_8b(args.layers)
     config = shadowkv_fx.ShadowKVConfig(sparse_budget=args.budget, rank=args.rank, outlier_chunks=args.outliers)
-    variants = {
-        "shadowkv-eager": None,
-        "shadowkv-inductor": inductor_graph,
-        "shadowkv-reduce-overhead": functools.partial(inductor_graph, mode="reduce-overhead"),
+    variants = {  # name -> (graph compiler after the pass, capture decode steps as CUDA graphs)
+        "shadowkv-eager": (None, False),
+        "shadowkv-inductor": (inductor_graph, False),
+        "shadowkv-reduce-overhead": (inductor_graph, True),
     }
     rows = []
     for batch in args.batch:
@@ -80,7 +82,8 @@ def run(args) -> list[dict]:
                 if method == "dense":
                     result = timed_decode(model, ids, args.steps, DynamicCache(config=model.config))
                 else:
-                    shadowkv_fx.optimize(model, config, compile_graph=variants[method])
+                    compile_graph, cuda_graphs = variants[method]
+                    shadowkv_fx.optimize(model, config, compile_graph=compile_graph, cuda_graphs=cuda_graphs)
                     timed_decode(model, ids, 2, None)  # compile the prefill and decode graphs at these shapes
                     result = timed_decode(model, ids, args.steps, None)
             except torch.OutOfMemoryError as exc:

@@ -41,7 +41,7 @@ def inductor_graph(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
     patches = {"post_grad_custom_pre_pass": ShadowKVInductorKey()}
     if mode in ("reduce-overhead", "max-autotune"):
         patches["triton.cudagraphs"] = True
-    if mode == "max-autotune":
+    if mode in ("max-autotune", "max-autotune-no-cudagraphs"):
         patches["max_autotune"] = True
     return compile_fx(gm, example_inputs, config_patches=patches)
 
@@ -82,7 +82,11 @@ def _shadowkv_generate(module: OptimizedModule, mode, options):
     model = module._orig_mod
     if getattr(model, "_shadowkv", None) is None:
         config = ShadowKVConfig.from_options(options)
-        shadowkv_fx.optimize(model, config, compile_graph=functools.partial(inductor_graph, mode=mode))
+        # reduce-overhead: the runtime captures whole decode steps (cuda_graph.py says why not inductor)
+        cuda_graphs = mode in ("reduce-overhead", "max-autotune")
+        graph_mode = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+        shadowkv_fx.optimize(model, config, compile_graph=functools.partial(inductor_graph, mode=graph_mode),
+                             cuda_graphs=cuda_graphs)
     return model.generate
 
 

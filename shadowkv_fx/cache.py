@@ -54,43 +54,57 @@ class ShadowKVCache(Cache):
 
     Created by the optimized model's ``forward``/``generate``; pass one explicitly as
     ``past_key_values=ShadowKVCache(num_layers, config)`` to keep it after generation.
+    ``tail_capacity`` is how many generated tokens fit before the tail buffers grow (``generate``
+    sizes it from ``max_new_tokens``; growing re-captures a CUDA-graphed decode step).
     """
 
-    def __init__(self, num_layers: int, config: ShadowKVConfig | None = None) -> None:
+    def __init__(self, num_layers: int, config: ShadowKVConfig | None = None, tail_capacity: int = 64) -> None:
+        if tail_capacity < 1:
+            raise ValueError(f"tail_capacity must be >= 1, got {tail_capacity}")
         self.config = config or ShadowKVConfig()
         super().__init__(layers=[ShadowKVLayer(self, self.config) for _ in range(num_layers)])
+        self.tail_capacity = tail_capacity
         self.layout: PromptLayout | None = None
         self.seq_length = 0
         self.phase = "prefill"
         self.touched: set[int] = set()
         self._shared_tables: list[list[torch.Tensor]] = []
+        # captured decode steps of this cache (cuda_graph.py); they hold its buffers' addresses
+        self.decode_graphs: dict = {}
 
     @property
     def is_compileable(self) -> bool:
         return False
 
-    def begin_step(self, key_valid: torch.Tensor | None) -> None:
-        """Record what the next forward holds: a whole prompt (prefill) or new tokens (decode)."""
+    def begin_step(self, key_valid: torch.Tensor | None, input_len: int) -> None:
+        """Record what the next forward holds: a whole prompt (prefill) or ``input_len`` new tokens (decode)."""
         self.touched = set()
-        self._tails_at_start = [layer.state.tail_len for layer in self.layers]
         if self.layout is None:
             self.phase = "prefill"
             self.layout = PromptLayout.from_mask(key_valid, self.config)
-        else:
-            self.phase = "decode"
+            return
+        self.phase = "decode"
+        moved = [layer.state.reserve_tail(input_len) for layer in self.layers]
+        if any(moved):
+            self.decode_graphs.clear()
 
     def rollback(self) -> None:
         """Forget a step that failed half-way, so no layer keeps tokens the others lack."""
         if self.phase == "prefill":
             self.layout = None
             self._shared_tables = []
+            self.decode_graphs.clear()
             for layer in self.layers:
                 layer.reset()
         else:
-            for layer, tail_len in zip(self.layers, self._tails_at_start):
-                layer.state.tail_len = tail_len
+            self.decode_graphs.clear()
+            for layer in self.layers:
+                layer.state.rewind_tail()
 
-    def end_step(self, input_len: int) -> None:
+    def end_step(self, input_len: int, replayed: bool = False) -> None:
+        """Commit a step. ``replayed``: a captured graph ran it, whose capture saw every layer's op run."""
+        if replayed:
+            self.touched = set(range(len(self.layers)))
         missing = sorted(set(range(len(self.layers))) - self.touched)
         if missing:
             self.rollback()
@@ -98,7 +112,14 @@ class ShadowKVCache(Cache):
                 f"the ShadowKV attention op did not run for layers {missing[:8]}: the compiled graph fell "
                 "back to eager or lost the rewrite. Nothing was cached for this step."
             )
+        if self.phase == "decode":
+            for layer in self.layers:
+                layer.state.tail_len += input_len
         self.seq_length += input_len
+
+    def max_position(self, input_len: int) -> int:
+        """One past the largest position the next ``input_len`` tokens take (no device read)."""
+        return max(self.layout.lengths) + self.seq_length - self.layout.padded_len + input_len
 
     def next_positions(self, input_len: int, device: torch.device) -> torch.Tensor:
         """Positions (``[B, n]``) of the next ``n`` tokens of each sequence."""
@@ -138,7 +159,7 @@ class ShadowKVCache(Cache):
         if self.phase == "decode":
             return state.decode(q, k_rot, v, rope_fn, scale)
         out = _dense_prefill(q, k_rot, v, self.layout, scale)
-        state.prefill(k_pre, k_rot, v, self._tables(rope_inputs, q.shape[0]), self.layout)
+        state.prefill(k_pre, k_rot, v, self._tables(rope_inputs, q.shape[0]), self.layout, self.tail_capacity)
         return out
 
     def memory_report(self) -> dict[str, dict[str, int]]:

@@ -85,13 +85,20 @@ def _check_host_memory(needed: int) -> None:
 
 class LayerState:
     """Compressed K/V of one layer for a batch: low-rank keys, landmarks, outliers, local window,
-    offloaded values, and a dense tail of generated tokens that only grows."""
+    offloaded values, and a dense tail of generated tokens that only grows.
+
+    A decode step reads and writes only device tensors at fixed addresses, with fixed shapes and
+    no host sync, so it can be captured as a CUDA graph and replayed: the tail is preallocated
+    (``reserve_tail``, outside the step) and its fill level lives on the device (``tail_fill``).
+    ``tail_len`` is the host's copy of that count, advanced by the cache once a step completes.
+    """
 
     def __init__(self, config: ShadowKVConfig) -> None:
         self.config = config
         self.tail_k: torch.Tensor | None = None
         self.tail_v: torch.Tensor | None = None
         self.tail_len = 0
+        self.tail_fill: torch.Tensor | None = None
 
     def prefill(
         self,
@@ -100,8 +107,12 @@ class LayerState:
         v: torch.Tensor,
         rope_tables: list[torch.Tensor],
         layout: PromptLayout,
+        tail_capacity: int,
     ) -> None:
-        """Compress a left-padded prompt. ``k_pre, k_rot, v: [B, Hkv, S, D]``; tables ``[B, 1, S, c]``."""
+        """Compress a left-padded prompt. ``k_pre, k_rot, v: [B, Hkv, S, D]``; tables ``[B, 1, S, c]``.
+
+        ``tail_capacity`` generated tokens fit before the tail buffers must move (``reserve_tail``).
+        """
         cfg = self.config
         chunk = cfg.chunk_size
         b_size, hkv, _, d = k_pre.shape
@@ -154,23 +165,42 @@ class LayerState:
             self.selectable = _pad_stack(sels, c_max, 1)
             self.outlier_k, self.outlier_v = torch.stack(oks), torch.stack(ovs)
             self.v_chunks = _host_buffer_like(_pad_stack(vcs, c_max, 1))
-        self.tail_k = k_rot.new_empty(b_size, hkv, 16, d)
-        self.tail_v = v.new_empty(b_size, hkv, 16, v.shape[-1])
+        # zeros, not empty: unwritten slots are masked, but NaN garbage would survive a 0 weight
+        self.tail_k = k_rot.new_zeros(b_size, hkv, tail_capacity, d)
+        self.tail_v = v.new_zeros(b_size, hkv, tail_capacity, v.shape[-1])
         self.tail_len = 0
+        self.tail_fill = torch.zeros((), dtype=torch.long, device=k_pre.device)
+
+    def reserve_tail(self, tokens: int) -> bool:
+        """Make room for ``tokens`` more generated tokens; True when the buffers had to move.
+
+        Runs before a step, never inside one: a captured step would keep writing to the old buffers.
+        The capacity doubles, so no generated token is ever dropped.
+        """
+        needed = self.tail_len + tokens
+        capacity = self.tail_k.shape[2]
+        if needed <= capacity:
+            return False
+        capacity = max(2 * capacity, needed)
+        for name in ("tail_k", "tail_v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+            new[:, :, : self.tail_len] = old[:, :, : self.tail_len]
+            setattr(self, name, new)
+        return True
+
+    def rewind_tail(self) -> None:
+        """Forget tokens a failed step appended: the device count goes back to the host's."""
+        if self.tail_fill is not None:
+            self.tail_fill.fill_(self.tail_len)
 
     def append_tail(self, k_rot: torch.Tensor, v: torch.Tensor) -> None:
-        """Generated tokens stay dense; the buffer doubles so no token is ever dropped."""
+        """Write new tokens at the device-side fill level (a replayed step reads the current one)."""
         n = k_rot.shape[2]
-        if self.tail_len + n > self.tail_k.shape[2]:
-            cap = max(2 * self.tail_k.shape[2], self.tail_len + n)
-            for name in ("tail_k", "tail_v"):
-                old = getattr(self, name)
-                new = old.new_empty(old.shape[0], old.shape[1], cap, old.shape[3])
-                new[:, :, : self.tail_len] = old[:, :, : self.tail_len]
-                setattr(self, name, new)
-        self.tail_k[:, :, self.tail_len : self.tail_len + n] = k_rot
-        self.tail_v[:, :, self.tail_len : self.tail_len + n] = v
-        self.tail_len += n
+        slots = self.tail_fill + torch.arange(n, device=self.tail_fill.device)
+        self.tail_k.index_copy_(2, slots, k_rot.to(self.tail_k.dtype))
+        self.tail_v.index_copy_(2, slots, v.to(self.tail_v.dtype))
+        self.tail_fill.add_(n)
 
     def select(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k chunks per KV head: ``chunk_idx [B, Hkv, k]`` and whether each pick is real."""
@@ -205,10 +235,11 @@ class LayerState:
                 self.outlier_valid[:, None, None, None].expand(b, hkv, n, self.outlier_k.shape[2]),
                 picked.repeat_interleave(self.config.chunk_size, dim=-1)[:, :, None, :].expand(b, hkv, n, -1),
             ]
-        keys += [self.local_k, self.tail_k[:, :, : self.tail_len]]
-        values += [self.local_v, self.tail_v[:, :, : self.tail_len]]
-        tail_pos = torch.arange(self.tail_len, device=q.device)
-        query_pos = torch.arange(self.tail_len - n, self.tail_len, device=q.device)
+        keys += [self.local_k, self.tail_k]
+        values += [self.local_v, self.tail_v]
+        # the whole preallocated tail, masked past the fill level: shapes stay fixed step to step
+        tail_pos = torch.arange(self.tail_k.shape[2], device=q.device)
+        query_pos = self.tail_fill - n + torch.arange(n, device=q.device)
         allowed += [
             self.local_valid[:, None, None, :].expand(b, hkv, n, -1),
             (tail_pos[None, :] <= query_pos[:, None])[None, None].expand(b, hkv, n, -1),

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from shadowkv_fx import cuda_graph
 from shadowkv_fx.cache import ShadowKVCache, prompt_mask
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.ops import active_cache
@@ -56,8 +57,10 @@ def _check_supported(model: torch.nn.Module) -> None:
 class ShadowKVRuntime:
     """What ``optimize`` attaches to a model: its config, the compiled inner forward, pass reports."""
 
-    def __init__(self, model, config: ShadowKVConfig, compile_graph: Callable | None = None, compile_kwargs=None):
+    def __init__(self, model, config: ShadowKVConfig, compile_graph: Callable | None = None, compile_kwargs=None,
+                 cuda_graphs: bool = False):
         self.config = config
+        self.cuda_graphs = cuda_graphs
         self.reports: list[PassReport] = []
         self.num_layers = model.config.num_hidden_layers
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -70,8 +73,8 @@ class ShadowKVRuntime:
             **(compile_kwargs or {}),
         )
 
-    def new_cache(self) -> ShadowKVCache:
-        return ShadowKVCache(self.num_layers, self.config)
+    def new_cache(self, tail_capacity: int = 64) -> ShadowKVCache:
+        return ShadowKVCache(self.num_layers, self.config, tail_capacity)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
                 inputs_embeds=None, cache_position=None, **kwargs):
@@ -91,23 +94,31 @@ class ShadowKVRuntime:
         if cache.layout is None:
             key_valid = prompt_mask(attention_mask, input_ids.shape, input_ids.device)
             self._check_length(int(key_valid.sum(dim=1).max()))
-            cache.begin_step(key_valid)
+            cache.begin_step(key_valid, n)
             if position_ids is None:
                 position_ids = (key_valid.long().cumsum(dim=1) - 1).clamp(min=0)
         else:
             if attention_mask is not None and not bool(attention_mask[:, -n:].bool().all()):
                 raise ValueError("padding inside generated tokens is not supported by ShadowKV")
-            cache.begin_step(None)
             if position_ids is None:
+                self._check_length(cache.max_position(n))
                 position_ids = cache.next_positions(n, input_ids.device)
-            self._check_length(int(position_ids.max()) + 1)
+            else:
+                self._check_length(int(position_ids.max()) + 1)
+            cache.begin_step(None, n)
+        step = functools.partial(self.inner, use_cache=False, **kwargs)
+        replayed = False
         try:
             with active_cache(cache), torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                out = self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
+                if cache.phase == "decode" and self.cuda_graphs and cuda_graph.capturable(input_ids, kwargs):
+                    key = (tuple(input_ids.shape), tuple(sorted(kwargs.items())))
+                    out, replayed = cuda_graph.run_decode_step(cache, step, input_ids, position_ids, key)
+                else:
+                    out = step(input_ids=input_ids, position_ids=position_ids)
         except BaseException:
             cache.rollback()
             raise
-        cache.end_step(n)
+        cache.end_step(n, replayed)
         out.past_key_values = cache
         return out
 
@@ -128,12 +139,20 @@ class ShadowKVRuntime:
         if kwargs.get("num_beams", 1) > 1:
             raise NotImplementedError("ShadowKV does not support beam search (num_beams > 1)")
         if self.config.enabled and kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = self.new_cache()
+            kwargs["past_key_values"] = self.new_cache(self._new_tokens(kwargs))
         return self.original_generate(*args, **kwargs)
+
+    def _new_tokens(self, kwargs) -> int:
+        """Room for every token ``generate`` may add, so the tail never moves mid-generation."""
+        config = kwargs.get("generation_config") or self.original_generate.__self__.generation_config
+        tokens = kwargs.get("max_new_tokens") or config.max_new_tokens
+        if tokens is None:
+            tokens = kwargs.get("max_length") or config.max_length or 64
+        return max(1, min(int(tokens), self.max_positions or int(tokens)))
 
 
 def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, compile_graph: Callable | None = None,
-             compile_kwargs: dict | None = None, validate: bool = True) -> torch.nn.Module:
+             compile_kwargs: dict | None = None, cuda_graphs: bool = False, validate: bool = True) -> torch.nn.Module:
     """Make ``model.generate`` / ``model(...)`` run ShadowKV. Modifies ``model`` in place and returns it.
 
     Args:
@@ -141,6 +160,8 @@ def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, co
         config: ShadowKV knobs; the defaults are the paper's.
         compile_graph: optional ``(gm, example_inputs) -> callable`` run after the pass
             (``torch.compile(backend="shadowkv")`` passes inductor here).
+        cuda_graphs: on a GPU, capture each decode step as one CUDA graph and replay it
+            (``torch.compile(..., backend="shadowkv", mode="reduce-overhead")`` turns this on).
         validate: trace once now so an unsupported model fails here, not at generate().
     Raises:
         UnsupportedModelError: no rewritable attention (e.g. learned positions), sliding window, ...
@@ -148,7 +169,7 @@ def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, co
     """
     config = config or ShadowKVConfig()
     _check_supported(model)
-    runtime = ShadowKVRuntime(model, config, compile_graph, compile_kwargs)
+    runtime = ShadowKVRuntime(model, config, compile_graph, compile_kwargs, cuda_graphs)
     model._shadowkv = runtime
     model.forward = _delegate(runtime.original_forward, runtime.forward)
     model.generate = _delegate(runtime.original_generate, runtime.generate)

@@ -1,0 +1,69 @@
+"""Whole decode steps as CUDA graphs: one launch per step instead of thousands.
+
+Why the runtime captures, not inductor's cudagraph trees (``mode="reduce-overhead"``): a decode
+step reads and writes the ShadowKV cache, whose tensors are not inputs of the traced graph (the
+op reaches them through the active cache). A graph recorded by inductor would replay against the
+first cache it saw, whatever cache the next ``generate`` made. Here each graph belongs to one
+cache (``cache.decode_graphs``), so it dies with it and can only ever replay against its buffers;
+the cache drops its graphs whenever those buffers move (``ShadowKVCache.begin_step``).
+
+The first decode step of a cache at a given input shape runs normally and warms everything up
+(compiles, Triton JIT, cuBLAS workspaces); the second is captured, then every step is replayed.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+_WARM = "warm"
+_PLAIN_KWARGS = {"return_dict", "logits_to_keep", "output_attentions", "output_hidden_states"}
+
+
+def capturable(input_ids: torch.Tensor, kwargs: dict[str, Any]) -> bool:
+    """Whether a decode step with these inputs can run as a captured graph."""
+    if input_ids.device.type != "cuda" or set(kwargs) - _PLAIN_KWARGS:
+        return False
+    if not all(v is None or isinstance(v, (bool, int)) for v in kwargs.values()):
+        return False
+    return not (kwargs.get("output_attentions") or kwargs.get("output_hidden_states"))
+
+
+class DecodeGraph:
+    """One captured decode step: static inputs, the graph, and the outputs it writes."""
+
+    def __init__(self, step: Callable[..., Any], input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+        self.input_ids = input_ids.clone()
+        self.position_ids = position_ids.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = step(input_ids=self.input_ids, position_ids=self.position_ids)
+
+    def replay(self, input_ids: torch.Tensor, position_ids: torch.Tensor):
+        self.input_ids.copy_(input_ids)
+        self.position_ids.copy_(position_ids)
+        self.graph.replay()
+        # the next replay overwrites the graph's outputs; the caller keeps its own copy
+        return type(self.output)(
+            **{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.output.items()}
+        )
+
+
+def run_decode_step(cache, step: Callable[..., Any], input_ids: torch.Tensor, position_ids: torch.Tensor,
+                    key: tuple) -> tuple[Any, bool]:
+    """Run one decode step of ``cache``: warm-up, capture, or replay.
+
+    Returns ``(output, replayed)``: ``replayed`` is True when no Python ran the step's ops, so the
+    cache cannot see which layers ran (a graph is only kept once its capture saw them all).
+    ``key`` names everything the captured step depends on beyond the cache (input shape, kwargs).
+    """
+    entry = cache.decode_graphs.get(key)
+    if entry is None:
+        cache.decode_graphs[key] = _WARM
+        return step(input_ids=input_ids, position_ids=position_ids), False
+    if entry == _WARM:
+        # capture runs the Python (filling cache.touched) but no kernel; the replay runs them
+        entry = DecodeGraph(step, input_ids, position_ids)
+        cache.decode_graphs[key] = entry
+        return entry.replay(input_ids, position_ids), False
+    return entry.replay(input_ids, position_ids), True

@@ -1,0 +1,86 @@
+"""Whole decode steps captured as CUDA graphs (GPU only; skipped on the CPU machine)."""
+import pytest
+import torch
+
+import shadowkv_fx
+from shadowkv_fx.cuda_graph import DecodeGraph
+from tests.models import left_padded, tiny_pair
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+SMALL = dict(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2)
+
+
+def pair(arch="llama", seed=0, **kw):
+    _, a = tiny_pair(arch, seed=seed, **kw)
+    _, b = tiny_pair(arch, seed=seed, **kw)
+    return a.cuda(), b.cuda()
+
+
+def generate(model, lengths, n, seed=0, **kwargs):
+    ids, mask = left_padded(len(lengths), lengths, 96, seed=seed)
+    with torch.no_grad():
+        return model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True, **kwargs)
+
+
+def graphs(cache):
+    return [g for g in cache.decode_graphs.values() if isinstance(g, DecodeGraph)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_captured_decode_equals_eager_and_replays(arch):
+    eager, graphed = pair(arch)
+    config = shadowkv_fx.ShadowKVConfig(**SMALL)
+    shadowkv_fx.optimize(eager, config)
+    shadowkv_fx.optimize(graphed, config, cuda_graphs=True)
+    want = generate(eager, [150, 97], 12)
+    got = generate(graphed, [150, 97], 12)
+    assert torch.equal(want.sequences, got.sequences)
+    for a, b in zip(want.logits, got.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert len(graphs(got.past_key_values)) == 1
+    assert got.past_key_values.layers[0].state.tail_len == 11
+
+
+def test_a_new_cache_never_replays_an_old_graph():
+    eager, graphed = pair(seed=1)
+    config = shadowkv_fx.ShadowKVConfig(**SMALL)
+    shadowkv_fx.optimize(eager, config)
+    shadowkv_fx.optimize(graphed, config, cuda_graphs=True)
+    for lengths, seed in (([150, 97], 1), ([130, 180], 2), ([150, 97], 3)):
+        want = generate(eager, lengths, 8, seed=seed)
+        got = generate(graphed, lengths, 8, seed=seed)
+        assert torch.equal(want.sequences, got.sequences), (lengths, seed)
+
+
+def test_tail_growth_recaptures():
+    eager, graphed = pair(seed=2)
+    config = shadowkv_fx.ShadowKVConfig(**SMALL)
+    shadowkv_fx.optimize(eager, config)
+    shadowkv_fx.optimize(graphed, config, cuda_graphs=True)
+    ids, mask = left_padded(2, [150, 97], 96, seed=2)
+    tokens = {}
+    for name, model in (("eager", eager), ("graphed", graphed)):
+        cache = model._shadowkv.new_cache(3)
+        with torch.no_grad():
+            out = model(ids.cuda(), attention_mask=mask.cuda(), past_key_values=cache)
+            seq = [out.logits[:, -1:].argmax(-1)]
+            for _ in range(10):
+                seq.append(model(seq[-1], past_key_values=cache).logits[:, -1:].argmax(-1))
+        tokens[name] = torch.cat(seq, 1)
+        if name == "graphed":
+            assert cache.layers[0].state.tail_k.shape[2] == 12 and graphs(cache)
+    assert torch.equal(tokens["eager"], tokens["graphed"])
+
+
+def test_compile_reduce_overhead_generate_captures_the_decode_step():
+    eager, compiled_model = pair(seed=4)
+    shadowkv_fx.optimize(eager, shadowkv_fx.ShadowKVConfig(**SMALL))
+    compiled = torch.compile(compiled_model, backend="shadowkv", mode="reduce-overhead", options=SMALL)
+    want = generate(eager, [150, 97], 10, seed=4)
+    got = generate(compiled, [150, 97], 10, seed=4)
+    assert torch.equal(want.sequences, got.sequences)
+    assert compiled_model._shadowkv.cuda_graphs
+    assert len(graphs(got.past_key_values)) == 1
