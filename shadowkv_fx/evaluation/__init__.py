@@ -8,14 +8,13 @@ Typical use::
                        output_json="eval/results.json", plot_dir="eval")
 """
 from .baselines import SinkLocalCache, SinkLocalLayer, sink_local_generate, sink_local_window_for_budget
+from .budgets import parse_budget, resolve_budget
 from .quest import QuestAttention, quest_generate
 from .runner import (
     DEFAULT_TASKS,
     ablation_variants,
     eval_command,
-    parse_budget,
     print_results_table,
-    resolve_budget,
     run_eval,
     shadowkv_attended_tokens,
     summarize,

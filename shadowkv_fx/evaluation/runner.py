@@ -10,10 +10,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import re
 import time
 from dataclasses import replace
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
@@ -21,6 +19,7 @@ import torch
 
 from ..config import ShadowKVConfig
 from .baselines import sink_local_generate, sink_local_window_for_budget
+from .budgets import budget_key, parse_budget, resolve_budget
 from .quest import QuestAttention, quest_generate
 from .scoring import score_prediction
 from .tasks import TASKS, TaskSample, make_samples, parse_length
@@ -28,8 +27,6 @@ from .tasks import TASKS, TaskSample, make_samples, parse_length
 __all__ = [
     "DEFAULT_TASKS",
     "ablation_variants",
-    "parse_budget",
-    "resolve_budget",
     "shadowkv_attended_tokens",
     "run_eval",
     "summarize",
@@ -83,42 +80,6 @@ def _with_budget(config: ShadowKVConfig, budget: int) -> ShadowKVConfig:
     return replace(config, sparse_budget=max(config.chunk_size, budget - budget % config.chunk_size))
 
 
-def parse_budget(spec: int | str) -> int | Fraction:
-    """A budget spec: ``256`` / ``"256"`` (tokens) or ``"1/16"`` (that fraction of the context length).
-
-    Returns
-    -------
-    int or Fraction
-        Tokens, or the fraction (``0 < f <= 1``).
-    """
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        if spec < 1:
-            raise ValueError(f"budget must be positive, got {spec}")
-        return spec
-    text = str(spec).strip()
-    if re.fullmatch(r"\d+", text):
-        return parse_budget(int(text))
-    match = re.fullmatch(r"(\d+)\s*/\s*(\d+)", text)
-    if not match or int(match.group(2)) == 0 or not 0 < Fraction(int(match.group(1)), int(match.group(2))) <= 1:
-        raise ValueError(f"not a budget: {spec!r} (use tokens, e.g. 256, or a fraction of the context, e.g. 1/16)")
-    return Fraction(int(match.group(1)), int(match.group(2)))
-
-
-def resolve_budget(spec: int | str, length: int) -> int:
-    """Tokens of a budget spec at a context length (before rounding down to whole chunks).
-
-    ``"1/16"`` at ``length=4096`` is 256; an int spec is returned as is.
-    """
-    budget = parse_budget(spec)
-    return budget if isinstance(budget, int) else int(budget * length)
-
-
-def _spec_key(spec: int | str) -> int | str:
-    """How a spec is stored and labelled: ints stay ints, fractions read ``"1/16"``."""
-    budget = parse_budget(spec)
-    return budget if isinstance(budget, int) else f"{budget.numerator}/{budget.denominator}"
-
-
 def _default_optimize(model, config: ShadowKVConfig):
     import shadowkv_fx
 
@@ -161,7 +122,7 @@ def _plan_runs(methods, variants, budgets, samples) -> list[_Run]:
     def per_budget(method: str, variant: str | None, name: str, template: ShadowKVConfig) -> list[_Run]:
         out = []
         for spec in budgets:
-            key = _spec_key(spec)
+            key = budget_key(spec)
             if isinstance(parse_budget(spec), int):
                 groups = [(resolve_budget(spec, 0), samples)]
             else:
@@ -340,7 +301,7 @@ def run_eval(
         bar.close()
 
     if output_json is not None:
-        meta = {"tasks": list(tasks), "lengths": lengths, "budgets": [_spec_key(b) for b in budgets], "samples_per_task": samples_per_task,
+        meta = {"tasks": list(tasks), "lengths": lengths, "budgets": [budget_key(b) for b in budgets], "samples_per_task": samples_per_task,
                 "seed": seed, "methods": list(methods), "variants": {k: v.to_dict() for k, v in variants.items()},
                 "n_sink": n_sink}  # fmt: skip
         path = Path(output_json)
