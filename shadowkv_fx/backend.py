@@ -46,13 +46,28 @@ def inductor_graph(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+# torch.compile takes ``mode`` or ``options``, never both: with a ShadowKV config in ``options``,
+# this key asks for what mode="reduce-overhead" gives (decode steps captured as CUDA graphs).
+RUNTIME_OPTIONS = ("cuda_graphs",)
+
+
+def split_options(mode: str | None, options: dict | None) -> tuple[ShadowKVConfig, str | None, bool]:
+    """``(config, inductor mode, capture decode steps)`` from ``torch.compile``'s mode and options."""
+    options = dict(options or {})
+    cuda_graphs = bool(options.pop("cuda_graphs", False)) or mode in ("reduce-overhead", "max-autotune")
+    config = ShadowKVConfig.from_options(options)
+    # the runtime captures whole decode steps itself (cuda_graph.py says why not inductor)
+    graph_mode = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+    return config, graph_mode, cuda_graphs
+
+
 def shadowkv_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """Dynamo backend. A graph with no attention passes through to inductor unchanged.
 
     A graph whose attention feeds a dense ``DynamicCache`` cannot hold ShadowKV state: that is
     ``compiled(input_ids)`` on the original forward. It fails loudly instead of running dense.
     """
-    config = ShadowKVConfig.from_options(options)
+    config, _, _ = split_options(mode, options)
     report = shadowkv_pass(gm, enabled=config.enabled)
     if report.skipped and config.enabled:
         raise RuntimeError(
@@ -81,10 +96,7 @@ def _shadowkv_generate(module: OptimizedModule, mode, options):
 
     model = module._orig_mod
     if getattr(model, "_shadowkv", None) is None:
-        config = ShadowKVConfig.from_options(options)
-        # reduce-overhead: the runtime captures whole decode steps (cuda_graph.py says why not inductor)
-        cuda_graphs = mode in ("reduce-overhead", "max-autotune")
-        graph_mode = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+        config, graph_mode, cuda_graphs = split_options(mode, options)
         shadowkv_fx.optimize(model, config, compile_graph=functools.partial(inductor_graph, mode=graph_mode),
                              cuda_graphs=cuda_graphs)
     return model.generate

@@ -118,3 +118,15 @@ def test_inductor_cache_key_follows_the_pass_source(tmp_path):
     assert pass_uuid(copy) == pass_uuid()
     (copy / "rewrite.py").write_text((copy / "rewrite.py").read_text() + "\n# changed\n")
     assert pass_uuid(copy) != pass_uuid()
+
+
+def test_cuda_graph_requests_reach_the_runtime_not_inductor():
+    from shadowkv_fx.backend import split_options
+
+    config, graph_mode, cuda_graphs = split_options(None, {"sparse_budget": 64, "cuda_graphs": True})
+    assert (config.sparse_budget, graph_mode, cuda_graphs) == (64, None, True)
+    assert split_options("reduce-overhead", None)[1:] == (None, True)
+    assert split_options("max-autotune", None)[1:] == ("max-autotune-no-cudagraphs", True)
+    assert split_options("default", None)[1:] == ("default", False)
+    with pytest.raises(ValueError, match="unknown ShadowKV option"):
+        split_options(None, {"cuda_graph": True})

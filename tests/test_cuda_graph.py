@@ -75,12 +75,19 @@ def test_tail_growth_recaptures():
     assert torch.equal(tokens["eager"], tokens["graphed"])
 
 
-def test_compile_reduce_overhead_generate_captures_the_decode_step():
-    eager, compiled_model = pair(seed=4)
-    shadowkv_fx.optimize(eager, shadowkv_fx.ShadowKVConfig(**SMALL))
-    compiled = torch.compile(compiled_model, backend="shadowkv", mode="reduce-overhead", options=SMALL)
-    want = generate(eager, [150, 97], 10, seed=4)
-    got = generate(compiled, [150, 97], 10, seed=4)
+@pytest.mark.parametrize("how", ["mode", "options"])
+def test_compile_reduce_overhead_generate_captures_the_decode_step(how):
+    eager, compiled_model = pair(seed=4, kv_heads=4, head_dim=64)  # room for the default rank
+    if how == "mode":  # torch.compile takes mode or options, not both: the default config
+        config, kwargs = shadowkv_fx.ShadowKVConfig(), {"mode": "reduce-overhead"}
+        lengths = [700, 420]
+    else:
+        config, kwargs = shadowkv_fx.ShadowKVConfig(**SMALL), {"options": {**SMALL, "cuda_graphs": True}}
+        lengths = [150, 97]
+    shadowkv_fx.optimize(eager, config)
+    compiled = torch.compile(compiled_model, backend="shadowkv", **kwargs)
+    want = generate(eager, lengths, 10, seed=4)
+    got = generate(compiled, lengths, 10, seed=4)
     assert torch.equal(want.sequences, got.sequences)
     assert compiled_model._shadowkv.cuda_graphs
     assert len(graphs(got.past_key_values)) == 1
