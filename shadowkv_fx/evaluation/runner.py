@@ -80,10 +80,10 @@ def _with_budget(config: ShadowKVConfig, budget: int) -> ShadowKVConfig:
     return replace(config, sparse_budget=max(config.chunk_size, budget - budget % config.chunk_size))
 
 
-def _default_optimize(model, config: ShadowKVConfig):
+def _default_optimize(model, config: ShadowKVConfig, cuda_graphs: bool = False):
     import shadowkv_fx
 
-    return shadowkv_fx.optimize(model, config)
+    return shadowkv_fx.optimize(model, config, cuda_graphs=cuda_graphs)
 
 
 def _dense_generate(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -373,13 +373,16 @@ def eval_command(
     out_dir: str = "eval_results",
     dtype: str = "float32",
     device: str = "cpu",
+    cuda_graphs: bool = False,
+    plots: bool = True,
 ) -> list[dict]:
     """String-argument entry point for the ``shadowkv-fx eval`` CLI command.
 
     ``model`` is ``"smollm2"`` (the embedded SmolLM2-135M-Instruct) or a local Hugging
     Face model directory. ``budgets`` is comma-separated specs: tokens (``256``) or
     fractions of each context length (``1/16``). Writes ``results.json`` and the plots
-    into ``out_dir``.
+    into ``out_dir``. ``cuda_graphs`` replays ShadowKV decode steps as CUDA graphs (GPU only);
+    ``plots=False`` skips the PNGs (``plot_all`` on the JSON draws them later, where matplotlib is).
     """
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -412,5 +415,6 @@ def eval_command(
         n_sink=n_sink,
         seed=seed,
         output_json=out / "results.json",
-        plot_dir=out,
+        plot_dir=out if plots else None,
+        optimize_fn=functools.partial(_default_optimize, cuda_graphs=cuda_graphs),
     )
