@@ -1,6 +1,7 @@
 """``ShadowKVCache``: the compressed KV cache, as a ``transformers`` ``Cache``."""
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -21,8 +22,14 @@ class ShadowKVLayer(CacheLayerMixin):
 
     def __init__(self, owner: "ShadowKVCache", config: ShadowKVConfig) -> None:
         super().__init__()
-        self.owner = owner
+        # weak: no cache <-> layer cycle, so a finished cache frees its pinned host memory and
+        # CUDA graphs at once, not whenever the cyclic GC runs (perhaps inside another capture)
+        self._owner = weakref.ref(owner)
         self.state = LayerState(config)
+
+    @property
+    def owner(self) -> "ShadowKVCache":
+        return self._owner()
 
     def lazy_initialization(self, key_states, value_states) -> None:
         raise RuntimeError("ShadowKVLayer is filled by torch.ops.shadowkv, not by Cache.update")

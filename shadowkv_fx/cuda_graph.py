@@ -12,11 +12,15 @@ The first decode step of a cache at a given input shape runs normally and warms 
 """
 from __future__ import annotations
 
+import gc
+import logging
 from typing import Any, Callable
 
 import torch
 
+log = logging.getLogger(__name__)
 _WARM = "warm"
+_UNCAPTURABLE = "uncapturable"
 _PLAIN_KWARGS = {"return_dict", "logits_to_keep", "output_attentions", "output_hidden_states"}
 
 
@@ -36,8 +40,17 @@ class DecodeGraph:
         self.input_ids = input_ids.clone()
         self.position_ids = position_ids.clone()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = step(input_ids=self.input_ids, position_ids=self.position_ids)
+        # A collection during capture may destroy another cache's graph, which CUDA forbids
+        # while a stream is capturing (and torch.cuda.graph no longer collects first).
+        gc.collect()
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.output = step(input_ids=self.input_ids, position_ids=self.position_ids)
+        finally:
+            if gc_was_on:
+                gc.enable()
 
     def replay(self, input_ids: torch.Tensor, position_ids: torch.Tensor):
         self.input_ids.copy_(input_ids)

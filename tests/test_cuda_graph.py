@@ -91,3 +91,25 @@ def test_compile_reduce_overhead_generate_captures_the_decode_step(how):
     assert torch.equal(want.sequences, got.sequences)
     assert compiled_model._shadowkv.cuda_graphs
     assert len(graphs(got.past_key_values)) == 1
+
+
+def test_collections_during_capture_do_not_break_it():
+    """Dead caches (and their graphs) must not be destroyed inside another cache's capture."""
+    import gc
+
+    eager, graphed = pair(seed=5)
+    config = shadowkv_fx.ShadowKVConfig(**SMALL)
+    shadowkv_fx.optimize(eager, config)
+    shadowkv_fx.optimize(graphed, config, cuda_graphs=True)
+    kept = [generate(graphed, [150, 97], 6, seed=5) for _ in range(3)]  # graphs alive in these caches
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        del kept
+        for seed in (6, 7):
+            want = generate(eager, [150, 97], 8, seed=seed)
+            got = generate(graphed, [150, 97], 8, seed=seed)
+            assert torch.equal(want.sequences, got.sequences)
+            assert graphs(got.past_key_values), "captured, not fallen back"
+    finally:
+        gc.set_threshold(*threshold)

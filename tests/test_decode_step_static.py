@@ -100,3 +100,24 @@ def test_generate_sizes_the_tail_for_max_new_tokens(model, monkeypatch):
                              pad_token_id=0, return_dict_in_generate=True)
     assert made == [11]
     assert out.past_key_values.layers[0].state.tail_k.shape[2] == 11, "no growth mid-generation"
+
+
+def test_a_finished_cache_is_freed_without_the_cycle_collector(model):
+    """Pinned host memory and CUDA graphs go when the cache goes, not at some later gc pass
+    (which could land inside another cache's graph capture)."""
+    import gc
+    import weakref
+
+    ids, mask = left_padded(1, [90], 96)
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                 return_dict_in_generate=True)
+        cache = weakref.ref(out.past_key_values)
+        assert cache() is not None
+        del out
+        assert cache() is None, "a reference cycle keeps the cache alive"
+    finally:
+        gc.enable()
