@@ -93,9 +93,10 @@ def generate(
 
 
 def _register_eval() -> None:
-    from shadowkv_fx.evaluation.runner import eval_command
+    from shadowkv_fx.evaluation.runner import eval_command, merge_command
 
     app.command("eval", help="Accuracy suite: dense vs ShadowKV vs sink+local on RULER-style tasks.")(eval_command)
+    app.command("eval-merge", help="Join results.json files of one suite run in pieces: JSON, table, plots.")(merge_command)
 
 
 _register_eval()

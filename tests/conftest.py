@@ -18,3 +18,17 @@ def _fresh_dynamo():
     """Every optimized model adds graphs to dynamo's per-code-object cache; start each test clean."""
     torch._dynamo.reset()
     yield
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded SmolLM2 tokenizer (exported once from the GGUF on a fresh machine)."""
+    transformers = pytest.importorskip("transformers")
+    from shadowkv_fx import smollm2
+
+    if not (smollm2.CACHE_DIR / "model.safetensors").exists():
+        try:
+            smollm2.load_smollm2()
+        except FileNotFoundError as err:
+            pytest.skip(f"SmolLM2 not available: {err}")
+    return transformers.AutoTokenizer.from_pretrained(smollm2.CACHE_DIR)

@@ -135,19 +135,6 @@ def test_budget_specs():
             parse_budget(bad)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    transformers = pytest.importorskip("transformers")
-    from shadowkv_fx import smollm2
-
-    if not (smollm2.CACHE_DIR / "model.safetensors").exists():
-        try:
-            smollm2.load_smollm2()
-        except FileNotFoundError as err:
-            pytest.skip(f"SmolLM2 not available: {err}")
-    return transformers.AutoTokenizer.from_pretrained(smollm2.CACHE_DIR)
-
-
 def _tiny_for(tokenizer, attn="sdpa"):
     return tiny_pair("llama", vocab=len(tokenizer), attn=attn, max_positions=4096)[0]
 

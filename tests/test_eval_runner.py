@@ -115,19 +115,6 @@ def test_ablation_variants():
         ablation_variants("heads")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    transformers = pytest.importorskip("transformers")
-    from shadowkv_fx import smollm2
-
-    if not (smollm2.CACHE_DIR / "model.safetensors").exists():
-        try:
-            smollm2.load_smollm2()
-        except FileNotFoundError as err:
-            pytest.skip(f"SmolLM2 not available: {err}")
-    return transformers.AutoTokenizer.from_pretrained(smollm2.CACHE_DIR)
-
-
 def test_run_eval_end_to_end_with_fake_shadowkv(tokenizer, tmp_path):
     built, optimized = [], []
 
@@ -186,3 +173,26 @@ def test_run_eval_accepts_a_model_and_validates_names(tokenizer):
         run_eval(model, tokenizer, tasks=["nope"], lengths=[256], budgets=[64], progress=False)
     with pytest.raises(ValueError):
         run_eval(model, tokenizer, methods=("h2o",), lengths=[256], budgets=[64], progress=False)
+
+
+def test_merge_joins_pieces_of_one_run_and_refuses_different_prompts(tmp_path):
+    from shadowkv_fx.evaluation.runner import merge_command
+
+    def piece(name, method, context, budget=None):
+        meta = {"tasks": ["vt"], "lengths": [2048], "budgets": [] if budget is None else [budget],
+                "samples_per_task": 1, "seed": 0, "methods": [method]}
+        record = {"method": method, "label": method if budget is None else f"{method} b={budget}", "budget": budget,
+                  "task": "vt", "length": 2048, "index": 0, "depth": None, "score": 1.0, "context_tokens": context,
+                  "attended_tokens": context, "attended_fraction": 1.0, "prediction": "x", "references": ["x"]}
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"meta": meta, "records": [record]}))
+        return str(path)
+
+    parts = [piece("a", "dense", 2000), piece("b", "shadowkv", 2000, "1/16")]
+    records = merge_command(str(tmp_path / "merged"), parts)
+    saved = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert len(records) == 2 and saved["meta"]["methods"] == ["dense", "shadowkv"] and saved["meta"]["budgets"] == ["1/16"]
+    assert (tmp_path / "merged" / "accuracy_by_task.png").exists()
+    with pytest.raises(ValueError, match="different prompt"):
+        merge_command(str(tmp_path / "bad"), parts + [piece("c", "quest", 1999, "1/16")])

@@ -11,19 +11,6 @@ from shadowkv_fx.evaluation.tasks import TASKS, NiahSpec, count_tokens, make_sam
 NIAH_TASKS = [name for name, spec in TASKS.items() if isinstance(spec, NiahSpec)]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    transformers = pytest.importorskip("transformers")
-    from shadowkv_fx import smollm2
-
-    if not (smollm2.CACHE_DIR / "model.safetensors").exists():
-        try:
-            smollm2.load_smollm2()  # one-time export of the embedded model
-        except FileNotFoundError as err:
-            pytest.skip(f"SmolLM2 not available: {err}")
-    return transformers.AutoTokenizer.from_pretrained(smollm2.CACHE_DIR)
-
-
 def _user_text(sample) -> str:
     # The last user turn of the chat-formatted prompt (the ICL example and the task).
     return sample.prompt.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]

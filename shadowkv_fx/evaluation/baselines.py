@@ -11,11 +11,23 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 __all__ = [
+    "single_unpadded_mask",
     "SinkLocalLayer",
     "SinkLocalCache",
     "sink_local_generate",
     "sink_local_window_for_budget",
 ]
+
+
+def single_unpadded_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, who: str) -> torch.Tensor:
+    """The all-ones mask of one unpadded prompt; the baselines' caches assume exactly that."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"{who} supports batch size 1 only")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if not bool(attention_mask.all()):
+        raise ValueError(f"{who} does not support padding")
+    return attention_mask
 
 
 class SinkLocalLayer(DynamicLayer):
@@ -166,12 +178,7 @@ def sink_local_generate(
     torch.Tensor
         ``generate``'s output (prompt followed by the new tokens).
     """
-    if input_ids.shape[0] != 1:
-        raise ValueError("sink_local_generate supports batch size 1 only")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    elif not bool(attention_mask.all()):
-        raise ValueError("sink_local_generate does not support padding")
+    attention_mask = single_unpadded_mask(input_ids, attention_mask, "sink_local_generate")
     cache = SinkLocalCache(model.config.get_text_config().num_hidden_layers, n_sink, window)
     generate_kwargs.setdefault("do_sample", False)
     return model.generate(

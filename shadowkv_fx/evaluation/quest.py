@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .baselines import single_unpadded_mask
+
 __all__ = ["QUEST_ATTENTION", "QuestAttention", "page_bounds", "quest_page_scores", "quest_generate"]
 
 QUEST_ATTENTION = "shadowkv_quest"
@@ -190,12 +192,7 @@ def quest_generate(
     torch.Tensor
         ``generate``'s output (prompt followed by the new tokens).
     """
-    if input_ids.shape[0] != 1:
-        raise ValueError("quest_generate supports batch size 1 only")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    elif not bool(attention_mask.all()):
-        raise ValueError("quest_generate does not support padding")
+    attention_mask = single_unpadded_mask(input_ids, attention_mask, "quest_generate")
     attention = QuestAttention(token_budget, page_size, local_pages)
     # Registering under a fixed name replaces the previous call's instance.
     AttentionInterface.register(QUEST_ATTENTION, attention)

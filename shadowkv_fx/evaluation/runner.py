@@ -316,6 +316,40 @@ def run_eval(
     return records
 
 
+def merge_command(out_dir: str, results: list[str]) -> list[dict]:
+    """Join ``results.json`` files of one suite run in pieces (say, one process per method on a
+    shared GPU) into ``out_dir``: one JSON, the table and the plots.
+
+    Every piece must hold the same prompts for the same (task, length, index): same seed and tasks.
+    """
+    records: list[dict] = []
+    meta: dict = {}
+    prompts: dict[tuple, int] = {}
+    for path in results:
+        piece = json.loads(Path(path).read_text())
+        for key in ("tasks", "samples_per_task", "seed"):
+            if meta and piece["meta"][key] != meta[key]:
+                raise ValueError(f"{path}: {key}={piece['meta'][key]!r} differs from {meta[key]!r} in the other pieces")
+        meta = meta or dict(piece["meta"])
+        meta["methods"] = sorted({*meta["methods"], *piece["meta"]["methods"]})
+        meta["lengths"] = sorted({*meta["lengths"], *piece["meta"]["lengths"]})
+        meta["budgets"] = list(dict.fromkeys([*meta["budgets"], *piece["meta"]["budgets"]]))
+        for record in piece["records"]:
+            sample = (record["task"], record["length"], record["index"])
+            if prompts.setdefault(sample, record["context_tokens"]) != record["context_tokens"]:
+                raise ValueError(f"{path}: sample {sample} has a different prompt than in the other pieces")
+            records.append(record)
+    meta["merged_from"] = [str(p) for p in results]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    from .plots import plot_all
+
+    plot_all(records, out)
+    print_results_table(records)
+    return records
+
+
 def summarize(records: Iterable[dict]) -> dict[str, dict[tuple[str, int], float]]:
     """Mean score per ``label`` and ``(task, length)``."""
     sums: dict[str, dict[tuple[str, int], list[float]]] = {}
