@@ -29,7 +29,7 @@ eval_command(**{**json.loads(sys.argv[2]), **json.loads(sys.argv[3]), "out_dir":
             "$out/job$i" "$common" "$job" > "$out/job$i.log" 2>&1 &
     done
     wait
-    for log in "$out"/job*.log; do  # few files come back per call: one log, no partials of finished jobs
+    for log in "$out"/job[0-9]*.log; do  # few files come back per call: one log, no partials of finished jobs
         echo "== $log"; tr '\r' '\n' < "$log" | grep -v '^eval:' | tail -n 12
         rm "$log"
     done > "$out/jobs.log"
