@@ -7,6 +7,7 @@ import os
 import torch
 
 from shadowkv_fx.kernels import reference
+from shadowkv_fx.kernels.grouped_attention import grouped_masked_attention
 
 
 @functools.cache
@@ -26,3 +27,7 @@ def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device:
 
         return triton_gather.gather_value_chunks(v_chunks, chunk_idx, device)
     return reference.gather_value_chunks(v_chunks, chunk_idx, device)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    return grouped_masked_attention(q, k, v, allowed, scale)

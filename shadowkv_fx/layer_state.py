@@ -244,7 +244,7 @@ class LayerState:
             self.local_valid[:, None, None, :].expand(b, hkv, n, -1),
             (tail_pos[None, :] <= query_pos[:, None])[None, None].expand(b, hkv, n, -1),
         ]
-        return ref.masked_attention(q, torch.cat(keys, 2), torch.cat(values, 2), torch.cat(allowed, 3), scale)
+        return dispatch.masked_attention(q, torch.cat(keys, 2), torch.cat(values, 2), torch.cat(allowed, 3), scale)
 
     def memory_bytes(self) -> dict[str, tuple[str, int]]:
         """Bytes per component as ``name -> (side, bytes)``; side is "gpu" (the model's device) or "cpu" (host)."""

@@ -107,3 +107,20 @@ def test_masked_attention_equals_sdpa_on_the_allowed_subset():
         keep = allowed[0, kv, 0]
         w = (q[0, h] @ k[0, kv, keep].T * 0.3).softmax(-1)
         assert_close(out[0, h], w @ v[0, kv, keep], atol=1e-6, what=f"head {h}")
+
+
+@given(b=st.integers(1, 2), hkv=st.integers(1, 3), group=st.sampled_from([1, 2, 4]), n=st.integers(1, 3),
+       keys=st.integers(1, 40), seed=st.integers(0, 999))
+def test_grouped_attention_equals_the_head_repeating_reference(b, hkv, group, n, keys, seed):
+    from shadowkv_fx.kernels.grouped_attention import grouped_masked_attention
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hkv * group, n, 8, generator=g)
+    k, v = torch.randn(2, b, hkv, keys, 8, generator=g)
+    allowed = torch.rand(b, hkv, n, keys, generator=g) < 0.6
+    allowed[..., 0] = True  # every row attends somewhere
+    want = ref.masked_attention(q, k, v, allowed, 0.3)
+    assert_close(grouped_masked_attention(q, k, v, allowed, 0.3), want, atol=1e-5, what="grouped attention")
+    shared = allowed[:, :, :1]  # a mask broadcast over query rows, as the decode path builds it
+    assert_close(grouped_masked_attention(q, k, v, shared, 0.3), ref.masked_attention(q, k, v, shared, 0.3),
+                 atol=1e-5, what="broadcast mask")
