@@ -121,3 +121,18 @@ def test_a_finished_cache_is_freed_without_the_cycle_collector(model):
         assert cache() is None, "a reference cycle keeps the cache alive"
     finally:
         gc.enable()
+
+
+def test_cuda_graphs_on_a_cpu_model_decode_plainly():
+    _, plain = tiny_pair("llama", seed=3)
+    _, asked = tiny_pair("llama", seed=3)
+    shadowkv_fx.optimize(plain, SMALL)
+    shadowkv_fx.optimize(asked, SMALL, cuda_graphs=True)
+    ids, mask = left_padded(2, [90, 61], 96, seed=3)
+    outs = []
+    for model in (plain, asked):
+        with torch.no_grad():
+            outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                       pad_token_id=0, return_dict_in_generate=True))
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert not outs[1].past_key_values.decode_graphs
