@@ -10,4 +10,4 @@ TASKS=niah_single_1,niah_single_2,niah_single_3,niah_single_word,niah_multikey_1
 TASKS=$TASKS,niah_multivalue,niah_multiquery,vt,cwe,fwe
 shadowkv-fx eval --model smollm2 --tasks "$TASKS" --lengths 2k,4k,8k --samples 3 \
     --methods dense,shadowkv,sink_local,quest --budgets 1/16,1/32,1/64 \
-    --device cuda --dtype float32 --out-dir eval_results/smollm2_gpu "$@"
+    --device cuda --dtype float32 --cuda-graphs --out-dir eval_results/smollm2_gpu "$@"
