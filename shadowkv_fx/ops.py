@@ -56,8 +56,9 @@ def current_cache():
     return _ACTIVE[-1]
 
 
-# The op keeps per-sequence state with data-dependent shapes outside the graph: a CUDA graph
-# replay would freeze it, so inductor must not capture it (yet).
+# The op reads and writes cache state that is not a graph input: a graph recorded by inductor's
+# cudagraph trees would replay against whichever cache it first saw. Inductor leaves it out; the
+# runtime captures whole decode steps per cache instead (cuda_graph.py).
 _TAGS = [t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None]
 
 
