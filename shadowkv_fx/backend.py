@@ -12,7 +12,6 @@ when it was compiled with ``backend="shadowkv"``, ``.generate`` optimizes the wr
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 from torch._dynamo.eval_frame import OptimizedModule
@@ -20,8 +19,6 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.passes.rewrite import pass_uuid, shadowkv_pass
-
-log = logging.getLogger(__name__)
 
 
 class ShadowKVInductorKey(CustomGraphPass):
@@ -47,10 +44,7 @@ def inductor_graph(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
 
 
 # torch.compile takes ``mode`` or ``options``, never both: with a ShadowKV config in ``options``,
-# this key asks for what mode="reduce-overhead" gives (decode steps captured as CUDA graphs).
-RUNTIME_OPTIONS = ("cuda_graphs",)
-
-
+# the "cuda_graphs" key asks for what mode="reduce-overhead" gives (decode steps captured as CUDA graphs).
 def split_options(mode: str | None, options: dict | None) -> tuple[ShadowKVConfig, str | None, bool]:
     """``(config, inductor mode, capture decode steps)`` from ``torch.compile``'s mode and options."""
     options = dict(options or {})

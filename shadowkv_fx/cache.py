@@ -97,14 +97,13 @@ class ShadowKVCache(Cache):
 
     def rollback(self) -> None:
         """Forget a step that failed half-way, so no layer keeps tokens the others lack."""
+        self.decode_graphs.clear()
         if self.phase == "prefill":
             self.layout = None
             self._shared_tables = []
-            self.decode_graphs.clear()
             for layer in self.layers:
                 layer.reset()
         else:
-            self.decode_graphs.clear()
             for layer in self.layers:
                 layer.state.rewind_tail()
 

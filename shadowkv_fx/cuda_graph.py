@@ -13,14 +13,11 @@ The first decode step of a cache at a given input shape runs normally and warms 
 from __future__ import annotations
 
 import gc
-import logging
 from typing import Any, Callable
 
 import torch
 
-log = logging.getLogger(__name__)
 _WARM = "warm"
-_UNCAPTURABLE = "uncapturable"
 _PLAIN_KWARGS = {"return_dict", "logits_to_keep", "output_attentions", "output_hidden_states"}
 
 
