@@ -18,6 +18,7 @@ import transformers as T
 from transformers import DynamicCache
 
 import shadowkv_fx
+from shadowkv_fx import compat
 from shadowkv_fx.backend import inductor_graph
 
 
@@ -45,7 +46,7 @@ def timed_decode(model, ids, steps: int, cache) -> dict:
     with torch.no_grad():
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, **{compat.CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
         torch.cuda.synchronize()
         prefill = time.perf_counter() - t0
         token = out.logits[:, -1:].argmax(-1)
@@ -54,7 +55,7 @@ def timed_decode(model, ids, steps: int, cache) -> dict:
             if i == 2:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(token, **{compat.CACHE_ARG: compat.output_cache(out)}, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             tokens.append(token)
         torch.cuda.synchronize()

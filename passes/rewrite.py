@@ -1,17 +1,18 @@
-"""The ShadowKV pass: swap every attention site of a graph for ``torch.ops.shadowkv.attention``."""
+"""The ShadowKV pass: swap every attention site of a graph for ``torch.ops.shadowkv.attention``.
+
+The per-site pieces live here; ``transformation.py`` applies them to a whole graph (and undoes them)
+as an optimum ``ReversibleTransformation``, and ``shadowkv_pass`` runs that transformation.
+"""
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.fx as fx
 
-from shadowkv_fx.passes.attention_sites import AttentionSite, find_attention_sites
-
-log = logging.getLogger(__name__)
+from shadowkv_fx.passes.attention_sites import AttentionSite
 
 
 @dataclass(frozen=True)
@@ -66,46 +67,51 @@ def extract_rope(site: AttentionSite, owner: torch.nn.Module) -> fx.GraphModule:
     return fx.GraphModule(owner, graph, class_name="KeyRope")
 
 
-def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
-    """Erase the replaced site and whatever fed only it (masks, repeat_kv, key RoPE)."""
-    todo, erased = list(candidates), set()
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, layer: int) -> fx.Node:
+    """Insert ``torch.ops.shadowkv.attention`` for ``site`` and route the site's users to it.
+
+    Nothing is erased: the dense site stays in the graph, dead, until the caller erases it.
+
+    Returns
+    -------
+    fx.Node
+        The op node, ``[B, Hq, n, Dv]`` like the site's output it replaces.
+    """
+    from shadowkv_fx import ops  # registers torch.ops.shadowkv
+
+    rope_key = ops.register_rope(extract_rope(site, gm))
+    with gm.graph.inserting_before(site.output):
+        new = gm.graph.call_function(
+            torch.ops.shadowkv.attention.default,
+            (site.q, site.k_pre, site.v, list(site.rope_inputs), layer, rope_key, site.scale),
+        )
+    new.meta.update(site.output.meta)
+    site.output.replace_all_uses_with(new)
+    return new
+
+
+def dead_nodes(candidates: list[fx.Node]) -> set[fx.Node]:
+    """The replaced sites and whatever fed only them (masks, repeat_kv, key RoPE).
+
+    Found without erasing, so the caller can still read these nodes' arguments (``erase_node``
+    clears them). A node is dead once every user is: one shared by several sites (a causal-mask
+    builder) is dead only when all of them are among the candidates' cones.
+    """
+    todo, dead = list(candidates), set()
     while todo:
         node = todo.pop()
-        if node in erased or node.users or node.op in ("placeholder", "output"):
+        if node in dead or node.op in ("placeholder", "output") or any(u not in dead for u in node.users):
             continue
-        inputs = node.all_input_nodes
-        graph.erase_node(node)
-        erased.add(node)
-        todo.extend(inputs)
+        dead.add(node)
+        todo.extend(node.all_input_nodes)
+    return dead
 
 
 def shadowkv_pass(gm: fx.GraphModule, enabled: bool = True) -> PassReport:
     """Rewrite ``gm`` in place. With ``enabled=False`` only report the sites."""
-    from shadowkv_fx import ops  # registers torch.ops.shadowkv
+    # transformation.py builds on this module: import it here, not at the top
+    from shadowkv_fx.passes.transformation import ShadowKVAttentionRewrite
 
-    report = PassReport()
-    sites = find_attention_sites(gm.graph)
-    layer = 0
-    for index, site in enumerate(sites):
-        if site.skip_reason:
-            report.sites.append(SiteReport(index, site.name, "skipped", site.skip_reason))
-            continue
-        if not enabled:
-            report.sites.append(SiteReport(index, site.name, "disabled"))
-            continue
-        rope_key = ops.register_rope(extract_rope(site, gm))
-        with gm.graph.inserting_before(site.output):
-            new = gm.graph.call_function(
-                torch.ops.shadowkv.attention.default,
-                (site.q, site.k_pre, site.v, list(site.rope_inputs), layer, rope_key, site.scale),
-            )
-        new.meta.update(site.output.meta)
-        site.output.replace_all_uses_with(new)
-        _erase_dead(gm.graph, site.removed + site.rope_region)
-        report.sites.append(SiteReport(index, site.name, "rewritten"))
-        layer += 1
-    if report.rewritten:
-        gm.graph.lint()
-        gm.recompile()
-    log.info("shadowkv pass: %s", report)
-    return report
+    transformation = ShadowKVAttentionRewrite(enabled)
+    transformation(gm)
+    return transformation.report

@@ -19,6 +19,7 @@ class ShadowKVLayer(CacheLayerMixin):
 
     is_compileable = False
     is_sliding = False
+    is_croppable = True  # generated tokens can be dropped (speculative decoding); see ShadowKVCache.crop
 
     def __init__(self, owner: "ShadowKVCache", config: ShadowKVConfig) -> None:
         super().__init__()
@@ -34,7 +35,7 @@ class ShadowKVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states) -> None:
         raise RuntimeError("ShadowKVLayer is filled by torch.ops.shadowkv, not by Cache.update")
 
-    def update(self, key_states, value_states, cache_kwargs=None):
+    def update(self, key_states, value_states, *args, **kwargs):
         raise RuntimeError(
             "ShadowKVCache.update was called: this model's attention was not rewritten by shadowkv_fx. "
             "Use shadowkv_fx.optimize(model) before generate()."
@@ -65,13 +66,21 @@ class ShadowKVCache(Cache):
     sizes it from ``max_new_tokens``; growing re-captures a CUDA-graphed decode step).
     """
 
-    def __init__(self, num_layers: int, config: ShadowKVConfig | None = None, tail_capacity: int = 64) -> None:
+    def __init__(self, num_layers: int, config: ShadowKVConfig | None = None, tail_capacity: int = 64,
+                 prefill_chunk_size: int | None = None) -> None:
         if tail_capacity < 1:
             raise ValueError(f"tail_capacity must be >= 1, got {tail_capacity}")
+        if prefill_chunk_size is not None and prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1 or None, got {prefill_chunk_size}")
         self.config = config or ShadowKVConfig()
         super().__init__(layers=[ShadowKVLayer(self, self.config) for _ in range(num_layers)])
         self.tail_capacity = tail_capacity
+        # prompts longer than this go through the model in pieces; all of it is compressed at the end
+        self.prefill_chunk_size = prefill_chunk_size
+        self.prefill_span = (0, 0)
+        self._staged: dict[int, tuple[torch.Tensor, ...]] = {}
         self.layout: PromptLayout | None = None
+        self.realigned = False  # the prompt came right-padded and was moved to the left
         self.seq_length = 0
         self.phase = "prefill"
         self.touched: set[int] = set()
@@ -83,12 +92,14 @@ class ShadowKVCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
-    def begin_step(self, key_valid: torch.Tensor | None, input_len: int) -> None:
+    def begin_step(self, key_valid: torch.Tensor | None, input_len: int, realigned: bool = False) -> None:
         """Record what the next forward holds: a whole prompt (prefill) or ``input_len`` new tokens (decode)."""
         self.touched = set()
         if self.layout is None:
             self.phase = "prefill"
             self.layout = PromptLayout.from_mask(key_valid, self.config)
+            self.realigned = realigned
+            self.prefill_span = (0, self.layout.padded_len)
             return
         self.phase = "decode"
         moved = [layer.state.reserve_tail(input_len) for layer in self.layers]
@@ -100,6 +111,8 @@ class ShadowKVCache(Cache):
         self.decode_graphs.clear()
         if self.phase == "prefill":
             self.layout = None
+            self.realigned = False
+            self._staged = {}
             self._shared_tables = []
             for layer in self.layers:
                 layer.reset()
@@ -107,8 +120,17 @@ class ShadowKVCache(Cache):
             for layer in self.layers:
                 layer.state.rewind_tail()
 
-    def end_step(self, input_len: int, replayed: bool = False) -> None:
-        """Commit a step. ``replayed``: a captured graph ran it, whose capture saw every layer's op run."""
+    def prefill_spans(self) -> list[tuple[int, int]]:
+        """The pieces ``[start, end)`` of the padded prompt that go through the model one at a time."""
+        total = self.layout.padded_len
+        size = self.prefill_chunk_size or total
+        return [(start, min(total, start + size)) for start in range(0, total, size)]
+
+    def begin_span(self, span: tuple[int, int]) -> None:
+        self.touched = set()
+        self.prefill_span = span
+
+    def check_all_layers_ran(self, replayed: bool = False) -> None:
         if replayed:
             self.touched = set(range(len(self.layers)))
         missing = sorted(set(range(len(self.layers))) - self.touched)
@@ -118,6 +140,10 @@ class ShadowKVCache(Cache):
                 f"the ShadowKV attention op did not run for layers {missing[:8]}: the compiled graph fell "
                 "back to eager or lost the rewrite. Nothing was cached for this step."
             )
+
+    def end_step(self, input_len: int, replayed: bool = False) -> None:
+        """Commit a step. ``replayed``: a captured graph ran it, whose capture saw every layer's op run."""
+        self.check_all_layers_ran(replayed)
         if self.phase == "decode":
             for layer in self.layers:
                 layer.state.tail_len += input_len
@@ -132,6 +158,45 @@ class ShadowKVCache(Cache):
         lengths = torch.tensor(self.layout.lengths, device=device)
         start = lengths + self.seq_length - self.layout.padded_len
         return start[:, None] + torch.arange(input_len, device=device)
+
+    def crop(self, max_length: int) -> None:
+        """Forget generated tokens (speculative decoding drops rejected drafts).
+
+        ``max_length < 0`` removes that many tokens (transformers >= 5.24 calls it so); ``> 0`` is the
+        length to keep (the older spelling); 0 removes nothing. The compressed prompt cannot be cut.
+        """
+        if max_length == 0:
+            return
+        if max_length < 0:
+            max_length = self.seq_length + max_length
+        if self.layout is None or max_length >= self.seq_length:
+            return
+        if max_length < self.layout.padded_len:
+            raise ValueError(
+                f"cannot crop a ShadowKV cache to {max_length} tokens: its prompt of {self.layout.padded_len} "
+                "is compressed; only generated tokens can be dropped"
+            )
+        kept = max_length - self.layout.padded_len
+        for layer in self.layers:
+            layer.state.tail_len = kept
+            layer.state.rewind_tail()
+        self.seq_length = max_length
+
+    def _stage(self, layer_idx: int, k_pre, k_rot, v, rope_inputs) -> tuple[torch.Tensor, ...]:
+        """Append this span's keys, values and RoPE inputs to the layer's prompt so far; return it all."""
+        start, end = self.prefill_span
+        total = self.layout.padded_len
+        if start == 0 and end == total:
+            return (k_pre, k_rot, v, *rope_inputs)
+        if start == 0:
+            parts = (k_pre, k_rot, v, *rope_inputs)
+            self._staged[layer_idx] = tuple(t.new_empty(*t.shape[:2], total, t.shape[3]) for t in parts)
+        staged = self._staged[layer_idx]
+        for buf, part in zip(staged, (k_pre, k_rot, v, *rope_inputs)):
+            buf[:, :, start:end] = part
+        if end == total:
+            del self._staged[layer_idx]
+        return tuple(buf[:, :, :end] for buf in staged)
 
     def _tables(self, rope_inputs: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
         """Per-position RoPE inputs, stored once when layers share them (they usually do)."""
@@ -164,8 +229,11 @@ class ShadowKVCache(Cache):
         k_rot = rope_fn(k_pre, *rope_inputs)
         if self.phase == "decode":
             return state.decode(q, k_rot, v, rope_fn, scale)
-        out = _dense_prefill(q, k_rot, v, self.layout, scale)
-        state.prefill(k_pre, k_rot, v, self._tables(rope_inputs, q.shape[0]), self.layout, self.tail_capacity)
+        k_pre, k_rot, v, *tables = self._stage(layer_idx, k_pre, k_rot, v, rope_inputs)
+        start, end = self.prefill_span
+        out = _dense_prefill(q, k_rot, v, self.layout, scale, start)
+        if end == self.layout.padded_len:
+            state.prefill(k_pre, k_rot, v, self._tables(tables, q.shape[0]), self.layout, self.tail_capacity)
         return out
 
     def memory_report(self) -> dict[str, dict[str, int]]:
@@ -188,36 +256,98 @@ class ShadowKVCache(Cache):
         return report
 
 
-def _dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PromptLayout, scale: float) -> torch.Tensor:
-    """Causal attention per sequence over its real tokens; pad rows are zero (never read)."""
+def _dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PromptLayout, scale: float,
+                   start: int = 0) -> torch.Tensor:
+    """Causal attention per sequence over its real tokens; pad rows are zero (never read).
+
+    ``q [B, Hq, n, D]`` holds padded-prompt columns ``[start, start + n)``; ``k, v [B, Hkv, start + n, D]``.
+    """
     out = torch.zeros_like(q)
     group = q.shape[1] // k.shape[1]
-    for b, start in enumerate(layout.pad):
+    end = k.shape[2]
+    for b, pad in enumerate(layout.pad):
+        first = max(pad, start)
+        if first >= end:
+            continue
         # explicit head repeat: SDPA's flash kernel takes no GQA, and the math fallback would
         # materialise S x S scores per head
-        kb = k[b : b + 1, :, start:].repeat_interleave(group, dim=1)
-        vb = v[b : b + 1, :, start:].repeat_interleave(group, dim=1)
-        out[b : b + 1, :, start:] = torch.nn.functional.scaled_dot_product_attention(
-            q[b : b + 1, :, start:], kb, vb, is_causal=True, scale=scale
-        )
+        kb = k[b : b + 1, :, pad:].repeat_interleave(group, dim=1)
+        vb = v[b : b + 1, :, pad:].repeat_interleave(group, dim=1)
+        qb = q[b : b + 1, :, first - start :]
+        if first == pad:
+            attended = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
+        else:
+            # a later piece of the prompt: SDPA's is_causal aligns top-left, the piece sits bottom-right
+            mask = torch.arange(pad, end, device=q.device) <= torch.arange(first, end, device=q.device)[:, None]
+            attended = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+        out[b : b + 1, :, first - start :] = attended
     return out
 
 
-def prompt_mask(attention_mask: torch.Tensor | None, input_ids_shape: torch.Size, device: Any) -> torch.Tensor:
-    """Validate a 2-D mask as left padding and return it as bool ``[B, S]``."""
+class Realignment:
+    """Moves each row's real tokens to the right end (left padding), and outputs back.
+
+    Many tokenizers pad on the right; ShadowKV lays each prompt out left-padded. ``shift[b]`` is
+    how far row ``b`` moves right.
+    """
+
+    def __init__(self, shift: torch.Tensor) -> None:
+        self.shift = shift
+
+    def _index(self, width: int, device, inverse: bool = False) -> torch.Tensor:
+        cols = torch.arange(width, device=device)
+        shift = self.shift.to(device)[:, None]
+        return (cols + shift) % width if inverse else (cols - shift) % width
+
+    def to_left(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, S, ...]`` in the caller's layout -> left-padded layout."""
+        return torch.gather(t, 1, self._index(t.shape[1], t.device).view(*t.shape[:2], *([1] * (t.dim() - 2))).expand_as(t))
+
+    def to_caller(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, S, ...]`` in the left-padded layout -> the caller's layout."""
+        idx = self._index(t.shape[1], t.device, inverse=True)
+        return torch.gather(t, 1, idx.view(*t.shape[:2], *([1] * (t.dim() - 2))).expand_as(t))
+
+    def outputs_to_caller(self, out, seq_len: int) -> None:
+        """Per-position outputs covering the whole prompt go back to the caller's layout.
+
+        Outputs cut to the last positions (``logits_to_keep``, what ``generate`` asks for) stay as
+        computed: their last position is each sequence's last real token, which is what a caller
+        of a right-padded batch needs to continue it.
+        """
+        for name in ("logits", "hidden_states"):
+            value = getattr(out, name, None)
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq_len:
+                setattr(out, name, self.to_caller(value))
+
+
+def prompt_layout(attention_mask: torch.Tensor | None, input_ids_shape: torch.Size,
+                  device: Any) -> tuple[torch.Tensor, Realignment | None]:
+    """Validate a 2-D prompt mask; return the left-padded key mask ``[B, S]`` and the realignment
+    that takes right-padded rows there (None when the batch already is left-padded)."""
     b, s = input_ids_shape
     if attention_mask is None:
-        return torch.ones(b, s, dtype=torch.bool, device=device)
+        return torch.ones(b, s, dtype=torch.bool, device=device), None
     mask = attention_mask.to(torch.bool)
     if mask.dim() != 2 or tuple(mask.shape) != (b, s):
         raise ValueError(f"attention_mask must be 2-D [batch, seq] = {(b, s)}, got {tuple(mask.shape)}")
-    if (mask[:, 1:].int() < mask[:, :-1].int()).any():
-        raise ValueError(
-            "attention_mask has padding after real tokens: ShadowKV needs left padding "
-            "(tokenizer.padding_side = 'left')"
-        )
-    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    lengths = mask.sum(dim=1)
+    empty = (lengths == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"empty prompt in batch rows {empty}: every sequence needs at least one token")
-    return mask
+    # the real tokens of a row must be one run: first real column + length = end of the run
+    first = mask.int().argmax(dim=1)
+    cols = torch.arange(s, device=mask.device)
+    run = (cols >= first[:, None]) & (cols < (first + lengths)[:, None])
+    if not torch.equal(run, mask):
+        raise ValueError(
+            "attention_mask has padding between real tokens: ShadowKV needs each prompt's tokens "
+            "contiguous (left or right padding)"
+        )
+    shift = s - (first + lengths)
+    left = cols >= (s - lengths)[:, None]
+    if not bool(shift.any()):
+        return left, None
+    return left, Realignment(shift)
+
 

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 import shadowkv_fx
+from shadowkv_fx import compat
 from shadowkv_fx.evaluation.scoring import score_prediction
 from shadowkv_fx.evaluation.tasks import make_sample
 
@@ -28,13 +29,13 @@ def greedy_decode(model, ids: torch.Tensor, new_tokens: int, cache) -> tuple[tor
     """Prefill then greedy decode step by step; returns (tokens, prefill seconds, decode tokens/s)."""
     with torch.no_grad():
         start = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, **{compat.CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - start
         token = out.logits[:, -1:].argmax(-1)
         tokens = [token]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(token, **{compat.CACHE_ARG: compat.output_cache(out)}, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             tokens.append(token)
         decode = time.perf_counter() - start

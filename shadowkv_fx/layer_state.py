@@ -221,8 +221,19 @@ class LayerState:
         return k_rot, v
 
     def decode(self, q: torch.Tensor, k_rot_new: torch.Tensor, v_new: torch.Tensor, rope_fn: RopeFn, scale: float) -> torch.Tensor:
-        """Attend ``q [B, Hq, n, D]`` over outliers + selected chunks + local window + generated tail."""
+        """Attend ``q [B, Hq, n, D]`` over outliers + selected chunks + local window + generated tail.
+
+        With several new tokens (speculative verification) each selects its own chunks, as it
+        would decoding one at a time, so speculation never changes the output.
+        """
         self.append_tail(k_rot_new, v_new)
+        n = q.shape[2]
+        if n > 1 and self.compressed:
+            return torch.cat([self._attend(q[:, :, i : i + 1], rope_fn, scale, n - 1 - i) for i in range(n)], dim=2)
+        return self._attend(q, rope_fn, scale, 0)
+
+    def _attend(self, q: torch.Tensor, rope_fn: RopeFn, scale: float, newer: int) -> torch.Tensor:
+        """``q``'s rows are the tail tokens just before the ``newer`` newest ones."""
         b, hkv = self.local_k.shape[:2]
         n = q.shape[2]
         keys, values, allowed = [], [], []
@@ -239,7 +250,7 @@ class LayerState:
         values += [self.local_v, self.tail_v]
         # the whole preallocated tail, masked past the fill level: shapes stay fixed step to step
         tail_pos = torch.arange(self.tail_k.shape[2], device=q.device)
-        query_pos = self.tail_fill - n + torch.arange(n, device=q.device)
+        query_pos = self.tail_fill - newer - n + torch.arange(n, device=q.device)
         allowed += [
             self.local_valid[:, None, None, :].expand(b, hkv, n, -1),
             (tail_pos[None, :] <= query_pos[:, None])[None, None].expand(b, hkv, n, -1),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 from typing import Iterator
 
 import torch
@@ -16,7 +17,20 @@ import torch
 from shadowkv_fx.layer_state import RopeFn
 
 _ROPE_FNS: dict[str, RopeFn] = {}
-_ACTIVE: list = []
+
+
+class _ActiveCaches(threading.local):
+    """The caches of the forwards running on this thread, innermost last.
+
+    Per thread, never per process: two threads generating at once (one model or several) each
+    reach their own cache. A captured CUDA graph runs no Python, so replays need none of this.
+    """
+
+    def __init__(self) -> None:
+        self.stack: list = []
+
+
+_ACTIVE = _ActiveCaches()
 
 
 def register_rope(rope_gm: torch.fx.GraphModule) -> str:
@@ -40,20 +54,20 @@ def rope_fn(rope_key: str) -> RopeFn:
 @contextlib.contextmanager
 def active_cache(cache) -> Iterator[None]:
     """Make ``cache`` the one every ``shadowkv.attention`` call of this forward reads and fills."""
-    _ACTIVE.append(cache)
+    _ACTIVE.stack.append(cache)
     try:
         yield
     finally:
-        _ACTIVE.pop()
+        _ACTIVE.stack.pop()
 
 
 def current_cache():
-    if not _ACTIVE:
+    if not _ACTIVE.stack:
         raise RuntimeError(
             "torch.ops.shadowkv.attention ran outside an optimized model's forward: call the model "
             "returned by shadowkv_fx.optimize (or compiled with backend='shadowkv'), not its graph"
         )
-    return _ACTIVE[-1]
+    return _ACTIVE.stack[-1]
 
 
 # The op reads and writes cache state that is not a graph input: a graph recorded by inductor's

@@ -1,20 +1,48 @@
 """``shadowkv_fx.optimize(model)``: ShadowKV for an unmodified Hugging Face causal LM, in place."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import logging
+import threading
 from typing import Callable
 
 import torch
 
-from shadowkv_fx import cuda_graph
-from shadowkv_fx.cache import ShadowKVCache, prompt_mask
+from shadowkv_fx import compat, cuda_graph
+from shadowkv_fx.cache import ShadowKVCache, prompt_layout
 from shadowkv_fx.config import ShadowKVConfig
+from shadowkv_fx.generate_args import end_streamer, plan_generate
 from shadowkv_fx.ops import active_cache
 from shadowkv_fx.passes.rewrite import PassReport, shadowkv_pass
 
 log = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 64
+_LIMIT_LOCK = threading.Lock()
+_LIMIT_USERS = 0
+
+
+@contextlib.contextmanager
+def recompile_limit(limit: int):
+    """Raise dynamo's recompile limit while any optimized forward runs, on any thread.
+
+    ``torch._dynamo.config.patch`` saves and restores a process-wide value: two threads nesting it
+    out of order would leave one compiling under the other's limit.
+    """
+    global _LIMIT_USERS
+    with _LIMIT_LOCK:
+        if _LIMIT_USERS == 0:
+            recompile_limit.saved = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, recompile_limit.saved)
+        _LIMIT_USERS += 1
+    try:
+        yield
+    finally:
+        with _LIMIT_LOCK:
+            _LIMIT_USERS -= 1
+            if _LIMIT_USERS == 0:
+                torch._dynamo.config.recompile_limit = recompile_limit.saved
 
 
 class UnsupportedModelError(ValueError):
@@ -61,6 +89,7 @@ class ShadowKVRuntime:
                  cuda_graphs: bool = False):
         self.config = config
         self.cuda_graphs = cuda_graphs
+        self.compile_graph, self.compile_kwargs = compile_graph, compile_kwargs
         self.reports: list[PassReport] = []
         self.num_layers = model.config.num_hidden_layers
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -76,31 +105,42 @@ class ShadowKVRuntime:
     def new_cache(self, tail_capacity: int = 64) -> ShadowKVCache:
         return ShadowKVCache(self.num_layers, self.config, tail_capacity)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None,
                 inputs_embeds=None, cache_position=None, **kwargs):
+        cache = compat.pop_cache(kwargs)
         if inputs_embeds is not None:
             raise ValueError("ShadowKV takes input_ids, not inputs_embeds")
         if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError("empty prompt: input_ids must be [batch, seq] with seq >= 1")
-        if not self.config.enabled:
-            return self._dense(input_ids, attention_mask, position_ids, past_key_values, use_cache, cache_position, **kwargs)
-        cache = past_key_values if past_key_values is not None else self.new_cache()
+        if not self.config.enabled or (use_cache is False and cache is None):
+            # no cache to keep: a plain full-sequence forward is exactly what dense computes
+            return self._dense(input_ids, attention_mask, position_ids, cache, use_cache, cache_position, **kwargs)
+        for name in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(name):
+                raise ValueError(f"{name}=True is not supported by a ShadowKV-optimized model; call it without {name}")
+        cache = cache if cache is not None else self.new_cache()
         if not isinstance(cache, ShadowKVCache):
             raise TypeError(
-                f"past_key_values is a {type(cache).__name__}; an optimized model needs a ShadowKVCache "
+                f"the cache is a {type(cache).__name__}; an optimized model needs a ShadowKVCache "
                 "(leave it out and one is made)"
             )
         n = input_ids.shape[1]
+        realign = None
         if cache.layout is None:
-            key_valid = prompt_mask(attention_mask, input_ids.shape, input_ids.device)
+            key_valid, realign = prompt_layout(attention_mask, input_ids.shape, input_ids.device)
+            if realign is not None:
+                input_ids = realign.to_left(input_ids)
+                position_ids = None if position_ids is None else realign.to_left(position_ids)
             self._check_length(int(key_valid.sum(dim=1).max()))
-            cache.begin_step(key_valid, n)
+            cache.begin_step(key_valid, n, realigned=realign is not None)
             if position_ids is None:
                 position_ids = (key_valid.long().cumsum(dim=1) - 1).clamp(min=0)
         else:
             if attention_mask is not None and not bool(attention_mask[:, -n:].bool().all()):
                 raise ValueError("padding inside generated tokens is not supported by ShadowKV")
-            if position_ids is None:
+            if position_ids is None or cache.realigned:
+                # a right-padded prompt was re-aligned: positions transformers derives from the
+                # right-padded mask are wrong past the pads, the cache knows each sequence's own
                 self._check_length(cache.max_position(n))
                 position_ids = cache.next_positions(n, input_ids.device)
             else:
@@ -109,8 +149,10 @@ class ShadowKVRuntime:
         step = functools.partial(self.inner, use_cache=False, **kwargs)
         replayed = False
         try:
-            with active_cache(cache), torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                if cache.phase == "decode" and self.cuda_graphs and cuda_graph.capturable(input_ids, kwargs):
+            with active_cache(cache), torch.no_grad(), recompile_limit(RECOMPILE_LIMIT):
+                if cache.phase == "prefill":
+                    out = self._prefill(cache, input_ids, position_ids, kwargs)
+                elif self.cuda_graphs and cuda_graph.capturable(input_ids, kwargs):
                     key = (tuple(input_ids.shape), tuple(sorted(kwargs.items())))
                     out, replayed = cuda_graph.run_decode_step(cache, step, input_ids, position_ids, key)
                 else:
@@ -119,13 +161,39 @@ class ShadowKVRuntime:
             cache.rollback()
             raise
         cache.end_step(n, replayed)
-        out.past_key_values = cache
+        if realign is not None:
+            realign.outputs_to_caller(out, n)
+        compat.set_output_cache(out, cache)
         return out
 
-    def _dense(self, input_ids, attention_mask, position_ids, past_key_values, use_cache, cache_position, **kwargs):
+    def _prefill(self, cache: ShadowKVCache, input_ids, position_ids, kwargs):
+        """The prompt through the model in ``cache.prefill_spans()``; compressed once all of it is in."""
+        spans = cache.prefill_spans()
+        if len(spans) == 1:
+            return self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
+        keep = kwargs.pop("logits_to_keep", 0)
+        last = spans[-1][1] - spans[-1][0]
+        only_last = isinstance(keep, int) and 0 < keep <= last
+        outs = []
+        for span in spans:
+            cache.begin_span(span)
+            piece_keep = (keep if span is spans[-1] else 1) if only_last else 0
+            out = self.inner(input_ids=input_ids[:, span[0]:span[1]], position_ids=position_ids[:, span[0]:span[1]],
+                             use_cache=False, logits_to_keep=piece_keep, **kwargs)
+            cache.check_all_layers_ran()
+            outs.append(out)
+        if not only_last:
+            logits = torch.cat([o.logits for o in outs], dim=1)
+            outs[-1].logits = logits[:, -keep:] if isinstance(keep, int) and keep > 0 else logits
+        return outs[-1]
+
+    def _dense(self, input_ids, attention_mask, position_ids, cache, use_cache, cache_position, **kwargs):
+        if cache is not None:
+            kwargs[compat.CACHE_ARG] = cache
+        if cache_position is not None:
+            kwargs["cache_position"] = cache_position
         return self.original_forward(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, cache_position=cache_position, **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, **kwargs,
         )
 
     def _check_length(self, positions: int) -> None:
@@ -136,19 +204,20 @@ class ShadowKVRuntime:
             )
 
     def generate(self, *args, **kwargs):
-        if kwargs.get("num_beams", 1) > 1:
-            raise NotImplementedError("ShadowKV does not support beam search (num_beams > 1)")
-        if self.config.enabled and kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = self.new_cache(self._new_tokens(kwargs))
+        model = self.original_generate.__self__
+        try:
+            plan = plan_generate(model, args, kwargs, self.max_positions)
+        except Exception:
+            end_streamer(kwargs)
+            raise
+        if self.config.enabled and plan.use_cache:
+            cache = compat.pop_cache(kwargs)
+            if cache is None:
+                cache = self.new_cache(plan.new_tokens)
+            if plan.prefill_chunk_size is not None:
+                cache.prefill_chunk_size = plan.prefill_chunk_size
+            kwargs[compat.CACHE_ARG] = cache
         return self.original_generate(*args, **kwargs)
-
-    def _new_tokens(self, kwargs) -> int:
-        """Room for every token ``generate`` may add, so the tail never moves mid-generation."""
-        config = kwargs.get("generation_config") or self.original_generate.__self__.generation_config
-        tokens = kwargs.get("max_new_tokens") or config.max_new_tokens
-        if tokens is None:
-            tokens = kwargs.get("max_length") or config.max_length or 64
-        return max(1, min(int(tokens), self.max_positions or int(tokens)))
 
 
 def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, compile_graph: Callable | None = None,
@@ -168,11 +237,13 @@ def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, co
         ValueError: bad config for this model (rank > H_kv * D), model optimized twice.
     """
     config = config or ShadowKVConfig()
+    compat.warn_if_untested()
     _check_supported(model)
     runtime = ShadowKVRuntime(model, config, compile_graph, compile_kwargs, cuda_graphs)
     model._shadowkv = runtime
     model.forward = _delegate(runtime.original_forward, runtime.forward)
     model.generate = _delegate(runtime.original_generate, runtime.generate)
+    model.__deepcopy__ = functools.partial(_deepcopy_optimized, model)
     try:
         if validate and config.enabled:
             _validate(model, runtime)
@@ -181,6 +252,25 @@ def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, co
         restore(model)
         raise
     return model
+
+
+_RUNTIME_ATTRS = ("_shadowkv", "forward", "generate", "__deepcopy__")
+
+
+def _deepcopy_optimized(model: torch.nn.Module, memo: dict) -> torch.nn.Module:
+    """``copy.deepcopy`` of an optimized model: an independent model, optimized the same way.
+
+    A plain deep copy would keep the original's compiled forward (functions copy by reference),
+    so the copy would run the original's weights and caches.
+    """
+    copied = type(model).__new__(type(model))
+    memo[id(model)] = copied
+    for name, value in model.__dict__.items():
+        if name not in _RUNTIME_ATTRS:
+            copied.__dict__[name] = copy.deepcopy(value, memo)
+    runtime = model._shadowkv
+    return optimize(copied, runtime.config, compile_graph=runtime.compile_graph,
+                    compile_kwargs=runtime.compile_kwargs, cuda_graphs=runtime.cuda_graphs, validate=False)
 
 
 def _check_rank(cfg, config: ShadowKVConfig) -> None:
@@ -225,7 +315,7 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
     """Undo ``optimize``: the model's own forward and generate again (dense attention)."""
     if getattr(model, "_shadowkv", None) is None:
         raise ValueError("this model was not optimized by shadowkv_fx")
-    del model.forward, model.generate
+    del model.forward, model.generate, model.__deepcopy__
     model._shadowkv = None
     return model
 

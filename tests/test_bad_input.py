@@ -4,6 +4,7 @@ import torch
 
 import shadowkv_fx
 from tests.models import left_padded, tiny_pair
+from shadowkv_fx.compat import output_cache
 
 CFG = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2)
 
@@ -68,10 +69,10 @@ def test_fully_padded_row(model):
         model(ids, attention_mask=mask)
 
 
-def test_right_padding(model):
+def test_padding_between_real_tokens(model):
     ids, mask = left_padded(2, [20, 5], 96)
-    mask = mask.flip(1)
-    with pytest.raises(ValueError, match="padding_side = 'left'"), torch.no_grad():
+    mask[0, 10] = 0
+    with pytest.raises(ValueError, match="contiguous"), torch.no_grad():
         model(ids, attention_mask=mask)
 
 
@@ -86,7 +87,7 @@ def test_foreign_cache(model):
 
     ids, mask = left_padded(1, [20], 96)
     with pytest.raises(TypeError, match="needs a ShadowKVCache"), torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=transformers.DynamicCache())
+        model(ids, attention_mask=mask, cache=transformers.DynamicCache())
 
 
 def test_training_mode_model():
@@ -100,10 +101,10 @@ def test_cache_is_untouched_after_a_rejected_step(model):
     ids, mask = left_padded(1, [40], 96)
     with torch.no_grad():
         out = model(ids, attention_mask=mask)
-        cache = out.past_key_values
+        cache = output_cache(out)
         length = cache.get_seq_length()
         with pytest.raises(ValueError, match="padding inside generated tokens"):
-            model(ids[:, -1:], attention_mask=torch.cat([mask, torch.zeros(1, 1, dtype=torch.long)], 1), past_key_values=cache)
+            model(ids[:, -1:], attention_mask=torch.cat([mask, torch.zeros(1, 1, dtype=torch.long)], 1), cache=cache)
     assert cache.get_seq_length() == length
 
 
@@ -119,8 +120,8 @@ def test_a_step_that_fails_half_way_leaves_no_layer_ahead(model, monkeypatch):
 
     ids, mask = left_padded(1, [40], 96)
     with torch.no_grad():
-        cache = model(ids, attention_mask=mask).past_key_values
-        model(ids[:, -1:], past_key_values=cache)
+        cache = output_cache(model(ids, attention_mask=mask))
+        model(ids[:, -1:], cache=cache)
         tails = [layer.state.tail_len for layer in cache.layers]
         calls = {"n": 0}
         decode = LayerState.decode
@@ -133,6 +134,6 @@ def test_a_step_that_fails_half_way_leaves_no_layer_ahead(model, monkeypatch):
 
         monkeypatch.setattr(LayerState, "decode", failing_second_layer)
         with pytest.raises(RuntimeError, match="simulated"):
-            model(ids[:, -1:], past_key_values=cache)
+            model(ids[:, -1:], cache=cache)
     assert [layer.state.tail_len for layer in cache.layers] == tails
     assert cache.get_seq_length() == 41

@@ -5,6 +5,7 @@ import torch
 import shadowkv_fx
 from shadowkv_fx.cuda_graph import DecodeGraph
 from tests.models import left_padded, tiny_pair
+from shadowkv_fx.compat import output_cache
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
@@ -40,8 +41,8 @@ def test_captured_decode_equals_eager_and_replays(arch):
     assert torch.equal(want.sequences, got.sequences)
     for a, b in zip(want.logits, got.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert len(graphs(got.past_key_values)) == 1
-    assert got.past_key_values.layers[0].state.tail_len == 11
+    assert len(graphs(output_cache(got))) == 1
+    assert output_cache(got).layers[0].state.tail_len == 11
 
 
 def test_a_new_cache_never_replays_an_old_graph():
@@ -65,10 +66,10 @@ def test_tail_growth_recaptures():
     for name, model in (("eager", eager), ("graphed", graphed)):
         cache = model._shadowkv.new_cache(3)
         with torch.no_grad():
-            out = model(ids.cuda(), attention_mask=mask.cuda(), past_key_values=cache)
+            out = model(ids.cuda(), attention_mask=mask.cuda(), cache=cache)
             seq = [out.logits[:, -1:].argmax(-1)]
             for _ in range(10):
-                seq.append(model(seq[-1], past_key_values=cache).logits[:, -1:].argmax(-1))
+                seq.append(model(seq[-1], cache=cache).logits[:, -1:].argmax(-1))
         tokens[name] = torch.cat(seq, 1)
         if name == "graphed":
             assert cache.layers[0].state.tail_k.shape[2] == 12 and graphs(cache)
@@ -90,7 +91,7 @@ def test_compile_reduce_overhead_generate_captures_the_decode_step(how):
     got = generate(compiled, lengths, 10, seed=4)
     assert torch.equal(want.sequences, got.sequences)
     assert compiled_model._shadowkv.cuda_graphs
-    assert len(graphs(got.past_key_values)) == 1
+    assert len(graphs(output_cache(got))) == 1
 
 
 def test_collections_during_capture_do_not_break_it():
@@ -110,6 +111,6 @@ def test_collections_during_capture_do_not_break_it():
             want = generate(eager, [150, 97], 8, seed=seed)
             got = generate(graphed, [150, 97], 8, seed=seed)
             assert torch.equal(want.sequences, got.sequences)
-            assert graphs(got.past_key_values), "captured, not fallen back"
+            assert graphs(output_cache(got)), "captured, not fallen back"
     finally:
         gc.set_threshold(*threshold)

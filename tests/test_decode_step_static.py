@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import shadowkv_fx
 from shadowkv_fx.layer_state import LayerState
 from tests.models import left_padded, tiny_pair
+from shadowkv_fx.compat import output_cache
 
 SMALL = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2)
 # ops that read device memory on the host (item/tolist/bool) or size an output from data
@@ -35,7 +36,7 @@ def prefill(model, lengths, tail_capacity=8):
     ids, mask = left_padded(len(lengths), lengths, 96, seed=3)
     cache = model._shadowkv.new_cache(tail_capacity)
     with torch.no_grad():
-        out = model(ids, attention_mask=mask, past_key_values=cache)
+        out = model(ids, attention_mask=mask, cache=cache)
     return out.logits[:, -1:].argmax(-1), cache
 
 
@@ -57,7 +58,7 @@ def test_decode_op_never_reads_the_host_count_or_syncs(model, monkeypatch):
     monkeypatch.setattr(LayerState, "decode", guarded)
     with torch.no_grad():
         for _ in range(3):
-            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(token, cache=cache).logits[:, -1:].argmax(-1)
     assert seen, "the decode op ran"
     assert not HOST_SYNC_OPS & set(seen), sorted(HOST_SYNC_OPS & set(seen))
 
@@ -70,10 +71,10 @@ def test_decode_buffers_keep_their_addresses_until_the_tail_must_grow(model):
     cache.decode_graphs[("marker",)] = "warm"
     with torch.no_grad():
         for step in range(4):
-            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(token, cache=cache).logits[:, -1:].argmax(-1)
             assert addresses() == before, f"step {step} moved a buffer"
         assert ("marker",) in cache.decode_graphs
-        model(token, past_key_values=cache)  # the fifth token does not fit: buffers move
+        model(token, cache=cache)  # the fifth token does not fit: buffers move
     assert addresses()[:2] != before[:2]
     assert state.tail_k.shape[2] == 8 and state.tail_len == 5 and int(state.tail_fill) == 5
     assert not cache.decode_graphs, "graphs holding the old buffers are dropped"
@@ -85,7 +86,7 @@ def test_tail_capacity_does_not_change_the_tokens(model):
     for capacity in (1, 64):
         cache = model._shadowkv.new_cache(capacity)
         with torch.no_grad():
-            outs.append(model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=9,
+            outs.append(model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=9,
                                        min_new_tokens=9, do_sample=False, pad_token_id=0))
     assert torch.equal(outs[0], outs[1])
 
@@ -99,7 +100,7 @@ def test_generate_sizes_the_tail_for_max_new_tokens(model, monkeypatch):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=11, min_new_tokens=11, do_sample=False,
                              pad_token_id=0, return_dict_in_generate=True)
     assert made == [11]
-    assert out.past_key_values.layers[0].state.tail_k.shape[2] == 11, "no growth mid-generation"
+    assert output_cache(out).layers[0].state.tail_k.shape[2] == 11, "no growth mid-generation"
 
 
 def test_a_finished_cache_is_freed_without_the_cycle_collector(model):
@@ -115,7 +116,7 @@ def test_a_finished_cache_is_freed_without_the_cycle_collector(model):
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
                                  return_dict_in_generate=True)
-        cache = weakref.ref(out.past_key_values)
+        cache = weakref.ref(output_cache(out))
         assert cache() is not None
         del out
         assert cache() is None, "a reference cycle keeps the cache alive"
@@ -135,4 +136,4 @@ def test_cuda_graphs_on_a_cpu_model_decode_plainly():
             outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
                                        pad_token_id=0, return_dict_in_generate=True))
     assert torch.equal(outs[0].sequences, outs[1].sequences)
-    assert not outs[1].past_key_values.decode_graphs
+    assert not output_cache(outs[1]).decode_graphs

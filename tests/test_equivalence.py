@@ -1,10 +1,11 @@
 """Full budget + full rank: ShadowKV's sparse path must reproduce dense attention (DESIGN.md §5)."""
 import pytest
 import torch
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import shadowkv_fx
 from tests.models import ARCHS, assert_close, full_rank, left_padded, tiny_pair
+from shadowkv_fx.compat import output_cache
 
 CHUNK, LOCAL, OUTLIERS = 4, 2, 2
 MIN_SPARSE = (LOCAL + OUTLIERS + 1) * CHUNK
@@ -49,7 +50,7 @@ def test_full_budget_full_rank_equals_dense(arch, batch, base_len, pad, kv_heads
     ids, mask = left_padded(batch, lengths, dense.config.vocab_size, seed)
     expected, actual = generate_both(dense, model, ids, mask, new_tokens=5, do_sample=False)
     assert_same_generation(expected, actual)
-    cache = actual.past_key_values
+    cache = output_cache(actual)
     assert isinstance(cache, shadowkv_fx.ShadowKVCache)
     compressed = [n >= MIN_SPARSE for n in lengths]
     assert cache.layers[0].state.compressed == any(compressed), "the sparse path must run, not a dense fallback"
@@ -93,3 +94,47 @@ def test_every_selected_chunk_is_rebuilt_through_the_sparse_path(monkeypatch):
     assert_same_generation(expected, actual)
     layers, decode_steps = dense.config.num_hidden_layers, 2
     assert calls == {"rebuild": layers * decode_steps, "gather": layers * decode_steps}
+
+
+def right_padded(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same prompts as a left-padded batch, padded on the right instead."""
+    shift = (mask == 0).sum(dim=1)
+    cols = torch.arange(ids.shape[1])
+    index = (cols[None, :] + shift[:, None]) % ids.shape[1]
+    return torch.gather(ids, 1, index), torch.gather(mask, 1, index)
+
+
+@given(
+    lengths=st.lists(st.integers(1, 70), min_size=2, max_size=3),
+    sparse=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@example(lengths=[61, 23, 70], sparse=True, seed=0)
+@settings(max_examples=3)
+def test_right_padded_batch_gives_the_left_padded_tokens(lengths, sparse, seed):
+    """Tokenizers that pad on the right (SmolLM2's) work: rows are re-aligned, same tokens as left padding."""
+    dense, model = tiny_pair("llama", seed=seed)
+    config = full_config(model)
+    if sparse:
+        config = shadowkv_fx.ShadowKVConfig(sparse_budget=CHUNK, rank=4, chunk_size=CHUNK, local_chunks=LOCAL,
+                                            outlier_chunks=OUTLIERS)
+    shadowkv_fx.optimize(model, config)
+    ids, mask = left_padded(len(lengths), lengths, dense.config.vocab_size, seed)
+    right_ids, right_mask = right_padded(ids, mask)
+    args = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        left = model.generate(ids, attention_mask=mask, **args)
+        right = model.generate(right_ids, attention_mask=right_mask, **args)
+        full_logits = model(right_ids, attention_mask=right_mask).logits
+        expected_logits = model(ids, attention_mask=mask).logits
+    width = ids.shape[1]
+    assert torch.equal(right.sequences[:, width:], left.sequences[:, width:])
+    for step, (a, e) in enumerate(zip(right.logits, left.logits)):
+        assert_close(a, e, atol=1e-5, rtol=1e-5, what=f"logits at step {step}")
+    # a plain forward returns logits in the caller's (right-padded) layout
+    real = right_mask.bool()
+    assert_close(full_logits[real], expected_logits[mask.bool()], atol=1e-5, rtol=1e-5, what="prompt logits")
+    if not sparse:
+        with torch.no_grad():
+            reference = dense.generate(ids, attention_mask=mask, **args)
+        assert torch.equal(right.sequences[:, width:], reference.sequences[:, width:])

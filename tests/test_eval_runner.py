@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from shadowkv_fx.compat import CACHE_ARG
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.evaluation.baselines import SinkLocalCache, sink_local_generate, sink_local_window_for_budget
 from shadowkv_fx.evaluation.runner import ablation_variants, run_eval, shadowkv_attended_tokens, summarize
@@ -73,7 +74,7 @@ def test_sink_local_attends_sinks_and_window_only(attn, window):
     steps, n_sink = 10, 4
     cache = SinkLocalCache(model.config.num_hidden_layers, n_sink=n_sink, window=window)
     out = model.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache, max_new_tokens=steps,
+        input_ids, attention_mask=torch.ones_like(input_ids), **{CACHE_ARG: cache}, max_new_tokens=steps,
         min_new_tokens=steps, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
     )  # fmt: skip
     reference, reference_logits = _masked_reference(model, input_ids, n_sink, window, steps)

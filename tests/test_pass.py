@@ -4,6 +4,7 @@ import torch
 import transformers as T
 
 import shadowkv_fx
+from shadowkv_fx.compat import CACHE_ARG
 from shadowkv_fx.passes.rewrite import shadowkv_pass
 from tests.models import ARCHS, left_padded, tiny_pair
 
@@ -124,7 +125,7 @@ def test_dense_cache_graph_is_not_rewritten():
     """Captured with a DynamicCache, post-RoPE keys leave the graph for the cache: skip, say why."""
     dense, _ = tiny_pair("llama")
     cache = T.DynamicCache(config=dense.config)
-    gm = capture(dense.forward, input_ids=torch.randint(3, 90, (1, 6)), past_key_values=cache, use_cache=True)
+    gm = capture(dense.forward, input_ids=torch.randint(3, 90, (1, 6)), **{CACHE_ARG: cache}, use_cache=True)
     report = shadowkv_pass(gm)
     assert report.rewritten == 0 and len(report.skipped) == 2
     assert all("dense KV cache" in s.reason for s in report.skipped)

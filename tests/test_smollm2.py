@@ -8,6 +8,7 @@ import shadowkv_fx
 from shadowkv_fx.evaluation.scoring import score_prediction
 from shadowkv_fx.evaluation.tasks import make_sample
 from shadowkv_fx.smollm2 import gguf_path, load_smollm2
+from shadowkv_fx.compat import output_cache
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_needle_at_4k_with_an_eighth_of_the_context(smollm2):
         with torch.no_grad():
             out = lm.generate(ids, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
         answers[name] = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert isinstance(cache, shadowkv_fx.ShadowKVCache) and cache.layers[0].state.compressed
     assert score_prediction(sample.task, answers["dense"], sample.references) == 1.0, answers
     assert score_prediction(sample.task, answers["shadowkv"], sample.references) == 1.0, answers

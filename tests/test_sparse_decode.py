@@ -3,6 +3,7 @@ import torch
 
 import shadowkv_fx
 from tests.models import assert_close, left_padded, tiny_pair
+from shadowkv_fx.compat import output_cache
 
 SMALL = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2)
 
@@ -33,7 +34,7 @@ def test_selection_is_sparse_and_generated_tokens_are_never_dropped():
     shadowkv_fx.optimize(model, SMALL)
     ids, mask = left_padded(2, [200, 150], 96, seed=1)
     out = run(model, ids, mask, 40)
-    cache = out.past_key_values
+    cache = output_cache(out)
     state = cache.layers[0].state
     assert state.compressed
     chunks = cache.layout.chunks
@@ -54,7 +55,7 @@ def test_memory_report_counts_every_component_and_beats_dense_on_long_prompts():
     _, model = tiny_pair("mistral", kv_heads=2, head_dim=16, seed=2)
     shadowkv_fx.optimize(model, shadowkv_fx.ShadowKVConfig(sparse_budget=32, rank=4, chunk_size=8, local_chunks=2, outlier_chunks=2))
     ids, mask = left_padded(1, [1000], 96, seed=2)
-    cache = run(model, ids, mask, 3).past_key_values
+    cache = output_cache(run(model, ids, mask, 3))
     report = cache.memory_report()
     layers, hkv, d, elt = 2, 2, 16, 4
     chunks = 1000 // 8 - 2
@@ -74,7 +75,7 @@ def test_forward_without_generate_makes_and_returns_a_cache():
     ids, mask = left_padded(1, [64], 96, seed=4)
     with torch.no_grad():
         out = model(ids, attention_mask=mask)
-        assert isinstance(out.past_key_values, shadowkv_fx.ShadowKVCache)
-        step = model(ids[:, -1:], past_key_values=out.past_key_values)
+        assert isinstance(output_cache(out), shadowkv_fx.ShadowKVCache)
+        step = model(ids[:, -1:], cache=output_cache(out))
     assert step.logits.shape == (1, 1, 96)
-    assert out.past_key_values.get_seq_length() == 65
+    assert output_cache(out).get_seq_length() == 65

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from shadowkv_fx import compat
+
 __all__ = [
     "single_unpadded_mask",
     "SinkLocalLayer",
@@ -184,7 +186,7 @@ def sink_local_generate(
     return model.generate(
         input_ids,
         attention_mask=attention_mask,
-        past_key_values=cache,
+        **{compat.CACHE_ARG: cache},
         max_new_tokens=max_new_tokens,
         **generate_kwargs,
     )

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test suite at both ends of the transformers range we declare (shadowkv_fx/compat.py,
+# pyproject.toml): everything on the newest (what scripts/install.sh gives), then the pass,
+# equivalence, compile and bad-input tests on the oldest, in a venv that shares every other
+# package with the main install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export HF_HUB_OFFLINE=1
+OLDEST=$("$PY" -c "from shadowkv_fx.compat import TESTED_TRANSFORMERS as t; print(t[0])")
+PYTEST=(-m pytest -o addopts="" -q -p no:cacheprovider)
+
+echo "== transformers $("$PY" -c 'import transformers; print(transformers.__version__)') (newest supported): full suite"
+"$PY" "${PYTEST[@]}" "$@"
+
+VENV=${OLDEST_VENV:-.venv-transformers-$OLDEST}
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv --system-site-packages "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q "transformers==$OLDEST"
+echo "== transformers $OLDEST (oldest supported): pass, equivalence, compile, bad-input tests"
+"$VENV/bin/python" "${PYTEST[@]}" tests/test_pass.py tests/test_transformation.py tests/test_equivalence.py \
+    tests/test_compile_backend.py tests/test_bad_input.py tests/test_versions.py "$@"
