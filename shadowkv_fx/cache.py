@@ -77,6 +77,8 @@ class ShadowKVCache(Cache):
         self.tail_capacity = tail_capacity
         # prompts longer than this go through the model in pieces; all of it is compressed at the end
         self.prefill_chunk_size = prefill_chunk_size
+        # set by generate: tokens past it in the first forward are drafts to verify, not prompt
+        self.prompt_length: int | None = None
         self.prefill_span = (0, 0)
         self._staged: dict[int, tuple[torch.Tensor, ...]] = {}
         self.layout: PromptLayout | None = None

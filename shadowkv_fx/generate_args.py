@@ -26,6 +26,7 @@ class GeneratePlan:
     use_cache: bool
     new_tokens: int
     prefill_chunk_size: int | None
+    prompt_length: int | None  # columns of input_ids: a longer first forward carries draft tokens
 
 
 def _setting(kwargs: dict, config, name: str, default=None):
@@ -81,7 +82,8 @@ def plan_generate(model, args: tuple, kwargs: dict, max_positions: int | None) -
                 f"a prompt of {longest} tokens plus max_new_tokens reaches {needed} positions, past the model's "
                 f"context (max_position_embeddings={max_positions}): shorten the prompt or lower max_new_tokens"
             )
-    return GeneratePlan(bool(use_cache), new_tokens, chunk)
+    prompt_length = ids.shape[1] if ids is not None and ids.dim() == 2 else None
+    return GeneratePlan(bool(use_cache), new_tokens, chunk, prompt_length)
 
 
 def _new_tokens(kwargs: dict, config, max_positions: int | None) -> int:

@@ -124,6 +124,9 @@ class ShadowKVRuntime:
                 f"the cache is a {type(cache).__name__}; an optimized model needs a ShadowKVCache "
                 "(leave it out and one is made)"
             )
+        prompt = cache.prompt_length if cache.layout is None else None
+        if prompt is not None and input_ids.shape[1] > prompt:
+            return self._prompt_then_drafts(prompt, input_ids, attention_mask, position_ids, cache, kwargs)
         n = input_ids.shape[1]
         realign = None
         if cache.layout is None:
@@ -165,6 +168,22 @@ class ShadowKVRuntime:
             realign.outputs_to_caller(out, n)
         compat.set_output_cache(out, cache)
         return out
+
+    def _prompt_then_drafts(self, prompt: int, input_ids, attention_mask, position_ids, cache, kwargs):
+        """A first forward holding the prompt and draft tokens (assisted generation): the prompt is
+        prefilled and compressed, the drafts are decoded, each selecting its own chunks as it would
+        one at a time, so speculation never changes what ShadowKV computes."""
+        drafts = input_ids.shape[1] - prompt
+        keep = kwargs.pop("logits_to_keep", 0)
+        keep_prompt = keep - drafts if isinstance(keep, int) and keep > drafts else (0 if not keep else 1)
+        head = self.forward(input_ids[:, :prompt], None if attention_mask is None else attention_mask[:, :prompt],
+                            None if position_ids is None else position_ids[:, :prompt], cache=cache,
+                            logits_to_keep=keep_prompt, **kwargs)
+        tail = self.forward(input_ids[:, prompt:], attention_mask, None, cache=cache,
+                            logits_to_keep=min(keep, drafts) if keep else 0, **kwargs)
+        if not keep or keep > drafts:
+            tail.logits = torch.cat([head.logits, tail.logits], dim=1)
+        return tail
 
     def _prefill(self, cache: ShadowKVCache, input_ids, position_ids, kwargs):
         """The prompt through the model in ``cache.prefill_spans()``; compressed once all of it is in."""
@@ -216,6 +235,8 @@ class ShadowKVRuntime:
                 cache = self.new_cache(plan.new_tokens)
             if plan.prefill_chunk_size is not None:
                 cache.prefill_chunk_size = plan.prefill_chunk_size
+            if plan.prompt_length is not None and cache.layout is None:
+                cache.prompt_length = plan.prompt_length
             kwargs[compat.CACHE_ARG] = cache
         return self.original_generate(*args, **kwargs)
 
