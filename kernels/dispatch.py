@@ -1,13 +1,16 @@
-"""Pick each kernel's implementation: Triton where it helps and runs, the reference otherwise."""
+"""Pick each kernel's implementation: Triton on CUDA tensors when Triton is installed, the
+plain-PyTorch reference otherwise (CPU models, tests, ``SHADOWKV_NO_TRITON=1``)."""
 from __future__ import annotations
 
 import functools
 import os
+from typing import Callable
 
 import torch
 
 from shadowkv_fx.kernels import reference
 from shadowkv_fx.kernels.grouped_attention import grouped_masked_attention
+from shadowkv_fx.kernels.rope_forms import FORMS
 
 
 @functools.cache
@@ -21,13 +24,55 @@ def triton_available() -> bool:
     return True
 
 
-def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda" and v_chunks.is_pinned() and triton_available():
+def _triton(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and triton_available()
+
+
+def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor, scale: float) -> torch.Tensor:
+    if _triton(q):
+        from shadowkv_fx.kernels import triton_score
+
+        return triton_score.score_chunks(q, landmarks, selectable, scale)
+    return reference.score_chunks(q, landmarks, selectable, scale)
+
+
+def rebuild_rope_keys(u: torch.Tensor, sv: torch.Tensor, chunk_idx: torch.Tensor, chunk_size: int, pad: torch.Tensor,
+                      rope_tables: list[torch.Tensor], rope_form: str, rope_fn: Callable, out: torch.Tensor) -> None:
+    """Post-RoPE keys of the chosen chunks into ``out [B, Hkv, k*L, D]``.
+
+    One fused kernel when the site's RoPE is a recognised form; else the low-rank rebuild, then the
+    model's own RoPE function at the chunks' original positions.
+    """
+    if _triton(u) and rope_form in FORMS:
+        from shadowkv_fx.kernels import triton_rebuild
+
+        cos, sin = rope_tables
+        triton_rebuild.rebuild_rope_keys(u, sv, chunk_idx, chunk_size, pad, cos, sin, rope_form, out=out)
+        return
+    token_idx = (chunk_idx[..., None] * chunk_size + torch.arange(chunk_size, device=chunk_idx.device)).flatten(-2)
+    k_pre = reference.rebuild_keys(u, sv, token_idx)
+    # picks of a shorter sequence's padding chunks point past its prompt; they are masked later
+    positions = (token_idx + pad[:, None, None]).clamp(max=rope_tables[0].shape[2] - 1)
+    tables = [reference.gather_positions(t, positions) for t in rope_tables]
+    out.copy_(rope_fn(k_pre, *tables))
+
+
+def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device: torch.device,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    if device.type == "cuda" and (v_chunks.is_pinned() or v_chunks.device.type == "cuda") and triton_available():
         from shadowkv_fx.kernels import triton_gather
 
-        return triton_gather.gather_value_chunks(v_chunks, chunk_idx, device)
-    return reference.gather_value_chunks(v_chunks, chunk_idx, device)
+        return triton_gather.gather_value_chunks(v_chunks, chunk_idx, device, out)
+    values = reference.gather_value_chunks(v_chunks, chunk_idx, device)
+    return values if out is None else out.copy_(values)
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    return grouped_masked_attention(q, k, v, allowed, scale)
+def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, key_valid: torch.Tensor,
+                     tail_start: int, tail_fill: torch.Tensor, scale: float) -> torch.Tensor:
+    if _triton(q):
+        from shadowkv_fx.kernels import triton_decode_attention
+
+        return triton_decode_attention.decode_attention(q, k_buf, v_buf, key_valid, tail_start, tail_fill, scale)
+    # the reference's mask, with GQA query heads as rows instead of K/V copied per head
+    mask = reference.decode_mask(key_valid, k_buf.shape[2], tail_start, tail_fill, q.shape[2])
+    return grouped_masked_attention(q, k_buf, v_buf, mask, scale)

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from shadowkv_fx.kernels import reference
+from shadowkv_fx.kernels.reference import decode_attention_reference  # noqa: F401  (the twin, re-exported)
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per tile: two 16 KB bf16 tiles (K and V) at D = 128
@@ -235,18 +236,3 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             G=group, NQ=n, DV=dv, BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4,
         )
     return out
-
-
-def decode_attention_reference(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, key_valid: torch.Tensor,
-                               tail_start: int, tail_fill: torch.Tensor, scale: float) -> torch.Tensor:
-    """Plain-PyTorch twin of ``decode_attention``: the explicit ``[B, Hkv, n, N]`` mask and one SDPA.
-
-    Same arguments and result; no host sync either (the fill level stays a tensor).
-    """
-    b, hq, n, _ = q.shape
-    hkv, keys = k_buf.shape[1], k_buf.shape[2]
-    prefix = key_valid[..., :tail_start].bool()[:, :, None, :].expand(b, hkv, n, tail_start)
-    tail_pos = torch.arange(keys - tail_start, device=q.device)
-    query_pos = tail_fill.reshape(()) - n + torch.arange(n, device=q.device)
-    tail = (tail_pos[None, :] <= query_pos[:, None])[None, None].expand(b, hkv, n, -1)
-    return reference.masked_attention(q, k_buf, v_buf, torch.cat([prefix, tail], dim=-1), scale)

@@ -11,6 +11,10 @@ from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.layer_state import LayerState, PromptLayout, RopeFn
 
 
+# share of the accelerator that values never take: later layers' prefill and decode workspace
+DEVICE_RESERVE = 0.25
+
+
 class ShadowKVLayer(CacheLayerMixin):
     """Bookkeeping face of one layer for ``transformers``; the state lives in ``LayerState``.
 
@@ -80,7 +84,14 @@ class ShadowKVCache(Cache):
         # set by generate: tokens past it in the first forward are drafts to verify, not prompt
         self.prompt_length: int | None = None
         self.prefill_span = (0, 0)
+        # prefill runs ``prefill_rows`` sequences at a time (None: the whole batch at once), so
+        # the device holds one group's dense K/V, never the batch's
+        self.prefill_rows = self.config.prefill_rows
+        self.group_rows: list[int] = []
+        self.group_layout: PromptLayout | None = None
+        self._layer_tables: dict[int, int] = {}
         self._staged: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.device_value_bytes = 0
         self.layout: PromptLayout | None = None
         self.realigned = False  # the prompt came right-padded and was moved to the left
         self.seq_length = 0
@@ -101,7 +112,7 @@ class ShadowKVCache(Cache):
             self.phase = "prefill"
             self.layout = PromptLayout.from_mask(key_valid, self.config)
             self.realigned = realigned
-            self.prefill_span = (0, self.layout.padded_len)
+            self.begin_group(list(range(len(self.layout.lengths))), 0)
             return
         self.phase = "decode"
         moved = [layer.state.reserve_tail(input_len) for layer in self.layers]
@@ -115,16 +126,32 @@ class ShadowKVCache(Cache):
             self.layout = None
             self.realigned = False
             self._staged = {}
+            self.device_value_bytes = 0
             self._shared_tables = []
+            self._layer_tables = {}
             for layer in self.layers:
                 layer.reset()
         else:
             for layer in self.layers:
                 layer.state.rewind_tail()
 
+    def prefill_groups(self) -> list[list[int]]:
+        """Batch rows that go through the model together at prefill, longest prompts first."""
+        rows = sorted(range(len(self.layout.lengths)), key=lambda b: -self.layout.lengths[b])
+        size = self.prefill_rows or len(rows)
+        return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+    def begin_group(self, rows: list[int], first: int) -> None:
+        """The next prefill forward holds batch rows ``rows``, from padded column ``first`` on."""
+        layout = self.layout
+        self.group_rows = rows
+        self.group_layout = PromptLayout([layout.pad[b] - first for b in rows], [layout.lengths[b] for b in rows],
+                                         [layout.chunks[b] for b in rows], layout.padded_len - first)
+        self.prefill_span = (0, self.group_layout.padded_len)
+
     def prefill_spans(self) -> list[tuple[int, int]]:
-        """The pieces ``[start, end)`` of the padded prompt that go through the model one at a time."""
-        total = self.layout.padded_len
+        """The pieces ``[start, end)`` of the group's prompts that go through the model one at a time."""
+        total = self.group_layout.padded_len
         size = self.prefill_chunk_size or total
         return [(start, min(total, start + size)) for start in range(0, total, size)]
 
@@ -184,10 +211,23 @@ class ShadowKVCache(Cache):
             layer.state.rewind_tail()
         self.seq_length = max_length
 
+    def _keep_values_on_device(self, nbytes: int) -> bool:
+        """Grant ``nbytes`` of accelerator memory to a layer's values, within ``value_hbm_gib``."""
+        cap = self.config.value_hbm_gib
+        if not torch.cuda.is_available() or cap == 0:
+            return False
+        if cap is not None and self.device_value_bytes + nbytes > cap * 2**30:
+            return False
+        free, total = torch.cuda.mem_get_info()
+        if free - nbytes < DEVICE_RESERVE * total:
+            return False
+        self.device_value_bytes += nbytes
+        return True
+
     def _stage(self, layer_idx: int, k_pre, k_rot, v, rope_inputs) -> tuple[torch.Tensor, ...]:
         """Append this span's keys, values and RoPE inputs to the layer's prompt so far; return it all."""
         start, end = self.prefill_span
-        total = self.layout.padded_len
+        total = self.group_layout.padded_len
         if start == 0 and end == total:
             return (k_pre, k_rot, v, *rope_inputs)
         if start == 0:
@@ -200,18 +240,33 @@ class ShadowKVCache(Cache):
             del self._staged[layer_idx]
         return tuple(buf[:, :, :end] for buf in staged)
 
-    def _tables(self, rope_inputs: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
-        """Per-position RoPE inputs, stored once when layers share them (they usually do)."""
-        for tables in self._shared_tables:
-            if len(tables) == len(rope_inputs) and all(
-                s.shape[1:] == t.shape[1:] and s.dtype == t.dtype and torch.equal(s, t.expand_as(s))
-                for s, t in zip(tables, rope_inputs)
-            ):
-                return tables
-        # a copy, never a view: under CUDA graphs the inputs live in memory the next replay reuses
-        tables = [t.expand(batch, *t.shape[1:]).clone(memory_format=torch.contiguous_format) for t in rope_inputs]
-        self._shared_tables.append(tables)
-        return tables
+    def _batch_tables(self, layer_idx: int, tables: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This group's rows of the per-position RoPE inputs, written into the batch's tables
+        (``[B, 1, S, c]`` each, in the batch's padded layout); layers whose tables are equal share
+        one copy (they usually do: cos/sin are computed once per forward)."""
+        rows, group, layout = self.group_rows, self.group_layout, self.layout
+        batch = len(layout.lengths)
+        index = self._layer_tables.get(layer_idx)
+        if index is None:
+            for i, shared in enumerate(self._shared_tables):
+                if len(shared) == len(tables) and all(
+                    s.shape[-1] == t.shape[-1] and s.dtype == t.dtype
+                    and all(torch.equal(s[b, :, layout.pad[b]:], t[min(j, t.shape[0] - 1), :, group.pad[j]:])
+                            for j, b in enumerate(rows))
+                    for s, t in zip(shared, tables)
+                ):
+                    index = i
+                    break
+            if index is None:
+                # a copy, never a view: under CUDA graphs the inputs live in memory the next replay reuses
+                self._shared_tables.append([t.new_zeros(batch, 1, layout.padded_len, t.shape[-1]) for t in tables])
+                index = len(self._shared_tables) - 1
+            self._layer_tables[layer_idx] = index
+        shared = self._shared_tables[index]
+        for s, t in zip(shared, tables):
+            for j, b in enumerate(rows):
+                s[b, :, layout.pad[b]:] = t[min(j, t.shape[0] - 1), :, group.pad[j]:]
+        return shared
 
     def attention(
         self,
@@ -233,9 +288,10 @@ class ShadowKVCache(Cache):
             return state.decode(q, k_rot, v, rope_fn, scale)
         k_pre, k_rot, v, *tables = self._stage(layer_idx, k_pre, k_rot, v, rope_inputs)
         start, end = self.prefill_span
-        out = _dense_prefill(q, k_rot, v, self.layout, scale, start)
-        if end == self.layout.padded_len:
-            state.prefill(k_pre, k_rot, v, self._tables(tables, q.shape[0]), self.layout, self.tail_capacity)
+        out = _dense_prefill(q, k_rot, v, self.group_layout, scale, start)
+        if end == self.group_layout.padded_len:
+            state.add_rows(self.group_rows, k_pre, k_rot, v, self.group_layout, self.layout,
+                           self._batch_tables(layer_idx, tables), self.tail_capacity, self._keep_values_on_device)
         return out
 
     def memory_report(self) -> dict[str, dict[str, int]]:

@@ -1,6 +1,8 @@
 """``shadowkv-fx``: demo, generate and eval on the embedded default model or a local one."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -109,3 +111,39 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command()
+def bench(
+    contexts: str = typer.Option("32768", help="comma-separated prompt lengths"),
+    batches: str = typer.Option("4", help="comma-separated batch sizes"),
+    methods: str = typer.Option("dense-compiled,shadowkv", help="of dense-eager, dense-compiled, shadowkv"),
+    steps: int = 16,
+    layers: int = typer.Option(32, help="layers of the random Llama-3.1-8B-shaped model"),
+    sparse_budget: int = 2048,
+    rank: int = 160,
+    value_hbm_gib: float = typer.Option(-1.0, help="GiB of values kept on the GPU; -1: as many as fit; 0: none"),
+    breakdown: bool = typer.Option(False, help="per-kernel time of one ShadowKV decode step"),
+    out: Path = typer.Option(Path("bench_out"), help="folder for bench.json, bench.png and table.txt"),
+):
+    """Decode throughput, ShadowKV against dense HF (eager and compiled static cache), one run, one GPU."""
+    from shadowkv_fx import bench as b
+
+    if not torch.cuda.is_available():
+        raise typer.BadParameter("bench measures GPU decode: no CUDA device here")
+    unknown = set(methods.split(",")) - set(b.METHODS)
+    if unknown:
+        raise typer.BadParameter(f"unknown methods {sorted(unknown)}; known: {b.METHODS}")
+    config = ShadowKVConfig(sparse_budget=sparse_budget, rank=rank,
+                            value_hbm_gib=None if value_hbm_gib < 0 else value_hbm_gib)
+    with console.status("building the model") as status:
+        model = b.llama31_8b_random(layers)
+        rows = b.bench(model, [int(c) for c in contexts.split(",")], [int(x) for x in batches.split(",")],
+                       methods.split(","), steps, config, progress=lambda msg: (status.update(msg), console.log(msg)),
+                       with_breakdown=breakdown)
+    out.mkdir(parents=True, exist_ok=True)
+    text = b.table(rows)
+    (out / "table.txt").write_text(text + "\n")
+    (out / "bench.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+    b.plot(rows, str(out / "bench.png"))
+    console.print(text)

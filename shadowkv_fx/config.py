@@ -25,6 +25,14 @@ class ShadowKVConfig:
         Chunks per KV head whose tokens agree least with their landmark, kept dense.
     enabled:
         ``False`` leaves the traced graph untouched (dense attention, dense cache).
+    prefill_rows:
+        Sequences that go through the model together at prefill (``None``: the whole batch). One
+        at a time keeps prefill memory at one sequence's working set plus the batch's compressed
+        state, and no sequence pays for another's padding.
+    value_hbm_gib:
+        Accelerator memory (GiB) the chunked values may occupy instead of pinned host memory,
+        layer by layer, so spare HBM saves PCIe traffic. ``None``: as much as fits while a quarter
+        of the device stays free; ``0``: every value offloaded, as in the paper.
     """
 
     sparse_budget: int = 2048
@@ -33,6 +41,8 @@ class ShadowKVConfig:
     local_chunks: int = 4
     outlier_chunks: int = 48
     enabled: bool = True
+    value_hbm_gib: float | None = None
+    prefill_rows: int | None = 1
 
     def __post_init__(self) -> None:
         for name in ("sparse_budget", "rank", "chunk_size"):
@@ -43,6 +53,12 @@ class ShadowKVConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ShadowKVConfig.{name} must be an int >= 0, got {value!r}")
+        if self.value_hbm_gib is not None and (isinstance(self.value_hbm_gib, bool) or not isinstance(
+                self.value_hbm_gib, (int, float)) or self.value_hbm_gib < 0):
+            raise ValueError(f"ShadowKVConfig.value_hbm_gib must be None or a number >= 0, got {self.value_hbm_gib!r}")
+        if self.prefill_rows is not None and (not isinstance(self.prefill_rows, int) or isinstance(
+                self.prefill_rows, bool) or self.prefill_rows < 1):
+            raise ValueError(f"ShadowKVConfig.prefill_rows must be None or an int >= 1, got {self.prefill_rows!r}")
         if self.sparse_budget % self.chunk_size:
             lower = self.sparse_budget - self.sparse_budget % self.chunk_size
             raise ValueError(

@@ -1,13 +1,15 @@
 """One attention layer's compressed cache: built at prefill, read at every decode step."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.kernels import dispatch, reference as ref
+from shadowkv_fx.kernels.rope_forms import detect_rope_form
 
 RopeFn = Callable[..., torch.Tensor]
 
@@ -46,27 +48,14 @@ def chunk_tokens(chunk_idx: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return (chunk_idx[..., None] * chunk_size + offsets).flatten(-2)
 
 
-def _pad_stack(rows: Sequence[torch.Tensor], length: int, dim: int) -> torch.Tensor:
-    """Stack tensors along a new batch dim, zero-padding ``dim`` (of each row) to ``length``."""
-    out = []
-    for row in rows:
-        missing = length - row.shape[dim]
-        if missing:
-            shape = list(row.shape)
-            shape[dim] = missing
-            row = torch.cat([row, row.new_zeros(shape)], dim=dim)
-        out.append(row)
-    return torch.stack(out)
-
-
-def _host_buffer_like(t: torch.Tensor) -> torch.Tensor:
-    """Values leave the accelerator: pinned host memory there, the tensor itself on CPU."""
-    if t.device.type == "cpu":
-        return t.contiguous()
-    _check_host_memory(t.numel() * t.element_size())
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t)
-    return host
+def _value_slots(shape: tuple[int, ...], like: torch.Tensor, keep_on_device: Callable[[int], bool]) -> torch.Tensor:
+    """Zeroed slots for the chunked values: in spare accelerator memory when ``keep_on_device``
+    grants the bytes, else in pinned host memory (plain memory on a CPU model)."""
+    nbytes = math.prod(shape) * like.element_size()
+    if like.device.type == "cpu" or keep_on_device(nbytes):
+        return like.new_zeros(shape)
+    _check_host_memory(nbytes)
+    return torch.zeros(shape, dtype=like.dtype, pin_memory=True)
 
 
 def _check_host_memory(needed: int) -> None:
@@ -95,81 +84,133 @@ class LayerState:
 
     def __init__(self, config: ShadowKVConfig) -> None:
         self.config = config
-        self.tail_k: torch.Tensor | None = None
-        self.tail_v: torch.Tensor | None = None
+        self.k_buf: torch.Tensor | None = None
+        self.v_buf: torch.Tensor | None = None
+        self._pending: set[int] | None = None
         self.tail_len = 0
         self.tail_fill: torch.Tensor | None = None
 
-    def prefill(
+    # Decode reads one persistent buffer per layer, ``[B, Hkv, N, D]`` for K and V, laid out as
+    # [outliers | selected chunks | local window | generated tail]: outliers and local are written
+    # at prefill, the selected chunks by each step's rebuild and fetch, the tail as tokens come.
+    # Attention reads it in place; no concatenation per step.
+    @property
+    def tail_k(self) -> torch.Tensor | None:
+        return None if self.k_buf is None else self.k_buf[:, :, self.tail_start :]
+
+    @property
+    def tail_v(self) -> torch.Tensor | None:
+        return None if self.v_buf is None else self.v_buf[:, :, self.tail_start :]
+
+    @property
+    def local_k(self) -> torch.Tensor:
+        return self.k_buf[:, :, self.local_start : self.tail_start]
+
+    def add_rows(
         self,
+        rows: list[int],
         k_pre: torch.Tensor,
         k_rot: torch.Tensor,
         v: torch.Tensor,
-        rope_tables: list[torch.Tensor],
+        group: PromptLayout,
         layout: PromptLayout,
+        rope_tables: list[torch.Tensor],
         tail_capacity: int,
+        keep_values_on_device: Callable[[int], bool] = lambda nbytes: False,
     ) -> None:
-        """Compress a left-padded prompt. ``k_pre, k_rot, v: [B, Hkv, S, D]``; tables ``[B, 1, S, c]``.
+        """Compress the prompts of batch rows ``rows`` into their slots.
 
-        ``tail_capacity`` generated tokens fit before the tail buffers must move (``reserve_tail``).
+        ``k_pre, k_rot, v: [len(rows), Hkv, S_g, D]`` in the group's own left-padded layout
+        (``group``); ``layout`` is the whole batch's. Prefill may run the batch a group of rows at
+        a time, so only one group's dense K/V is ever on the device; the slots are allocated when
+        the first group arrives, the decode buffers built when the last has.
+        ``rope_tables``: the batch's per-position tables ``[B, 1, S, c]`` (filled by the cache).
         """
+        if self._pending is None:
+            self._allocate(layout, k_pre, k_rot, v, rope_tables, keep_values_on_device)
         cfg = self.config
         chunk = cfg.chunk_size
-        b_size, hkv, _, d = k_pre.shape
-        c_max = layout.max_chunks
-        outlier_tokens = cfg.outlier_chunks * chunk if c_max else 0
-        self.rope_tables = rope_tables
-        self.pad = torch.tensor(layout.pad, device=k_pre.device)
-        self.outlier_valid = torch.tensor([c > 0 for c in layout.chunks], device=k_pre.device)
-        us, svs, lms, sels, oks, ovs, lks, lvs, vcs = ([] for _ in range(9))
-        for b in range(b_size):
-            start, n_chunks = layout.pad[b], layout.chunks[b]
+        d = k_pre.shape[-1]
+        for i, b in enumerate(rows):
+            start, n_chunks = group.pad[i], layout.chunks[b]
             t = n_chunks * chunk
-            kp, kr, vb = (x[b, :, start:] for x in (k_pre, k_rot, v))
-            lks.append(kr[:, t:])
-            lvs.append(vb[:, t:])
-            if not c_max:
-                continue
+            kp, kr, vb = (x[i, :, start:] for x in (k_pre, k_rot, v))
+            local = kr.shape[1] - t
+            self._local_k[b, :, :local] = kr[:, t:]
+            self._local_v[b, :, :local] = vb[:, t:]
             if n_chunks:
                 u, sv = ref.low_rank_keys(kp[:, :t], cfg.rank)
                 landmarks, min_cos = ref.chunk_landmarks(kr[:, :t], chunk)
                 outliers = torch.topk(-min_cos, cfg.outlier_chunks, dim=-1).indices
-                selectable = torch.ones(hkv, n_chunks, dtype=torch.bool, device=k_pre.device)
-                selectable.scatter_(1, outliers, False)
+                self.selectable[b, :, :n_chunks] = True
+                self.selectable[b].scatter_(1, outliers, False)
                 token_idx = chunk_tokens(outliers, chunk)
-                oks.append(torch.gather(kr, 1, token_idx[..., None].expand(-1, -1, d)))
-                ovs.append(torch.gather(vb, 1, token_idx[..., None].expand(-1, -1, d)))
-            else:
-                u = k_pre.new_zeros(0, cfg.rank, dtype=torch.float32)
-                sv = k_pre.new_zeros(hkv, cfg.rank, d, dtype=torch.float32)
-                landmarks = k_pre.new_zeros(hkv, 0, d, dtype=torch.float32)
-                selectable = torch.zeros(hkv, 0, dtype=torch.bool, device=k_pre.device)
-                oks.append(k_rot.new_zeros(hkv, outlier_tokens, d))
-                ovs.append(v.new_zeros(hkv, outlier_tokens, d))
-            us.append(u.to(k_pre.dtype))
-            svs.append(sv.to(k_pre.dtype))
-            lms.append(landmarks.to(k_rot.dtype))
-            sels.append(selectable)
-            vcs.append(vb[:, :t].reshape(hkv, n_chunks, chunk, d))
-        local_max = max(x.shape[1] for x in lks)
-        self.local_k, self.local_v = _pad_stack(lks, local_max, 1), _pad_stack(lvs, local_max, 1)
-        local_lens = torch.tensor([x.shape[1] for x in lks], device=k_pre.device)
-        self.local_valid = torch.arange(local_max, device=k_pre.device) < local_lens[:, None]
+                self._outlier_k[b] = torch.gather(kr, 1, token_idx[..., None].expand(-1, -1, d))
+                self._outlier_v[b] = torch.gather(vb, 1, token_idx[..., None].expand(-1, -1, d))
+                self.u[b, :t] = u
+                self.sv[b] = sv
+                self.landmarks[b, :, :n_chunks] = landmarks
+                self.v_chunks[b, :, :n_chunks].copy_(vb[:, :t].reshape(-1, n_chunks, chunk, vb.shape[-1]))
+                if self.rope_form is None:
+                    tables = [tb[b : b + 1, :, layout.pad[b] :] for tb in rope_tables]
+                    self.rope_form = detect_rope_form(kp[None], kr[None], tables)
+            self._pending.discard(b)
+        if not self._pending:
+            self._build_buffers(tail_capacity)
+
+    def _allocate(self, layout: PromptLayout, k_pre, k_rot, v, rope_tables, keep_values_on_device) -> None:
+        """Zeroed slots for every row of the batch: padding stays zero (never read: masked)."""
+        cfg = self.config
+        chunk = cfg.chunk_size
+        b_size, (hkv, d), dv = len(layout.lengths), k_pre.shape[1::2], v.shape[-1]
+        device = k_pre.device
+        c_max = layout.max_chunks
+        self._pending = set(range(b_size))
+        self.rope_tables = rope_tables
+        self.rope_form = None
+        self.pad = torch.tensor(layout.pad, device=device)
+        self.outlier_valid = torch.tensor([c > 0 for c in layout.chunks], device=device)
+        local_lens = [n - c * chunk for n, c in zip(layout.lengths, layout.chunks)]
+        local_max = max(local_lens)
+        self._local_k = k_rot.new_zeros(b_size, hkv, local_max, d)
+        self._local_v = v.new_zeros(b_size, hkv, local_max, dv)
+        self._local_valid = torch.arange(local_max, device=device) < torch.tensor(local_lens, device=device)[:, None]
         self.compressed = c_max > 0
-        if self.compressed:
-            # fixed at prefill so a decode step needs no device-to-host read to size its top-k
-            self.select_k = min(cfg.budget_chunks, max(c - cfg.outlier_chunks for c in layout.chunks if c))
-            self.u = _pad_stack(us, c_max * chunk, 0)
-            self.sv = torch.stack(svs)
-            self.landmarks = _pad_stack(lms, c_max, 1)
-            self.selectable = _pad_stack(sels, c_max, 1)
-            self.outlier_k, self.outlier_v = torch.stack(oks), torch.stack(ovs)
-            self.v_chunks = _host_buffer_like(_pad_stack(vcs, c_max, 1))
+        self.select_k = 0
+        self._outlier_k = self._outlier_v = None
+        if not self.compressed:
+            return
+        # fixed at prefill so a decode step needs no device-to-host read to size its top-k
+        self.select_k = min(cfg.budget_chunks, max(c - cfg.outlier_chunks for c in layout.chunks if c))
+        outlier_tokens = cfg.outlier_chunks * chunk
+        self.u = k_pre.new_zeros(b_size, c_max * chunk, cfg.rank)
+        self.sv = k_pre.new_zeros(b_size, hkv, cfg.rank, d)
+        self.landmarks = k_rot.new_zeros(b_size, hkv, c_max, d)
+        self.selectable = torch.zeros(b_size, hkv, c_max, dtype=torch.bool, device=device)
+        self._outlier_k = k_rot.new_zeros(b_size, hkv, outlier_tokens, d)
+        self._outlier_v = v.new_zeros(b_size, hkv, outlier_tokens, dv)
+        self.v_chunks = _value_slots((b_size, hkv, c_max, chunk, dv), v, keep_values_on_device)
+
+    def _build_buffers(self, tail_capacity: int) -> None:
+        b, hkv, local_len, d = self._local_k.shape
+        outliers = 0 if self._outlier_k is None else self._outlier_k.shape[2]
+        self.sel_start = outliers
+        self.local_start = outliers + self.select_k * self.config.chunk_size
+        self.tail_start = self.local_start + local_len
         # zeros, not empty: unwritten slots are masked, but NaN garbage would survive a 0 weight
-        self.tail_k = k_rot.new_zeros(b_size, hkv, tail_capacity, d)
-        self.tail_v = v.new_zeros(b_size, hkv, tail_capacity, v.shape[-1])
+        self.k_buf = self._local_k.new_zeros(b, hkv, self.tail_start + tail_capacity, d)
+        self.v_buf = self._local_v.new_zeros(b, hkv, self.tail_start + tail_capacity, self._local_v.shape[-1])
+        self.key_valid = torch.zeros(b, hkv, self.tail_start, dtype=torch.bool, device=self.k_buf.device)
+        if outliers:
+            self.k_buf[:, :, :outliers] = self._outlier_k
+            self.v_buf[:, :, :outliers] = self._outlier_v
+            self.key_valid[:, :, :outliers] = self.outlier_valid[:, None, None]
+        self.k_buf[:, :, self.local_start : self.tail_start] = self._local_k
+        self.v_buf[:, :, self.local_start : self.tail_start] = self._local_v
+        self.key_valid[:, :, self.local_start : self.tail_start] = self._local_valid[:, None, :]
+        self._local_k = self._local_v = self._outlier_k = self._outlier_v = self._pending = None
         self.tail_len = 0
-        self.tail_fill = torch.zeros((), dtype=torch.long, device=k_pre.device)
+        self.tail_fill = torch.zeros((), dtype=torch.long, device=self.k_buf.device)
 
     def reserve_tail(self, tokens: int) -> bool:
         """Make room for ``tokens`` more generated tokens; True when the buffers had to move.
@@ -178,14 +219,15 @@ class LayerState:
         The capacity doubles, so no generated token is ever dropped.
         """
         needed = self.tail_len + tokens
-        capacity = self.tail_k.shape[2]
+        capacity = self.k_buf.shape[2] - self.tail_start
         if needed <= capacity:
             return False
         capacity = max(2 * capacity, needed)
-        for name in ("tail_k", "tail_v"):
+        used = self.tail_start + self.tail_len
+        for name in ("k_buf", "v_buf"):
             old = getattr(self, name)
-            new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
-            new[:, :, : self.tail_len] = old[:, :, : self.tail_len]
+            new = old.new_zeros(old.shape[0], old.shape[1], self.tail_start + capacity, old.shape[3])
+            new[:, :, :used] = old[:, :, :used]
             setattr(self, name, new)
         return True
 
@@ -197,28 +239,26 @@ class LayerState:
     def append_tail(self, k_rot: torch.Tensor, v: torch.Tensor) -> None:
         """Write new tokens at the device-side fill level (a replayed step reads the current one)."""
         n = k_rot.shape[2]
-        slots = self.tail_fill + torch.arange(n, device=self.tail_fill.device)
-        self.tail_k.index_copy_(2, slots, k_rot.to(self.tail_k.dtype))
-        self.tail_v.index_copy_(2, slots, v.to(self.tail_v.dtype))
+        slots = self.tail_start + self.tail_fill + torch.arange(n, device=self.tail_fill.device)
+        self.k_buf.index_copy_(2, slots, k_rot.to(self.k_buf.dtype))
+        self.v_buf.index_copy_(2, slots, v.to(self.v_buf.dtype))
         self.tail_fill.add_(n)
 
     def select(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k chunks per KV head: ``chunk_idx [B, Hkv, k]`` and whether each pick is real."""
-        scores = ref.score_chunks(q, self.landmarks, self.selectable, scale)
+        scores = dispatch.score_chunks(q, self.landmarks, self.selectable, scale)
         top = torch.topk(scores, self.select_k, dim=-1)
         return top.indices, torch.isfinite(top.values)
 
-    def sparse_keys_values(self, chunk_idx: torch.Tensor, rope_fn: RopeFn) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rebuild the chosen chunks' keys (low rank, then RoPE at their positions) and fetch their values."""
+    def fill_selected(self, chunk_idx: torch.Tensor, picked: torch.Tensor, rope_fn: RopeFn) -> None:
+        """Rebuild the chosen chunks' keys (low rank, then RoPE at their positions) and fetch their
+        values, straight into the buffer's selected region; mark which picks are real."""
         chunk = self.config.chunk_size
-        token_idx = chunk_tokens(chunk_idx, chunk)
-        k_pre = ref.rebuild_keys(self.u, self.sv, token_idx)
-        # picks of a shorter sequence's padding chunks point past its prompt; they are masked later
-        positions = (token_idx + self.pad[:, None, None]).clamp(max=self.rope_tables[0].shape[2] - 1)
-        tables = [ref.gather_positions(t, positions) for t in self.rope_tables]
-        k_rot = rope_fn(k_pre, *tables).to(self.local_k.dtype)
-        v = dispatch.gather_value_chunks(self.v_chunks, chunk_idx, self.local_v.device)
-        return k_rot, v
+        region = slice(self.sel_start, self.local_start)
+        dispatch.rebuild_rope_keys(self.u, self.sv, chunk_idx, chunk, self.pad, self.rope_tables, self.rope_form,
+                                   rope_fn, self.k_buf[:, :, region])
+        dispatch.gather_value_chunks(self.v_chunks, chunk_idx, self.v_buf.device, self.v_buf[:, :, region])
+        self.key_valid[:, :, region] = picked.repeat_interleave(chunk, dim=-1)
 
     def decode(self, q: torch.Tensor, k_rot_new: torch.Tensor, v_new: torch.Tensor, rope_fn: RopeFn, scale: float) -> torch.Tensor:
         """Attend ``q [B, Hq, n, D]`` over outliers + selected chunks + local window + generated tail.
@@ -234,41 +274,29 @@ class LayerState:
 
     def _attend(self, q: torch.Tensor, rope_fn: RopeFn, scale: float, newer: int) -> torch.Tensor:
         """``q``'s rows are the tail tokens just before the ``newer`` newest ones."""
-        b, hkv = self.local_k.shape[:2]
-        n = q.shape[2]
-        keys, values, allowed = [], [], []
         if self.compressed:
-            chunk_idx, picked = self.select(q, scale)
-            k_sel, v_sel = self.sparse_keys_values(chunk_idx, rope_fn)
-            keys += [self.outlier_k, k_sel]
-            values += [self.outlier_v, v_sel]
-            allowed += [
-                self.outlier_valid[:, None, None, None].expand(b, hkv, n, self.outlier_k.shape[2]),
-                picked.repeat_interleave(self.config.chunk_size, dim=-1)[:, :, None, :].expand(b, hkv, n, -1),
-            ]
-        keys += [self.local_k, self.tail_k]
-        values += [self.local_v, self.tail_v]
-        # the whole preallocated tail, masked past the fill level: shapes stay fixed step to step
-        tail_pos = torch.arange(self.tail_k.shape[2], device=q.device)
-        query_pos = self.tail_fill - newer - n + torch.arange(n, device=q.device)
-        allowed += [
-            self.local_valid[:, None, None, :].expand(b, hkv, n, -1),
-            (tail_pos[None, :] <= query_pos[:, None])[None, None].expand(b, hkv, n, -1),
-        ]
-        return dispatch.masked_attention(q, torch.cat(keys, 2), torch.cat(values, 2), torch.cat(allowed, 3), scale)
+            self.fill_selected(*self.select(q, scale), rope_fn)
+        fill = self.tail_fill - newer if newer else self.tail_fill
+        return dispatch.decode_attention(q, self.k_buf, self.v_buf, self.key_valid, self.tail_start, fill, scale)
 
     def memory_bytes(self) -> dict[str, tuple[str, int]]:
         """Bytes per component as ``name -> (side, bytes)``; side is "gpu" (the model's device) or "cpu" (host)."""
         def size(t: torch.Tensor | None) -> int:
             return 0 if t is None else t.numel() * t.element_size()
 
+        per_token = self.k_buf.shape[0] * self.k_buf.shape[1] * (self.k_buf.shape[3] * self.k_buf.element_size()
+                                                                  + self.v_buf.shape[3] * self.v_buf.element_size())
         parts: dict[str, tuple[str, int]] = {}
         if self.compressed:
             parts["U"] = ("gpu", size(self.u))
             parts["SV"] = ("gpu", size(self.sv))
             parts["landmarks"] = ("gpu", size(self.landmarks))
-            parts["outliers"] = ("gpu", size(self.outlier_k) + size(self.outlier_v))
-            parts["offloaded_V"] = ("cpu", size(self.v_chunks))
-        parts["local"] = ("gpu", size(self.local_k) + size(self.local_v))
-        parts["tail"] = ("gpu", size(self.tail_k) + size(self.tail_v))
+            parts["outliers"] = ("gpu", self.sel_start * per_token)
+            parts["selected"] = ("gpu", (self.local_start - self.sel_start) * per_token)
+            if self.v_chunks.device == self.k_buf.device and self.k_buf.device.type != "cpu":
+                parts["device_V"] = ("gpu", size(self.v_chunks))  # spare accelerator memory
+            else:
+                parts["offloaded_V"] = ("cpu", size(self.v_chunks))
+        parts["local"] = ("gpu", (self.tail_start - self.local_start) * per_token + size(self.key_valid))
+        parts["tail"] = ("gpu", (self.k_buf.shape[2] - self.tail_start) * per_token)
         return parts

@@ -14,6 +14,7 @@ from shadowkv_fx import compat, cuda_graph
 from shadowkv_fx.cache import ShadowKVCache, prompt_layout
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.generate_args import end_streamer, plan_generate
+from shadowkv_fx.preflight import check_batch_fits
 from shadowkv_fx.ops import active_cache
 from shadowkv_fx.passes.rewrite import PassReport, shadowkv_pass
 
@@ -92,6 +93,8 @@ class ShadowKVRuntime:
         self.compile_graph, self.compile_kwargs = compile_graph, compile_kwargs
         self.reports: list[PassReport] = []
         self.num_layers = model.config.num_hidden_layers
+        self.model_config = model.config
+        self.dtype = next(model.parameters()).dtype
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.original_forward = model.forward
         self.original_generate = model.generate
@@ -136,6 +139,12 @@ class ShadowKVRuntime:
                 position_ids = None if position_ids is None else realign.to_left(position_ids)
             self._check_length(int(key_valid.sum(dim=1).max()))
             cache.begin_step(key_valid, n, realigned=realign is not None)
+            try:
+                check_batch_fits(self.model_config, cache.layout, cache.config, self.dtype, input_ids.device,
+                                 cache.tail_capacity)
+            except MemoryError:
+                cache.rollback()
+                raise
             if position_ids is None:
                 position_ids = (key_valid.long().cumsum(dim=1) - 1).clamp(min=0)
         else:
@@ -186,13 +195,31 @@ class ShadowKVRuntime:
         return tail
 
     def _prefill(self, cache: ShadowKVCache, input_ids, position_ids, kwargs):
-        """The prompt through the model in ``cache.prefill_spans()``; compressed once all of it is in."""
-        spans = cache.prefill_spans()
-        if len(spans) == 1:
+        """The prompts through the model a group of rows at a time (``cache.prefill_groups()``),
+        each in pieces along the sequence (``cache.prefill_spans()``); every row is compressed
+        once all of it is in. Logits come back in the batch's layout."""
+        groups = cache.prefill_groups()
+        if len(groups) == 1 and len(cache.prefill_spans()) == 1:
             return self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
         keep = kwargs.pop("logits_to_keep", 0)
+        keep = keep if isinstance(keep, int) else 0
+        logits, out = None, None
+        for rows in groups:
+            first = min(cache.layout.pad[b] for b in rows)
+            index = torch.tensor(rows, device=input_ids.device)
+            cache.begin_group(rows, first)
+            out = self._prefill_group(cache, input_ids[index, first:], position_ids[index, first:], keep, kwargs)
+            if logits is None:
+                width = out.logits.shape[1] if keep else input_ids.shape[1]
+                logits = out.logits.new_zeros(input_ids.shape[0], width, out.logits.shape[-1])
+            logits[index, logits.shape[1] - out.logits.shape[1]:] = out.logits
+        out.logits = logits
+        return out
+
+    def _prefill_group(self, cache: ShadowKVCache, input_ids, position_ids, keep: int, kwargs):
+        spans = cache.prefill_spans()
         last = spans[-1][1] - spans[-1][0]
-        only_last = isinstance(keep, int) and 0 < keep <= last
+        only_last = 0 < keep <= last
         outs = []
         for span in spans:
             cache.begin_span(span)
@@ -203,7 +230,7 @@ class ShadowKVRuntime:
             outs.append(out)
         if not only_last:
             logits = torch.cat([o.logits for o in outs], dim=1)
-            outs[-1].logits = logits[:, -keep:] if isinstance(keep, int) and keep > 0 else logits
+            outs[-1].logits = logits[:, -keep:] if keep > 0 else logits
         return outs[-1]
 
     def _dense(self, input_ids, attention_mask, position_ids, cache, use_cache, cache_position, **kwargs):

@@ -137,3 +137,27 @@ def test_a_step_that_fails_half_way_leaves_no_layer_ahead(model, monkeypatch):
             model(ids[:, -1:], cache=cache)
     assert [layer.state.tail_len for layer in cache.layers] == tails
     assert cache.get_seq_length() == 41
+
+
+def test_preflight_names_the_largest_batch_that_fits(monkeypatch):
+    """A batch whose offloaded values cannot fit in host memory is refused before prefill."""
+    from types import SimpleNamespace
+
+    from shadowkv_fx import preflight
+    from shadowkv_fx.layer_state import PromptLayout
+
+    config = shadowkv_fx.ShadowKVConfig(value_hbm_gib=0)
+    model_config = SimpleNamespace(num_hidden_layers=32, num_key_value_heads=8, num_attention_heads=32, head_dim=128,
+                                   hidden_size=4096)
+    lengths = [122880] * 16
+    chunks = [n // 8 - 4 for n in lengths]
+    layout = PromptLayout([0] * 16, lengths, chunks, 122880)
+    per_seq = preflight.footprint(model_config, layout, config, torch.bfloat16, 64)[0]
+    assert 7.4 * 2**30 < per_seq.values < 7.6 * 2**30, "V of one 122K sequence of the 8B shape is 7.5 GiB"
+    assert per_seq.device < 2.5 * 2**30, "the GPU state of one 122K sequence is ~1/7 of its 16 GB dense cache"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(preflight, "_host_available", lambda: 100 * 2**30)
+    with pytest.raises(MemoryError, match="largest batch of these prompts that fits is 12"):
+        preflight.check_batch_fits(model_config, layout, config, torch.bfloat16, torch.device("cuda"), 64)
+    preflight.check_batch_fits(model_config, PromptLayout([0] * 12, lengths[:12], chunks[:12], 122880), config,
+                               torch.bfloat16, torch.device("cuda"), 64)
