@@ -12,8 +12,10 @@ The first decode step of a cache at a given input shape runs normally and warms 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -30,6 +32,52 @@ def capturable(input_ids: torch.Tensor, kwargs: dict[str, Any]) -> bool:
     return not (kwargs.get("output_attentions") or kwargs.get("output_hidden_states"))
 
 
+class CaptureGate:
+    """Lets any number of ShadowKV steps run on the GPU at once, except while one thread captures.
+
+    A capture forbids work from other threads that could touch the capturing stream (a legacy
+    default-stream launch, a synchronize, an allocation): CUDA then invalidates the capture
+    ("operation not permitted when stream is capturing"). Steps share the gate; a capture takes
+    it alone. Captures are rare (the second step of each cache), replays run concurrently.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._steps = 0
+        self._capturing = False
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._capturing)
+            self._steps += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._steps -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """Called from inside a step: leave it, take the gate alone, capture, rejoin."""
+        with self._cond:
+            self._steps -= 1
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._capturing and self._steps == 0)
+            self._capturing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._capturing = False
+                self._steps += 1
+                self._cond.notify_all()
+
+
+GATE = CaptureGate()
+
+
 class DecodeGraph:
     """One captured decode step: static inputs, the graph, and the outputs it writes."""
 
@@ -39,15 +87,17 @@ class DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         # A collection during capture may destroy another cache's graph, which CUDA forbids
         # while a stream is capturing (and torch.cuda.graph no longer collects first).
-        gc.collect()
-        gc_was_on = gc.isenabled()
-        gc.disable()
-        try:
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.output = step(input_ids=self.input_ids, position_ids=self.position_ids)
-        finally:
-            if gc_was_on:
-                gc.enable()
+        with GATE.capture():
+            torch.cuda.synchronize()
+            gc.collect()
+            gc_was_on = gc.isenabled()
+            gc.disable()
+            try:
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                    self.output = step(input_ids=self.input_ids, position_ids=self.position_ids)
+            finally:
+                if gc_was_on:
+                    gc.enable()
 
     def replay(self, input_ids: torch.Tensor, position_ids: torch.Tensor):
         self.input_ids.copy_(input_ids)

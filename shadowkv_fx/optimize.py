@@ -161,7 +161,8 @@ class ShadowKVRuntime:
         step = functools.partial(self.inner, use_cache=False, **kwargs)
         replayed = False
         try:
-            with active_cache(cache), torch.no_grad(), recompile_limit(RECOMPILE_LIMIT):
+            gate = cuda_graph.GATE.step() if input_ids.device.type == "cuda" else contextlib.nullcontext()
+            with gate, active_cache(cache), torch.no_grad(), recompile_limit(RECOMPILE_LIMIT):
                 if cache.phase == "prefill":
                     out = self._prefill(cache, input_ids, position_ids, kwargs)
                 elif self.cuda_graphs and cuda_graph.capturable(input_ids, kwargs):
