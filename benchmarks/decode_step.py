@@ -20,25 +20,11 @@ from transformers import DynamicCache
 import shadowkv_fx
 from shadowkv_fx import compat
 from shadowkv_fx.backend import inductor_graph
+from shadowkv_fx.bench import llama31_8b_random
 
 
 def llama31_8b(layers: int) -> T.LlamaForCausalLM:
-    cfg = T.LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    )
-    cfg._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = T.LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model = model.to_empty(device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02, generator=gen)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg, device="cuda")
-    return model.eval()
+    return llama31_8b_random(layers)
 
 
 def timed_decode(model, ids, steps: int, cache) -> dict:

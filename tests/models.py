@@ -1,6 +1,8 @@
 """Tiny random Hugging Face models of every supported architecture, and comparison helpers."""
 from __future__ import annotations
 
+import threading
+
 import torch
 import transformers as T
 
@@ -64,3 +66,28 @@ def left_padded(batch: int, lengths: list[int], vocab: int, seed: int = 0):
         ids[b, width - n:] = torch.randint(3, vocab, (n,), generator=g)
         mask[b, width - n:] = 1
     return ids, mask
+
+
+def run_threads_against_serial(jobs, runs: int) -> None:
+    """Run each job serially, then all at once on threads, ``runs`` times each: every threaded
+    result must equal that job's serial one."""
+    serial = [job() for job in jobs]
+    results = [None] * len(jobs)
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(runs):
+                out = jobs[i]()
+                assert torch.equal(out, serial[i]), f"thread {i} differs from its serial run"
+            results[i] = out
+        except BaseException as exc:  # reported below, with the thread that saw it
+            errors.append((i, exc))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert all(r is not None for r in results)

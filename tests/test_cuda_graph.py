@@ -4,7 +4,7 @@ import torch
 
 import shadowkv_fx
 from shadowkv_fx.cuda_graph import DecodeGraph
-from tests.models import left_padded, tiny_pair
+from tests.models import left_padded, run_threads_against_serial, tiny_pair
 from shadowkv_fx.compat import output_cache
 
 if not torch.cuda.is_available():
@@ -140,28 +140,9 @@ def test_triton_decode_path_equals_the_cpu_reference_path(arch):
 
 
 def test_threads_with_cuda_graphs_get_their_serial_tokens():
-    import threading
-
     models = [pair(seed=s)[0] for s in (5, 6)]
     config = shadowkv_fx.ShadowKVConfig(**SMALL)
     for m in models:
         shadowkv_fx.optimize(m, config, cuda_graphs=True)
-    jobs = [(m, lengths, seed) for m in models for lengths, seed in (([150, 97], 1), ([120], 2))]
-    serial = [generate(m, lengths, 9, seed=seed).sequences for m, lengths, seed in jobs]
-    results, errors = [None] * len(jobs), []
-
-    def work(i):
-        try:
-            m, lengths, seed = jobs[i]
-            for _ in range(3):
-                results[i] = generate(m, lengths, 9, seed=seed).sequences
-                assert torch.equal(results[i], serial[i]), f"job {i} differs from its serial run"
-        except BaseException as exc:
-            errors.append((i, exc))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
+    cases = [(m, lengths, seed) for m in models for lengths, seed in (([150, 97], 1), ([120], 2))]
+    run_threads_against_serial([lambda c=c: generate(c[0], c[1], 9, seed=c[2]).sequences for c in cases], runs=3)

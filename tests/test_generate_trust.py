@@ -1,7 +1,6 @@
 """generate() you can trust: every argument equals dense at full budget or is refused up front,
 threads and copies are independent, speculation never changes the output (issue #14)."""
 import copy
-import threading
 import warnings
 
 import pytest
@@ -11,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import shadowkv_fx
 from shadowkv_fx.compat import output_cache
-from tests.models import assert_close, full_rank, left_padded, tiny_pair
+from tests.models import assert_close, full_rank, left_padded, run_threads_against_serial, tiny_pair
 
 CHUNK = 4
 GREEDY = dict(do_sample=False, pad_token_id=0)
@@ -46,29 +45,6 @@ def test_use_cache_false_is_a_plain_forward_with_dense_logits(pair):
     assert output_cache(actual) is None, "use_cache=False keeps no cache"
 
 
-def _serial_and_threaded(jobs, runs):
-    serial = [job() for job in jobs]
-    results = [None] * len(jobs)
-    errors = []
-
-    def work(i):
-        try:
-            for _ in range(runs):
-                out = jobs[i]()
-                assert torch.equal(out, serial[i]), f"thread {i} differs from its serial run"
-            results[i] = out
-        except BaseException as exc:  # reported below, with the thread that saw it
-            errors.append((i, exc))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not errors, errors
-    assert all(r is not None for r in results)
-
-
 @settings(max_examples=2)
 @given(threads=st.integers(2, 4), seed=st.integers(0, 1000))
 def test_threads_on_one_model_get_their_serial_tokens(threads, seed):
@@ -79,7 +55,7 @@ def test_threads_on_one_model_get_their_serial_tokens(threads, seed):
     def job(ids, mask):
         return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=5, **GREEDY)
 
-    _serial_and_threaded([job(*p) for p in prompts], runs=2)
+    run_threads_against_serial([job(*p) for p in prompts], runs=2)
 
 
 def test_threads_on_two_models_get_their_serial_tokens():
@@ -89,7 +65,7 @@ def test_threads_on_two_models_get_their_serial_tokens():
         models.append(shadowkv_fx.optimize(m, sparse()))
     ids, mask = left_padded(2, [44, 37], 96, seed=3)
     jobs = [lambda m=m: m.generate(ids, attention_mask=mask, max_new_tokens=5, **GREEDY) for m in models]
-    _serial_and_threaded(jobs, runs=2)
+    run_threads_against_serial(jobs, runs=2)
 
 
 def test_deepcopy_is_an_independent_optimized_model(pair):

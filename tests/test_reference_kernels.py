@@ -1,4 +1,5 @@
 """Properties of the plain-PyTorch kernels (the ground truth the Triton kernels are held to)."""
+import pytest
 import torch
 from hypothesis import given, strategies as st
 
@@ -124,3 +125,24 @@ def test_grouped_attention_equals_the_head_repeating_reference(b, hkv, group, n,
     shared = allowed[:, :, :1]  # a mask broadcast over query rows, as the decode path builds it
     assert_close(grouped_masked_attention(q, k, v, shared, 0.3), ref.masked_attention(q, k, v, shared, 0.3),
                  atol=1e-5, what="broadcast mask")
+
+
+@pytest.mark.parametrize("module, form", [("llama", "rotate_half"), ("glm4", "interleaved")])
+def test_rope_form_is_recognised_from_the_models_own_rope(module, form):
+    """Prefill names the RoPE form by reproducing the model's own output; anything else is generic."""
+    import importlib
+
+    from shadowkv_fx.kernels.rope_forms import apply_rope, detect_rope_form
+
+    hf = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 3, 11, 16, generator=g)
+    rotary = 16 if module == "llama" else 8  # GLM-4 rotates part of the head
+    angles = torch.rand(2, 11, rotary // 2, generator=g) * 6
+    freqs = torch.cat([angles, angles], dim=-1)
+    cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]
+    _, k_rot = hf.apply_rotary_pos_emb(k, k, cos[:, 0], sin[:, 0])
+    assert detect_rope_form(k, k_rot, [cos, sin]) == form
+    assert_close(apply_rope(k, cos, sin, form), k_rot, atol=1e-5, what=f"{form} RoPE")
+    assert detect_rope_form(k, k_rot * 1.01, [cos, sin]) == "generic"
+    assert detect_rope_form(k, k_rot, [cos]) == "generic"
