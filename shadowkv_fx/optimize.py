@@ -288,6 +288,7 @@ def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, co
     config = config or ShadowKVConfig()
     compat.warn_if_untested()
     _check_supported(model)
+    _check_heads(model, config)
     runtime = ShadowKVRuntime(model, config, compile_graph, compile_kwargs, cuda_graphs)
     model._shadowkv = runtime
     model.forward = _delegate(runtime.original_forward, runtime.forward)
@@ -296,7 +297,6 @@ def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, co
     try:
         if validate and config.enabled:
             _validate(model, runtime)
-        _check_rank(model.config, config)
     except Exception:
         restore(model)
         raise
@@ -322,11 +322,21 @@ def _deepcopy_optimized(model: torch.nn.Module, memo: dict) -> torch.nn.Module:
                     compile_kwargs=runtime.compile_kwargs, cuda_graphs=runtime.cuda_graphs, validate=False)
 
 
-def _check_rank(cfg, config: ShadowKVConfig) -> None:
+def _check_heads(model, config: ShadowKVConfig) -> None:
+    """Rank and tensor-parallel split, per rank: ShadowKV state is sharded by KV head."""
+    cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    if config.rank > kv_heads * head_dim:
-        raise ValueError(f"rank={config.rank} > H_kv * D = {kv_heads} * {head_dim}: use rank <= {kv_heads * head_dim}")
+    world = getattr(model, "_tp_size", None) or 1
+    if kv_heads % world:
+        raise ValueError(
+            f"{kv_heads} KV heads cannot be split over {world} tensor-parallel ranks: ShadowKV shards its state by "
+            f"KV head; use a world size that divides {kv_heads}"
+        )
+    local = kv_heads // world
+    if config.rank > local * head_dim:
+        where = f" on each of {world} tensor-parallel ranks" if world > 1 else ""
+        raise ValueError(f"rank={config.rank} > H_kv * D = {local} * {head_dim}{where}: use rank <= {local * head_dim}")
 
 
 def _delegate(original: Callable, replacement: Callable) -> Callable:
