@@ -111,6 +111,26 @@ def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device:
     return picked.reshape(b, hkv, -1, d).to(device, non_blocking=True)
 
 
+def reuse_slots(chunk_idx: torch.Tensor, prev_idx: torch.Tensor) -> torch.Tensor:
+    """Where each chosen chunk sat in the previous step's selection: ``[B, Hkv, k]`` int64, -1 if new.
+
+    Args:
+        chunk_idx, prev_idx: ``[B, Hkv, k]`` chunk ids (``prev_idx`` -1 where nothing was fetched).
+    """
+    match = chunk_idx[..., :, None] == prev_idx[..., None, :]
+    return torch.where(match.any(dim=-1), match.to(torch.int8).argmax(dim=-1), -1)
+
+
+def gather_reusing(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, reuse: torch.Tensor, prev: torch.Tensor,
+                   device: torch.device) -> torch.Tensor:
+    """``gather_value_chunks``, but chunk ``reuse[b, h, j] >= 0`` of ``prev [B, Hkv, k*L, D]`` stands in
+    for a chosen chunk the previous step already fetched."""
+    b, hkv, c, l, d = v_chunks.shape
+    fetched = gather_value_chunks(v_chunks, chunk_idx, device).view(b, hkv, -1, l, d)
+    kept = torch.gather(prev.view(b, hkv, -1, l, d), 2, reuse.clamp(min=0)[..., None, None].expand(-1, -1, -1, l, d))
+    return torch.where((reuse >= 0)[..., None, None], kept, fetched).view(b, hkv, -1, d)
+
+
 def gather_positions(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Rows of a per-position table (cos/sin and the like) for per-head token positions.
 

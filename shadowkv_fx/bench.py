@@ -34,6 +34,7 @@ class BenchRow:
     gpu_gib_per_seq: float | None = None
     host_gib_per_seq: float | None = None
     v_on_gpu: float | None = None
+    v_hit_rate: float | None = None
     peak_gib: float | None = None
     error: str | None = None
     breakdown: list = field(default_factory=list)
@@ -143,7 +144,7 @@ def run_shadowkv(model, ids: torch.Tensor, steps: int, config) -> dict:
     device_v, host_v = report["gpu"].get("device_V", 0), report["cpu"].get("offloaded_V", 0)
     return {"prefill_s": prefill_s, "step_ms": 1e3 * per_step, "tok_s": batch / per_step,
             "gpu_gib_per_seq": gpu / batch / 2**30, "host_gib_per_seq": host / batch / 2**30,
-            "v_on_gpu": device_v / max(1, device_v + host_v), "_cache": cache}
+            "v_on_gpu": device_v / max(1, device_v + host_v), "v_hit_rate": cache.value_hit_rate(), "_cache": cache}
 
 
 def breakdown(fn: Callable[[], None], top: int = 15) -> list[tuple[str, float]]:
@@ -190,14 +191,15 @@ def bench(model, contexts: list[int], batches: list[int], methods: list[str], st
 
 def table(rows: list[BenchRow]) -> str:
     head = (f"{'method':<16}{'context':>8}{'batch':>6}{'tok/s':>9}{'ms/step':>9}{'prefill s':>10}"
-            f"{'GPU GiB/seq':>12}{'host GiB/seq':>13}{'V on GPU':>9}{'peak GiB':>9}")
+            f"{'GPU GiB/seq':>12}{'host GiB/seq':>13}{'V on GPU':>9}{'V hits':>8}{'peak GiB':>9}")
     lines = [head]
     for r in rows:
         if r.error:
             lines.append(f"{r.method:<16}{r.context:>8}{r.batch:>6}  {r.error}")
             continue
         lines.append(f"{r.method:<16}{r.context:>8}{r.batch:>6}{r.tok_s:>9.1f}{r.step_ms:>9.2f}{r.prefill_s:>10.2f}"
-                     f"{r.gpu_gib_per_seq:>12.3f}{r.host_gib_per_seq:>13.3f}{r.v_on_gpu:>9.0%}{r.peak_gib:>9.1f}")
+                     f"{r.gpu_gib_per_seq:>12.3f}{r.host_gib_per_seq:>13.3f}{r.v_on_gpu:>9.0%}"
+                     f"{'-' if r.v_hit_rate is None else f'{r.v_hit_rate:.0%}':>8}{r.peak_gib:>9.1f}")
     for r in rows:
         if r.breakdown:
             lines.append(f"\nbreakdown of one ShadowKV decode step (no CUDA graph), context {r.context}, batch {r.batch}:")

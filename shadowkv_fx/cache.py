@@ -294,6 +294,15 @@ class ShadowKVCache(Cache):
                            self._batch_tables(layer_idx, tables), self.tail_capacity, self._keep_values_on_device)
         return out
 
+    def value_hit_rate(self) -> float | None:
+        """Share of chosen value chunks served from the previous step's copy on the device, over
+        every decode step so far (None when no layer fetches offloaded values)."""
+        counts = [layer.state.v_lookups for layer in self.layers if getattr(layer.state, "reuse", False)]
+        if not counts:
+            return None
+        hits, asked = torch.stack(counts).sum(dim=0).tolist()
+        return hits / asked if asked else None
+
     def memory_report(self) -> dict[str, dict[str, int]]:
         """Bytes per component and device, beside the dense cache for the same tokens.
 

@@ -25,6 +25,9 @@ class ShadowKVConfig:
         Chunks per KV head whose tokens agree least with their landmark, kept dense.
     enabled:
         ``False`` leaves the traced graph untouched (dense attention, dense cache).
+    reuse_values:
+        Keep each step's fetched value chunks on the device and fetch only the chunks the next
+        step adds (consecutive steps pick mostly the same chunks; the paper reports ~60% reuse).
     prefill_rows:
         Sequences that go through the model together at prefill (``None``: the whole batch). One
         at a time keeps prefill memory at one sequence's working set plus the batch's compressed
@@ -43,6 +46,7 @@ class ShadowKVConfig:
     enabled: bool = True
     value_hbm_gib: float | None = None
     prefill_rows: int | None = 1
+    reuse_values: bool = True
 
     def __post_init__(self) -> None:
         for name in ("sparse_budget", "rank", "chunk_size"):

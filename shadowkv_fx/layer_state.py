@@ -190,6 +190,12 @@ class LayerState:
         self._outlier_k = k_rot.new_zeros(b_size, hkv, outlier_tokens, d)
         self._outlier_v = v.new_zeros(b_size, hkv, outlier_tokens, dv)
         self.v_chunks = _value_slots((b_size, hkv, c_max, chunk, dv), v, keep_values_on_device)
+        # values not in accelerator memory: keep last step's chunks and fetch only the new ones
+        self.reuse = cfg.reuse_values and self.v_chunks.device.type != "cuda"
+        if self.reuse:
+            self.prev_idx = torch.full((b_size, hkv, self.select_k), -1, dtype=torch.long, device=device)
+            self.v_prev = v.new_zeros(b_size, hkv, self.select_k * chunk, dv)
+            self.v_lookups = torch.zeros(2, dtype=torch.long, device=device)  # hits, chunks asked for
 
     def _build_buffers(self, tail_capacity: int) -> None:
         b, hkv, local_len, d = self._local_k.shape
@@ -235,6 +241,8 @@ class LayerState:
         """Forget tokens a failed step appended: the device count goes back to the host's."""
         if self.tail_fill is not None:
             self.tail_fill.fill_(self.tail_len)
+        if getattr(self, "reuse", False):
+            self.prev_idx.fill_(-1)  # the selected region may be half-written: fetch it all next step
 
     def append_tail(self, k_rot: torch.Tensor, v: torch.Tensor) -> None:
         """Write new tokens at the device-side fill level (a replayed step reads the current one)."""
@@ -257,7 +265,16 @@ class LayerState:
         region = slice(self.sel_start, self.local_start)
         dispatch.rebuild_rope_keys(self.u, self.sv, chunk_idx, chunk, self.pad, self.rope_tables, self.rope_form,
                                    rope_fn, self.k_buf[:, :, region])
-        dispatch.gather_value_chunks(self.v_chunks, chunk_idx, self.v_buf.device, self.v_buf[:, :, region])
+        if self.reuse:
+            self.v_prev.copy_(self.v_buf[:, :, region])
+            reuse = ref.reuse_slots(chunk_idx, self.prev_idx)
+            dispatch.gather_value_chunks(self.v_chunks, chunk_idx, self.v_buf.device, self.v_buf[:, :, region],
+                                         reuse, self.v_prev)
+            self.prev_idx.copy_(chunk_idx)
+            self.v_lookups[0] += (reuse >= 0).sum()
+            self.v_lookups[1] += reuse.numel()
+        else:
+            dispatch.gather_value_chunks(self.v_chunks, chunk_idx, self.v_buf.device, self.v_buf[:, :, region])
         self.key_valid[:, :, region] = picked.repeat_interleave(chunk, dim=-1)
 
     def decode(self, q: torch.Tensor, k_rot_new: torch.Tensor, v_new: torch.Tensor, rope_fn: RopeFn, scale: float) -> torch.Tensor:
@@ -297,6 +314,8 @@ class LayerState:
                 parts["device_V"] = ("gpu", size(self.v_chunks))  # spare accelerator memory
             else:
                 parts["offloaded_V"] = ("cpu", size(self.v_chunks))
+        if getattr(self, "reuse", False):
+            parts["reuse_workspace"] = ("gpu", size(self.v_prev) + size(self.prev_idx))
         parts["local"] = ("gpu", (self.tail_start - self.local_start) * per_token + size(self.key_valid))
         parts["tail"] = ("gpu", (self.k_buf.shape[2] - self.tail_start) * per_token)
         return parts

@@ -79,3 +79,22 @@ def test_forward_without_generate_makes_and_returns_a_cache():
         step = model(ids[:, -1:], cache=output_cache(out))
     assert step.logits.shape == (1, 1, 96)
     assert output_cache(out).get_seq_length() == 65
+
+
+def test_value_reuse_changes_no_token_and_serves_repeated_chunks():
+    """Chunks the previous step fetched are read from its copy: same tokens and logits, and most
+    chunks of consecutive steps are hits (the paper reports ~60%)."""
+    import dataclasses
+
+    _, plain = tiny_pair("llama", seed=7)
+    _, reusing = tiny_pair("llama", seed=7)
+    shadowkv_fx.optimize(plain, dataclasses.replace(SMALL, reuse_values=False))
+    shadowkv_fx.optimize(reusing, SMALL)
+    ids, mask = left_padded(2, [200, 150], 96, seed=7)
+    want, got = run(plain, ids, mask, 12), run(reusing, ids, mask, 12)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        assert_close(a, b, atol=1e-5, rtol=1e-5, what="logits with value reuse")
+    assert output_cache(want).value_hit_rate() is None
+    rate = output_cache(got).value_hit_rate()
+    assert rate is not None and 0.2 < rate < 1.0, rate
