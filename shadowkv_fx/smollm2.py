@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -33,12 +35,15 @@ def _export_safetensors(target: Path) -> None:
     log.info("dequantising %s once into %s", src.name, target)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    tmp = target.with_suffix(".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    # a private folder renamed into place: parallel test workers may export at the same time
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     save_model(model, str(tmp / "model.safetensors"))
     model.config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first: its copy is the same
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

@@ -5,12 +5,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Before anything imports triton.language: its standard-library helpers (tl.max, tl.sum, ...) are
+# jit functions, and the interpreter can only call them if they were made under TRITON_INTERPRET.
+# Another module (inductor, a test) importing triton first would break every interpreted kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True, print_blob=True)
 settings.register_profile("dev", max_examples=25, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread per xdist worker (scripts/test.sh runs two on the two cores), else two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(autouse=True)

@@ -29,12 +29,13 @@ def test_installed_version_is_in_the_tested_range():
 def test_outside_the_range_optimize_warns_once(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "9.0.0")
     compat.warn_if_untested.cache_clear()
+    config = shadowkv_fx.ShadowKVConfig(rank=8)
     try:
         with pytest.warns(UserWarning, match=r"tested with transformers 5\.17\.0 to 5\.24\.0"):
-            shadowkv_fx.optimize(tiny_pair("llama")[1], validate=False)
+            shadowkv_fx.optimize(tiny_pair("llama")[1], config, validate=False)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            shadowkv_fx.optimize(tiny_pair("llama")[1], validate=False)
+            shadowkv_fx.optimize(tiny_pair("llama")[1], config, validate=False)
     finally:
         compat.warn_if_untested.cache_clear()
 
