@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1
 OLDEST=$("$PY" -c "from shadowkv_fx.compat import TESTED_TRANSFORMERS as t; print(t[0])")
-PYTEST=(-m pytest -o addopts="" -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile)
+PYTEST=(-m pytest -o addopts="" -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist load)
 
 echo "== transformers $("$PY" -c 'import transformers; print(transformers.__version__)') (newest supported): full suite"
 "$PY" "${PYTEST[@]}" "$@"
