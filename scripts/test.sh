@@ -11,7 +11,7 @@ OLDEST=$("$PY" -c "from shadowkv_fx.compat import TESTED_TRANSFORMERS as t; prin
 PYTEST=(-m pytest -o addopts="" -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist load)
 
 echo "== transformers $("$PY" -c 'import transformers; print(transformers.__version__)') (newest supported): full suite"
-"$PY" "${PYTEST[@]}" "$@"
+"$PY" "${PYTEST[@]}" --durations=10 "$@"
 
 VENV=${OLDEST_VENV:-.venv-transformers-$OLDEST}
 if [ ! -x "$VENV/bin/python" ]; then
@@ -19,5 +19,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q "transformers==$OLDEST"
 echo "== transformers $OLDEST (oldest supported): pass, equivalence, compile, bad-input tests"
-"$VENV/bin/python" "${PYTEST[@]}" tests/test_pass.py tests/test_transformation.py tests/test_equivalence.py \
-    tests/test_compile_backend.py tests/test_bad_input.py tests/test_versions.py "$@"
+HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-oldest} "$VENV/bin/python" "${PYTEST[@]}" tests/test_pass.py \
+    tests/test_equivalence.py tests/test_compile_backend.py tests/test_bad_input.py tests/test_versions.py "$@"

@@ -15,6 +15,8 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True, print_blob=True)
 settings.register_profile("dev", max_examples=25, deadline=None)
+# the oldest supported transformers re-runs the core tests with fewer examples each (scripts/test.sh)
+settings.register_profile("oldest", max_examples=3, deadline=None, derandomize=True, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # one thread per xdist worker (scripts/test.sh runs two on the two cores), else two
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
