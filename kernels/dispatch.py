@@ -49,7 +49,7 @@ def rebuild_rope_keys(u: torch.Tensor, sv: torch.Tensor, chunk_idx: torch.Tensor
         cos, sin = rope_tables
         triton_rebuild.rebuild_rope_keys(u, sv, chunk_idx, chunk_size, pad, cos, sin, rope_form, out=out)
         return
-    token_idx = (chunk_idx[..., None] * chunk_size + torch.arange(chunk_size, device=chunk_idx.device)).flatten(-2)
+    token_idx = reference.chunk_tokens(chunk_idx, chunk_size)
     k_pre = reference.rebuild_keys(u, sv, token_idx)
     # picks of a shorter sequence's padding chunks point past its prompt; they are masked later
     positions = (token_idx + pad[:, None, None]).clamp(max=rope_tables[0].shape[2] - 1)

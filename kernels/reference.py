@@ -8,6 +8,12 @@ from __future__ import annotations
 import torch
 
 
+def chunk_tokens(chunk_idx: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Token indices of chunks: ``[..., k]`` chunk ids -> ``[..., k * chunk_size]`` token ids."""
+    offsets = torch.arange(chunk_size, device=chunk_idx.device)
+    return (chunk_idx[..., None] * chunk_size + offsets).flatten(-2)
+
+
 def low_rank_keys(k_pre: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD of one sequence's pre-RoPE keys, in float32.
 

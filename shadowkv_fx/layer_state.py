@@ -42,12 +42,6 @@ class PromptLayout:
         return max(self.chunks)
 
 
-def chunk_tokens(chunk_idx: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Token indices of chunks: ``[..., k]`` chunk ids -> ``[..., k * chunk_size]`` token ids."""
-    offsets = torch.arange(chunk_size, device=chunk_idx.device)
-    return (chunk_idx[..., None] * chunk_size + offsets).flatten(-2)
-
-
 def _value_slots(shape: tuple[int, ...], like: torch.Tensor, keep_on_device: Callable[[int], bool]) -> torch.Tensor:
     """Zeroed slots for the chunked values: in spare accelerator memory when ``keep_on_device``
     grants the bytes, else in pinned host memory (plain memory on a CPU model)."""
@@ -144,7 +138,7 @@ class LayerState:
                 outliers = torch.topk(-min_cos, cfg.outlier_chunks, dim=-1).indices
                 self.selectable[b, :, :n_chunks] = True
                 self.selectable[b].scatter_(1, outliers, False)
-                token_idx = chunk_tokens(outliers, chunk)
+                token_idx = ref.chunk_tokens(outliers, chunk)
                 self._outlier_k[b] = torch.gather(kr, 1, token_idx[..., None].expand(-1, -1, d))
                 self._outlier_v[b] = torch.gather(vb, 1, token_idx[..., None].expand(-1, -1, d))
                 self.u[b, :t] = u
