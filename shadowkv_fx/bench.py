@@ -10,6 +10,7 @@ The model is Llama-3.1-8B-shaped with random bf16 weights unless ``--model DIR``
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import time
@@ -36,6 +37,9 @@ class BenchRow:
     v_on_gpu: float | None = None
     v_hit_rate: float | None = None
     peak_gib: float | None = None
+    fill: str = "prefill"  # "random": the cache was filled by fill_random (no prefill time)
+    largest_batch: int | None = None  # ShadowKV's preflight: the largest batch of this context that fits
+    bound: str | None = None  # what limits that batch
     error: str | None = None
     breakdown: list = field(default_factory=list)
 
@@ -60,6 +64,31 @@ def llama31_8b_random(layers: int = 32, device: str = "cuda"):
             p.normal_(0.0, 0.02, generator=gen)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg, device=device)
     return model.eval()
+
+
+def load_model(path):
+    """A saved model in bf16 on this process's GPU; under ``torchrun`` sharded by
+    ``tp_plan="auto"`` (each rank holds its share of the heads, ShadowKV state included)."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    if world_size() > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, tp_plan="auto").eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda").eval()
+
+
+def world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_lead_rank() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _sync() -> None:
@@ -119,19 +148,24 @@ def run_dense(model, ids: torch.Tensor, steps: int, compiled: bool) -> dict:
             "gpu_gib_per_seq": kv / batch / 2**30, "host_gib_per_seq": 0.0, "v_on_gpu": 1.0}
 
 
-def run_shadowkv(model, ids: torch.Tensor, steps: int, config) -> dict:
+def run_shadowkv(model, ids: torch.Tensor, steps: int, config, random_fill: bool = False) -> dict:
+    """``random_fill``: the cache is filled by ``fill_random`` (prefill time then not reported)."""
     import shadowkv_fx
     from shadowkv_fx.backend import inductor_graph
 
-    batch = ids.shape[0]
+    batch, context = ids.shape
     if getattr(model, "_shadowkv", None) is None:
         shadowkv_fx.optimize(model, config, compile_graph=inductor_graph, cuda_graphs=True)
-    with torch.no_grad():  # compile this prompt shape's graphs, so the timed prefill is warm
-        model(ids, cache=shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config), logits_to_keep=1)
+    if not random_fill:
+        with torch.no_grad():  # compile this prompt shape's graphs, so the timed prefill is warm
+            model(ids, cache=shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config), logits_to_keep=1)
     cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, tail_capacity=steps + 16)
 
     def prefill():
         with torch.no_grad():
+            if random_fill:
+                fill_random(model, cache, batch, context)
+                return ids[:, -1:]
             return _greedy(model(ids, cache=cache, logits_to_keep=1).logits)
 
     def step(token):
@@ -139,12 +173,49 @@ def run_shadowkv(model, ids: torch.Tensor, steps: int, config) -> dict:
             return _greedy(model(token, cache=cache).logits)
 
     prefill_s, per_step = timed_decode(step, prefill, steps)
+    prefill_s = None if random_fill else prefill_s
     report = cache.memory_report()
     gpu, host = sum(report["gpu"].values()), sum(report["cpu"].values())
     device_v, host_v = report["gpu"].get("device_V", 0), report["cpu"].get("offloaded_V", 0)
     return {"prefill_s": prefill_s, "step_ms": 1e3 * per_step, "tok_s": batch / per_step,
             "gpu_gib_per_seq": gpu / batch / 2**30, "host_gib_per_seq": host / batch / 2**30,
             "v_on_gpu": device_v / max(1, device_v + host_v), "v_hit_rate": cache.value_hit_rate(), "_cache": cache}
+
+
+def _rotate_half_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = k.shape[-1] // 2
+    return k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+
+
+def fill_random(model, cache, batch: int, context: int, seed: int = 0) -> None:
+    """Fill ``cache`` as a prefill of ``batch`` prompts of ``context`` tokens would, from random
+    pre-RoPE keys and values through the same compression path (group by group: SVD, landmarks,
+    outliers, values to host or spare HBM), skipping the model's forward.
+
+    Decode cost does not depend on the values in the cache, so large-batch points need not pay a
+    real prefill per sequence. RoPE is the Llama rotate-half form at the model's own tables.
+    """
+    from shadowkv_fx.preflight import check_batch_fits
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    tp_size = getattr(model, "_tp_size", None) or 1
+    kv_heads = cfg.num_key_value_heads // tp_size
+    device, dtype = model.device, next(model.parameters()).dtype
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cache.begin_step(torch.ones(batch, context, dtype=torch.bool, device=device), context)
+    check_batch_fits(cfg, cache.layout, cache.config, dtype, device, cache.tail_capacity, tp_size)
+    positions = torch.arange(context, device=device)[None]
+    cos, sin = (t[:, None].to(dtype) for t in model.model.rotary_emb(torch.empty(1, dtype=dtype, device=device), positions))
+    for rows in cache.prefill_groups():
+        cache.begin_group(rows, 0)
+        for layer in range(len(cache.layers)):
+            shape = (len(rows), kv_heads, context, head_dim)
+            k_pre = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+            v = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+            cache.compress_group(layer, k_pre, _rotate_half_rope(k_pre, cos, sin), v, [cos, sin])
+    cache.touched = set(range(len(cache.layers)))
+    cache.end_step(context)
 
 
 def breakdown(fn: Callable[[], None], top: int = 15) -> list[tuple[str, float]]:
@@ -158,20 +229,49 @@ def breakdown(fn: Callable[[], None], top: int = 15) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])[:top]
 
 
-def bench(model, contexts: list[int], batches: list[int], methods: list[str], steps: int, config,
-          progress: Callable[[str], None] = print, with_breakdown: bool = False) -> list[BenchRow]:
+def _release_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    empty_host = getattr(torch._C, "_host_emptyCache", None)
+    if empty_host is not None:  # pinned blocks of the last point: the next batch needs other sizes
+        empty_host()
+
+
+def largest_batch(model, context: int, config, tail_capacity: int):
+    """ShadowKV's preflight for ``context``-token prompts: ``preflight.Capacity``."""
+    from shadowkv_fx.layer_state import PromptLayout
+    from shadowkv_fx.preflight import capacity
+
+    layout = PromptLayout.from_mask(torch.ones(1, context, dtype=torch.bool), config)
+    return capacity(model.config, layout, config, next(model.parameters()).dtype, model.device, tail_capacity,
+                    getattr(model, "_tp_size", None) or 1)
+
+
+def bench(model, contexts: list[int], batches: list[int | str], methods: list[str], steps: int, config,
+          progress: Callable[[str], None] = print, with_breakdown: bool = False,
+          random_fill_above: int | None = None) -> list[BenchRow]:
+    """Every method at every (context, batch); batch ``"max"`` is the largest ShadowKV's preflight
+    admits at that context. ShadowKV points with a batch above ``random_fill_above`` fill the
+    cache from random K/V (``fill_random``) instead of a prefill."""
     rows = []
     for context in contexts:
         for batch in batches:
+            if batch == "max":
+                _release_memory()
+                batch = largest_batch(model, context, config, steps + 16).largest
             ids = torch.randint(0, model.config.vocab_size - 1, (batch, context), device=model.device)
             for method in methods:
                 progress(f"{method}: context {context}, batch {batch}")
-                row = BenchRow(method, context, batch)
-                torch.cuda.empty_cache()
+                row, result = BenchRow(method, context, batch), None
+                _release_memory()
                 torch.cuda.reset_peak_memory_stats()
                 try:
                     if method == "shadowkv":
-                        result = run_shadowkv(model, ids, steps, config)
+                        fit = largest_batch(model, context, config, steps + 16)
+                        row.largest_batch, row.bound = fit.largest, fit.bound
+                        random_fill = random_fill_above is not None and batch > random_fill_above
+                        row.fill = "random" if random_fill else "prefill"
+                        result = run_shadowkv(model, ids, steps, config, random_fill)
                         cache = result.pop("_cache")
                         if with_breakdown:
                             token = ids[:, -1:]
@@ -181,25 +281,33 @@ def bench(model, contexts: list[int], batches: list[int], methods: list[str], st
                         result = run_dense(model, ids, steps, compiled=method == "dense-compiled")
                     for key, value in result.items():
                         setattr(row, key, value)
-                except torch.OutOfMemoryError as exc:
-                    row.error = f"out of memory: {str(exc).splitlines()[0][:100]}"
+                except (torch.OutOfMemoryError, MemoryError) as exc:
+                    row.error = f"out of memory: {str(exc).splitlines()[0][:160]}"
                 row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
                 rows.append(row)
+                del result
                 progress(json.dumps({k: v for k, v in asdict(row).items() if k != "breakdown"}))
     return rows
 
 
-def table(rows: list[BenchRow]) -> str:
+def table(rows: list[BenchRow], gpus: int = 1) -> str:
+    """Per-sequence GPU bytes are one GPU's (with ``gpus`` > 1, each holds 1/gpus of the KV heads)."""
     head = (f"{'method':<16}{'context':>8}{'batch':>6}{'tok/s':>9}{'ms/step':>9}{'prefill s':>10}"
             f"{'GPU GiB/seq':>12}{'host GiB/seq':>13}{'V on GPU':>9}{'V hits':>8}{'peak GiB':>9}")
-    lines = [head]
+    lines = [f"{gpus} GPU(s), tensor parallel over KV heads" if gpus > 1 else "1 GPU", head]
     for r in rows:
         if r.error:
             lines.append(f"{r.method:<16}{r.context:>8}{r.batch:>6}  {r.error}")
             continue
-        lines.append(f"{r.method:<16}{r.context:>8}{r.batch:>6}{r.tok_s:>9.1f}{r.step_ms:>9.2f}{r.prefill_s:>10.2f}"
+        prefill = "random" if r.prefill_s is None else f"{r.prefill_s:.2f}"
+        lines.append(f"{r.method:<16}{r.context:>8}{r.batch:>6}{r.tok_s:>9.1f}{r.step_ms:>9.2f}{prefill:>10}"
                      f"{r.gpu_gib_per_seq:>12.3f}{r.host_gib_per_seq:>13.3f}{r.v_on_gpu:>9.0%}"
                      f"{'-' if r.v_hit_rate is None else f'{r.v_hit_rate:.0%}':>8}{r.peak_gib:>9.1f}")
+    fits = {(r.context, r.largest_batch, r.bound) for r in rows if r.largest_batch is not None}
+    for context, largest, bound in sorted(fits):
+        lines.append(f"ShadowKV preflight, context {context}: largest batch {largest}, bound by {bound}")
+    if any(r.fill == "random" for r in rows):
+        lines.append("prefill 'random': the cache was filled from random K/V through the same compression path")
     for r in rows:
         if r.breakdown:
             lines.append(f"\nbreakdown of one ShadowKV decode step (no CUDA graph), context {r.context}, batch {r.batch}:")

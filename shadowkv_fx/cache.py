@@ -290,9 +290,19 @@ class ShadowKVCache(Cache):
         start, end = self.prefill_span
         out = _dense_prefill(q, k_rot, v, self.group_layout, scale, start)
         if end == self.group_layout.padded_len:
-            state.add_rows(self.group_rows, k_pre, k_rot, v, self.group_layout, self.layout,
-                           self._batch_tables(layer_idx, tables), self.tail_capacity, self._keep_values_on_device)
+            self.compress_group(layer_idx, k_pre, k_rot, v, tables)
         return out
+
+    def compress_group(self, layer_idx: int, k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor,
+                       rope_tables: list[torch.Tensor]) -> None:
+        """Compress one layer's whole prompt K/V of the current group of rows into their slots.
+
+        ``k_pre, k_rot, v: [rows, Hkv, S_g, D]`` in the group's layout; ``rope_tables`` the RoPE
+        inputs per position the keys were rotated with (``[rows|1, 1, S_g, c]``).
+        """
+        self.layers[layer_idx].state.add_rows(
+            self.group_rows, k_pre, k_rot, v, self.group_layout, self.layout,
+            self._batch_tables(layer_idx, rope_tables), self.tail_capacity, self._keep_values_on_device)
 
     def value_hit_rate(self) -> float | None:
         """Share of chosen value chunks served from the previous step's copy on the device, over

@@ -1,6 +1,7 @@
 """``shadowkv-fx``: demo, generate and eval on the embedded default model or a local one."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -109,24 +110,28 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
-
 
 @app.command()
 def bench(
     contexts: str = typer.Option("32768", help="comma-separated prompt lengths"),
-    batches: str = typer.Option("4", help="comma-separated batch sizes"),
+    batches: str = typer.Option("4", help="comma-separated batch sizes; 'max': the largest ShadowKV fits"),
     methods: str = typer.Option("dense-compiled,shadowkv", help="of dense-eager, dense-compiled, shadowkv"),
     steps: int = 16,
     layers: int = typer.Option(32, help="layers of the random Llama-3.1-8B-shaped model"),
+    model_dir: Path = typer.Option(None, "--model", help="a saved model (save-random-model) instead of building one; "
+                                   "under torchrun it loads with tp_plan='auto' (tensor parallel)"),
     sparse_budget: int = 2048,
     rank: int = 160,
     value_hbm_gib: float = typer.Option(-1.0, help="GiB of values kept on the GPU; -1: as many as fit; 0: none"),
+    random_fill_above: int = typer.Option(-1, help="ShadowKV points with a larger batch fill the cache from random "
+                                          "K/V through the compression path instead of a prefill; -1: never"),
     breakdown: bool = typer.Option(False, help="per-kernel time of one ShadowKV decode step"),
     out: Path = typer.Option(Path("bench_out"), help="folder for bench.json, bench.png and table.txt"),
 ):
-    """Decode throughput, ShadowKV against dense HF (eager and compiled static cache), one run, one GPU."""
+    """Decode throughput, ShadowKV against dense HF (eager and compiled static cache), one run.
+
+    One GPU, or several with `torchrun --nproc-per-node N -m shadowkv_fx.cli bench --model DIR`.
+    """
     from shadowkv_fx import bench as b
 
     if not torch.cuda.is_available():
@@ -136,14 +141,39 @@ def bench(
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; known: {b.METHODS}")
     config = ShadowKVConfig(sparse_budget=sparse_budget, rank=rank,
                             value_hbm_gib=None if value_hbm_gib < 0 else value_hbm_gib)
-    with console.status("building the model") as status:
-        model = b.llama31_8b_random(layers)
-        rows = b.bench(model, [int(c) for c in contexts.split(",")], [int(x) for x in batches.split(",")],
-                       methods.split(","), steps, config, progress=lambda msg: (status.update(msg), console.log(msg)),
-                       with_breakdown=breakdown)
+    model = b.load_model(model_dir) if model_dir else b.llama31_8b_random(layers)
+    lead = b.is_lead_rank()
+    torch.manual_seed(0)  # every tensor-parallel rank draws the same prompts
+    with console.status("benchmarking") if lead else contextlib.nullcontext() as status:
+        def progress(msg: str) -> None:
+            if lead:
+                status.update(msg)
+                console.log(msg)
+
+        rows = b.bench(model, [int(c) for c in contexts.split(",")], [x if x == "max" else int(x) for x in batches.split(",")],
+                       methods.split(","), steps, config, progress=progress, with_breakdown=breakdown,
+                       random_fill_above=None if random_fill_above < 0 else random_fill_above)
+    if not lead:
+        return
     out.mkdir(parents=True, exist_ok=True)
-    text = b.table(rows)
+    text = b.table(rows, gpus=b.world_size())
     (out / "table.txt").write_text(text + "\n")
     (out / "bench.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
     b.plot(rows, str(out / "bench.png"))
     console.print(text)
+
+
+@app.command("save-random-model")
+def save_random_model(
+    target: Path = typer.Argument(..., help="folder to write"),
+    layers: int = typer.Option(32, help="layers of the random Llama-3.1-8B-shaped model"),
+):
+    """Write the bench's random Llama-3.1-8B-shaped model (bf16) to TARGET, for `bench --model` under torchrun."""
+    from shadowkv_fx import bench as b
+
+    b.llama31_8b_random(layers, device="cuda" if torch.cuda.is_available() else "cpu").save_pretrained(target)
+    console.print(f"saved to {target}")
+
+
+if __name__ == "__main__":
+    main()

@@ -96,6 +96,7 @@ class ShadowKVRuntime:
         self.model_config = model.config
         self.dtype = next(model.parameters()).dtype
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.tp_size = getattr(model, "_tp_size", None) or 1
         self.original_forward = model.forward
         self.original_generate = model.generate
         self.inner = torch.compile(
@@ -141,7 +142,7 @@ class ShadowKVRuntime:
             cache.begin_step(key_valid, n, realigned=realign is not None)
             try:
                 check_batch_fits(self.model_config, cache.layout, cache.config, self.dtype, input_ids.device,
-                                 cache.tail_capacity)
+                                 cache.tail_capacity, self.tp_size)
             except MemoryError:
                 cache.rollback()
                 raise

@@ -5,6 +5,7 @@ that does, instead of failing half-way through prefill (or worse, swapping the h
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +25,11 @@ class Footprint:
 
 
 def footprint(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype: torch.dtype,
-              tail_capacity: int) -> list[Footprint]:
-    """Per sequence of ``layout``, what ``LayerState`` will allocate for it (DESIGN.md §4)."""
+              tail_capacity: int, tp_size: int = 1) -> list[Footprint]:
+    """Per sequence of ``layout``, what ``LayerState`` will allocate for it (DESIGN.md §4), on
+    one of ``tp_size`` tensor-parallel ranks (each holds its share of the KV heads)."""
     layers = model_config.num_hidden_layers
-    hkv = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    hkv = (getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads) // tp_size
     d = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     size = torch.finfo(dtype).bits // 8
     chunk, c_max = config.chunk_size, layout.max_chunks
@@ -43,44 +45,78 @@ def footprint(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype:
 
 
 def _host_available() -> int | None:
+    """Host memory this process may pin: MemAvailable, split evenly between the ranks of a
+    ``torchrun`` on this host (they pin at the same time)."""
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
     except OSError:
         return None
-    return info.get("MemAvailable")
+    available = info.get("MemAvailable")
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return None if available is None else available // max(ranks_here, 1)
+
+
+@dataclass
+class Capacity:
+    """How many sequences like the first of a layout fit, by GPU memory and by host memory."""
+
+    by_device: int
+    by_host: int | None  # None: host memory unknown (no /proc/meminfo)
+    per_seq: Footprint
+    room: float  # GPU bytes free beyond the reserve kept for prefill and decode work
+
+    @property
+    def largest(self) -> int:
+        return self.by_device if self.by_host is None else min(self.by_device, self.by_host)
+
+    @property
+    def bound(self) -> str:
+        return "host memory (pinned values)" if self.by_host is not None and self.by_host < self.by_device \
+            else "GPU memory (compressed state)"
+
+
+def capacity(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype: torch.dtype,
+             device: torch.device, tail_capacity: int, tp_size: int = 1) -> Capacity:
+    """Largest batch of prompts like ``layout``'s first: the compressed state must fit the GPU
+    beyond the reserve; values fill what GPU room is left (up to ``value_hbm_gib``), then pinned host."""
+    from shadowkv_fx.cache import DEVICE_RESERVE
+
+    per_seq = footprint(model_config, layout, config, dtype, tail_capacity, tp_size)[0]
+    free, total = torch.cuda.mem_get_info(device)
+    room = max(free - DEVICE_RESERVE * total, 0)
+    by_device = int(room // max(per_seq.device, 1))
+    available = _host_available()
+    if available is None:
+        return Capacity(by_device, None, per_seq, room)
+    cap = float("inf") if config.value_hbm_gib is None else config.value_hbm_gib * 2**30
+    by_host = 0
+    while by_host < by_device:  # values on the GPU take the room the state leaves
+        batch = by_host + 1
+        on_device = max(min(room - per_seq.device * batch, cap), 0)
+        if per_seq.values * batch - on_device > HOST_SHARE * available:
+            break
+        by_host = batch
+    return Capacity(by_device, by_host, per_seq, room)
 
 
 def check_batch_fits(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype: torch.dtype,
-                     device: torch.device, tail_capacity: int) -> None:
+                     device: torch.device, tail_capacity: int, tp_size: int = 1) -> None:
     """Raise ``MemoryError`` naming the largest batch that fits, if this one does not."""
     if device.type != "cuda":
         return  # a CPU model keeps its values where they are: nothing is pinned or moved
-    need = footprint(model_config, layout, config, dtype, tail_capacity)
-    per_seq = need[0]
-    batch = len(need)
-    free, total = torch.cuda.mem_get_info(device)
-    from shadowkv_fx.cache import DEVICE_RESERVE
-
-    room = free - DEVICE_RESERVE * total
-    state = per_seq.device * batch
-    if state > max(room, 0):
-        fits = int(max(room, 0) // max(per_seq.device, 1))
+    fit = capacity(model_config, layout, config, dtype, device, tail_capacity, tp_size)
+    batch, per_seq = len(layout.lengths), fit.per_seq
+    if batch > fit.by_device:
         raise MemoryError(
-            f"this batch's compressed ShadowKV state needs {state / 2**30:.1f} GiB of GPU memory "
-            f"({per_seq.device / 2**30:.2f} GiB per sequence) but {max(room, 0) / 2**30:.1f} GiB is free beyond "
-            f"the {DEVICE_RESERVE:.0%} kept for prefill and decode work: the largest batch of these prompts "
-            f"that fits is {fits}; use a smaller batch or shorter prompts"
+            f"this batch's compressed ShadowKV state needs {per_seq.device * batch / 2**30:.1f} GiB of GPU memory "
+            f"({per_seq.device / 2**30:.2f} GiB per sequence) but {fit.room / 2**30:.1f} GiB is free beyond "
+            f"the share kept for prefill and decode work: the largest batch of these prompts "
+            f"that fits is {fit.by_device}; use a smaller batch or shorter prompts"
         )
-    cap = config.value_hbm_gib
-    on_device = min(room - state, float("inf") if cap is None else cap * 2**30)
-    host_need = per_seq.values * batch - max(on_device, 0)
-    available = _host_available()
-    if available is None or host_need <= HOST_SHARE * available:
-        return
-    fits = int((HOST_SHARE * available + max(on_device, 0)) // max(per_seq.values, 1))
-    raise MemoryError(
-        f"offloading this batch's values needs {host_need / 2**30:.1f} GiB of pinned host memory "
-        f"({per_seq.values / 2**30:.2f} GiB per sequence) but {available / 2**30:.1f} GiB is available: the "
-        f"largest batch of these prompts that fits is {fits}; use a smaller batch or shorter prompts"
-    )
+    if fit.by_host is not None and batch > fit.by_host:
+        raise MemoryError(
+            f"offloading this batch's values needs more pinned host memory than is available "
+            f"({per_seq.values / 2**30:.2f} GiB per sequence, {_host_available() / 2**30:.1f} GiB available): the "
+            f"largest batch of these prompts that fits is {fit.by_host}; use a smaller batch or shorter prompts"
+        )
