@@ -120,16 +120,19 @@ def run_dense(model, ids: torch.Tensor, steps: int, compiled: bool) -> dict:
     from transformers import DynamicCache, StaticCache
 
     batch, context = ids.shape
+    # the model's own forward, also once an earlier point of the run optimized it for ShadowKV
+    runtime = getattr(model, "_shadowkv", None)
+    dense_forward = runtime.original_forward if runtime is not None else model.forward
     if compiled:
         cache = StaticCache(config=model.config, max_cache_len=context + steps + 8)
-        forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        forward = torch.compile(dense_forward, mode="reduce-overhead", fullgraph=True)
     else:
-        cache, forward = DynamicCache(config=model.config), model.forward
+        cache, forward = DynamicCache(config=model.config), dense_forward
     position = [context]
 
     def prefill():
         with torch.no_grad():
-            out = model(ids, **{compat.CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
+            out = dense_forward(ids, **{compat.CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
         return _greedy(out.logits)
 
     takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
