@@ -19,10 +19,11 @@ import triton.language as tl
 # every buffer this module allocates comes from here: tests swap in a poisoning allocator so an
 # element the kernel fails to write shows up in the result
 _scratch = torch.empty
-# registers per thread bound the row a program holds: warps grow with C up to MAX_WARPS, so a
-# thread keeps about ELEMS_PER_THREAD keys; RADIX_BITS trades steps (32 / bits) for candidate
-# thresholds counted per step (2**bits). Untuned guesses until a GPU sweep (benchmarks/kernel_bench.py).
-GPU_TILES = {"elems_per_thread": 32, "max_warps": 16, "radix_bits": 4}
+# A program holds its whole row, so warps grow with C (up to max_warps) to keep about
+# elems_per_thread keys per thread. radix_bits trades search steps (32 / bits, each ending in a
+# block-wide reduction) for candidates counted per step (2**bits compares per key). Guesses from
+# an instruction count, not yet a GPU sweep: ``kernel_bench.py --sweep-topk`` times the choices.
+GPU_TILES = {"elems_per_thread": 32, "max_warps": 16, "radix_bits": 2}
 # a row is one program's registers: beyond this many chunks (over 1M tokens of context) use torch.topk
 MAX_CHUNKS = 32768
 
@@ -64,14 +65,16 @@ def top_chunks_kernel(scores, out_idx, out_picked, C, K, Hkv, s_b, s_h, s_c,
     ties_needed = K - tl.sum(b_above.to(tl.int32), axis=0)
     b_take = b_above | (b_tied & (tl.cumsum(b_tied.to(tl.int32), axis=0) <= ties_needed))
     b_pos = tl.cumsum(b_take.to(tl.int32), axis=0) - 1
-    b_finite = m_real & (b_s > float("-inf")) & (b_s < float("inf"))
+    # finite scores are the keys strictly between those of -inf and +inf (NaNs lie outside): the
+    # scores themselves need not stay live in registers through the search
+    b_finite = m_real & (b_key > 0x007FFFFF) & (b_key < 0xFF800000)
     p_out = i_bh * K + b_pos.to(tl.int64)
     tl.store(out_idx + p_out, tl.where(m_real, o_c, 0).to(tl.int64), mask=b_take)
     tl.store(out_picked + p_out, b_finite.to(tl.uint8), mask=b_take)
 
 
-def top_chunks(scores: torch.Tensor, k: int, radix_bits: int | None = None,
-               elems_per_thread: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def top_chunks(scores: torch.Tensor, k: int, *, radix_bits: int | None = None,
+               num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``reference.top_chunks``.
 
     Parameters
@@ -81,8 +84,8 @@ def top_chunks(scores: torch.Tensor, k: int, radix_bits: int | None = None,
         not be picked while k finite ones remain. ``C <= MAX_CHUNKS``.
     k : int
         Chunks to select per row; may exceed ``C``.
-    radix_bits, elems_per_thread : int, optional
-        Overrides of ``GPU_TILES`` (benchmark sweeps).
+    radix_bits, num_warps : int, optional
+        Overrides of the ``GPU_TILES`` choices (benchmark sweeps).
 
     Returns
     -------
@@ -106,8 +109,8 @@ def top_chunks(scores: torch.Tensor, k: int, radix_bits: int | None = None,
     if idx.numel() == 0:
         return idx, picked.view(torch.bool)
     block_c = triton.next_power_of_2(max(c, k))
-    per_thread = elems_per_thread or GPU_TILES["elems_per_thread"]
-    num_warps = min(GPU_TILES["max_warps"], max(4, block_c // (32 * per_thread)))
+    if num_warps is None:
+        num_warps = min(GPU_TILES["max_warps"], max(4, block_c // (32 * GPU_TILES["elems_per_thread"])))
     top_chunks_kernel[(b * hkv,)](
         scores, idx, picked, c, k, hkv, *scores.stride(),
         BLOCK_C=block_c, RADIX_BITS=radix_bits, num_warps=num_warps,
