@@ -13,7 +13,7 @@ in a second column, also the cos/sin rows the rebuild reads.
 
     python benchmarks/kernel_bench.py                       # 32K and 122K contexts, batch 4 and 16
     python benchmarks/kernel_bench.py --contexts 32768 --batches 1 4
-    python benchmarks/kernel_bench.py --sweep-topk          # also top-k graph times per radix/warps
+    python benchmarks/kernel_bench.py --sweep-topk          # also top-k graph times per warp count
 """
 from __future__ import annotations
 
@@ -116,15 +116,13 @@ def bench_topk(batch: int, chunks: int, gen: torch.Generator) -> dict:
 
 
 def sweep_topk(batch: int, chunks: int, gen: torch.Generator) -> list[str]:
-    """Graph time of every (radix bits, warps) choice, for ``triton_topk.GPU_TILES``."""
+    """Graph time at each warp count, for ``triton_topk.GPU_TILES``."""
     scores = topk_scores(batch, chunks, gen)
     lines = []
-    for bits in (1, 2, 4):
-        for warps in (4, 8, 16, 32):
-            err = topk_err(scores, radix_bits=bits, num_warps=warps)
-            ms = graph_ms(lambda: triton_topk.top_chunks(scores, K, radix_bits=bits, num_warps=warps))
-            lines.append(f"  topk sweep B={batch} chunks={chunks} radix_bits={bits} warps={warps:>2}: "
-                         f"{ms * 1e3:7.1f} us  err {err:.0e}")
+    for warps in (4, 8, 16, 32):
+        err = topk_err(scores, num_warps=warps)
+        ms = graph_ms(lambda: triton_topk.top_chunks(scores, K, num_warps=warps))
+        lines.append(f"  topk sweep B={batch} chunks={chunks} warps={warps:>2}: {ms * 1e3:7.1f} us  err {err:.0e}")
     return lines
 
 
@@ -161,7 +159,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 124928])
     parser.add_argument("--batches", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--max-err", type=float, default=2e-2, help="fail when a Triton result is further off")
-    parser.add_argument("--sweep-topk", action="store_true", help="time top-k at each radix width and warp count")
+    parser.add_argument("--sweep-topk", action="store_true", help="time top-k at each warp count")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernel_bench needs a CUDA GPU")

@@ -40,7 +40,7 @@ def top_chunks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     if _triton(scores):
         from shadowkv_fx.kernels import triton_topk
 
-        if scores.shape[-1] <= triton_topk.MAX_CHUNKS:
+        if max(scores.shape[-1], k) <= triton_topk.MAX_CHUNKS:
             return triton_topk.top_chunks(scores, k)
     return reference.top_chunks(scores, k)
 
