@@ -52,7 +52,7 @@ def check_top_chunks(scores: torch.Tensor, k: int, **tiles) -> None:
     b, hkv, c = scores.shape
     with mock.patch.object(triton_topk, "_scratch", poisoned_scratch):
         idx, picked = triton_topk.top_chunks(scores, k, **tiles)
-    ref_idx, ref_picked = reference.top_chunks(scores, k)
+    _, ref_picked = reference.top_chunks(scores, k)
     what = f"b={b} hkv={hkv} c={c} k={k} {scores.dtype} {tiles}"
     assert idx.shape == picked.shape == (b, hkv, k) and idx.dtype == torch.int64 and picked.dtype == torch.bool, what
     assert picked.view(torch.uint8).le(1).all(), f"{what}: unwritten picked slots"
@@ -132,6 +132,15 @@ def test_top_chunks_decode_shapes_on_gpu(b, c):
     idx, picked = dispatch.top_chunks(scores, 256)
     kidx, kpicked = triton_topk.top_chunks(scores, 256)
     assert torch.equal(idx, kidx) and torch.equal(picked, kpicked)
+
+
+@cuda_only
+@pytest.mark.parametrize("num_warps", [4, 8, 16, 32])
+def test_top_chunks_every_swept_warp_count_on_gpu(num_warps):
+    """kernel_bench --sweep-topk may pick any of these for GPU_TILES: each must stay exact."""
+    gen = torch.Generator().manual_seed(num_warps)
+    for c in (4096, 15616):
+        check_top_chunks(make_scores(gen, 2, 8, c, masked=0.01, levels=1000), 256, num_warps=num_warps)
 
 
 @cuda_only
