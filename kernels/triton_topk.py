@@ -20,9 +20,10 @@ import triton.language as tl
 # element the kernel fails to write shows up in the result
 _scratch = torch.empty
 # A program holds its whole row, so warps grow with C (up to max_warps) to keep about
-# elems_per_thread keys per thread: ptxas (sm_90a) gives 32 keys a thread 128-168 registers and
-# spills at 64. Not yet tuned on a GPU: ``kernel_bench.py --sweep-topk`` times each warp count.
-GPU_TILES = {"elems_per_thread": 32, "max_warps": 16}
+# elems_per_thread keys per thread: ptxas (sm_90a) gives 32 keys a thread 128-168 registers, no
+# spills up to 16 warps (C = 16384); 32 warps cap a thread at 64 and spill a little (C = 32768).
+# Not yet tuned on a GPU: ``kernel_bench.py --sweep-topk`` times each warp count.
+GPU_TILES = {"elems_per_thread": 32, "max_warps": 32}
 # a row is one program's registers and its counts fill 16-bit fields: longer rows (over 256K
 # tokens of context at chunk 8) go to torch.topk
 MAX_CHUNKS = 32768
