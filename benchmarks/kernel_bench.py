@@ -1,16 +1,19 @@
 """Decode-step kernels, reference (plain PyTorch) vs Triton, at Llama-3.1-8B shapes on one GPU.
 
-Per layer and decode step: chunk scoring (``score_chunks``: landmarks against the new query) and
-rebuilding the chosen chunks' keys with RoPE (``rebuild_rope_keys``). Each Triton result is checked
-against the reference (max error relative to the largest reference magnitude) before timing.
+Per layer and decode step: chunk scoring (``score_chunks``: landmarks against the new query),
+choosing the top-k chunks (``top_chunks``, against ``torch.topk`` + ``isfinite`` as the step ran it)
+and rebuilding the chosen chunks' keys with RoPE (``rebuild_rope_keys``). Each Triton result is
+checked against the reference (max error relative to the largest reference magnitude; for top-k,
+0 when the picked scores equal torch.topk's and inf otherwise) before timing.
 Times are ``triton.testing.do_bench`` medians (eager launches: Python and launch overhead included)
 and, in the "graph" columns, GPU time alone: calls replayed from a CUDA graph (as a decode step
 under ``mode="reduce-overhead"`` runs), each after an L2 flush, less the flushes' own time. GB/s (from the graph time) counts the bytes each kernel must move:
-landmarks read (scoring); U rows + SV read and keys written (rebuild), and, in a second column,
-also the cos/sin rows the rebuild reads.
+landmarks read (scoring); scores read (top-k); U rows + SV read and keys written (rebuild), and,
+in a second column, also the cos/sin rows the rebuild reads.
 
     python benchmarks/kernel_bench.py                       # 32K and 122K contexts, batch 4 and 16
     python benchmarks/kernel_bench.py --contexts 32768 --batches 1 4
+    python benchmarks/kernel_bench.py --sweep-topk          # also top-k graph times per warp count
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import statistics
 import torch
 from triton.testing import do_bench
 
-from shadowkv_fx.kernels import reference, triton_rebuild, triton_score
+from shadowkv_fx.kernels import reference, triton_rebuild, triton_score, triton_topk
 
 HKV, G, D, RANK, L, K = 8, 4, 128, 160, 8, 256  # Llama-3.1-8B heads, ShadowKV rank / chunk size / budget
 
@@ -86,6 +89,43 @@ def bench_score(batch: int, chunks: int, gen: torch.Generator) -> dict:
     return {**times, "err": err, "bytes": moved, "bytes_all": moved}
 
 
+def topk_scores(batch: int, chunks: int, gen: torch.Generator) -> torch.Tensor:
+    """Scores shaped like ``score_chunks``'s: softmax mass over chunks, outliers/padding ``-inf``."""
+    logits = torch.randn(batch, HKV, chunks, device="cuda", generator=gen) * 3
+    unselectable = torch.rand(batch, HKV, chunks, device="cuda", generator=gen) < 0.01
+    return logits.softmax(dim=-1).masked_fill(unselectable, float("-inf"))
+
+
+def topk_err(scores: torch.Tensor, **tiles) -> float:
+    idx, picked = triton_topk.top_chunks(scores, K, **tiles)
+    got = scores.gather(-1, idx).sort(dim=-1, descending=True).values
+    same = torch.equal(got, scores.topk(K, dim=-1).values) and torch.equal(picked, torch.isfinite(scores.gather(-1, idx)))
+    return 0.0 if same else float("inf")
+
+
+def bench_topk(batch: int, chunks: int, gen: torch.Generator) -> dict:
+    scores = topk_scores(batch, chunks, gen)
+
+    def torch_topk():
+        top = torch.topk(scores, K, dim=-1)
+        return top.indices, torch.isfinite(top.values)
+
+    times = timings(torch_topk, lambda: triton_topk.top_chunks(scores, K))
+    moved = scores.numel() * scores.element_size()
+    return {**times, "err": topk_err(scores), "bytes": moved, "bytes_all": moved}
+
+
+def sweep_topk(batch: int, chunks: int, gen: torch.Generator) -> list[str]:
+    """Graph time at each warp count, for ``triton_topk.GPU_TILES``."""
+    scores = topk_scores(batch, chunks, gen)
+    lines = []
+    for warps in (4, 8, 16, 32):
+        err = topk_err(scores, num_warps=warps)
+        ms = graph_ms(lambda: triton_topk.top_chunks(scores, K, num_warps=warps))
+        lines.append(f"  topk sweep B={batch} chunks={chunks} warps={warps:>2}: {ms * 1e3:7.1f} us  err {err:.0e}")
+    return lines
+
+
 def rebuild_then_rope(u, sv, chunk_idx, pad, cos, sin) -> torch.Tensor:
     """What ``LayerState.sparse_keys_values`` runs for the keys: rebuild, gather tables, model RoPE (bf16)."""
     token_idx = (chunk_idx[..., None] * L + torch.arange(L, device=chunk_idx.device)).flatten(-2)
@@ -119,6 +159,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 124928])
     parser.add_argument("--batches", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--max-err", type=float, default=2e-2, help="fail when a Triton result is further off")
+    parser.add_argument("--sweep-topk", action="store_true", help="time top-k at each warp count")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernel_bench needs a CUDA GPU")
@@ -133,7 +174,7 @@ def main() -> None:
     for context in args.contexts:
         chunks = context // L
         for batch in args.batches:
-            for name, bench in (("score", bench_score), ("rebuild", bench_rebuild)):
+            for name, bench in (("score", bench_score), ("topk", bench_topk), ("rebuild", bench_rebuild)):
                 r = bench(batch, chunks, gen)
                 tri = r["triton_graph_ms"]
                 print(f"{name:<8} {context:>8} {batch:>3} {chunks:>6} {r['ref_ms']:>8.3f} {r['triton_ms']:>9.3f} "
@@ -142,6 +183,8 @@ def main() -> None:
                 if not r["err"] <= args.max_err:
                     failed.append(f"{name} context={context} batch={batch}: rel err {r['err']:.2e}")
                 torch.cuda.empty_cache()
+            if args.sweep_topk:
+                print("\n".join(sweep_topk(batch, chunks, gen)))
     if failed:
         raise SystemExit("Triton results off the reference:\n" + "\n".join(failed))
 

@@ -36,6 +36,15 @@ def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Ten
     return reference.score_chunks(q, landmarks, selectable, scale)
 
 
+def top_chunks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if _triton(scores):
+        from shadowkv_fx.kernels import triton_topk
+
+        if max(scores.shape[-1], k) <= triton_topk.MAX_CHUNKS:
+            return triton_topk.top_chunks(scores, k)
+    return reference.top_chunks(scores, k)
+
+
 def rebuild_rope_keys(u: torch.Tensor, sv: torch.Tensor, chunk_idx: torch.Tensor, chunk_size: int, pad: torch.Tensor,
                       rope_tables: list[torch.Tensor], rope_form: str, rope_fn: Callable, out: torch.Tensor) -> None:
     """Post-RoPE keys of the chosen chunks into ``out [B, Hkv, k*L, D]``.

@@ -89,6 +89,23 @@ def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Ten
     return scores.masked_fill(~selectable, float("-inf"))
 
 
+def top_chunks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best chunks per row and whether each pick is real.
+
+    Args:
+        scores: ``[B, Hkv, C]``; ``-inf`` marks chunks not to pick while k finite ones remain.
+    Returns:
+        ``indices [B, Hkv, k]`` int64 and ``picked [B, Hkv, k]`` bool (False where the score is not
+        finite). With ``C < k`` the row is padded: those slots hold index 0, not picked.
+    """
+    c = scores.shape[-1]
+    if c < k:
+        scores = torch.nn.functional.pad(scores, (0, k - c), value=float("-inf"))
+    top = torch.topk(scores, k, dim=-1)
+    real = top.indices < c
+    return top.indices.masked_fill(~real, 0), torch.isfinite(top.values) & real
+
+
 def rebuild_keys(u: torch.Tensor, sv: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
     """Pre-RoPE keys of chosen tokens from the low-rank factors: ``U[token_idx] @ SV``.
 

@@ -249,8 +249,7 @@ class LayerState:
     def select(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k chunks per KV head: ``chunk_idx [B, Hkv, k]`` and whether each pick is real."""
         scores = dispatch.score_chunks(q, self.landmarks, self.selectable, scale)
-        top = torch.topk(scores, self.select_k, dim=-1)
-        return top.indices, torch.isfinite(top.values)
+        return dispatch.top_chunks(scores, self.select_k)
 
     def fill_selected(self, chunk_idx: torch.Tensor, picked: torch.Tensor, rope_fn: RopeFn) -> None:
         """Rebuild the chosen chunks' keys (low rank, then RoPE at their positions) and fetch their
