@@ -7,19 +7,24 @@ first cache it saw, whatever cache the next ``generate`` made. Here each graph b
 cache (``cache.decode_graphs``), so it dies with it and can only ever replay against its buffers;
 the cache drops its graphs whenever those buffers move (``ShadowKVCache.begin_step``).
 
-The first decode step of a cache at a given input shape runs normally and warms everything up
-(compiles, Triton JIT, cuBLAS workspaces); the second is captured, then every step is replayed.
+The first ``WARM_STEPS`` decode steps of a cache at a given input shape run normally and warm
+everything up (compiles and recompiles, Triton JIT and autotuning, cuBLAS workspaces): under
+tensor parallelism the second step still recompiled and autotuned, which synchronizes and so
+cannot happen inside a capture. The next step is captured, then every step is replayed. A capture
+that fails anyway leaves that cache decoding eagerly, with a warning.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
 import threading
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
 
-_WARM = "warm"
+WARM_STEPS = 2  # eager decode steps of a cache (per input shape) before its step is captured
+_EAGER = "eager"  # the capture failed: this cache's steps of that shape run without a graph
 _PLAIN_KWARGS = {"return_dict", "logits_to_keep", "output_attentions", "output_hidden_states"}
 
 
@@ -117,13 +122,26 @@ def run_decode_step(cache, step: Callable[..., Any], input_ids: torch.Tensor, po
     cache cannot see which layers ran (a graph is only kept once its capture saw them all).
     ``key`` names everything the captured step depends on beyond the cache (input shape, kwargs).
     """
-    entry = cache.decode_graphs.get(key)
-    if entry is None:
-        cache.decode_graphs[key] = _WARM
+    entry = cache.decode_graphs.get(key, 0)
+    if isinstance(entry, int) and entry < WARM_STEPS:
+        # eager steps first: a recompile or a lazy autotune (which synchronizes) must happen
+        # before the capture, never inside it
+        cache.decode_graphs[key] = entry + 1
         return step(input_ids=input_ids, position_ids=position_ids), False
-    if entry == _WARM:
+    if entry == _EAGER:
+        return step(input_ids=input_ids, position_ids=position_ids), False
+    if isinstance(entry, int):
         # capture runs the Python (filling cache.touched) but no kernel; the replay runs them
-        entry = DecodeGraph(step, input_ids, position_ids)
+        try:
+            entry = DecodeGraph(step, input_ids, position_ids)
+        except RuntimeError as exc:  # torch.AcceleratorError is a RuntimeError
+            if "captur" not in str(exc):
+                raise
+            # nothing ran on the device during the failed capture: run this cache eagerly
+            warnings.warn(f"ShadowKV: capturing the decode step as a CUDA graph failed ({str(exc).splitlines()[0]}); "
+                          "this cache decodes without CUDA graphs", RuntimeWarning, stacklevel=2)
+            cache.decode_graphs[key] = _EAGER
+            return step(input_ids=input_ids, position_ids=position_ids), False
         cache.decode_graphs[key] = entry
         return entry.replay(input_ids, position_ids), False
     return entry.replay(input_ids, position_ids), True
