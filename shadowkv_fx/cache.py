@@ -193,7 +193,10 @@ class ShadowKVCache(Cache):
 
         ``max_length < 0`` removes that many tokens (transformers >= 5.24 calls it so); ``> 0`` is the
         length to keep (the older spelling); 0 removes nothing. The compressed prompt cannot be cut.
+        transformers 5.17's assisted decoding passes a 0-d tensor: it becomes a Python int here, or
+        it would be shared (and added to in place) by every layer's tail count.
         """
+        max_length = int(max_length)
         if max_length == 0:
             return
         if max_length < 0:

@@ -100,6 +100,26 @@ def test_prompt_lookup_never_changes_the_output(draft, length, seed):
     assert torch.equal(spec, plain), "sparse ShadowKV with speculation == without"
 
 
+@pytest.mark.parametrize("spelling", ["int", "tensor"])
+def test_crop_keeps_every_layer_its_own_tail_count(spelling):
+    """transformers 5.17's assisted decoding crops with a 0-d tensor; a count shared by every layer
+    would be added to once per layer at the next step and overrun the tail buffer."""
+    _, model = tiny_pair("llama", seed=3)
+    shadowkv_fx.optimize(model, sparse())
+    ids, mask = left_padded(1, [40], 96, seed=2)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        cache = output_cache(out)
+        for token in (5, 6, 7):
+            out = model(torch.tensor([[token]]), cache=cache)
+        cache.crop(torch.tensor(-2) if spelling == "tensor" else -2)
+        for step in range(3):
+            out = model(torch.tensor([[8, 9, 10]]), cache=cache)
+    tails = [layer.state.tail_len for layer in cache.layers]
+    assert all(type(t) is int for t in tails) and tails == [1 + 9] * len(tails)
+    assert type(cache.seq_length) is int and cache.seq_length == 40 + 10
+
+
 def test_assisted_decoding_at_full_budget_equals_dense_assisted(pair):
     dense, model = pair
     _, assistant = tiny_pair("llama", seed=9, layers=1)
