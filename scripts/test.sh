@@ -18,6 +18,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv --system-site-packages "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q "transformers==$OLDEST"
-echo "== transformers $OLDEST (oldest supported): pass, equivalence, compile, bad-input tests"
+echo "== transformers $OLDEST (oldest supported): pass, equivalence, compile, bad-input, speculation tests"
 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-oldest} "$VENV/bin/python" "${PYTEST[@]}" tests/test_pass.py \
-    tests/test_equivalence.py tests/test_compile_backend.py tests/test_bad_input.py tests/test_versions.py "$@"
+    tests/test_equivalence.py tests/test_compile_backend.py tests/test_bad_input.py tests/test_versions.py \
+    tests/test_generate_trust.py::test_crop_keeps_every_layer_its_own_tail_count \
+    tests/test_generate_trust.py::test_prompt_lookup_never_changes_the_output "$@"
