@@ -67,18 +67,16 @@ def rebuild_rope_keys(u: torch.Tensor, sv: torch.Tensor, chunk_idx: torch.Tensor
 
 
 def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device: torch.device,
-                        out: torch.Tensor | None = None, reuse: torch.Tensor | None = None,
-                        prev: torch.Tensor | None = None) -> torch.Tensor:
-    """Values of the chosen chunks into ``out``; with ``reuse``/``prev``, chunks the previous step
-    fetched are copied on the device instead of crossing PCIe again."""
+                        out: torch.Tensor | None = None, fetch: torch.Tensor | None = None) -> torch.Tensor:
+    """Values of the chosen chunks into ``out``; with ``fetch``, only those chunks (``out`` holds
+    the others since an earlier step: they do not cross PCIe again)."""
     if device.type == "cuda" and (v_chunks.is_pinned() or v_chunks.device.type == "cuda") and triton_available():
         from shadowkv_fx.kernels import triton_gather
 
-        return triton_gather.gather_value_chunks(v_chunks, chunk_idx, device, out, reuse, prev)
-    if reuse is None:
-        values = reference.gather_value_chunks(v_chunks, chunk_idx, device)
-    else:
-        values = reference.gather_reusing(v_chunks, chunk_idx, reuse, prev, device)
+        return triton_gather.gather_value_chunks(v_chunks, chunk_idx, device, out, fetch)
+    if fetch is not None:
+        return reference.gather_fetching(v_chunks, chunk_idx, fetch, out)
+    values = reference.gather_value_chunks(v_chunks, chunk_idx, device)
     return values if out is None else out.copy_(values)
 
 

@@ -134,24 +134,45 @@ def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device:
     return picked.reshape(b, hkv, -1, d).to(device, non_blocking=True)
 
 
-def reuse_slots(chunk_idx: torch.Tensor, prev_idx: torch.Tensor) -> torch.Tensor:
-    """Where each chosen chunk sat in the previous step's selection: ``[B, Hkv, k]`` int64, -1 if new.
+def stable_slots(chunk_idx: torch.Tensor, picked: torch.Tensor, prev_idx: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Assign this step's chosen chunks to the slots of the selected region so that a chunk the
+    previous step already held keeps its slot (its values stay where they are) and new chunks
+    take the slots freed by chunks no longer chosen. Attention does not depend on key order.
 
     Args:
-        chunk_idx, prev_idx: ``[B, Hkv, k]`` chunk ids (``prev_idx`` -1 where nothing was fetched).
+        chunk_idx: ``[B, Hkv, k]`` distinct chunk ids (top-k); ``picked``: same shape, bool.
+        prev_idx: ``[B, Hkv, k]`` chunk held by each slot (-1: none).
+    Returns:
+        ``slot_idx`` (chunk of each slot), ``slot_picked`` (whether that pick is real) and
+        ``fetch`` (the slot's values must be fetched: the chunk is new), all ``[B, Hkv, k]``.
     """
-    match = chunk_idx[..., :, None] == prev_idx[..., None, :]
-    return torch.where(match.any(dim=-1), match.to(torch.int8).argmax(dim=-1), -1)
+    k = chunk_idx.shape[-1]
+    match = chunk_idx[..., :, None] == prev_idx[..., None, :]  # [.., chosen j, slot s]
+    held = match.any(dim=-1)
+    kept = match.any(dim=-2)
+    held_slot = match.to(torch.int8).argmax(dim=-1)
+    # free slot of rank r among free slots; column k collects the kept ones
+    free_slot = torch.full((*chunk_idx.shape[:-1], k + 1), k, dtype=torch.long, device=chunk_idx.device)
+    free_rank = torch.where(kept, k, torch.cumsum(~kept, dim=-1) - 1)
+    free_slot.scatter_(-1, free_rank, torch.arange(k, device=chunk_idx.device).expand_as(chunk_idx))
+    new_rank = (torch.cumsum(~held, dim=-1) - 1).clamp(min=0)
+    slot_of = torch.where(held, held_slot, torch.gather(free_slot, -1, new_rank))
+    slot_idx = torch.empty_like(chunk_idx).scatter_(-1, slot_of, chunk_idx)
+    slot_picked = torch.empty_like(picked).scatter_(-1, slot_of, picked)
+    fetch = torch.empty_like(held).scatter_(-1, slot_of, ~held)
+    return slot_idx, slot_picked, fetch
 
 
-def gather_reusing(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, reuse: torch.Tensor, prev: torch.Tensor,
-                   device: torch.device) -> torch.Tensor:
-    """``gather_value_chunks``, but chunk ``reuse[b, h, j] >= 0`` of ``prev [B, Hkv, k*L, D]`` stands in
-    for a chosen chunk the previous step already fetched."""
+def gather_fetching(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, fetch: torch.Tensor, out: torch.Tensor
+                    ) -> torch.Tensor:
+    """``gather_value_chunks`` into ``out [B, Hkv, k*L, D]``, writing only the chunks where ``fetch``
+    (the others already hold their values)."""
     b, hkv, c, l, d = v_chunks.shape
-    fetched = gather_value_chunks(v_chunks, chunk_idx, device).view(b, hkv, -1, l, d)
-    kept = torch.gather(prev.view(b, hkv, -1, l, d), 2, reuse.clamp(min=0)[..., None, None].expand(-1, -1, -1, l, d))
-    return torch.where((reuse >= 0)[..., None, None], kept, fetched).view(b, hkv, -1, d)
+    values = gather_value_chunks(v_chunks, chunk_idx, out.device).view(b, hkv, -1, l, d)
+    view = out.view(b, hkv, -1, l, d) if out.is_contiguous() else out.unflatten(2, (-1, l))
+    view.copy_(torch.where(fetch[..., None, None], values, view))
+    return out
 
 
 def gather_positions(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

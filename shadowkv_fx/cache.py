@@ -92,6 +92,9 @@ class ShadowKVCache(Cache):
         self._layer_tables: dict[int, int] = {}
         self._staged: dict[int, tuple[torch.Tensor, ...]] = {}
         self.device_value_bytes = 0
+        # bytes of spare accelerator memory the values may take, fixed when the prefill's first
+        # layer is compressed: what the whole batch's state will need is set aside first
+        self.value_room: int | None = None
         self.layout: PromptLayout | None = None
         self.realigned = False  # the prompt came right-padded and was moved to the left
         self.seq_length = 0
@@ -127,6 +130,7 @@ class ShadowKVCache(Cache):
             self.realigned = False
             self._staged = {}
             self.device_value_bytes = 0
+            self.value_room = None
             self._shared_tables = []
             self._layer_tables = {}
             for layer in self.layers:
@@ -215,17 +219,28 @@ class ShadowKVCache(Cache):
         self.seq_length = max_length
 
     def _keep_values_on_device(self, nbytes: int) -> bool:
-        """Grant ``nbytes`` of accelerator memory to a layer's values, within ``value_hbm_gib``."""
-        cap = self.config.value_hbm_gib
-        if not torch.cuda.is_available() or cap == 0:
-            return False
-        if cap is not None and self.device_value_bytes + nbytes > cap * 2**30:
-            return False
-        free, total = torch.cuda.mem_get_info()
-        if free - nbytes < DEVICE_RESERVE * total:
+        """Grant ``nbytes`` of accelerator memory to a layer's values, within ``value_room``."""
+        if not self.value_room or self.device_value_bytes + nbytes > self.value_room:
             return False
         self.device_value_bytes += nbytes
         return True
+
+    def _plan_value_room(self, k_pre: torch.Tensor, v: torch.Tensor) -> int:
+        """Spare accelerator bytes for values: free memory beyond the reserve kept for prefill and
+        decode work, less the compressed state every layer of the batch will allocate (granting
+        values room layer by layer first would leave the last layers' state none), within
+        ``value_hbm_gib``."""
+        from shadowkv_fx.preflight import state_footprint
+
+        cap = self.config.value_hbm_gib
+        if k_pre.device.type != "cuda" or cap == 0:
+            return 0
+        state = state_footprint(len(self.layers), k_pre.shape[1], k_pre.shape[-1], v.dtype, self.layout,
+                                self.config, self.tail_capacity)
+        free, total = torch.cuda.mem_get_info(k_pre.device)
+        room = int(free - DEVICE_RESERVE * total - state.device * len(self.layout.lengths))
+        room = max(room, 0)
+        return room if cap is None else min(room, int(cap * 2**30))
 
     def _stage(self, layer_idx: int, k_pre, k_rot, v, rope_inputs) -> tuple[torch.Tensor, ...]:
         """Append this span's keys, values and RoPE inputs to the layer's prompt so far; return it all."""
@@ -303,6 +318,8 @@ class ShadowKVCache(Cache):
         ``k_pre, k_rot, v: [rows, Hkv, S_g, D]`` in the group's layout; ``rope_tables`` the RoPE
         inputs per position the keys were rotated with (``[rows|1, 1, S_g, c]``).
         """
+        if self.value_room is None:
+            self.value_room = self._plan_value_room(k_pre, v)
         self.layers[layer_idx].state.add_rows(
             self.group_rows, k_pre, k_rot, v, self.group_layout, self.layout,
             self._batch_tables(layer_idx, rope_tables), self.tail_capacity, self._keep_values_on_device)

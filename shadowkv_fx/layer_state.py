@@ -184,11 +184,10 @@ class LayerState:
         self._outlier_k = k_rot.new_zeros(b_size, hkv, outlier_tokens, d)
         self._outlier_v = v.new_zeros(b_size, hkv, outlier_tokens, dv)
         self.v_chunks = _value_slots((b_size, hkv, c_max, chunk, dv), v, keep_values_on_device)
-        # values not in accelerator memory: keep last step's chunks and fetch only the new ones
+        # values not in accelerator memory: a chunk chosen again keeps its slot, only new ones are fetched
         self.reuse = cfg.reuse_values and self.v_chunks.device.type != "cuda"
         if self.reuse:
             self.prev_idx = torch.full((b_size, hkv, self.select_k), -1, dtype=torch.long, device=device)
-            self.v_prev = v.new_zeros(b_size, hkv, self.select_k * chunk, dv)
             self.v_lookups = torch.zeros(2, dtype=torch.long, device=device)  # hits, chunks asked for
 
     def _build_buffers(self, tail_capacity: int) -> None:
@@ -253,21 +252,22 @@ class LayerState:
 
     def fill_selected(self, chunk_idx: torch.Tensor, picked: torch.Tensor, rope_fn: RopeFn) -> None:
         """Rebuild the chosen chunks' keys (low rank, then RoPE at their positions) and fetch their
-        values, straight into the buffer's selected region; mark which picks are real."""
+        values, straight into the buffer's selected region; mark which picks are real.
+
+        With value reuse a chunk chosen again stays in its slot (``reference.stable_slots``): its
+        values are already there, only new chunks' values cross PCIe, and nothing is copied aside.
+        """
         chunk = self.config.chunk_size
         region = slice(self.sel_start, self.local_start)
+        fetch = None
+        if self.reuse:
+            chunk_idx, picked, fetch = ref.stable_slots(chunk_idx, picked, self.prev_idx)
+            self.prev_idx.copy_(chunk_idx)
+            self.v_lookups[0] += fetch.numel() - fetch.sum()
+            self.v_lookups[1] += fetch.numel()
         dispatch.rebuild_rope_keys(self.u, self.sv, chunk_idx, chunk, self.pad, self.rope_tables, self.rope_form,
                                    rope_fn, self.k_buf[:, :, region])
-        if self.reuse:
-            self.v_prev.copy_(self.v_buf[:, :, region])
-            reuse = ref.reuse_slots(chunk_idx, self.prev_idx)
-            dispatch.gather_value_chunks(self.v_chunks, chunk_idx, self.v_buf.device, self.v_buf[:, :, region],
-                                         reuse, self.v_prev)
-            self.prev_idx.copy_(chunk_idx)
-            self.v_lookups[0] += (reuse >= 0).sum()
-            self.v_lookups[1] += reuse.numel()
-        else:
-            dispatch.gather_value_chunks(self.v_chunks, chunk_idx, self.v_buf.device, self.v_buf[:, :, region])
+        dispatch.gather_value_chunks(self.v_chunks, chunk_idx, self.v_buf.device, self.v_buf[:, :, region], fetch)
         self.key_valid[:, :, region] = picked.repeat_interleave(chunk, dim=-1)
 
     def decode(self, q: torch.Tensor, k_rot_new: torch.Tensor, v_new: torch.Tensor, rope_fn: RopeFn, scale: float) -> torch.Tensor:
@@ -308,7 +308,7 @@ class LayerState:
             else:
                 parts["offloaded_V"] = ("cpu", size(self.v_chunks))
         if getattr(self, "reuse", False):
-            parts["reuse_workspace"] = ("gpu", size(self.v_prev) + size(self.prev_idx))
+            parts["reuse_workspace"] = ("gpu", size(self.prev_idx))
         parts["local"] = ("gpu", (self.tail_start - self.local_start) * per_token + size(self.key_valid))
         parts["tail"] = ("gpu", (self.k_buf.shape[2] - self.tail_start) * per_token)
         return parts

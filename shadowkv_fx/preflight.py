@@ -28,9 +28,16 @@ def footprint(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype:
               tail_capacity: int, tp_size: int = 1) -> list[Footprint]:
     """Per sequence of ``layout``, what ``LayerState`` will allocate for it (DESIGN.md §4), on
     one of ``tp_size`` tensor-parallel ranks (each holds its share of the KV heads)."""
-    layers = model_config.num_hidden_layers
     hkv = (getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads) // tp_size
     d = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    one = state_footprint(model_config.num_hidden_layers, hkv, d, dtype, layout, config, tail_capacity)
+    return [one for _ in layout.lengths]
+
+
+def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: PromptLayout,
+                    config: ShadowKVConfig, tail_capacity: int) -> Footprint:
+    """One sequence's bytes over ``layers`` layers of ``hkv`` KV heads of width ``d``: the
+    compressed state, decode buffers and workspace on the device; the values (host or device)."""
     size = torch.finfo(dtype).bits // 8
     chunk, c_max = config.chunk_size, layout.max_chunks
     select = min(config.budget_chunks, max([c - config.outlier_chunks for c in layout.chunks if c], default=0))
@@ -40,8 +47,9 @@ def footprint(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype:
     device = dense_tokens * kv_token
     if c_max:
         device += (c_max * chunk * config.rank + hkv * config.rank * d + hkv * c_max * d) * size + hkv * c_max
-    values = hkv * c_max * chunk * d * size
-    return [Footprint(layers * device, layers * values) for _ in layout.lengths]
+        device += hkv * select * 8  # the chunk each selected slot holds (value reuse)
+    rope_tables = 2 * layout.padded_len * d * size  # cos and sin per position, shared by the layers
+    return Footprint(layers * device + rope_tables, layers * hkv * c_max * chunk * d * size)
 
 
 def _host_available() -> int | None:

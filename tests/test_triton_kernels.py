@@ -30,24 +30,29 @@ def test_value_chunk_gather_matches_reference(dtype, b, hkv, c, l, d, k):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b, hkv, c, l, d, k", [(1, 1, 9, 8, 16, 4), (2, 3, 17, 4, 60, 6)])
-def test_value_gather_reads_reused_chunks_from_the_previous_copy(dtype, b, hkv, c, l, d, k):
-    """Chunks the previous step fetched come from its copy on the device, the rest from the source."""
+def test_value_gather_writes_only_the_chunks_to_fetch(dtype, b, hkv, c, l, d, k):
+    """Slots whose chunk the previous step already held keep their values; the rest are fetched."""
     g = torch.Generator().manual_seed(c + k)
     src = torch.randn(b, hkv, c, l, d, generator=g).to(dtype)
     if DEVICE.type == "cuda":
         src = src.pin_memory()
     prev_idx = torch.stack([torch.randperm(c, generator=g)[:k] for _ in range(b * hkv)]).view(b, hkv, k)
     idx = torch.stack([torch.randperm(c, generator=g)[:k] for _ in range(b * hkv)]).view(b, hkv, k)
-    reuse = reference.reuse_slots(idx, prev_idx)
-    assert (reuse >= 0).any() and (reuse < 0).any(), "the case must mix hits and misses"
-    for j in range(k):  # a hit points at the same chunk id in the previous selection
-        hit = reuse[..., j] >= 0
-        assert torch.equal(torch.gather(prev_idx, 2, reuse[..., j : j + 1].clamp(min=0))[..., 0][hit], idx[..., j][hit])
-    # a marked copy: values read from it differ from the source, so the test sees where each came from
-    prev = (reference.gather_value_chunks(src, prev_idx, DEVICE) + 100).to(dtype).contiguous()
-    out = torch.full((b, hkv, k * l, d), float("nan"), dtype=dtype, device=DEVICE)
-    triton_gather.gather_value_chunks(src, idx.to(DEVICE), DEVICE, out, reuse.to(DEVICE), prev)
-    expected = reference.gather_reusing(src, idx, reuse, prev.cpu(), torch.device("cpu"))
+    picked = torch.rand(b, hkv, k, generator=g) < 0.8
+    slot_idx, slot_picked, fetch = reference.stable_slots(idx, picked, prev_idx)
+    assert fetch.any() and (~fetch).any(), "the case must mix hits and misses"
+    kept = slot_idx == prev_idx
+    assert torch.equal(kept, ~fetch), "a chunk held last step stays in its slot; every other slot is fetched"
+    assert torch.equal(slot_idx.sort(-1).values, idx.sort(-1).values), "the slots hold exactly the chosen chunks"
+    for row in range(b * hkv):  # each pick keeps its 'real' flag wherever it lands
+        flags = dict(zip(idx.view(-1, k)[row].tolist(), picked.view(-1, k)[row].tolist()))
+        assert [flags[i] for i in slot_idx.view(-1, k)[row].tolist()] == slot_picked.view(-1, k)[row].tolist()
+    # the slots hold last step's values, marked: a kept slot must keep the mark, a fetched one lose it
+    old = (reference.gather_value_chunks(src, prev_idx, DEVICE) + 100).to(dtype)
+    out = old.clone()
+    triton_gather.gather_value_chunks(src, slot_idx.to(DEVICE), DEVICE, out, fetch.to(DEVICE))
+    expected = reference.gather_fetching(src, slot_idx, fetch, old.cpu().clone())
     assert torch.equal(out.cpu(), expected)
-    hits = (reuse >= 0).repeat_interleave(l, dim=-1)
-    assert torch.equal(out.cpu()[~hits], reference.gather_value_chunks(src, idx, torch.device("cpu"))[~hits])
+    assert torch.equal(out.cpu(), torch.where(fetch.repeat_interleave(l, dim=-1)[..., None],
+                                              reference.gather_value_chunks(src, slot_idx, torch.device("cpu")),
+                                              old.cpu()))
