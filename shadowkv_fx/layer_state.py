@@ -52,7 +52,10 @@ def _value_slots(shape: tuple[int, ...], like: torch.Tensor, keep_on_device: Cal
     return torch.zeros(shape, dtype=like.dtype, pin_memory=True)
 
 
-def _check_host_memory(needed: int) -> None:
+def _check_host_memory(nbytes: int) -> None:
+    from shadowkv_fx.preflight import pinned_bytes
+
+    needed = pinned_bytes(nbytes)
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}

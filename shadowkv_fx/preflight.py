@@ -22,6 +22,7 @@ class Footprint:
 
     device: int
     values: int
+    layers: int = 1  # values are allocated one layer at a time (each rounded by the host allocator)
 
 
 def footprint(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype: torch.dtype,
@@ -49,7 +50,13 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
         device += (c_max * chunk * config.rank + hkv * config.rank * d + hkv * c_max * d) * size + hkv * c_max
         device += hkv * select * 8  # the chunk each selected slot holds (value reuse)
     rope_tables = 2 * layout.padded_len * d * size  # cos and sin per position, shared by the layers
-    return Footprint(layers * device + rope_tables, layers * hkv * c_max * chunk * d * size)
+    return Footprint(layers * device + rope_tables, layers * hkv * c_max * chunk * d * size, layers)
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """Host memory a pinned allocation of ``nbytes`` takes: torch's caching host allocator rounds
+    each request up to a power of two (a 7 GiB layer of values pins 8 GiB)."""
+    return 1 << max(nbytes - 1, 0).bit_length() if nbytes > 0 else 0
 
 
 def _host_available() -> int | None:
@@ -99,10 +106,12 @@ def capacity(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype: 
         return Capacity(by_device, None, per_seq, room)
     cap = float("inf") if config.value_hbm_gib is None else config.value_hbm_gib * 2**30
     by_host = 0
-    while by_host < by_device:  # values on the GPU take the room the state leaves
+    while by_host < by_device:  # values on the GPU take the room the state leaves, a layer at a time
         batch = by_host + 1
+        layer_values = per_seq.values // per_seq.layers * batch
         on_device = max(min(room - per_seq.device * batch, cap), 0)
-        if per_seq.values * batch - on_device > HOST_SHARE * available:
+        host_layers = per_seq.layers - min(int(on_device // max(layer_values, 1)), per_seq.layers)
+        if host_layers * pinned_bytes(layer_values) > HOST_SHARE * available:
             break
         by_host = batch
     return Capacity(by_device, by_host, per_seq, room)
