@@ -33,6 +33,7 @@ class BenchRow:
     step_ms: float | None = None
     prefill_s: float | None = None
     gpu_gib_per_seq: float | None = None
+    state_gib_per_seq: float | None = None  # ShadowKV: GPU bytes without the values kept in spare HBM
     host_gib_per_seq: float | None = None
     v_on_gpu: float | None = None
     v_hit_rate: float | None = None
@@ -190,8 +191,8 @@ def run_shadowkv(model, ids: torch.Tensor, steps: int, config, random_fill: bool
     gpu, host = sum(report["gpu"].values()), sum(report["cpu"].values())
     device_v, host_v = report["gpu"].get("device_V", 0), report["cpu"].get("offloaded_V", 0)
     return {"prefill_s": prefill_s, "step_ms": 1e3 * per_step, "tok_s": batch / per_step,
-            "gpu_gib_per_seq": gpu / batch / 2**30, "host_gib_per_seq": host / batch / 2**30,
-            "v_on_gpu": device_v / max(1, device_v + host_v), "v_hit_rate": cache.value_hit_rate(), "_cache": cache,
+            "gpu_gib_per_seq": gpu / batch / 2**30, "state_gib_per_seq": (gpu - device_v) / batch / 2**30,
+            "host_gib_per_seq": host / batch / 2**30, "v_on_gpu": device_v / max(1, device_v + host_v), "v_hit_rate": cache.value_hit_rate(), "_cache": cache,
             "cuda_graph": any(isinstance(g, DecodeGraph) for g in cache.decode_graphs.values())}
 
 
@@ -312,15 +313,17 @@ def bench(model, contexts: list[int], batches: list[int | str], methods: list[st
 def table(rows: list[BenchRow], gpus: int = 1) -> str:
     """Per-sequence GPU bytes are one GPU's (with ``gpus`` > 1, each holds 1/gpus of the KV heads)."""
     head = (f"{'method':<16}{'context':>8}{'batch':>6}{'tok/s':>9}{'ms/step':>9}{'prefill s':>10}"
-            f"{'GPU GiB/seq':>12}{'host GiB/seq':>13}{'V on GPU':>9}{'V hits':>8}{'peak GiB':>9}")
+            f"{'GPU GiB/seq':>12}{'state GiB/seq':>14}{'host GiB/seq':>13}{'V on GPU':>9}{'V hits':>8}{'peak GiB':>9}")
     lines = [f"{gpus} GPU(s), tensor parallel over KV heads" if gpus > 1 else "1 GPU", head]
+    # 'state': GPU bytes a sequence needs (dense: its KV cache); 'GPU' adds values kept in spare HBM
     for r in rows:
         if r.error:
             lines.append(f"{r.method:<16}{r.context:>8}{r.batch:>6}  {r.error}")
             continue
         prefill = "random" if r.prefill_s is None else f"{r.prefill_s:.2f}"
         lines.append(f"{r.method:<16}{r.context:>8}{r.batch:>6}{r.tok_s:>9.1f}{r.step_ms:>9.2f}{prefill:>10}"
-                     f"{r.gpu_gib_per_seq:>12.3f}{r.host_gib_per_seq:>13.3f}{r.v_on_gpu:>9.0%}"
+                     f"{r.gpu_gib_per_seq:>12.3f}{'-' if r.state_gib_per_seq is None else f'{r.state_gib_per_seq:.3f}':>14}"
+                     f"{r.host_gib_per_seq:>13.3f}{r.v_on_gpu:>9.0%}"
                      f"{'-' if r.v_hit_rate is None else f'{r.v_hit_rate:.0%}':>8}{r.peak_gib:>9.1f}")
     fits = {(r.context, r.largest_batch, r.bound) for r in rows if r.largest_batch is not None}
     for context, largest, bound in sorted(fits):
