@@ -198,3 +198,41 @@ def test_a_later_turn_folds_and_still_equals_dense():
     assert_same(second, generate(dense, ids2, mask2, 10))
     state = cache.layers[0].state
     assert state.chunks[0] * CHUNK >= 30 + 8 + 40 - state.config.fold_window > before * CHUNK, "the turn folded"
+
+
+def test_decode_steps_between_folds_never_sync_and_buffers_never_move(monkeypatch):
+    """Folding runs between steps and in place: a captured decode step stays valid across folds."""
+    from shadowkv_fx.layer_state import LayerState
+    from tests.test_decode_step_static import HOST_SYNC_OPS, OpLog
+
+    _, model = tiny_pair("llama", seed=3)
+    shadowkv_fx.optimize(model, SPARSE)
+    ids, mask = left_padded(2, [90, 61], 96, seed=3)
+    cache = model._shadowkv.new_cache(40)
+    with torch.no_grad():
+        token = model(ids, attention_mask=mask, cache=cache).logits[:, -1:].argmax(-1)
+    state = cache.layers[0].state
+    buffers = lambda: [t.data_ptr() for t in (state.k_buf, state.v_buf, state.key_valid, state.pre_k, state.u,  # noqa: E731
+                                              state.sv, state.landmarks, state.selectable, state.v_chunks,
+                                              state.tail_fill, state.tail_first, state.gen_count, *state.rope_tables)]
+    before = buffers()
+    cache.decode_graphs[("marker",)] = "warm"
+    plain, seen = LayerState.decode, []
+
+    def guarded(self, *args):
+        host_count, self.tail_len = self.tail_len, None  # any read of the host count fails
+        log = OpLog()
+        try:
+            with log:
+                return plain(self, *args)
+        finally:
+            self.tail_len = host_count
+            seen.extend(log.names)
+
+    monkeypatch.setattr(LayerState, "decode", guarded)
+    with torch.no_grad():
+        for _ in range(30):
+            token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+    assert state.chunks[0] > state.prompt_chunks[0] and state.tail_shift > 0, "folds and compaction happened"
+    assert buffers() == before and ("marker",) in cache.decode_graphs
+    assert not HOST_SYNC_OPS & set(seen), sorted(HOST_SYNC_OPS & set(seen))
