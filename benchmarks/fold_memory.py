@@ -27,22 +27,22 @@ def tiny_llama(layers: int, kv_heads: int, head_dim: int) -> T.LlamaForCausalLM:
     return T.LlamaForCausalLM(cfg).eval()
 
 
-def device_bytes(config: shadowkv_fx.ShadowKVConfig, ids: torch.Tensor, new_tokens: int, args) -> tuple[int, int, float]:
+def device_bytes(config: shadowkv_fx.ShadowKVConfig, ids: torch.Tensor, new_tokens: int, args) -> tuple[int, int, float, dict]:
     model = shadowkv_fx.optimize(tiny_llama(args.layers, args.kv_heads, args.head_dim), config)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              return_dict_in_generate=True, pad_token_id=0)
     report = output_cache(out).memory_report()
-    return sum(report["gpu"].values()), report["dense"]["kv"], time.perf_counter() - start
+    return sum(report["gpu"].values()), report["dense"]["kv"], time.perf_counter() - start, report["gpu"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 2048])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--rank", type=int, default=32)
@@ -60,7 +60,7 @@ def main() -> None:
     for name, config in configs.items():
         previous = None
         for n in args.tokens:
-            dev, dense, seconds = device_bytes(config, ids, n, args)
+            dev, dense, seconds, parts = device_bytes(config, ids, n, args)
             if previous is None:
                 growth = ratio = "-"
             else:
@@ -68,7 +68,11 @@ def main() -> None:
                 dense_per_token = (dense - previous[1]) / (n - previous[2])
                 growth, ratio = f"{per_token:.0f} B", f"{per_token / dense_per_token:.3f}x"
             print(f"| {name} | {n} | {dev:,} | {dense:,} | {growth} | {ratio} | {seconds:.1f} |", flush=True)
-            previous = (dev, dense, n)
+            if previous is not None and n == args.tokens[-1]:
+                grew = {k: (v - previous[3].get(k, 0)) / (n - previous[2]) for k, v in parts.items()}
+                print(f"|   growth/token by component, {previous[2]} -> {n}: " + ", ".join(
+                    f"{k} {v:.0f} B" for k, v in grew.items() if v) + " | | | | | | |", flush=True)
+            previous = (dev, dense, n, parts)
 
 
 if __name__ == "__main__":
