@@ -236,3 +236,18 @@ def test_decode_steps_between_folds_never_sync_and_buffers_never_move(monkeypatc
     assert state.chunks[0] > state.prompt_chunks[0] and state.tail_shift > 0, "folds and compaction happened"
     assert buffers() == before and ("marker",) in cache.decode_graphs
     assert not HOST_SYNC_OPS & set(seen), sorted(HOST_SYNC_OPS & set(seen))
+
+
+def test_inductor_compiled_generate_folds_like_eager():
+    """torch.compile(backend="shadowkv"): folding lives in the cache, outside the compiled graph."""
+    _, eager = tiny_pair("llama", seed=6)
+    _, inner = tiny_pair("llama", seed=6)
+    shadowkv_fx.optimize(eager, SPARSE)
+    compiled = torch.compile(inner, backend="shadowkv", options=SPARSE.to_dict())
+    ids, mask = left_padded(2, [70, 52], 96, seed=6)
+    want, got = generate(eager, ids, mask, 24), generate(compiled, ids, mask, 24)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, e) in enumerate(zip(got.logits, want.logits)):
+        assert_close(a, e, atol=1e-4, rtol=1e-4, what=f"logits at step {step}")
+    state = output_cache(got).layers[0].state
+    assert state.chunks[0] > state.prompt_chunks[0], "the compiled run folded"
