@@ -183,3 +183,40 @@ def _compact_tail(state) -> None:
     state.tail_first.copy_(torch.tensor(state.tail_first_host))
     state.tail_shift += shift
     state.tail_fill.fill_(fill - shift)
+
+
+def reserve_tables(state, width: int) -> bool:
+    """Widen the (layer-shared) per-position RoPE tables to ``width`` columns; True when they moved.
+
+    Folded chunks of generated tokens are rotated at their own positions, read from the columns
+    decode steps write after the prompt's.
+    """
+    moved = False
+    for i, table in enumerate(state.rope_tables):
+        if table.shape[2] < width:
+            wide = table.new_zeros(*table.shape[:2], width, table.shape[3])
+            wide[:, :, : table.shape[2]] = table
+            state.rope_tables[i] = wide  # the list is shared: every layer reading it sees the new table
+            moved = True
+    return moved
+
+
+def grow_store(state, chunks: int) -> None:
+    """Reallocate the compressed store for ``chunks`` chunks per row (contents kept); a larger
+    store may raise the top-k size, which widens the decode buffers' selected region."""
+    chunk = state.config.chunk_size
+
+    def grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[dim] = size
+        new = torch.zeros(shape, dtype=t.dtype, device=t.device, pin_memory=t.is_pinned())
+        new.narrow(dim, 0, t.shape[dim]).copy_(t)
+        return new
+
+    state.u = grown(state.u, 1, chunks * chunk)
+    state.landmarks = grown(state.landmarks, 2, chunks)
+    state.selectable = grown(state.selectable, 2, chunks)
+    state.v_chunks = grown(state.v_chunks, 2, chunks)
+    select_k = state._select_k(chunks)
+    if select_k != state.select_k:
+        state._relayout(select_k, state.k_buf.shape[2] - state.tail_start)

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from shadowkv_fx import fold
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.kernels import dispatch, reference as ref
 from shadowkv_fx.kernels.rope_forms import detect_rope_form
@@ -271,46 +272,15 @@ class LayerState:
             needed = self.tail_len + tokens
             if needed > self.gen_capacity:
                 self.gen_capacity = max(2 * self.gen_capacity, needed)
-                self._grow_store(self.store_chunks(self.gen_capacity))
+                fold.grow_store(self, self.store_chunks(self.gen_capacity))
                 moved = True
-            moved |= self._reserve_tables(self.padded_len + self.gen_capacity)
+            moved |= fold.reserve_tables(self, self.padded_len + self.gen_capacity)
         needed = self.tail_len - self.tail_shift + tokens
         capacity = self.k_buf.shape[2] - self.tail_start
         if needed <= capacity:
             return moved
         self._relayout(self.select_k, max(2 * capacity, needed))
         return True
-
-    def _reserve_tables(self, width: int) -> bool:
-        """Widen the (layer-shared) per-position RoPE tables: folded chunks of generated tokens are
-        rotated at their own positions, read from the columns decode steps write."""
-        moved = False
-        for i, table in enumerate(self.rope_tables):
-            if table.shape[2] < width:
-                wide = table.new_zeros(*table.shape[:2], width, table.shape[3])
-                wide[:, :, : table.shape[2]] = table
-                self.rope_tables[i] = wide  # the list is shared: every layer reading it sees the new table
-                moved = True
-        return moved
-
-    def _grow_store(self, chunks: int) -> None:
-        """Reallocate the compressed store for ``chunks`` chunks per row (contents kept)."""
-        chunk = self.config.chunk_size
-
-        def grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-            shape = list(t.shape)
-            shape[dim] = size
-            new = torch.zeros(shape, dtype=t.dtype, device=t.device, pin_memory=t.is_pinned())
-            new.narrow(dim, 0, t.shape[dim]).copy_(t)
-            return new
-
-        self.u = grown(self.u, 1, chunks * chunk)
-        self.landmarks = grown(self.landmarks, 2, chunks)
-        self.selectable = grown(self.selectable, 2, chunks)
-        self.v_chunks = grown(self.v_chunks, 2, chunks)
-        select_k = self._select_k(chunks)
-        if select_k != self.select_k:
-            self._relayout(select_k, self.k_buf.shape[2] - self.tail_start)
 
     def _relayout(self, select_k: int, tail_capacity: int) -> None:
         """New decode buffers with a ``select_k``-chunk selected region and room for ``tail_capacity``
