@@ -42,9 +42,17 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
     chunk, c_max = config.chunk_size, layout.max_chunks
     select = min(config.budget_chunks, max([c - config.outlier_chunks for c in layout.chunks if c], default=0))
     local = max(n - c * chunk for n, c in zip(layout.lengths, layout.chunks))
+    fold_keys = 0
+    if c_max and config.folds:
+        # the store is preallocated for every token that may fold; the dense tail for the fold window
+        c_max = -(-(max(layout.lengths) + tail_capacity) // chunk)
+        select = max(1, min(config.budget_chunks, c_max - config.outlier_chunks))
+        if all(layout.chunks):
+            tail_capacity = min(tail_capacity, config.fold_window)
+        fold_keys = (local + tail_capacity) * hkv * d * size
     kv_token = 2 * hkv * d * size
     dense_tokens = local + tail_capacity + (config.outlier_chunks + select) * chunk if c_max else local + tail_capacity
-    device = dense_tokens * kv_token
+    device = dense_tokens * kv_token + fold_keys
     if c_max:
         device += (c_max * chunk * config.rank + hkv * config.rank * d + hkv * c_max * d) * size + hkv * c_max
         device += hkv * select * 8  # the chunk each selected slot holds (value reuse)

@@ -146,7 +146,8 @@ def test_preflight_names_the_largest_batch_that_fits(monkeypatch):
     from shadowkv_fx import preflight
     from shadowkv_fx.layer_state import PromptLayout
 
-    config = shadowkv_fx.ShadowKVConfig(value_hbm_gib=0)
+    # without folding, whose store also holds the generated tokens' chunks (preflight counts them)
+    config = shadowkv_fx.ShadowKVConfig(value_hbm_gib=0, fold_chunks=None)
     model_config = SimpleNamespace(num_hidden_layers=32, num_key_value_heads=8, num_attention_heads=32, head_dim=128,
                                    hidden_size=4096)
     lengths = [122880] * 16
