@@ -97,6 +97,13 @@ class ShadowKVConfig:
         """Shortest prompt (tokens) that is compressed; shorter ones decode densely."""
         return (self.local_chunks + self.outlier_chunks + 1) * self.chunk_size
 
+    def select_chunks(self, store_chunks: int) -> int:
+        """Chunks a decode step selects per KV head from a store of ``store_chunks`` per row: the
+        budget, or every chunk but the outliers when fewer (a row with fewer selectable chunks
+        gets them all, the other picks masked). Fixed from the store's size, never read from the
+        device, so a step needs no device-to-host sync to size its top-k."""
+        return max(1, min(self.budget_chunks, store_chunks - self.outlier_chunks))
+
     @property
     def folds(self) -> bool:
         return self.fold_chunks is not None

@@ -78,6 +78,20 @@ def _flat(k: torch.Tensor) -> torch.Tensor:
     return k.permute(1, 0, 2).reshape(k.shape[1], -1).float()
 
 
+def store_chunks(lengths: list[int], generated: int, chunk_size: int) -> int:
+    """Chunks per row the store is preallocated for: every prompt token and ``generated`` more may fold."""
+    return -(-(max(lengths) + generated) // chunk_size)
+
+
+def tail_slots(config, prompt_chunks: list[int], generated: int) -> int:
+    """Dense tail slots the decode buffers need for ``generated`` tokens: when every row folds the
+    tail is compacted and never holds more than the fold window; a row that never folds (its
+    prompt too short to compress) keeps every token it generates."""
+    if config.folds and all(prompt_chunks):
+        return min(generated, config.fold_window)
+    return generated
+
+
 def chunks_due(state) -> list[int]:
     """Whole chunks each row folds now (0 for rows never compressed: they stay dense)."""
     cfg = state.config
@@ -217,6 +231,6 @@ def grow_store(state, chunks: int) -> None:
     state.landmarks = grown(state.landmarks, 2, chunks)
     state.selectable = grown(state.selectable, 2, chunks)
     state.v_chunks = grown(state.v_chunks, 2, chunks)
-    select_k = state._select_k(chunks)
+    select_k = state.config.select_chunks(chunks)
     if select_k != state.select_k:
         state._relayout(select_k, state.k_buf.shape[2] - state.tail_start)

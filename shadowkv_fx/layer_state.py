@@ -198,10 +198,8 @@ class LayerState:
         if not self.compressed:
             return
         # the store holds every chunk a row may fold: its prompt and ``tail_capacity`` generated tokens
-        c_max = self.store_chunks(tail_capacity) if self.folds else c_max
-        # fixed at prefill (and when the store grows) so a decode step needs no device-to-host read
-        # to size its top-k; a row with fewer selectable chunks than ``select_k`` gets them all
-        self.select_k = self._select_k(c_max if self.folds else max(c for c in layout.chunks if c))
+        c_max = fold.store_chunks(self.lengths, tail_capacity, chunk) if self.folds else c_max
+        self.select_k = cfg.select_chunks(c_max)  # again when the store grows (fold.grow_store)
         outlier_tokens = cfg.outlier_chunks * chunk
         self.u = k_pre.new_zeros(b_size, c_max * chunk, cfg.rank)
         self.sv = k_pre.new_zeros(b_size, hkv, cfg.rank, d)
@@ -220,18 +218,10 @@ class LayerState:
             self.prev_idx = torch.full((b_size, hkv, self.select_k), -1, dtype=torch.long, device=device)
             self.v_lookups = torch.zeros(2, dtype=torch.long, device=device)  # hits, chunks asked for
 
-    def store_chunks(self, generated: int) -> int:
-        """Chunks per row the store needs to fold every prompt token and ``generated`` more."""
-        return -(-(max(self.lengths) + generated) // self.config.chunk_size)
-
-    def _select_k(self, chunks: int) -> int:
-        return max(1, min(self.config.budget_chunks, chunks - self.config.outlier_chunks))
-
     def _build_buffers(self, tail_capacity: int) -> None:
         self.gen_capacity = tail_capacity
-        if self.folds and all(self.prompt_chunks):
-            # every row folds, so the tail is compacted and never holds more than the fold window
-            tail_capacity = min(tail_capacity, self.config.fold_window)
+        if self.folds:
+            tail_capacity = fold.tail_slots(self.config, self.prompt_chunks, tail_capacity)
         b, hkv, local_len, d = self._local_k.shape
         outliers = 0 if self._outlier_k is None else self._outlier_k.shape[2]
         self.sel_start = outliers
@@ -271,7 +261,7 @@ class LayerState:
             needed = self.tail_len + tokens
             if needed > self.gen_capacity:
                 self.gen_capacity = max(2 * self.gen_capacity, needed)
-                fold.grow_store(self, self.store_chunks(self.gen_capacity))
+                fold.grow_store(self, fold.store_chunks(self.lengths, self.gen_capacity, self.config.chunk_size))
                 moved = True
             moved |= fold.reserve_tables(self, self.padded_len + self.gen_capacity)
         needed = self.tail_len - self.tail_shift + tokens
@@ -291,7 +281,7 @@ class LayerState:
         local_start = self.sel_start + sel_width
         tail_start = local_start + local_len
         used = self.tail_len - self.tail_shift
-        # the selected region survives only where it keeps its width (value reuse reads last step's)
+        # the selected region survives only where it keeps its width (value reuse: prev_idx names its slots)
         kept = self.local_start if select_k == self.select_k else self.sel_start
         key_valid = self.key_valid.new_zeros(*self.key_valid.shape[:2], tail_start)
         key_valid[:, :, :kept] = self.key_valid[:, :, :kept]
