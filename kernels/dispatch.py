@@ -81,11 +81,13 @@ def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device:
 
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, key_valid: torch.Tensor,
-                     tail_start: int, tail_fill: torch.Tensor, scale: float) -> torch.Tensor:
+                     tail_start: int, tail_fill: torch.Tensor, scale: float,
+                     tail_first: torch.Tensor | None = None) -> torch.Tensor:
     if _triton(q):
         from shadowkv_fx.kernels import triton_decode_attention
 
-        return triton_decode_attention.decode_attention(q, k_buf, v_buf, key_valid, tail_start, tail_fill, scale)
+        return triton_decode_attention.decode_attention(q, k_buf, v_buf, key_valid, tail_start, tail_fill, scale,
+                                                        tail_first=tail_first)
     # the reference's mask, with GQA query heads as rows instead of K/V copied per head
-    mask = reference.decode_mask(key_valid, k_buf.shape[2], tail_start, tail_fill, q.shape[2])
+    mask = reference.decode_mask(key_valid, k_buf.shape[2], tail_start, tail_fill, q.shape[2], tail_first)
     return grouped_masked_attention(q, k_buf, v_buf, mask, scale)

@@ -208,25 +208,30 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def decode_mask(key_valid: torch.Tensor, keys: int, tail_start: int, tail_fill: torch.Tensor, n: int) -> torch.Tensor:
+def decode_mask(key_valid: torch.Tensor, keys: int, tail_start: int, tail_fill: torch.Tensor, n: int,
+                tail_first: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, Hkv, n, N]`` bool: what each of ``n`` new queries may attend in a ``[prefix | tail]`` buffer.
 
     Prefix keys by ``key_valid [B, Hkv, >= tail_start]``; tail slot ``t`` for query ``i`` iff
-    ``t <= fill - n + i`` (``tail_fill``: a 0-dim device tensor, never read on the host).
+    ``tail_first[b] <= t <= fill - n + i`` (``tail_fill``: a 0-dim device tensor, never read on the
+    host; ``tail_first [B]``: slots a row has folded into its compressed store, default none).
     """
     b, hkv = key_valid.shape[:2]
     prefix = key_valid[..., :tail_start].bool()[:, :, None, :].expand(b, hkv, n, tail_start)
     tail_pos = torch.arange(keys - tail_start, device=key_valid.device)
     query_pos = tail_fill.reshape(()) - n + torch.arange(n, device=key_valid.device)
     tail = (tail_pos[None, :] <= query_pos[:, None])[None, None].expand(b, hkv, n, -1)
+    if tail_first is not None:
+        tail = tail & (tail_pos >= tail_first.reshape(b, 1, 1, 1))
     return torch.cat([prefix, tail], dim=-1)
 
 
 def decode_attention_reference(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, key_valid: torch.Tensor,
-                               tail_start: int, tail_fill: torch.Tensor, scale: float) -> torch.Tensor:
+                               tail_start: int, tail_fill: torch.Tensor, scale: float,
+                               tail_first: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-PyTorch twin of ``decode_attention``: the explicit ``[B, Hkv, n, N]`` mask and one SDPA.
 
     Same arguments and result; no host sync either (the fill level stays a tensor).
     """
-    mask = decode_mask(key_valid, k_buf.shape[2], tail_start, tail_fill, q.shape[2])
+    mask = decode_mask(key_valid, k_buf.shape[2], tail_start, tail_fill, q.shape[2], tail_first)
     return masked_attention(q, k_buf, v_buf, mask, scale)

@@ -2,7 +2,8 @@
 
 The buffer ``[B, Hkv, N, D]`` is laid out as ``[outliers | selected chunks | local window | tail]``.
 Keys before ``tail_start`` carry a validity flag (``key_valid``); the tail holds generated tokens
-and query ``i`` of ``n`` sees tail slot ``t`` iff ``t <= fill - n + i`` (causal among the new tokens),
+and query ``i`` of ``n`` sees tail slot ``t`` iff ``first[b] <= t <= fill - n + i`` (causal among the
+new tokens; slots before ``first`` were folded into the compressed store),
 with ``fill`` read on the device so the step can be captured as a CUDA graph.
 
 The ``G * n`` query rows of one KV head form one tile that shares every K/V tile read (``tl.dot``,
@@ -29,13 +30,13 @@ H100_SMS = 132  # the target's SM count, used when no CUDA device can be asked (
 
 @triton.jit
 def decode_split_kernel(
-    q, k, v, valid, fill_ptr, out, part_m, part_l, part_acc,
+    q, k, v, valid, fill_ptr, first_ptr, out, part_m, part_l, part_acc,
     Hkv, N, tail_start, split_len, n_splits,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb, s_mh, s_ob, s_oh, s_on,
     qk_scale,
     G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SINGLE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SINGLE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_FIRST: tl.constexpr,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
@@ -55,6 +56,10 @@ def decode_split_kernel(
     fill = tl.load(fill_ptr).to(tl.int64)
     # last tail slot row r may see; past it nothing is read (the preallocated tail is mostly empty)
     b_last = fill - NQ + o_i
+    # tail slots before ``first`` were folded into this row's compressed store
+    first = 0
+    if HAS_FIRST:
+        first = tl.load(first_ptr + i_b).to(tl.int64)
     lo = i_s * split_len
     hi = tl.minimum(tl.minimum(lo + split_len, N), tail_start + fill)
     b_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -67,7 +72,7 @@ def decode_split_kernel(
         o_n = start + tl.arange(0, BLOCK_N).to(tl.int64)
         m_pre = o_n < tail_start
         b_valid = tl.load(p_valid + o_n, mask=m_pre, other=0) != 0
-        m_tail = (o_n >= tail_start) & (o_n < hi)
+        m_tail = (o_n >= tail_start + first) & (o_n < hi)
         m_rows = b_valid[None, :] | (m_tail[None, :] & (o_n[None, :] - tail_start <= b_last[:, None]))
         m_rows = m_rows & m_m[:, None]
         # keys no row may see are not read: saves bandwidth, and garbage (even NaN) never meets a 0 weight
@@ -149,7 +154,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count  # cached: a host call per step adds up
 
 
-def _check(q, k_buf, v_buf, key_valid, tail_start, tail_fill, out):
+def _check(q, k_buf, v_buf, key_valid, tail_start, tail_fill, out, tail_first=None):
     b, hq, n, d = q.shape
     bk, hkv, keys, dk = k_buf.shape
     if (bk, hkv, keys) != tuple(v_buf.shape[:3]) or dk != d or b != bk:
@@ -164,7 +169,9 @@ def _check(q, k_buf, v_buf, key_valid, tail_start, tail_fill, out):
                          f"got {key_valid.dtype} {tuple(key_valid.shape)}")
     if tail_fill.dtype != torch.int64 or tail_fill.numel() != 1:
         raise ValueError("tail_fill must be a one-element int64 tensor (the device-side fill level)")
-    tensors = [q, k_buf, v_buf, key_valid, tail_fill] + ([out] if out is not None else [])
+    if tail_first is not None and (tail_first.dtype != torch.int64 or tuple(tail_first.shape) != (b,)):
+        raise ValueError(f"tail_first must be an int64 [{b}] tensor (first visible tail slot per row)")
+    tensors = [q, k_buf, v_buf, key_valid, tail_fill] + [t for t in (out, tail_first) if t is not None]
     if any(t.device != q.device for t in tensors):
         raise ValueError("all tensors must be on q's device")
     # the innermost dim is addressed without a stride: it must be contiguous
@@ -176,7 +183,7 @@ def _check(q, k_buf, v_buf, key_valid, tail_start, tail_fill, out):
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, key_valid: torch.Tensor,
                      tail_start: int, tail_fill: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                     *, num_splits: int | None = None) -> torch.Tensor:
+                     *, num_splits: int | None = None, tail_first: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of new queries over a persistent ``[prefix | tail]`` K/V buffer (Triton).
 
     Parameters
@@ -190,12 +197,14 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     scale : softmax scale.
     out : optional ``[B, Hq, n, Dv]`` of ``q.dtype`` to write into (CUDA-graph friendly).
     num_splits : key splits per KV head; default from ``choose_splits`` (tests force it).
+    tail_first : optional ``[B]`` int64 device tensor: row ``b`` sees no tail slot before
+        ``tail_first[b]`` (tokens folded into its compressed store). Default: every slot.
 
     Returns
     -------
     ``[B, Hq, n, Dv]`` in ``q.dtype`` (``out`` when given).
     """
-    _check(q, k_buf, v_buf, key_valid, tail_start, tail_fill, out)
+    _check(q, k_buf, v_buf, key_valid, tail_start, tail_fill, out, tail_first)
     b, hq, n, d = q.shape
     hkv, keys, dv = k_buf.shape[1], k_buf.shape[2], v_buf.shape[3]
     group = hq // hkv
@@ -221,14 +230,16 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     # fp32 products where the inputs are fp32 (tf32 would cost ~1e-3 relative); bf16/fp16 ignore it
     precision = "ieee" if q.dtype == torch.float32 or not on_gpu else "tf32"
     decode_split_kernel[(b * hkv, num_splits)](
-        q, k_buf, v_buf, key_valid, tail_fill, out, part_m, part_l, part_acc,
+        q, k_buf, v_buf, key_valid, tail_fill, tail_fill if tail_first is None else tail_first.contiguous(), out,
+        part_m, part_l, part_acc,
         hkv, keys, tail_start, split_len, num_splits,
         q.stride(0), q.stride(1), q.stride(2), k_buf.stride(0), k_buf.stride(1), k_buf.stride(2),
         v_buf.stride(0), v_buf.stride(1), v_buf.stride(2), key_valid.stride(0), key_valid.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         scale * LOG2E,  # exp2 below: fold log2(e) into the scale once
         G=group, NQ=n, D=d, DV=dv, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        SINGLE=single, UPCAST=not on_gpu, PRECISION=precision, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        SINGLE=single, UPCAST=not on_gpu, PRECISION=precision, HAS_FIRST=tail_first is not None,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if not single:
         decode_combine_kernel[(b * hkv,)](

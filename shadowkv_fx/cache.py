@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from shadowkv_fx import fold
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.layer_state import LayerState, PromptLayout, RopeFn
 
@@ -118,6 +119,8 @@ class ShadowKVCache(Cache):
             self.begin_group(list(range(len(self.layout.lengths))), 0)
             return
         self.phase = "decode"
+        for layer in self.layers:
+            fold.fold(layer.state)  # in place: a captured step stays valid
         moved = [layer.state.reserve_tail(input_len) for layer in self.layers]
         if any(moved):
             self.decode_graphs.clear()
@@ -180,6 +183,11 @@ class ShadowKVCache(Cache):
         if self.phase == "decode":
             for layer in self.layers:
                 layer.state.tail_len += input_len
+        elif self.layout is not None:
+            # folding layers size their RoPE tables and store now, so the first decode step moves nothing
+            for layer in self.layers:
+                if layer.state.reserve_tail(0):
+                    self.decode_graphs.clear()
         self.seq_length += input_len
 
     def max_position(self, input_len: int) -> int:
@@ -213,9 +221,15 @@ class ShadowKVCache(Cache):
                 "is compressed; only generated tokens can be dropped"
             )
         kept = max_length - self.layout.padded_len
+        folded = max((f for f in (layer.state.folded_past(kept) for layer in self.layers) if f is not None), default=None)
+        if folded is not None:
+            raise ValueError(
+                f"cannot crop a ShadowKV cache to {max_length} tokens: its first {self.layout.padded_len + folded} "
+                "are folded into the compressed store (ShadowKVConfig.fold_chunks); only tokens after that can be "
+                "dropped"
+            )
         for layer in self.layers:
-            layer.state.tail_len = kept
-            layer.state.rewind_tail()
+            layer.state.crop_tail(kept)
         self.seq_length = max_length
 
     def _keep_values_on_device(self, nbytes: int) -> bool:
@@ -303,7 +317,7 @@ class ShadowKVCache(Cache):
         state = self.layers[layer_idx].state
         k_rot = rope_fn(k_pre, *rope_inputs)
         if self.phase == "decode":
-            return state.decode(q, k_rot, v, rope_fn, scale)
+            return state.decode(q, k_rot, v, rope_fn, scale, k_pre, rope_inputs)
         k_pre, k_rot, v, *tables = self._stage(layer_idx, k_pre, k_rot, v, rope_inputs)
         start, end = self.prefill_span
         out = _dense_prefill(q, k_rot, v, self.group_layout, scale, start)

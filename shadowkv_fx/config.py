@@ -36,6 +36,16 @@ class ShadowKVConfig:
         Accelerator memory (GiB) the chunked values may occupy instead of pinned host memory,
         layer by layer, so spare HBM saves PCIe traffic. ``None``: as much as fits while a quarter
         of the device stays free; ``0``: every value offloaded, as in the paper.
+    fold_chunks:
+        Generated tokens (and later turns) stay dense until a sequence holds ``local_chunks +
+        fold_chunks`` whole chunks past its compressed store; then its oldest whole chunks are
+        folded into the store (low-rank keys, landmarks, outliers, offloaded values) so that
+        ``local_chunks`` chunks (+ the remainder) stay dense. ``None``: never fold (the tail stays
+        dense for the rest of the sequence). Prompts too short to compress never fold.
+    fold_refresh:
+        A fold projects the new pre-RoPE keys onto the sequence's low-rank basis; when their
+        relative projection error exceeds ``fold_refresh`` times the error the basis had on the
+        keys it was fitted to (and 1e-5), the basis is refreshed by an incremental SVD instead.
     """
 
     sparse_budget: int = 2048
@@ -47,6 +57,8 @@ class ShadowKVConfig:
     value_hbm_gib: float | None = None
     prefill_rows: int | None = 1
     reuse_values: bool = True
+    fold_chunks: int | None = 4
+    fold_refresh: float = 1.5
 
     def __post_init__(self) -> None:
         for name in ("sparse_budget", "rank", "chunk_size"):
@@ -63,6 +75,12 @@ class ShadowKVConfig:
         if self.prefill_rows is not None and (not isinstance(self.prefill_rows, int) or isinstance(
                 self.prefill_rows, bool) or self.prefill_rows < 1):
             raise ValueError(f"ShadowKVConfig.prefill_rows must be None or an int >= 1, got {self.prefill_rows!r}")
+        if self.fold_chunks is not None and (not isinstance(self.fold_chunks, int) or isinstance(
+                self.fold_chunks, bool) or self.fold_chunks < 1):
+            raise ValueError(f"ShadowKVConfig.fold_chunks must be None (no folding) or an int >= 1, got {self.fold_chunks!r}")
+        if isinstance(self.fold_refresh, bool) or not isinstance(self.fold_refresh, (int, float)) \
+                or not self.fold_refresh >= 1:
+            raise ValueError(f"ShadowKVConfig.fold_refresh must be a number >= 1, got {self.fold_refresh!r}")
         if self.sparse_budget % self.chunk_size:
             lower = self.sparse_budget - self.sparse_budget % self.chunk_size
             raise ValueError(
@@ -78,6 +96,22 @@ class ShadowKVConfig:
     def min_sparse_prompt(self) -> int:
         """Shortest prompt (tokens) that is compressed; shorter ones decode densely."""
         return (self.local_chunks + self.outlier_chunks + 1) * self.chunk_size
+
+    def select_chunks(self, store_chunks: int) -> int:
+        """Chunks a decode step selects per KV head from a store of ``store_chunks`` per row: the
+        budget, or every chunk but the outliers when fewer (a row with fewer selectable chunks
+        gets them all, the other picks masked). Fixed from the store's size, never read from the
+        device, so a step needs no device-to-host sync to size its top-k."""
+        return max(1, min(self.budget_chunks, store_chunks - self.outlier_chunks))
+
+    @property
+    def folds(self) -> bool:
+        return self.fold_chunks is not None
+
+    @property
+    def fold_window(self) -> int:
+        """Most dense tokens a folding sequence holds past its store between two decode steps."""
+        return (self.local_chunks + self.fold_chunks + 1) * self.chunk_size
 
     @classmethod
     def from_options(cls, options: dict | None) -> "ShadowKVConfig":

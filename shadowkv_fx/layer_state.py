@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from shadowkv_fx import fold
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.kernels import dispatch, reference as ref
 from shadowkv_fx.kernels.rope_forms import detect_rope_form
@@ -86,6 +87,14 @@ class LayerState:
         self._pending: set[int] | None = None
         self.tail_len = 0
         self.tail_fill: torch.Tensor | None = None
+        # folding (fold.py): tail slots compacted away so far, and per row the first tail slot
+        # still dense (host mirror of ``tail_first``); generated tokens whose RoPE inputs are stored
+        self.folds = False
+        self.tail_shift = 0
+        self.tail_first_host: list[int] = []
+        self.tail_first: torch.Tensor | None = None
+        self.gen_count: torch.Tensor | None = None
+        self.pre_k: torch.Tensor | None = None
 
     # Decode reads one persistent buffer per layer, ``[B, Hkv, N, D]`` for K and V, laid out as
     # [outliers | selected chunks | local window | generated tail]: outliers and local are written
@@ -124,7 +133,7 @@ class LayerState:
         ``rope_tables``: the batch's per-position tables ``[B, 1, S, c]`` (filled by the cache).
         """
         if self._pending is None:
-            self._allocate(layout, k_pre, k_rot, v, rope_tables, keep_values_on_device)
+            self._allocate(layout, k_pre, k_rot, v, rope_tables, keep_values_on_device, tail_capacity)
         cfg = self.config
         chunk = cfg.chunk_size
         d = k_pre.shape[-1]
@@ -135,12 +144,19 @@ class LayerState:
             local = kr.shape[1] - t
             self._local_k[b, :, :local] = kr[:, t:]
             self._local_v[b, :, :local] = vb[:, t:]
+            if self.folds:
+                self._local_kpre[b, :, :local] = kp[:, t:]
             if n_chunks:
                 u, sv = ref.low_rank_keys(kp[:, :t], cfg.rank)
                 landmarks, min_cos = ref.chunk_landmarks(kr[:, :t], chunk)
                 outliers = torch.topk(-min_cos, cfg.outlier_chunks, dim=-1).indices
                 self.selectable[b, :, :n_chunks] = True
                 self.selectable[b].scatter_(1, outliers, False)
+                self.outlier_ids[b] = outliers
+                self.outlier_cos[b] = min_cos.gather(1, outliers)
+                energy = kp[:, :t].float().square().sum()
+                # U's columns are orthonormal, so what SV misses of the keys' energy is the fit error
+                self.fit_err[b] = float((1 - sv.square().sum() / energy.clamp_min(1e-30)).clamp_min(0).sqrt())
                 token_idx = ref.chunk_tokens(outliers, chunk)
                 self._outlier_k[b] = torch.gather(kr, 1, token_idx[..., None].expand(-1, -1, d))
                 self._outlier_v[b] = torch.gather(vb, 1, token_idx[..., None].expand(-1, -1, d))
@@ -155,7 +171,8 @@ class LayerState:
         if not self._pending:
             self._build_buffers(tail_capacity)
 
-    def _allocate(self, layout: PromptLayout, k_pre, k_rot, v, rope_tables, keep_values_on_device) -> None:
+    def _allocate(self, layout: PromptLayout, k_pre, k_rot, v, rope_tables, keep_values_on_device,
+                  tail_capacity: int) -> None:
         """Zeroed slots for every row of the batch: padding stays zero (never read: masked)."""
         cfg = self.config
         chunk = cfg.chunk_size
@@ -175,10 +192,17 @@ class LayerState:
         self.compressed = c_max > 0
         self.select_k = 0
         self._outlier_k = self._outlier_v = None
+        self.lengths, self.padded_len = list(layout.lengths), layout.padded_len
+        self.prompt_chunks, self.chunks = list(layout.chunks), list(layout.chunks)
+        self.folds = self.compressed and cfg.folds
+        self.tail_first_host = [0] * b_size
+        if self.folds:
+            self._local_kpre = k_pre.new_zeros(b_size, hkv, local_max, d)
         if not self.compressed:
             return
-        # fixed at prefill so a decode step needs no device-to-host read to size its top-k
-        self.select_k = min(cfg.budget_chunks, max(c - cfg.outlier_chunks for c in layout.chunks if c))
+        # the store holds every chunk a row may fold: its prompt and ``tail_capacity`` generated tokens
+        c_max = fold.store_chunks(self.lengths, tail_capacity, chunk) if self.folds else c_max
+        self.select_k = cfg.select_chunks(c_max)  # again when the store grows (fold.grow_store)
         outlier_tokens = cfg.outlier_chunks * chunk
         self.u = k_pre.new_zeros(b_size, c_max * chunk, cfg.rank)
         self.sv = k_pre.new_zeros(b_size, hkv, cfg.rank, d)
@@ -187,6 +211,10 @@ class LayerState:
         self._outlier_k = k_rot.new_zeros(b_size, hkv, outlier_tokens, d)
         self._outlier_v = v.new_zeros(b_size, hkv, outlier_tokens, dv)
         self.v_chunks = _value_slots((b_size, hkv, c_max, chunk, dv), v, keep_values_on_device)
+        self.outlier_ids = torch.zeros(b_size, hkv, cfg.outlier_chunks, dtype=torch.long, device=device)
+        self.outlier_cos = torch.full((b_size, hkv, cfg.outlier_chunks), float("inf"), device=device)
+        self.fit_err = [0.0] * b_size
+        self.refreshes = 0
         # values not in accelerator memory: a chunk chosen again keeps its slot, only new ones are fetched
         self.reuse = cfg.reuse_values and self.v_chunks.device.type != "cuda"
         if self.reuse:
@@ -194,6 +222,9 @@ class LayerState:
             self.v_lookups = torch.zeros(2, dtype=torch.long, device=device)  # hits, chunks asked for
 
     def _build_buffers(self, tail_capacity: int) -> None:
+        self.gen_capacity = tail_capacity
+        if self.folds:
+            tail_capacity = fold.tail_slots(self.config, self.prompt_chunks, tail_capacity)
         b, hkv, local_len, d = self._local_k.shape
         outliers = 0 if self._outlier_k is None else self._outlier_k.shape[2]
         self.sel_start = outliers
@@ -210,42 +241,111 @@ class LayerState:
         self.k_buf[:, :, self.local_start : self.tail_start] = self._local_k
         self.v_buf[:, :, self.local_start : self.tail_start] = self._local_v
         self.key_valid[:, :, self.local_start : self.tail_start] = self._local_valid[:, None, :]
+        if self.folds:
+            # pre-RoPE keys of every dense token, slot for slot from ``local_start``: folding projects them
+            self.pre_k = self._local_kpre.new_zeros(b, hkv, local_len + tail_capacity, d)
+            self.pre_k[:, :, :local_len] = self._local_kpre
+            self.tail_first = torch.zeros(b, dtype=torch.long, device=self.k_buf.device)
+            self.gen_count = torch.zeros((), dtype=torch.long, device=self.k_buf.device)
+            self._local_kpre = None
         self._local_k = self._local_v = self._outlier_k = self._outlier_v = self._pending = None
         self.tail_len = 0
         self.tail_fill = torch.zeros((), dtype=torch.long, device=self.k_buf.device)
 
     def reserve_tail(self, tokens: int) -> bool:
-        """Make room for ``tokens`` more generated tokens; True when the buffers had to move.
+        """Make room for ``tokens`` more generated tokens; True when any buffer had to move.
 
         Runs before a step, never inside one: a captured step would keep writing to the old buffers.
-        The capacity doubles, so no generated token is ever dropped.
+        Capacities double, so no generated token is ever dropped. A folding layer also needs room
+        for the tokens' RoPE inputs and for the chunks they will fold into.
         """
-        needed = self.tail_len + tokens
+        moved = False
+        if self.folds:
+            needed = self.tail_len + tokens
+            if needed > self.gen_capacity:
+                self.gen_capacity = max(2 * self.gen_capacity, needed)
+                fold.grow_store(self, fold.store_chunks(self.lengths, self.gen_capacity, self.config.chunk_size))
+                moved = True
+            moved |= fold.reserve_tables(self, self.padded_len + self.gen_capacity)
+        needed = self.tail_len - self.tail_shift + tokens
         capacity = self.k_buf.shape[2] - self.tail_start
         if needed <= capacity:
-            return False
-        capacity = max(2 * capacity, needed)
-        used = self.tail_start + self.tail_len
-        for name in ("k_buf", "v_buf"):
-            old = getattr(self, name)
-            new = old.new_zeros(old.shape[0], old.shape[1], self.tail_start + capacity, old.shape[3])
-            new[:, :, :used] = old[:, :, :used]
-            setattr(self, name, new)
+            return moved
+        self._relayout(self.select_k, max(2 * capacity, needed))
         return True
 
+    def _relayout(self, select_k: int, tail_capacity: int) -> None:
+        """New decode buffers with a ``select_k``-chunk selected region and room for ``tail_capacity``
+        tail tokens; outliers, local window and tail are carried over, the selected region is
+        refilled by the next step."""
+        chunk = self.config.chunk_size
+        local_len = self.tail_start - self.local_start
+        sel_width = select_k * chunk
+        local_start = self.sel_start + sel_width
+        tail_start = local_start + local_len
+        used = self.tail_len - self.tail_shift
+        # the selected region survives only where it keeps its width (value reuse: prev_idx names its slots)
+        kept = self.local_start if select_k == self.select_k else self.sel_start
+        key_valid = self.key_valid.new_zeros(*self.key_valid.shape[:2], tail_start)
+        key_valid[:, :, :kept] = self.key_valid[:, :, :kept]
+        key_valid[:, :, local_start:] = self.key_valid[:, :, self.local_start :]
+        for name in ("k_buf", "v_buf"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], old.shape[1], tail_start + tail_capacity, old.shape[3])
+            new[:, :, :kept] = old[:, :, :kept]
+            new[:, :, local_start : tail_start + used] = old[:, :, self.local_start : self.tail_start + used]
+            setattr(self, name, new)
+        if self.pre_k is not None:
+            old = self.pre_k
+            self.pre_k = old.new_zeros(*old.shape[:2], local_len + tail_capacity, old.shape[3])
+            self.pre_k[:, :, : local_len + used] = old[:, :, : local_len + used]
+        self.key_valid, self.local_start, self.tail_start = key_valid, local_start, tail_start
+        if select_k != self.select_k:
+            self.select_k = select_k
+            if self.reuse:
+                b, hkv = key_valid.shape[:2]
+                self.prev_idx = self.prev_idx.new_full((b, hkv, select_k), -1)
+
     def rewind_tail(self) -> None:
-        """Forget tokens a failed step appended: the device count goes back to the host's."""
+        """Forget tokens a failed step appended: the device counts go back to the host's."""
         if self.tail_fill is not None:
-            self.tail_fill.fill_(self.tail_len)
+            self.tail_fill.fill_(self.tail_len - self.tail_shift)
+        if self.gen_count is not None:
+            self.gen_count.fill_(self.tail_len)
         if getattr(self, "reuse", False):
             self.prev_idx.fill_(-1)  # the selected region may be half-written: fetch it all next step
 
-    def append_tail(self, k_rot: torch.Tensor, v: torch.Tensor) -> None:
-        """Write new tokens at the device-side fill level (a replayed step reads the current one)."""
+    def crop_tail(self, kept: int) -> None:
+        """Keep the first ``kept`` generated tokens (the cache checked none later is folded)."""
+        self.tail_len = kept
+        self.rewind_tail()
+
+    def folded_past(self, kept: int) -> int | None:
+        """Tokens past the prompt some row has folded, if more than ``kept`` (so they cannot be dropped)."""
+        if not self.folds:
+            return None
+        chunk = self.config.chunk_size
+        furthest = max(c * chunk - n for c, n in zip(self.chunks, self.lengths))
+        return furthest if furthest > kept else None
+
+    def append_tail(self, k_rot: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None,
+                    rope_inputs: list[torch.Tensor] | None = None) -> None:
+        """Write new tokens at the device-side fill level (a replayed step reads the current one).
+
+        A folding layer also keeps their pre-RoPE keys and writes their RoPE inputs (``[B|1, 1, n, c]``
+        each) into the tables' columns after the prompt, where a folded chunk's rebuild reads them.
+        """
         n = k_rot.shape[2]
-        slots = self.tail_start + self.tail_fill + torch.arange(n, device=self.tail_fill.device)
+        offsets = torch.arange(n, device=self.tail_fill.device)
+        slots = self.tail_start + self.tail_fill + offsets
         self.k_buf.index_copy_(2, slots, k_rot.to(self.k_buf.dtype))
         self.v_buf.index_copy_(2, slots, v.to(self.v_buf.dtype))
+        if self.folds:
+            self.pre_k.index_copy_(2, slots - self.local_start, k_pre.to(self.pre_k.dtype))
+            columns = self.padded_len + self.gen_count + offsets
+            for table, new in zip(self.rope_tables, rope_inputs):
+                table.index_copy_(2, columns, new.to(table.dtype).expand(table.shape[0], 1, n, table.shape[3]))
+            self.gen_count.add_(n)
         self.tail_fill.add_(n)
 
     def select(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,13 +373,14 @@ class LayerState:
         dispatch.gather_value_chunks(self.v_chunks, chunk_idx, self.v_buf.device, self.v_buf[:, :, region], fetch)
         self.key_valid[:, :, region] = picked.repeat_interleave(chunk, dim=-1)
 
-    def decode(self, q: torch.Tensor, k_rot_new: torch.Tensor, v_new: torch.Tensor, rope_fn: RopeFn, scale: float) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, k_rot_new: torch.Tensor, v_new: torch.Tensor, rope_fn: RopeFn, scale: float,
+               k_pre_new: torch.Tensor | None = None, rope_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Attend ``q [B, Hq, n, D]`` over outliers + selected chunks + local window + generated tail.
 
         With several new tokens (speculative verification) each selects its own chunks, as it
         would decoding one at a time, so speculation never changes the output.
         """
-        self.append_tail(k_rot_new, v_new)
+        self.append_tail(k_rot_new, v_new, k_pre_new, rope_inputs)
         n = q.shape[2]
         if n > 1 and self.compressed:
             return torch.cat([self._attend(q[:, :, i : i + 1], rope_fn, scale, n - 1 - i) for i in range(n)], dim=2)
@@ -290,7 +391,8 @@ class LayerState:
         if self.compressed:
             self.fill_selected(*self.select(q, scale), rope_fn)
         fill = self.tail_fill - newer if newer else self.tail_fill
-        return dispatch.decode_attention(q, self.k_buf, self.v_buf, self.key_valid, self.tail_start, fill, scale)
+        return dispatch.decode_attention(q, self.k_buf, self.v_buf, self.key_valid, self.tail_start, fill, scale,
+                                         self.tail_first)
 
     def memory_bytes(self) -> dict[str, tuple[str, int]]:
         """Bytes per component as ``name -> (side, bytes)``; side is "gpu" (the model's device) or "cpu" (host)."""
@@ -314,4 +416,7 @@ class LayerState:
             parts["reuse_workspace"] = ("gpu", size(self.prev_idx))
         parts["local"] = ("gpu", (self.tail_start - self.local_start) * per_token + size(self.key_valid))
         parts["tail"] = ("gpu", (self.k_buf.shape[2] - self.tail_start) * per_token)
+        if self.folds:
+            parts["fold_state"] = ("gpu", size(self.pre_k) + size(self.outlier_ids) + size(self.outlier_cos)
+                                   + size(self.tail_first) + size(self.gen_count))
         return parts

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shadowkv_fx import fold
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.layer_state import PromptLayout
 
@@ -38,18 +39,32 @@ def footprint(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype:
 def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: PromptLayout,
                     config: ShadowKVConfig, tail_capacity: int) -> Footprint:
     """One sequence's bytes over ``layers`` layers of ``hkv`` KV heads of width ``d``: the
-    compressed state, decode buffers and workspace on the device; the values (host or device)."""
+    compressed state, decode buffers and workspace on the device; the values (host or device).
+
+    With folding the store (``U``, landmarks, values) is preallocated for the prompt and
+    ``tail_capacity`` generated tokens, the dense tail only for the fold window, and the device
+    also keeps the dense tokens' pre-RoPE keys, the outliers' ids and min-cosines and the RoPE
+    inputs of the generated tokens (``fold.py``).
+    """
     size = torch.finfo(dtype).bits // 8
     chunk, c_max = config.chunk_size, layout.max_chunks
-    select = min(config.budget_chunks, max([c - config.outlier_chunks for c in layout.chunks if c], default=0))
     local = max(n - c * chunk for n, c in zip(layout.lengths, layout.chunks))
+    folds = bool(c_max) and config.folds
+    tail = tail_capacity
+    fold_state, rope_columns = 0, layout.padded_len
+    if folds:
+        c_max = fold.store_chunks(layout.lengths, tail_capacity, chunk)
+        tail = fold.tail_slots(config, layout.chunks, tail_capacity)
+        fold_state = (local + tail) * hkv * d * size + hkv * config.outlier_chunks * (8 + 4)
+        rope_columns += tail_capacity
+    select = config.select_chunks(c_max)
     kv_token = 2 * hkv * d * size
-    dense_tokens = local + tail_capacity + (config.outlier_chunks + select) * chunk if c_max else local + tail_capacity
-    device = dense_tokens * kv_token
+    dense_tokens = local + tail + (config.outlier_chunks + select) * chunk if c_max else local + tail
+    device = dense_tokens * kv_token + fold_state
     if c_max:
         device += (c_max * chunk * config.rank + hkv * config.rank * d + hkv * c_max * d) * size + hkv * c_max
         device += hkv * select * 8  # the chunk each selected slot holds (value reuse)
-    rope_tables = 2 * layout.padded_len * d * size  # cos and sin per position, shared by the layers
+    rope_tables = 2 * rope_columns * d * size  # cos and sin per position, shared by the layers
     return Footprint(layers * device + rope_tables, layers * hkv * c_max * chunk * d * size, layers)
 
 

@@ -1,4 +1,6 @@
 """Bad input gets a clear error naming the fix, never a silent wrong answer."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -146,7 +148,7 @@ def test_preflight_names_the_largest_batch_that_fits(monkeypatch):
     from shadowkv_fx import preflight
     from shadowkv_fx.layer_state import PromptLayout
 
-    config = shadowkv_fx.ShadowKVConfig(value_hbm_gib=0)
+    config = shadowkv_fx.ShadowKVConfig(value_hbm_gib=0)  # folding on: the store also takes 64 generated tokens
     model_config = SimpleNamespace(num_hidden_layers=32, num_key_value_heads=8, num_attention_heads=32, head_dim=128,
                                    hidden_size=4096)
     lengths = [122880] * 16
@@ -155,6 +157,11 @@ def test_preflight_names_the_largest_batch_that_fits(monkeypatch):
     per_seq = preflight.footprint(model_config, layout, config, torch.bfloat16, 64)[0]
     assert 7.4 * 2**30 < per_seq.values < 7.6 * 2**30, "V of one 122K sequence of the 8B shape is 7.5 GiB"
     assert per_seq.device < 2.5 * 2**30, "the GPU state of one 122K sequence is ~1/7 of its 16 GB dense cache"
+    plain = preflight.footprint(model_config, layout, dataclasses.replace(config, fold_chunks=None), torch.bfloat16,
+                                64)[0]
+    # the fold store's value slots also hold the prompt's local window (32 tokens) and the 64 generated
+    assert per_seq.values - plain.values == 32 * (32 + 64) * 8 * 128 * 2
+    assert per_seq.device > plain.device, "the fold store's U rows, landmarks and pre-RoPE keys are counted"
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * 2**30, 80 * 2**30))
     monkeypatch.setattr(preflight, "_host_available", lambda: 100 * 2**30)
     # 90 GiB may be pinned: 12 sequences' 2.8 GiB per layer would fit exactly, but each layer's

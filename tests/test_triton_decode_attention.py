@@ -7,14 +7,14 @@ import os
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from shadowkv_fx.kernels import triton_decode_attention as tda  # noqa: E402
+from shadowkv_fx.kernels import reference, triton_decode_attention as tda  # noqa: E402
 from tests.models import assert_close  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,6 +87,25 @@ def test_fully_masked_splits(tol, prefix, cap, n, num_splits):
 def test_value_dim_differs_from_key_dim(tol):
     args = make_inputs(3, 3, 2, 2, 2, 16, 70, 9, 6, tol[0], dv=32)
     run_and_compare(args, 70, tol, scale=0.25, num_splits=2, what="Dv != D")
+
+
+@pytest.mark.parametrize("tol", TOLERANCES, ids=["fp32", "bf16"])
+@settings(max_examples=4)
+@given(b=st.sampled_from([2, 3]), n=st.sampled_from([1, 3]), num_splits=st.sampled_from([None, 3]),
+       seed=st.integers(0, 2**31 - 1))
+def test_tail_slots_before_each_rows_first_are_never_read(tol, b, n, num_splits, seed):
+    """Folded tail tokens (``tail_first``): poisoned with NaN, they must weigh nothing."""
+    prefix, cap, fill = 70, 30, 24
+    q, k, v, valid, fill_t, k_bad, v_bad = make_inputs(seed, b, 2, 2, n, 16, prefix, cap, fill, tol[0])
+    first = torch.randint(0, fill - n + 1, (b,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    for row in range(b):
+        k_bad[row, :, prefix:prefix + int(first[row])] = float("nan")
+        v_bad[row, :, prefix:prefix + int(first[row])] = float("nan")
+    out = tda.decode_attention(q, k_bad, v_bad, valid, prefix, fill_t, 0.25, num_splits=num_splits, tail_first=first)
+    expected = tda.decode_attention_reference(q, k, v, valid, prefix, fill_t, 0.25, tail_first=first)
+    assert_close(out, expected, atol=tol[1], rtol=tol[2], what=f"tail_first={first.tolist()}")
+    mask = reference.decode_mask(valid, prefix + cap, prefix, fill_t, n, first)
+    assert not mask[0, :, :, prefix:prefix + int(first[0])].any()
 
 
 def test_choose_splits_fills_the_gpu():

@@ -1,0 +1,236 @@
+"""Fold a sequence's oldest dense tokens into its compressed store (issue #15).
+
+ShadowKV compresses the prompt; without folding every later token (generated, or a later chat turn)
+stays dense for good. Between decode steps (``ShadowKVCache.begin_step``, never inside a captured
+step) a row whose dense tokens past its store reach ``local_chunks + fold_chunks`` whole chunks
+folds its oldest whole chunks, keeping ``local_chunks`` chunks (+ the remainder) dense:
+
+- keys: the pre-RoPE keys are projected onto the row's low-rank basis (new ``U`` rows); when their
+  relative projection error exceeds ``fold_refresh`` x the basis's own fit error, the basis is
+  refreshed instead by an incremental SVD (``refresh_basis``);
+- landmarks and min-cosines of the new chunks from their exact post-RoPE keys (as at prefill);
+- outliers: each KV head keeps as outliers the ``outlier_chunks`` chunks with the lowest min-cosine
+  among all its chunks so far (what prefill would pick over the whole sequence): a new chunk that
+  ranks among them takes the slot of the one it displaces, which becomes selectable;
+- values go to the value store (pinned host memory or device slots).
+
+Chunk ``c`` of a row always covers positions ``[c*L, (c+1)*L)``: folds take the row's oldest dense
+tokens (first the prompt's local window, then generated ones), so the rebuild's position rule
+(padded column ``pad + c*L + i``) holds, reading RoPE inputs that decode steps store after the
+prompt's columns. The tail is then compacted: slots every row has folded are dropped, so the dense
+tail stays within the fold window while the store grows by ``U`` rows and landmarks only.
+Buffers keep their addresses (the store is preallocated), so a captured decode step stays valid.
+"""
+from __future__ import annotations
+
+import torch
+
+from shadowkv_fx.kernels import reference as ref
+
+# below this relative error a projection is exact to float32 rounding: never refresh for noise
+REFRESH_FLOOR = 1e-5
+
+
+def project_keys(sv: torch.Tensor, k_pre: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Least-squares ``U`` rows of new keys on an existing basis, and their relative error.
+
+    Args:
+        sv: ``[Hkv, r, D]`` (``diag(s) V^T`` per head slice); k_pre: ``[Hkv, n, D]``.
+    Returns:
+        ``U_new [n, r]`` float32 with ``U_new @ SV[h] ~= k_pre[h]``, and ``|K - U_new SV| / |K|``.
+    """
+    w = _flat(sv)
+    k = _flat(k_pre)
+    u = k @ torch.linalg.pinv(w)
+    err = (k - u @ w).norm() / k.norm().clamp_min(1e-30)
+    return u, float(err)
+
+
+def refresh_basis(sv: torch.Tensor, k_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Incremental SVD: the rank-``r`` basis of the old keys' factorisation plus the new keys.
+
+    With ``K_old ~= U SV``, ``[U 0; 0 I] @ [SV; K_new] = [K_old; K_new]``; the SVD of the small
+    stacked matrix ``M = [SV; K_new] = P diag(s) Q^T`` gives the new ``SV' = diag(s_r) Q_r^T``,
+    the old rows' rotation ``P[:r, :r]`` (``U' = U @ P[:r, :r]``) and the new rows ``P[r:, :r]``.
+    Exact when nothing is truncated (full rank).
+
+    Returns:
+        ``rotation [r, r]``, ``U_new [n, r]``, ``SV' [Hkv, r, D]`` (all float32) and the relative
+        truncation error of ``M`` (the new basis's fit error).
+    """
+    hkv, r, d = sv.shape
+    stacked = torch.cat([_flat(sv), _flat(k_pre)])
+    p, s, qh = torch.linalg.svd(stacked, full_matrices=False)
+    kept = min(r, s.numel())
+    rotation = stacked.new_zeros(r, r)
+    rotation[:, :kept] = p[:r, :kept]
+    u_new = stacked.new_zeros(k_pre.shape[1], r)
+    u_new[:, :kept] = p[r:, :kept]
+    sv_new = stacked.new_zeros(r, hkv * d)
+    sv_new[:kept] = s[:kept, None] * qh[:kept]
+    energy = s.square()
+    fit = float((energy[kept:].sum() / energy.sum().clamp_min(1e-30)).sqrt())
+    return rotation, u_new, sv_new.view(r, hkv, d).permute(1, 0, 2).contiguous(), fit
+
+
+def _flat(k: torch.Tensor) -> torch.Tensor:
+    """``[Hkv, n, D]`` -> ``[n, Hkv*D]`` float32 (one row per token, all heads: one shared basis)."""
+    return k.permute(1, 0, 2).reshape(k.shape[1], -1).float()
+
+
+def store_chunks(lengths: list[int], generated: int, chunk_size: int) -> int:
+    """Chunks per row the store is preallocated for: every prompt token and ``generated`` more may fold."""
+    return -(-(max(lengths) + generated) // chunk_size)
+
+
+def tail_slots(config, prompt_chunks: list[int], generated: int) -> int:
+    """Dense tail slots the decode buffers need for ``generated`` tokens: when every row folds the
+    tail is compacted and never holds more than the fold window; a row that never folds (its
+    prompt too short to compress) keeps every token it generates."""
+    if config.folds and all(prompt_chunks):
+        return min(generated, config.fold_window)
+    return generated
+
+
+def chunks_due(state) -> list[int]:
+    """Whole chunks each row folds now (0 for rows never compressed: they stay dense)."""
+    cfg = state.config
+    chunk = cfg.chunk_size
+    due = []
+    for n, first, c in zip(state.lengths, state.prompt_chunks, state.chunks):
+        dense = n + state.tail_len - c * chunk
+        foldable = first and dense >= (cfg.local_chunks + cfg.fold_chunks) * chunk
+        due.append(dense // chunk - cfg.local_chunks if foldable else 0)
+    return due
+
+
+def fold(state) -> bool:
+    """Fold what is due in one layer and compact its tail; True when anything was folded."""
+    if not state.folds:
+        return False
+    due = chunks_due(state)
+    if not any(due):
+        return False
+    for b, m in enumerate(due):
+        if m:
+            _fold_row(state, b, m)
+    state.tail_first.copy_(torch.tensor(state.tail_first_host))
+    _compact_tail(state)
+    return True
+
+
+def _slots(state, b: int, first: int, count: int) -> torch.Tensor:
+    """Buffer slots of row ``b``'s dense positions ``[first, first + count)``."""
+    n, local_first = state.lengths[b], state.prompt_chunks[b] * state.config.chunk_size
+    slots = [state.local_start + p - local_first if p < n else state.tail_start + p - n - state.tail_shift
+             for p in range(first, first + count)]
+    return torch.tensor(slots, device=state.k_buf.device)
+
+
+def _fold_row(state, b: int, m: int) -> None:
+    cfg = state.config
+    chunk = cfg.chunk_size
+    c0 = state.chunks[b]
+    t0, count = c0 * chunk, m * chunk
+    slots = _slots(state, b, t0, count)
+    k_rot, v = state.k_buf[b][:, slots], state.v_buf[b][:, slots]
+    k_pre = state.pre_k[b][:, slots - state.local_start]
+    hkv, _, dv = v.shape
+
+    u_new, err = project_keys(state.sv[b], k_pre)
+    if err > max(cfg.fold_refresh * state.fit_err[b], REFRESH_FLOOR):
+        rotation, u_new, sv_new, state.fit_err[b] = refresh_basis(state.sv[b], k_pre)
+        state.u[b, :t0] = (state.u[b, :t0].float() @ rotation).to(state.u.dtype)
+        state.sv[b] = sv_new.to(state.sv.dtype)
+        state.refreshes += 1
+    state.u[b, t0 : t0 + count] = u_new.to(state.u.dtype)
+
+    landmarks, min_cos = ref.chunk_landmarks(k_rot, chunk)
+    state.landmarks[b, :, c0 : c0 + m] = landmarks.to(state.landmarks.dtype)
+    state.v_chunks[b, :, c0 : c0 + m].copy_(v.reshape(hkv, m, chunk, dv))
+    state.chunks[b] = c0 + m
+    state.selectable[b, :, c0 : c0 + m] = True
+    if cfg.outlier_chunks:
+        _update_outliers(state, b, k_rot, v, min_cos, torch.arange(c0, c0 + m, device=min_cos.device))
+
+    if state.reuse:
+        # last step's picks may name chunks that were empty or outliers then and hold real values now
+        state.prev_idx[b] = -1
+    local = slots[slots < state.tail_start]
+    state.key_valid[b][:, local] = False
+    state.tail_first_host[b] = max(0, t0 + count - state.lengths[b] - state.tail_shift)
+
+
+def _update_outliers(state, b: int, k_rot: torch.Tensor, v: torch.Tensor, min_cos: torch.Tensor,
+                     ids: torch.Tensor) -> None:
+    """Keep per KV head the ``outlier_chunks`` lowest-min-cosine chunks among the old outliers and
+    the new chunks; the dense outlier region of the buffer is rewritten to hold them."""
+    o, chunk = state.config.outlier_chunks, state.config.chunk_size
+    hkv, _, d = k_rot.shape
+    dv, m = v.shape[-1], ids.numel()
+    width = o * chunk
+    cand_k = torch.cat([state.k_buf[b, :, :width].reshape(hkv, o, chunk, d),
+                        k_rot.to(state.k_buf.dtype).reshape(hkv, m, chunk, d)], dim=1)
+    cand_v = torch.cat([state.v_buf[b, :, :width].reshape(hkv, o, chunk, dv),
+                        v.to(state.v_buf.dtype).reshape(hkv, m, chunk, dv)], dim=1)
+    cand_cos = torch.cat([state.outlier_cos[b], min_cos.float()], dim=1)
+    cand_ids = torch.cat([state.outlier_ids[b], ids.expand(hkv, m)], dim=1)
+    keep = torch.topk(-cand_cos, o, dim=1).indices
+    state.k_buf[b, :, :width] = cand_k.gather(1, keep[..., None, None].expand(-1, -1, chunk, d)).reshape(hkv, width, d)
+    state.v_buf[b, :, :width] = cand_v.gather(1, keep[..., None, None].expand(-1, -1, chunk, dv)).reshape(hkv, width, dv)
+    state.outlier_cos[b] = cand_cos.gather(1, keep)
+    state.outlier_ids[b] = cand_ids.gather(1, keep)
+    state.selectable[b, :, : state.chunks[b]] = True
+    state.selectable[b].scatter_(1, state.outlier_ids[b], False)
+
+
+def _compact_tail(state) -> None:
+    """Drop the leading tail slots every row has folded: shift the rest down, in place."""
+    fill = state.tail_len - state.tail_shift
+    shift = min(min(state.tail_first_host), fill)
+    if shift <= 0:
+        return
+    start = state.tail_start
+    for buf, first in ((state.k_buf, start), (state.v_buf, start), (state.pre_k, start - state.local_start)):
+        buf[:, :, first : first + fill - shift] = buf[:, :, first + shift : first + fill].clone()
+    state.tail_first_host = [f - shift for f in state.tail_first_host]
+    state.tail_first.copy_(torch.tensor(state.tail_first_host))
+    state.tail_shift += shift
+    state.tail_fill.fill_(fill - shift)
+
+
+def reserve_tables(state, width: int) -> bool:
+    """Widen the (layer-shared) per-position RoPE tables to ``width`` columns; True when they moved.
+
+    Folded chunks of generated tokens are rotated at their own positions, read from the columns
+    decode steps write after the prompt's.
+    """
+    moved = False
+    for i, table in enumerate(state.rope_tables):
+        if table.shape[2] < width:
+            wide = table.new_zeros(*table.shape[:2], width, table.shape[3])
+            wide[:, :, : table.shape[2]] = table
+            state.rope_tables[i] = wide  # the list is shared: every layer reading it sees the new table
+            moved = True
+    return moved
+
+
+def grow_store(state, chunks: int) -> None:
+    """Reallocate the compressed store for ``chunks`` chunks per row (contents kept); a larger
+    store may raise the top-k size, which widens the decode buffers' selected region."""
+    chunk = state.config.chunk_size
+
+    def grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[dim] = size
+        new = torch.zeros(shape, dtype=t.dtype, device=t.device, pin_memory=t.is_pinned())
+        new.narrow(dim, 0, t.shape[dim]).copy_(t)
+        return new
+
+    state.u = grown(state.u, 1, chunks * chunk)
+    state.landmarks = grown(state.landmarks, 2, chunks)
+    state.selectable = grown(state.selectable, 2, chunks)
+    state.v_chunks = grown(state.v_chunks, 2, chunks)
+    select_k = state.config.select_chunks(chunks)
+    if select_k != state.select_k:
+        state._relayout(select_k, state.k_buf.shape[2] - state.tail_start)
