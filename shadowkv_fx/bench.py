@@ -64,7 +64,8 @@ def llama31_8b_random(layers: int = 32, device: str = "cuda"):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02, generator=gen)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg, device=device)
+    with torch.device(device):  # its inverse frequencies were left on the meta device
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
     return model.eval()
 
 
