@@ -29,8 +29,11 @@ _PLAIN_KWARGS = {"return_dict", "logits_to_keep", "output_attentions", "output_h
 
 
 def capturable(input_ids: torch.Tensor, kwargs: dict[str, Any]) -> bool:
-    """Whether a decode step with these inputs can run as a captured graph."""
-    if input_ids.device.type != "cuda" or set(kwargs) - _PLAIN_KWARGS:
+    """Whether a decode step with these inputs is worth running as a captured graph: one new token
+    per sequence. A speculative verification step (several tokens) has a draft length that changes
+    from step to step, so its graph would be warmed up and captured for a shape that rarely comes
+    again (SmolLM2 with prompt lookup on an H100: 9.3 tok/s against 44.6 without lookup)."""
+    if input_ids.device.type != "cuda" or input_ids.shape[1] != 1 or set(kwargs) - _PLAIN_KWARGS:
         return False
     if not all(v is None or isinstance(v, (bool, int)) for v in kwargs.values()):
         return False

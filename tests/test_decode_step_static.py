@@ -137,3 +137,18 @@ def test_cuda_graphs_on_a_cpu_model_decode_plainly():
                                        pad_token_id=0, return_dict_in_generate=True))
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     assert not output_cache(outs[1]).decode_graphs
+
+
+def test_only_one_token_steps_are_captured():
+    """A verification step's draft length varies step to step: capturing it would pay a warm-up
+    and a capture per length for a graph that rarely replays."""
+    from shadowkv_fx.cuda_graph import capturable
+
+    class OnCuda:
+        def __init__(self, n):
+            self.shape = (1, n)
+            self.device = torch.device("cuda")
+
+    assert capturable(OnCuda(1), {"logits_to_keep": 1})
+    assert not capturable(OnCuda(4), {"logits_to_keep": 1})
+    assert not capturable(OnCuda(1), {"output_hidden_states": True})
