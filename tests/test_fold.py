@@ -6,6 +6,7 @@ its own config (``generate(..., config=)``), and dynamo's caches are reset for t
 """
 import dataclasses
 import functools
+from unittest import mock
 
 import pytest
 import torch
@@ -198,8 +199,7 @@ def test_crop_keeps_unfolded_tokens_and_refuses_folded_ones():
 
 @pytest.mark.parametrize("draft", [3])
 def test_prompt_lookup_crops_drafts_after_folds_and_equals_dense(draft):
-    """Speculation crops rejected drafts between folds; at full budget and rank the tokens are dense's.
-    (At sparse settings a step of several drafts folds once, before its first token: README.)"""
+    """Speculation crops rejected drafts between folds; at full budget and rank the tokens are dense's."""
     dense, model = shared()
     half = torch.randint(3, 96, (1, 24), generator=torch.Generator().manual_seed(1))
     ids = torch.cat([half, half], 1)
@@ -209,6 +209,52 @@ def test_prompt_lookup_crops_drafts_after_folds_and_equals_dense(draft):
         spec = model.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20,
                               prompt_lookup_num_tokens=draft, **GREEDY)
     assert torch.equal(spec, expected)
+
+
+@settings(max_examples=3, deadline=None)
+@given(draft=st.integers(3, 6), half=st.integers(12, 24), local=st.integers(0, 2), rank=st.sampled_from([8, 30]),
+       seed=st.integers(0, 2**16))
+@example(draft=6, half=25, local=0, rank=30, seed=0)
+def test_prompt_lookup_with_folding_equals_plain_greedy_at_sparse_settings(draft, half, local, rank, seed):
+    """Issue #14 point 3 with folding on: a verification step runs in pieces split where one token
+    at a time would fold, and the crop of drafts past such a fold takes it back (``FoldUndo``: the
+    basis refresh, outlier swaps and tail compaction too), so speculation changes no token or logit
+    and its crops never raise. ``local=0`` folds the step's own drafts."""
+    _, model = shared()
+    config = dataclasses.replace(SPARSE, local_chunks=local, rank=rank)
+    words = torch.randint(3, 96, (1, half), generator=torch.Generator().manual_seed(seed))
+    ids = torch.cat([words, words], 1)  # repeats give prompt lookup drafts to verify
+    mask = torch.ones_like(ids)
+    plain = generate(model, ids, mask, 24, config)
+    with mock.patch.object(fold, "FoldUndo", wraps=fold.FoldUndo) as undoable:
+        spec = generate(model, ids, mask, 24, config, prompt_lookup_num_tokens=draft)
+    assert_same(spec, plain)
+    state = output_cache(spec).layers[0].state
+    assert state.chunks[0] > state.prompt_chunks[0], "it folded"
+    assert undoable.call_count > 0, "a verification step folded past its first token"
+
+
+def test_a_split_step_that_fails_half_way_caches_nothing(monkeypatch):
+    from shadowkv_fx.layer_state import LayerState
+
+    _, model = shared()
+    ids, mask = left_padded(1, [47], 96, seed=1)
+    cache = new_cache(model, SPARSE, 8)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=cache)
+    plain, calls = LayerState.decode, []
+
+    def failing_in_the_second_piece(self, q, *args):
+        calls.append(q.shape[2])
+        if len(calls) > model.config.num_hidden_layers:
+            raise RuntimeError("simulated device failure")
+        return plain(self, q, *args)
+
+    monkeypatch.setattr(LayerState, "decode", failing_in_the_second_piece)
+    with pytest.raises(RuntimeError, match="simulated"), torch.no_grad():
+        model(torch.tensor([[5, 6, 7, 8]]), cache=cache)  # a fold is due before its second token
+    assert calls == [1, 1, 3], "split after the first token"
+    assert cache.get_seq_length() == 47 and {layer.state.tail_len for layer in cache.layers} == {0}
 
 
 def test_a_later_turn_folds_and_still_equals_dense():
