@@ -212,7 +212,7 @@ def test_prompt_lookup_crops_drafts_after_folds_and_equals_dense(draft):
 
 
 @settings(max_examples=3, deadline=None)
-@given(draft=st.integers(3, 6), half=st.integers(12, 24), local=st.integers(0, 2), rank=st.sampled_from([8, 30]),
+@given(draft=st.integers(3, 6), half=st.integers(12, 25), local=st.integers(0, 2), rank=st.sampled_from([8, 30]),
        seed=st.integers(0, 2**16))
 @example(draft=6, half=25, local=0, rank=30, seed=0)
 def test_prompt_lookup_with_folding_equals_plain_greedy_at_sparse_settings(draft, half, local, rank, seed):
