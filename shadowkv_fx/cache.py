@@ -1,6 +1,7 @@
 """``ShadowKVCache``: the compressed KV cache, as a ``transformers`` ``Cache``."""
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any
 
@@ -104,6 +105,11 @@ class ShadowKVCache(Cache):
         self._shared_tables: list[list[torch.Tensor]] = []
         # captured decode steps of this cache (cuda_graph.py); they hold its buffers' addresses
         self.decode_graphs: dict = {}
+        # while a step of several tokens runs: the fewest generated tokens a crop may leave after it
+        # (speculation drops rejected drafts); folds at points past it are kept in fold_undo as
+        # (point, one FoldUndo per layer), so such a crop takes them back
+        self.crop_floor: int | None = None
+        self.fold_undo: list[tuple[int, list[fold.FoldUndo]]] = []
 
     @property
     def is_compileable(self) -> bool:
@@ -119,8 +125,13 @@ class ShadowKVCache(Cache):
             self.begin_group(list(range(len(self.layout.lengths))), 0)
             return
         self.phase = "decode"
+        if self.crop_floor is None:
+            self.fold_undo = []  # a new step: no crop can reach back past the last one's tokens
+        undo = [] if self.crop_floor is not None and self.generated > self.crop_floor else None
         for layer in self.layers:
-            fold.fold(layer.state)  # in place: a captured step stays valid
+            fold.fold(layer.state, undo)  # in place: a captured step stays valid
+        if undo:
+            self.fold_undo.append((self.generated, undo))
         moved = [layer.state.reserve_tail(input_len) for layer in self.layers]
         if any(moved):
             self.decode_graphs.clear()
@@ -134,6 +145,7 @@ class ShadowKVCache(Cache):
             self._staged = {}
             self.device_value_bytes = 0
             self.value_room = None
+            self.fold_undo = []
             self._shared_tables = []
             self._layer_tables = {}
             for layer in self.layers:
@@ -190,6 +202,30 @@ class ShadowKVCache(Cache):
                     self.decode_graphs.clear()
         self.seq_length += input_len
 
+    @property
+    def generated(self) -> int:
+        """Tokens past the prompt in the cache (generated, or later turns)."""
+        return self.seq_length - self.layout.padded_len
+
+    def next_fold_point(self, input_len: int) -> int | None:
+        """Where a decode step of ``input_len`` tokens must be split so that every token sees the
+        state one-token-at-a-time decoding gives it (``fold.next_fold_point``); None: nowhere.
+        Every layer folds alike (the rule reads token counts only): the first one answers."""
+        return fold.next_fold_point(self.layers[0].state, input_len)
+
+    @contextlib.contextmanager
+    def croppable_from(self, generated: int):
+        """Within: a crop after this step may leave as few as ``generated`` generated tokens, so
+        folds past that point are recorded for ``crop`` to take back. Nested: the lowest holds."""
+        outer = self.crop_floor
+        if outer is None:
+            self.fold_undo = []
+        self.crop_floor = generated if outer is None else min(outer, generated)
+        try:
+            yield
+        finally:
+            self.crop_floor = outer
+
     def max_position(self, input_len: int) -> int:
         """One past the largest position the next ``input_len`` tokens take (no device read)."""
         return max(self.layout.lengths) + self.seq_length - self.layout.padded_len + input_len
@@ -221,13 +257,21 @@ class ShadowKVCache(Cache):
                 "is compressed; only generated tokens can be dropped"
             )
         kept = max_length - self.layout.padded_len
-        folded = max((f for f in (layer.state.folded_past(kept) for layer in self.layers) if f is not None), default=None)
+        # folds at points past ``kept`` (inside the step being cropped) are taken back first
+        undone = [undo for point, undo in self.fold_undo if point > kept]
+        before = undone[0][0].chunks if undone else None
+        folded = max((f for f in (layer.state.folded_past(kept, before) for layer in self.layers) if f is not None),
+                     default=None)
         if folded is not None:
             raise ValueError(
                 f"cannot crop a ShadowKV cache to {max_length} tokens: its first {self.layout.padded_len + folded} "
                 "are folded into the compressed store (ShadowKVConfig.fold_chunks); only tokens after that can be "
                 "dropped"
             )
+        for undo in reversed(undone):
+            for layer_undo in undo:
+                layer_undo.restore()
+        self.fold_undo = self.fold_undo[: len(self.fold_undo) - len(undone)]
         for layer in self.layers:
             layer.state.crop_tail(kept)
         self.seq_length = max_length

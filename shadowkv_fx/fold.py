@@ -92,30 +92,49 @@ def tail_slots(config, prompt_chunks: list[int], generated: int) -> int:
     return generated
 
 
-def chunks_due(state) -> list[int]:
-    """Whole chunks each row folds now (0 for rows never compressed: they stay dense)."""
+def chunks_due(state, generated: int | None = None, chunks: list[int] | None = None) -> list[int]:
+    """Whole chunks each row folds before its ``generated``-th generated token (default: the next
+    one) from a store of ``chunks`` chunks per row (default: what it holds); 0 for rows never
+    compressed, which stay dense."""
     cfg = state.config
     chunk = cfg.chunk_size
+    generated = state.tail_len if generated is None else generated
     due = []
-    for n, first, c in zip(state.lengths, state.prompt_chunks, state.chunks):
-        dense = n + state.tail_len - c * chunk
+    for n, first, c in zip(state.lengths, state.prompt_chunks, state.chunks if chunks is None else chunks):
+        dense = n + generated - c * chunk
         foldable = first and dense >= (cfg.local_chunks + cfg.fold_chunks) * chunk
         due.append(dense // chunk - cfg.local_chunks if foldable else 0)
     return due
 
 
-def fold(state) -> bool:
-    """Fold what is due in one layer and compact its tail; True when anything was folded."""
+def next_fold_point(state, tokens: int) -> int | None:
+    """The first of the next ``tokens`` tokens (by offset, from 1) before which one-token-at-a-time
+    decoding would fold, or None. Offset 0 is the fold the step starts with (``begin_step``)."""
+    if not state.folds:
+        return None
+    chunks = [c + m for c, m in zip(state.chunks, chunks_due(state))]
+    for offset in range(1, tokens):
+        if any(chunks_due(state, state.tail_len + offset, chunks)):
+            return offset
+    return None
+
+
+def fold(state, undo: list | None = None) -> bool:
+    """Fold what is due in one layer and compact its tail; True when anything was folded.
+    With ``undo`` (a list), a ``FoldUndo`` that can take the fold back is appended to it."""
     if not state.folds:
         return False
     due = chunks_due(state)
     if not any(due):
         return False
+    record = FoldUndo(state) if undo is not None else None
     for b, m in enumerate(due):
         if m:
-            _fold_row(state, b, m)
+            _fold_row(state, b, m, record)
     state.tail_first.copy_(torch.tensor(state.tail_first_host))
-    _compact_tail(state)
+    _compact_tail(state, record)
+    if record is not None:
+        undo.append(record)
     return True
 
 
@@ -127,7 +146,7 @@ def _slots(state, b: int, first: int, count: int) -> torch.Tensor:
     return torch.tensor(slots, device=state.k_buf.device)
 
 
-def _fold_row(state, b: int, m: int) -> None:
+def _fold_row(state, b: int, m: int, undo: "FoldUndo | None") -> None:
     cfg = state.config
     chunk = cfg.chunk_size
     c0 = state.chunks[b]
@@ -139,6 +158,8 @@ def _fold_row(state, b: int, m: int) -> None:
 
     u_new, err = project_keys(state.sv[b], k_pre)
     if err > max(cfg.fold_refresh * state.fit_err[b], REFRESH_FLOOR):
+        if undo is not None:
+            undo.save_basis(b, t0)
         rotation, u_new, sv_new, state.fit_err[b] = refresh_basis(state.sv[b], k_pre)
         state.u[b, :t0] = (state.u[b, :t0].float() @ rotation).to(state.u.dtype)
         state.sv[b] = sv_new.to(state.sv.dtype)
@@ -151,6 +172,8 @@ def _fold_row(state, b: int, m: int) -> None:
     state.chunks[b] = c0 + m
     state.selectable[b, :, c0 : c0 + m] = True
     if cfg.outlier_chunks:
+        if undo is not None:
+            undo.save_outliers(b)
         _update_outliers(state, b, k_rot, v, min_cos, torch.arange(c0, c0 + m, device=min_cos.device))
 
     if state.reuse:
@@ -184,19 +207,87 @@ def _update_outliers(state, b: int, k_rot: torch.Tensor, v: torch.Tensor, min_co
     state.selectable[b].scatter_(1, state.outlier_ids[b], False)
 
 
-def _compact_tail(state) -> None:
+def _tail_buffers(state) -> list[tuple[torch.Tensor, int]]:
+    """The buffers holding the dense tail, each with the index of its first tail slot."""
+    start = state.tail_start
+    return [(state.k_buf, start), (state.v_buf, start), (state.pre_k, start - state.local_start)]
+
+
+def _compact_tail(state, undo: "FoldUndo | None" = None) -> None:
     """Drop the leading tail slots every row has folded: shift the rest down, in place."""
     fill = state.tail_len - state.tail_shift
     shift = min(min(state.tail_first_host), fill)
     if shift <= 0:
         return
-    start = state.tail_start
-    for buf, first in ((state.k_buf, start), (state.v_buf, start), (state.pre_k, start - state.local_start)):
+    if undo is not None:
+        undo.save_tail(fill, shift)
+    for buf, first in _tail_buffers(state):
         buf[:, :, first : first + fill - shift] = buf[:, :, first + shift : first + fill].clone()
     state.tail_first_host = [f - shift for f in state.tail_first_host]
     state.tail_first.copy_(torch.tensor(state.tail_first_host))
     state.tail_shift += shift
     state.tail_fill.fill_(fill - shift)
+
+
+class FoldUndo:
+    """One layer's fold, as it can be taken back.
+
+    A decode step of several tokens runs in pieces split at its fold points, so its later drafts
+    see the folded state; when speculation then rejects the draft a fold point came before, the
+    crop must also leave the state as one-token-at-a-time decoding has it there, unfolded. The
+    host counts are kept here, and the tensors a fold overwrites in place (rotated ``U`` rows and
+    ``SV`` on a basis refresh, the dense outliers, the tail slots compaction drops) are copied
+    just before they change. What a fold appends past a row's chunks (``U`` rows, landmarks,
+    values) is left: nothing reads past ``chunks[b]``, and the next fold overwrites it.
+    """
+
+    def __init__(self, state) -> None:
+        self.state = state
+        self.chunks = list(state.chunks)
+        self.tail_first = list(state.tail_first_host)
+        self.fit_err = list(state.fit_err)
+        self.refreshes, self.tail_shift = state.refreshes, state.tail_shift
+        self.local_valid = state.key_valid[:, :, state.local_start : state.tail_start].clone()
+        self.bases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.outliers: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.dropped: tuple[int, list[torch.Tensor]] | None = None
+
+    def save_basis(self, b: int, t0: int) -> None:
+        self.bases[b] = (self.state.u[b, :t0].clone(), self.state.sv[b].clone())
+
+    def save_outliers(self, b: int) -> None:
+        s, width = self.state, self.state.config.outlier_chunks * self.state.config.chunk_size
+        self.outliers[b] = (s.outlier_ids[b].clone(), s.outlier_cos[b].clone(), s.k_buf[b, :, :width].clone(),
+                            s.v_buf[b, :, :width].clone())
+
+    def save_tail(self, fill: int, shift: int) -> None:
+        self.dropped = (fill, [buf[:, :, first : first + shift].clone() for buf, first in _tail_buffers(self.state)])
+
+    def restore(self) -> None:
+        """The layer as it was before the fold; the crop that calls this rewinds the fill levels."""
+        s = self.state
+        if self.dropped is not None:
+            fill, dropped = self.dropped
+            shift = dropped[0].shape[2]
+            for (buf, first), old in zip(_tail_buffers(s), dropped):
+                buf[:, :, first + shift : first + fill] = buf[:, :, first : first + fill - shift].clone()
+                buf[:, :, first : first + shift] = old
+        for b, (u, sv) in self.bases.items():
+            s.u[b, : u.shape[0]] = u
+            s.sv[b] = sv
+        width = s.config.outlier_chunks * s.config.chunk_size
+        for b, (ids, cos, k, v) in self.outliers.items():
+            s.outlier_ids[b], s.outlier_cos[b] = ids, cos
+            s.k_buf[b, :, :width], s.v_buf[b, :, :width] = k, v
+        for b, (before, now) in enumerate(zip(self.chunks, s.chunks)):
+            if before != now:
+                s.selectable[b] = False
+                s.selectable[b, :, :before] = True
+                s.selectable[b].scatter_(1, s.outlier_ids[b], False)
+        s.chunks, s.tail_first_host, s.fit_err = self.chunks, self.tail_first, self.fit_err
+        s.refreshes, s.tail_shift = self.refreshes, self.tail_shift
+        s.key_valid[:, :, s.local_start : s.tail_start] = self.local_valid
+        s.tail_first.copy_(torch.tensor(s.tail_first_host))
 
 
 def reserve_tables(state, width: int) -> bool:

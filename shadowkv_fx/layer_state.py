@@ -320,12 +320,13 @@ class LayerState:
         self.tail_len = kept
         self.rewind_tail()
 
-    def folded_past(self, kept: int) -> int | None:
-        """Tokens past the prompt some row has folded, if more than ``kept`` (so they cannot be dropped)."""
+    def folded_past(self, kept: int, chunks: list[int] | None = None) -> int | None:
+        """Tokens past the prompt some row has folded (with ``chunks`` per row, default what it
+        holds), if more than ``kept`` (so they cannot be dropped)."""
         if not self.folds:
             return None
         chunk = self.config.chunk_size
-        furthest = max(c * chunk - n for c, n in zip(self.chunks, self.lengths))
+        furthest = max(c * chunk - n for c, n in zip(self.chunks if chunks is None else chunks, self.lengths))
         return furthest if furthest > kept else None
 
     def append_tail(self, k_rot: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None,

@@ -132,6 +132,15 @@ class ShadowKVRuntime:
         if prompt is not None and input_ids.shape[1] > prompt:
             return self._prompt_then_drafts(prompt, input_ids, attention_mask, position_ids, cache, kwargs)
         n = input_ids.shape[1]
+        if cache.layout is not None and n > 1:
+            # speculative verification asks for the logits of the last accepted token and of each
+            # draft after it (transformers: logits_to_keep = drafts + 1): a crop may drop the drafts
+            keep = kwargs.get("logits_to_keep", 0)
+            drafts = min(keep - 1, n) if isinstance(keep, int) and keep > 1 else 0
+            with cache.croppable_from(cache.generated + n - drafts):
+                split = cache.next_fold_point(n)
+                if split is not None:
+                    return self._in_two(split, input_ids, attention_mask, position_ids, cache, kwargs)
         realign = None
         if cache.layout is None:
             key_valid, realign = prompt_layout(attention_mask, input_ids.shape, input_ids.device)
@@ -183,16 +192,35 @@ class ShadowKVRuntime:
     def _prompt_then_drafts(self, prompt: int, input_ids, attention_mask, position_ids, cache, kwargs):
         """A first forward holding the prompt and draft tokens (assisted generation): the prompt is
         prefilled and compressed, the drafts are decoded, each selecting its own chunks as it would
-        one at a time, so speculation never changes what ShadowKV computes."""
-        drafts = input_ids.shape[1] - prompt
+        one at a time, so speculation never changes what ShadowKV computes. Every draft may be
+        rejected (cropped)."""
+        with cache.croppable_from(0):
+            # drafts positions come from the cache (the prompt may have been realigned)
+            return self._in_two(prompt, input_ids, attention_mask, position_ids, cache, kwargs, tail_positions=False)
+
+    def _in_two(self, split: int, input_ids, attention_mask, position_ids, cache, kwargs, tail_positions=True):
+        """One forward as two: columns ``[:split]`` then ``[split:]`` through ``self.forward``, with
+        the logits the caller asked for (``logits_to_keep``) concatenated. A decode step that
+        crosses a fold point runs so, so each piece starts from the state sequential decoding
+        would give its first token. Should the second piece fail, the first one's tokens are cropped
+        again where they can be (a fold may already hold some), as a failed step caches nothing."""
+        rest = input_ids.shape[1] - split
         keep = kwargs.pop("logits_to_keep", 0)
-        keep_prompt = keep - drafts if isinstance(keep, int) and keep > drafts else (0 if not keep else 1)
-        head = self.forward(input_ids[:, :prompt], None if attention_mask is None else attention_mask[:, :prompt],
-                            None if position_ids is None else position_ids[:, :prompt], cache=cache,
-                            logits_to_keep=keep_prompt, **kwargs)
-        tail = self.forward(input_ids[:, prompt:], attention_mask, None, cache=cache,
-                            logits_to_keep=min(keep, drafts) if keep else 0, **kwargs)
-        if not keep or keep > drafts:
+        keep_head = keep - rest if isinstance(keep, int) and keep > rest else (0 if not keep else 1)
+        before = cache.seq_length
+        head = self.forward(_columns(input_ids, slice(None, split)), _columns(attention_mask, slice(None, -rest)),
+                            _columns(position_ids, slice(None, split)), cache=cache, logits_to_keep=keep_head,
+                            **kwargs)
+        try:
+            tail = self.forward(_columns(input_ids, slice(split, None)), attention_mask,
+                                _columns(position_ids, slice(split, None)) if tail_positions else None,
+                                cache=cache, logits_to_keep=min(keep, rest) if keep else 0, **kwargs)
+        except BaseException:
+            if before:  # a decode step (a prompt's prefill stays, as before drafts were split off)
+                with contextlib.suppress(ValueError):
+                    cache.crop(before)
+            raise
+        if not keep or keep > rest:
             tail.logits = torch.cat([head.logits, tail.logits], dim=1)
         return tail
 
@@ -268,6 +296,12 @@ class ShadowKVRuntime:
                 cache.prompt_length = plan.prompt_length
             kwargs[compat.CACHE_ARG] = cache
         return self.original_generate(*args, **kwargs)
+
+
+def _columns(t: torch.Tensor | None, columns: slice) -> torch.Tensor | None:
+    """``t[:, columns]`` as a tensor of its own: a view's strides and offset would make dynamo
+    compile the forward again for each piece a step is split into."""
+    return None if t is None else t[:, columns].clone(memory_format=torch.contiguous_format)
 
 
 def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, compile_graph: Callable | None = None,
