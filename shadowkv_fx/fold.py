@@ -23,6 +23,8 @@ Buffers keep their addresses (the store is preallocated), so a captured decode s
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from shadowkv_fx.kernels import reference as ref
@@ -31,19 +33,32 @@ from shadowkv_fx.kernels import reference as ref
 REFRESH_FLOOR = 1e-5
 
 
-def project_keys(sv: torch.Tensor, k_pre: torch.Tensor) -> tuple[torch.Tensor, float]:
+def project_keys(sv: torch.Tensor, k_pre: torch.Tensor, pinv: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Least-squares ``U`` rows of new keys on an existing basis, and their relative error.
 
     Args:
         sv: ``[Hkv, r, D]`` (``diag(s) V^T`` per head slice); k_pre: ``[Hkv, n, D]``.
+        pinv: the pseudo-inverse of ``sv`` flattened (``basis_pinv``), if known.
     Returns:
         ``U_new [n, r]`` float32 with ``U_new @ SV[h] ~= k_pre[h]``, and ``|K - U_new SV| / |K|``.
     """
     w = _flat(sv)
     k = _flat(k_pre)
-    u = k @ torch.linalg.pinv(w)
+    u = k @ (torch.linalg.pinv(w) if pinv is None else pinv)
     err = (k - u @ w).norm() / k.norm().clamp_min(1e-30)
     return u, float(err)
+
+
+def basis_pinv(state, b: int) -> torch.Tensor:
+    """The pseudo-inverse of row ``b``'s basis, computed once per basis (an SVD per layer per fold
+    otherwise): keyed by the ``sv`` tensor and its version, which every write to it bumps (a refresh,
+    a crop taking folds back, a new prefill)."""
+    cached = getattr(state, "_basis_pinv", None)
+    if cached is None or cached[0]() is not state.sv or cached[1] != state.sv._version:
+        cached = state._basis_pinv = (weakref.ref(state.sv), state.sv._version, {})
+    if b not in cached[2]:
+        cached[2][b] = torch.linalg.pinv(_flat(state.sv[b]))
+    return cached[2][b]
 
 
 def refresh_basis(sv: torch.Tensor, k_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -156,7 +171,7 @@ def _fold_row(state, b: int, m: int, undo: "FoldUndo | None") -> None:
     k_pre = state.pre_k[b][:, slots - state.local_start]
     hkv, _, dv = v.shape
 
-    u_new, err = project_keys(state.sv[b], k_pre)
+    u_new, err = project_keys(state.sv[b], k_pre, basis_pinv(state, b))
     if err > max(cfg.fold_refresh * state.fit_err[b], REFRESH_FLOOR):
         if undo is not None:
             undo.save_basis(b, t0)

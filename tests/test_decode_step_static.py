@@ -40,10 +40,10 @@ def prefill(model, lengths, tail_capacity=8):
     return out.logits[:, -1:].argmax(-1), cache
 
 
-def test_decode_op_never_reads_the_host_count_or_syncs(model, monkeypatch):
-    token, cache = prefill(model, [90, 61])
-    plain = LayerState.decode
-    seen = []
+def record_decode_ops(monkeypatch) -> list[str]:
+    """Make every ``LayerState.decode`` fail on a read of the host-side tail count and log its ops
+    into the returned list."""
+    plain, seen = LayerState.decode, []
 
     def guarded(self, *args):
         host_count, self.tail_len = self.tail_len, None  # any read of the host count fails
@@ -56,6 +56,12 @@ def test_decode_op_never_reads_the_host_count_or_syncs(model, monkeypatch):
             seen.extend(log.names)
 
     monkeypatch.setattr(LayerState, "decode", guarded)
+    return seen
+
+
+def test_decode_op_never_reads_the_host_count_or_syncs(model, monkeypatch):
+    token, cache = prefill(model, [90, 61])
+    seen = record_decode_ops(monkeypatch)
     with torch.no_grad():
         for _ in range(3):
             token = model(token, cache=cache).logits[:, -1:].argmax(-1)

@@ -275,8 +275,7 @@ def test_a_later_turn_folds_and_still_equals_dense():
 
 def test_decode_steps_between_folds_never_sync_and_buffers_never_move(monkeypatch):
     """Folding runs between steps and in place: a captured decode step stays valid across folds."""
-    from shadowkv_fx.layer_state import LayerState
-    from tests.test_decode_step_static import HOST_SYNC_OPS, OpLog
+    from tests.test_decode_step_static import HOST_SYNC_OPS, record_decode_ops
 
     _, model = shared()
     ids, mask = left_padded(2, [63, 47], 96, seed=3)
@@ -289,19 +288,7 @@ def test_decode_steps_between_folds_never_sync_and_buffers_never_move(monkeypatc
                                               state.tail_fill, state.tail_first, state.gen_count, *state.rope_tables)]
     before = buffers()
     cache.decode_graphs[("marker",)] = "warm"
-    plain, seen = LayerState.decode, []
-
-    def guarded(self, *args):
-        host_count, self.tail_len = self.tail_len, None  # any read of the host count fails
-        log = OpLog()
-        try:
-            with log:
-                return plain(self, *args)
-        finally:
-            self.tail_len = host_count
-            seen.extend(log.names)
-
-    monkeypatch.setattr(LayerState, "decode", guarded)
+    seen = record_decode_ops(monkeypatch)
     with torch.no_grad():
         for _ in range(6):  # local_chunks=1: both rows fold a generated token before step 5 and compact
             token = model(token, cache=cache).logits[:, -1:].argmax(-1)
