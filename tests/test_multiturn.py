@@ -78,3 +78,22 @@ def test_recall_samples_are_seeded_and_the_answer_sits_in_an_early_turn(tokenize
     assert len({k for k, _ in sample.facts}) == 6, "distinct keys: the question is unambiguous"
     assert 400 < sample.doc_tokens <= 512
     assert all(80 < n <= 128 for n in sample.turn_tokens[:-1]), sample.turn_tokens  # whole sentences
+
+
+def test_a_reply_ending_in_eos_hands_it_to_the_turn_text():
+    """The eos that ended a reply was never cached: the next turn (which closes the reply itself,
+    as the chat template does) replaces it, and ShadowKV still follows dense."""
+    dense, model = tiny_pair("llama", seed=22)
+    config = shadowkv_fx.ShadowKVConfig(sparse_budget=4096, rank=full_rank(model), chunk_size=CHUNK,
+                                        local_chunks=LOCAL, outlier_chunks=OUTLIERS, fold_chunks=1)
+    shadowkv_fx.optimize(model, config)
+    g = torch.Generator().manual_seed(22)
+    prompt = torch.randint(3, 96, (1, 30), generator=g)
+    turns = [torch.randint(3, 96, (1, 9), generator=g) for _ in range(2)]
+    first = converse(dense, prompt, [], DynamicCache(), REPLY, 1, pad_token_id=0).replies[0][0, 0].item()
+    want = converse(dense, prompt, turns, DynamicCache(), REPLY, REPLY, eos_token_id=first, pad_token_id=0)
+    cache = ShadowKVCache(model.config.num_hidden_layers, config)
+    got = converse(model, prompt, turns, cache, REPLY, REPLY, eos_token_id=first, pad_token_id=0)
+    assert want.replies[0].tolist() == [[first]], "the first reply is the eos alone"
+    assert torch.equal(want.ids[:, :prompt.shape[1] + turns[0].shape[1]], torch.cat([prompt, turns[0]], 1))
+    assert torch.equal(got.ids, want.ids)
