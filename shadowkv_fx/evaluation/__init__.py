@@ -9,6 +9,14 @@ Typical use::
 """
 from .baselines import SinkLocalCache, SinkLocalLayer, sink_local_generate, sink_local_window_for_budget
 from .budgets import parse_budget, resolve_budget
+from .multiturn import (
+    Conversation,
+    MultiTurnSample,
+    converse,
+    make_multiturn_sample,
+    make_multiturn_samples,
+    run_multiturn_sample,
+)
 from .quest import QuestAttention, quest_generate
 from .runner import (
     DEFAULT_TASKS,
@@ -23,15 +31,20 @@ from .scoring import metric_for_task, score_prediction, string_match_all, string
 from .tasks import TASKS, TaskSample, make_sample, make_samples, parse_length
 
 __all__ = [
+    "Conversation",
     "DEFAULT_TASKS",
+    "MultiTurnSample",
     "QuestAttention",
     "TASKS",
     "SinkLocalCache",
     "SinkLocalLayer",
     "TaskSample",
     "ablation_variants",
+    "converse",
     "eval_command",
     "make_sample",
+    "make_multiturn_sample",
+    "make_multiturn_samples",
     "make_samples",
     "metric_for_task",
     "parse_budget",
@@ -39,6 +52,7 @@ __all__ = [
     "print_results_table",
     "quest_generate",
     "resolve_budget",
+    "run_multiturn_sample",
     "run_eval",
     "score_prediction",
     "shadowkv_attended_tokens",
