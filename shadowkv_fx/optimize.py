@@ -24,14 +24,30 @@ _LIMIT_LOCK = threading.Lock()
 _LIMIT_USERS = 0
 
 
+@functools.cache
+def _thread_local_config() -> bool:
+    """Whether dynamo's config values are per thread (torch >= 2.13 keeps them in a ContextVar)."""
+    seen = []
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit + 1):
+        probe = threading.Thread(target=lambda: seen.append(torch._dynamo.config.recompile_limit))
+        probe.start()
+        probe.join()
+        return seen[0] != torch._dynamo.config.recompile_limit
+
+
 @contextlib.contextmanager
 def recompile_limit(limit: int):
     """Raise dynamo's recompile limit while any optimized forward runs, on any thread.
 
-    ``torch._dynamo.config.patch`` saves and restores a process-wide value: two threads nesting it
-    out of order would leave one compiling under the other's limit.
+    Where the config is per thread, each thread patches its own. Where it is process-wide,
+    ``torch._dynamo.config.patch`` saves and restores one value: two threads nesting it out of order
+    would leave one compiling under the other's limit, so a count of users decides instead.
     """
     global _LIMIT_USERS
+    if _thread_local_config():
+        with torch._dynamo.config.patch(recompile_limit=max(limit, torch._dynamo.config.recompile_limit)):
+            yield
+        return
     with _LIMIT_LOCK:
         if _LIMIT_USERS == 0:
             recompile_limit.saved = torch._dynamo.config.recompile_limit

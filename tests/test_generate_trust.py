@@ -195,3 +195,31 @@ def test_cache_implementation_is_ignored_with_a_warning_naming_shadowkv(pair):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.equal(out.sequences, dense.generate(ids, attention_mask=mask, max_new_tokens=4, **GREEDY))
+
+
+def test_recompile_limit_is_raised_on_every_thread_at_once():
+    """torch >= 2.13 keeps dynamo's config per thread: a second thread entering while the first is
+    inside must compile under the raised limit too (it hit the default 8 and failed fullgraph)."""
+    import threading
+
+    from shadowkv_fx.optimize import RECOMPILE_LIMIT, recompile_limit
+
+    seen, inside, release = [], threading.Event(), threading.Event()
+
+    def first():
+        with recompile_limit(RECOMPILE_LIMIT):
+            inside.set()
+            release.wait(10)
+
+    def second():
+        inside.wait(10)
+        with recompile_limit(RECOMPILE_LIMIT):
+            seen.append(torch._dynamo.config.recompile_limit)
+        release.set()
+
+    workers = [threading.Thread(target=first), threading.Thread(target=second)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(20)
+    assert seen == [max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)]
