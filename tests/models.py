@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 import transformers as T
 
@@ -91,3 +92,15 @@ def run_threads_against_serial(jobs, runs: int) -> None:
         t.join(timeout=600)
     assert not errors, errors
     assert all(r is not None for r in results)
+
+
+# GPU-sized kernel cases: on the CPU the interpreter runs only the small shapes
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-sized shapes need CUDA")
+
+
+def skip_unless_kernels_run_here(kernel) -> None:
+    """Skip the calling test module when ``kernel`` was compiled for a GPU (its module was imported
+    by another test before TRITON_INTERPRET=1 was set) and no GPU is present."""
+    if not torch.cuda.is_available() and type(kernel).__name__ != "InterpretedFunction":
+        pytest.skip("Triton kernels were imported without TRITON_INTERPRET=1 and no GPU is present",
+                    allow_module_level=True)

@@ -17,17 +17,13 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from shadowkv_fx.kernels import reference, triton_rebuild, triton_score  # noqa: E402
-from tests.models import assert_close  # noqa: E402
+from tests.models import assert_close, cuda_only, skip_unless_kernels_run_here  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# a kernel module imported (by another test) before TRITON_INTERPRET was set compiled for a GPU
-if DEVICE.type == "cpu" and type(triton_score.score_logits_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("Triton kernels were imported without TRITON_INTERPRET=1 and no GPU is present",
-                allow_module_level=True)
+skip_unless_kernels_run_here(triton_score.score_logits_kernel)
 
 # dtype and its tolerance, relative to the largest expected magnitude
 DTYPES = [pytest.param(torch.float32, 1e-5, id="fp32"), pytest.param(torch.bfloat16, 1e-2, id="bf16")]
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-sized shapes need CUDA")
 
 
 def nan_scratch(*size, **kwargs):

@@ -19,14 +19,11 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from shadowkv_fx.kernels import dispatch, reference, triton_topk  # noqa: E402
+from tests.models import cuda_only, skip_unless_kernels_run_here  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# a kernel module imported (by another test) before TRITON_INTERPRET was set compiled for a GPU
-if DEVICE.type == "cpu" and type(triton_topk.top_chunks_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("Triton kernels were imported without TRITON_INTERPRET=1 and no GPU is present",
-                allow_module_level=True)
+skip_unless_kernels_run_here(triton_topk.top_chunks_kernel)
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-sized shapes need CUDA")
 POISON = {torch.int64: -7, torch.uint8: 0xAB}
 
 
