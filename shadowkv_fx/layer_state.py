@@ -54,16 +54,10 @@ def _value_slots(shape: tuple[int, ...], like: torch.Tensor, keep_on_device: Cal
 
 
 def _check_host_memory(nbytes: int) -> None:
-    from shadowkv_fx.preflight import pinned_bytes
+    from shadowkv_fx.preflight import HOST_SHARE, mem_available, pinned_bytes
 
-    needed = pinned_bytes(nbytes)
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-    except OSError:
-        return
-    available = info.get("MemAvailable")
-    if available is not None and needed > 0.9 * available:
+    needed, available = pinned_bytes(nbytes), mem_available()
+    if available is not None and needed > HOST_SHARE * available:
         raise MemoryError(
             f"offloading values needs {needed / 2**30:.1f} GiB of pinned host memory but only "
             f"{available / 2**30:.1f} GiB is available: use a smaller batch or a shorter prompt"

@@ -77,14 +77,19 @@ def pinned_bytes(nbytes: int) -> int:
 def _host_available() -> int | None:
     """Host memory this process may pin: MemAvailable, split evenly between the ranks of a
     ``torchrun`` on this host (they pin at the same time)."""
+    available = mem_available()
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return None if available is None else available // max(ranks_here, 1)
+
+
+def mem_available() -> int | None:
+    """The host's MemAvailable in bytes (None without /proc/meminfo)."""
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
     except OSError:
         return None
-    available = info.get("MemAvailable")
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return None if available is None else available // max(ranks_here, 1)
+    return info.get("MemAvailable")
 
 
 @dataclass
