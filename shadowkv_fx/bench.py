@@ -40,7 +40,7 @@ class BenchRow:
     peak_gib: float | None = None
     cuda_graph: bool | None = None  # ShadowKV: its decode steps replayed a captured graph
     fill: str = "prefill"  # "random": the cache was filled by fill_random (no prefill time)
-    largest_batch: int | None = None  # ShadowKV's preflight: the largest batch of this context that fits
+    largest_batch: int | None = None  # the largest batch of this method at this context that fits
     bound: str | None = None  # what limits that batch
     error: str | None = None
     breakdown: list = field(default_factory=list)
@@ -123,6 +123,7 @@ def run_dense(model, ids: torch.Tensor, steps: int, compiled: bool) -> dict:
     from transformers import DynamicCache, StaticCache
 
     batch, context = ids.shape
+    resident = torch.cuda.memory_allocated()  # weights: what a point's peak is measured above
     # the model's own forward, also once an earlier point of the run optimized it for ShadowKV
     runtime = getattr(model, "_shadowkv", None)
     dense_forward = runtime.original_forward if runtime is not None else model.forward
@@ -151,7 +152,8 @@ def run_dense(model, ids: torch.Tensor, steps: int, compiled: bool) -> dict:
     prefill_s, per_step = timed_decode(step, prefill, steps)
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return {"prefill_s": prefill_s, "step_ms": 1e3 * per_step, "tok_s": batch / per_step,
-            "gpu_gib_per_seq": kv / batch / 2**30, "host_gib_per_seq": 0.0, "v_on_gpu": 1.0}
+            "gpu_gib_per_seq": kv / batch / 2**30, "host_gib_per_seq": 0.0, "v_on_gpu": 1.0,
+            "_peak_per_seq": (torch.cuda.max_memory_allocated() - resident) / batch}
 
 
 def ensure_optimized(model, config) -> None:
@@ -262,26 +264,51 @@ def largest_batch(model, context: int, config, tail_capacity: int):
                     getattr(model, "_tp_size", None) or 1)
 
 
+def dense_largest_batch(per_seq_peak: float, margin: float = 2**30) -> int:
+    """Dense's largest batch on this GPU: its peak grows by ``per_seq_peak`` bytes per sequence
+    (KV cache plus the whole-batch prefill's activations, measured at a smaller batch of the same
+    run), and the free memory above the weights must hold it."""
+    _release_memory()
+    free, _ = torch.cuda.mem_get_info()
+    return max(1, int((free - margin) // per_seq_peak))
+
+
+def _measure_dense_peak(model, context: int, steps: int, method: str) -> float:
+    """Per-sequence peak bytes of ``method`` at ``context``: one sequence, a few steps."""
+    ids = torch.randint(0, model.config.vocab_size - 1, (1, context), device=model.device)
+    _release_memory()
+    torch.cuda.reset_peak_memory_stats()
+    return run_dense(model, ids, min(steps, 2), compiled=method == "dense-compiled")["_peak_per_seq"]
+
+
 def bench(model, contexts: list[int], batches: list[int | str], methods: list[str], steps: int, config,
           progress: Callable[[str], None] = print, with_breakdown: bool = False,
           random_fill_above: int | None = None) -> list[BenchRow]:
-    """Every method at every (context, batch); batch ``"max"`` is the largest ShadowKV's preflight
-    admits at that context. ShadowKV points with a batch above ``random_fill_above`` fill the
-    cache from random K/V (``fill_random``) instead of a prefill."""
+    """Every method at every (context, batch). Batch ``"max"`` runs each method at its own
+    largest batch at that context: ShadowKV's by its preflight, dense's from its per-sequence
+    peak memory at the largest smaller batch the run measured (else a one-sequence probe).
+    ShadowKV points with a batch above ``random_fill_above`` fill the cache from random K/V
+    (``fill_random``) instead of a prefill."""
     rows = []
+    dense_peaks: dict[tuple[str, int], float] = {}  # (method, context) -> per-sequence peak bytes
     for context in contexts:
-        for batch in batches:
-            point_methods = methods
-            if batch == "max":  # ShadowKV's largest; dense runs at its own largest in other points
-                point_methods = [m for m in methods if m == "shadowkv"]
-                if not point_methods:
-                    continue
-                ensure_optimized(model, config)  # its workspace counts against the room
-                _release_memory()
-                batch = largest_batch(model, context, config, steps + 16).largest
-            ids = torch.randint(0, model.config.vocab_size - 1, (batch, context), device=model.device)
-            for method in point_methods:
-                progress(f"{method}: context {context}, batch {batch}")
+        for batch_spec in batches:
+            ids = None
+            for method in methods:
+                batch = batch_spec
+                if batch_spec == "max":
+                    if method == "shadowkv":
+                        ensure_optimized(model, config)  # its workspace counts against the room
+                        _release_memory()
+                        batch = largest_batch(model, context, config, steps + 16).largest
+                    else:
+                        key = (method, context)
+                        if key not in dense_peaks:
+                            dense_peaks[key] = _measure_dense_peak(model, context, steps, method)
+                        batch = dense_largest_batch(dense_peaks[key])
+                if ids is None or ids.shape[0] != batch:
+                    ids = torch.randint(0, model.config.vocab_size - 1, (batch, context), device=model.device)
+                progress(f"{method}: context {context}, batch {batch}" + (" (its largest)" if batch_spec == "max" else ""))
                 row, result = BenchRow(method, context, batch), None
                 _release_memory()
                 torch.cuda.reset_peak_memory_stats()
@@ -300,6 +327,11 @@ def bench(model, contexts: list[int], batches: list[int | str], methods: list[st
                         del cache
                     else:
                         result = run_dense(model, ids, steps, compiled=method == "dense-compiled")
+                        peak = result.pop("_peak_per_seq")
+                        if batch_spec != "max":
+                            dense_peaks[(method, context)] = max(peak, dense_peaks.get((method, context), 0.0))
+                        row.largest_batch = dense_largest_batch(dense_peaks.get((method, context), peak))
+                        row.bound = "GPU memory (KV cache + prefill activations)"
                     for key, value in result.items():
                         setattr(row, key, value)
                 except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -326,9 +358,10 @@ def table(rows: list[BenchRow], gpus: int = 1) -> str:
                      f"{r.gpu_gib_per_seq:>12.3f}{'-' if r.state_gib_per_seq is None else f'{r.state_gib_per_seq:.3f}':>14}"
                      f"{r.host_gib_per_seq:>13.3f}{r.v_on_gpu:>9.0%}"
                      f"{'-' if r.v_hit_rate is None else f'{r.v_hit_rate:.0%}':>8}{r.peak_gib:>9.1f}")
-    fits = {(r.context, r.largest_batch, r.bound) for r in rows if r.largest_batch is not None}
-    for context, largest, bound in sorted(fits):
-        lines.append(f"ShadowKV preflight, context {context}: largest batch {largest}, bound by {bound}")
+    fits = {(r.method, r.context): (r.largest_batch, r.bound) for r in rows if r.largest_batch is not None}
+    for (method, context), (largest, bound) in sorted(fits.items()):
+        how = "preflight" if method == "shadowkv" else "per-sequence peak of this run"
+        lines.append(f"{method} largest batch at context {context}: {largest} ({how}), bound by {bound}")
     if any(r.fill == "random" for r in rows):
         lines.append("prefill 'random': the cache was filled from random K/V through the same compression path")
     for r in rows:

@@ -114,7 +114,7 @@ def main() -> None:
 @app.command()
 def bench(
     contexts: str = typer.Option("32768", help="comma-separated prompt lengths"),
-    batches: str = typer.Option("4", help="comma-separated batch sizes; 'max': the largest ShadowKV fits"),
+    batches: str = typer.Option("4", help="comma-separated batch sizes; 'max': each method at its own largest"),
     methods: str = typer.Option("dense-compiled,shadowkv", help="of dense-eager, dense-compiled, shadowkv"),
     steps: int = 16,
     layers: int = typer.Option(32, help="layers of the random Llama-3.1-8B-shaped model"),
