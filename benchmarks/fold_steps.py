@@ -5,6 +5,7 @@ cache whose config folds the tail (``fold_chunks``, the default) and once with
 ``fold_chunks=None``; each run times windows of steps around the given output lengths.
 
     python benchmarks/fold_steps.py --context 32768 --generate 16384 --at 1024,16384
+    python benchmarks/fold_steps.py --methods "no folding" ...   # one of the two runs only
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--at", default="1024,16384", help="output lengths at which to time a window of steps")
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--methods", default="folding,no folding",
+                        help="which runs, in order (one per process lets two GPUs of a host run them at once)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     at = [int(x) for x in args.at.split(",")]
@@ -71,7 +74,12 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"Llama-3.1-8B shape ({args.layers} layers), random bf16 weights, {name}; prompt {args.context}, batch 1")
     rows = []
-    for label, config in (("folding", folding), ("no folding", plain)):
+    configs = {"folding": folding, "no folding": plain}
+    unknown = set(args.methods.split(",")) - set(configs)
+    if unknown:
+        raise SystemExit(f"unknown --methods {sorted(unknown)}; known: {list(configs)}")
+    for label in args.methods.split(","):
+        config = configs[label]
         for row in decode_run(model, ids, config, args.generate, at, args.window):
             rows.append({"method": label, **row})
             print(json.dumps(rows[-1]), flush=True)

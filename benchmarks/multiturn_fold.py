@@ -143,13 +143,17 @@ def table(records: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def table_of_run(run: dict) -> str:
-    """The table of a saved run; columns added since it ran are derived from its records and samples."""
-    samples = {s["index"]: MultiTurnSample(**s) for s in run["samples"]}
-    for r in run["records"]:
+def table_of_runs(runs: list[dict]) -> str:
+    """One table of saved runs (e.g. one process per method, same samples); columns added since
+    they ran are derived from their records and samples."""
+    if any(run["samples"] != runs[0]["samples"] for run in runs):
+        raise SystemExit("the runs held different conversations: their table would compare nothing")
+    samples = {s["index"]: MultiTurnSample(**s) for s in runs[0]["samples"]}
+    records = [r for run in runs for r in run["records"]]
+    for r in records:
         if "answered_turn" not in r:
             r["answered_turn"] = answered_turn(samples[r["index"]], r["prediction"])
-    return table(run["records"], list(run["configs"]))
+    return table(records, [name for run in runs for name in run["configs"]])
 
 
 def main() -> None:
@@ -169,10 +173,13 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON with every record and the config")
-    parser.add_argument("--table", type=Path, default=None, help="only print the table of an earlier run's JSON")
+    parser.add_argument("--methods", default="dense;shadowkv, no fold;shadowkv, fold",
+                        help="';'-separated, of: dense; shadowkv, no fold; shadowkv, fold")
+    parser.add_argument("--table", type=Path, nargs="+", default=None,
+                        help="only print the table of earlier runs' JSON (several: one table)")
     args = parser.parse_args()
     if args.table is not None:
-        print(table_of_run(json.loads(args.table.read_text())))
+        print(table_of_runs([json.loads(path.read_text()) for path in args.table]))
         return
     args.dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     if args.device == "cpu":
@@ -188,11 +195,15 @@ def main() -> None:
         raise SystemExit(f"a conversation may reach {longest} tokens, past SmolLM2's {limit}: "
                          "lower --doc-length, --turns or --turn-length")
     base = shadowkv_fx.ShadowKVConfig(sparse_budget=args.budget, rank=args.rank, value_hbm_gib=args.value_hbm_gib)
-    methods = {
+    known = {
         "dense": None,
         "shadowkv, no fold": shadowkv_fx.ShadowKVConfig(**{**base.to_dict(), "fold_chunks": None}),
         "shadowkv, fold": base,
     }
+    chosen = [m.strip() for m in args.methods.split(";")]
+    if set(chosen) - set(known):
+        raise SystemExit(f"unknown --methods {sorted(set(chosen) - set(known))}; known: {list(known)}")
+    methods = {name: known[name] for name in chosen}
     print(f"SmolLM2-135M-Instruct, {args.device}, {str(args.dtype).removeprefix('torch.')}; {args.samples} "
           f"conversations: document {samples[0].doc_tokens} tokens, {args.turns} fact turns of <= {args.turn_length} "
           f"tokens, replies <= {args.reply_tokens}, then the question (<= {longest} tokens in all); ShadowKV "
