@@ -299,21 +299,27 @@ def test_decode_steps_between_folds_never_sync_and_buffers_never_move(monkeypatc
 
 def test_triton_kernels_read_folded_chunks_like_the_reference(monkeypatch):
     """Scoring, top-k, fused rebuild + RoPE and decode attention as Triton kernels (interpreted on
-    CPU) in a step after folds: folded chunks' U rows, RoPE columns past the prompt and per-row
-    ``tail_first`` read as the reference reads them. Only that step runs interpreted (slow)."""
+    CPU, compiled on a GPU) in a step after folds: folded chunks' U rows, RoPE columns past the
+    prompt and per-row ``tail_first`` read as the reference reads them. Only that step runs the
+    kernels; the prefill and the folding steps before it run the reference in both caches."""
     pytest.importorskip("triton")
     from shadowkv_fx.kernels import dispatch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     _, model = shared()
+    if device == "cuda":
+        _, model = tiny_pair("llama", kv_heads=4, head_dim=32, seed=11)
+        model = shadowkv_fx.optimize(model.to(device), full_config(model))
     # local_chunks=1: row 63 folds generated tokens before step 5, row 46 before step 6, when the
     # tail is compacted and row 46 still hides one leading slot
     config = dataclasses.replace(SPARSE, local_chunks=1)
-    ids, mask = left_padded(2, [63, 46], 96, seed=8)
-    tokens = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(8))
+    ids, mask = (t.to(device) for t in left_padded(2, [63, 46], 96, seed=8))
+    tokens = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(8)).to(device)
     caches = [new_cache(model, config, 8) for _ in range(2)]
     logits = []
     with torch.no_grad():
         for cache in caches:
+            monkeypatch.setattr(dispatch, "_triton", lambda t: False)
             model(ids, attention_mask=mask, cache=cache)
             for step in range(6):
                 model(tokens[:, step : step + 1], cache=cache)
