@@ -44,6 +44,7 @@ class BenchRow:
     bound: str | None = None  # what limits that batch
     error: str | None = None
     breakdown: list = field(default_factory=list)
+    steps_alone: dict | None = None  # --breakdown: steps timed one by one, folding steps apart
 
 
 def llama31_8b_random(layers: int = 32, device: str = "cuda"):
@@ -243,7 +244,38 @@ def breakdown(fn: Callable[[], None], top: int = 15) -> list[tuple[str, float]]:
         fn()
         _sync()
     rows = [(e.key[:70], e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[1])[:top]
+    return sorted(rows, key=lambda r: -r[1])[:top] + [("(all kernels of the step)", sum(ms for _, ms in rows))]
+
+
+def steps_alone(model, cache, token: torch.Tensor, steps: int = 64) -> dict:
+    """``steps`` more decode steps, each timed alone (synchronized): the median step that folds
+    nothing, the mean step that folds (``fold.py`` runs eagerly before the captured step), and
+    where the host spends one folding step (self CPU time per op, largest first)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from shadowkv_fx import fold
+
+    plain, folding, host_ops = [], [], []
+    state = cache.layers[0].state
+    with torch.no_grad():
+        for _ in range(steps):
+            folds = state.compressed and state.folds and any(fold.chunks_due(state))
+            _sync()
+            t0 = time.perf_counter()
+            if folds and not host_ops:
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    token = _greedy(model(token, cache=cache).logits)
+                    _sync()
+                host_ops = [(e.key[:60], e.self_cpu_time_total / 1e3, e.count)
+                            for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]]
+                continue
+            token = _greedy(model(token, cache=cache).logits)
+            _sync()
+            (folding if folds else plain).append(1e3 * (time.perf_counter() - t0))
+    plain.sort()
+    return {"steps": steps, "median_ms": plain[len(plain) // 2] if plain else None,
+            "folding_steps": len(folding) + bool(host_ops),
+            "folding_mean_ms": sum(folding) / len(folding) if folding else None, "folding_host_ops": host_ops}
 
 
 def _release_memory() -> None:
@@ -281,65 +313,79 @@ def _measure_dense_peak(model, context: int, steps: int, method: str) -> float:
     return run_dense(model, ids, min(steps, 2), compiled=method == "dense-compiled")["_peak_per_seq"]
 
 
+def _run_point(model, method: str, ids: torch.Tensor, steps: int, config, with_breakdown: bool,
+               random_fill_above: int | None, dense_peaks: dict, measured: bool) -> BenchRow:
+    """One method at ``ids``' batch and context. ``measured``: a given batch, whose per-sequence
+    peak then sizes that dense method's largest batch."""
+    batch, context = ids.shape
+    row, result = BenchRow(method, context, batch), None
+    _release_memory()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        if method == "shadowkv":
+            ensure_optimized(model, config)
+            fit = largest_batch(model, context, config, steps + 16)
+            row.largest_batch, row.bound = fit.largest, fit.bound
+            random_fill = random_fill_above is not None and batch > random_fill_above
+            row.fill = "random" if random_fill else "prefill"
+            result = run_shadowkv(model, ids, steps, config, random_fill)
+            cache = result.pop("_cache")
+            if with_breakdown:
+                token = ids[:, -1:]
+                row.breakdown = breakdown(lambda: model(token, cache=cache))
+                row.steps_alone = steps_alone(model, cache, token)
+            del cache
+        else:
+            result = run_dense(model, ids, steps, compiled=method == "dense-compiled")
+            peak = result.pop("_peak_per_seq")
+            if measured:
+                dense_peaks[(method, context)] = max(peak, dense_peaks.get((method, context), 0.0))
+            row.largest_batch = dense_largest_batch(dense_peaks.get((method, context), peak))
+            row.bound = "GPU memory (KV cache + prefill activations)"
+        for key, value in result.items():
+            setattr(row, key, value)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        row.error = f"out of memory: {str(exc).splitlines()[0][:160]}"
+    row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
 def bench(model, contexts: list[int], batches: list[int | str], methods: list[str], steps: int, config,
           progress: Callable[[str], None] = print, with_breakdown: bool = False,
-          random_fill_above: int | None = None) -> list[BenchRow]:
+          random_fill_above: int | None = None, dense_retries: int = 3) -> list[BenchRow]:
     """Every method at every (context, batch). Batch ``"max"`` runs each method at its own
-    largest batch at that context: ShadowKV's by its preflight, dense's from its per-sequence
-    peak memory at the largest smaller batch the run measured (else a one-sequence probe).
+    largest batch at that context: ShadowKV's by its preflight; dense's from its per-sequence
+    peak memory at the largest smaller batch the run measured (else a one-sequence probe), one
+    smaller each time it runs out of memory (``dense_retries`` times at most).
     ShadowKV points with a batch above ``random_fill_above`` fill the cache from random K/V
     (``fill_random``) instead of a prefill."""
     rows = []
     dense_peaks: dict[tuple[str, int], float] = {}  # (method, context) -> per-sequence peak bytes
     for context in contexts:
         for batch_spec in batches:
-            ids = None
             for method in methods:
-                batch = batch_spec
+                batch, retries = batch_spec, 0
                 if batch_spec == "max":
                     if method == "shadowkv":
                         ensure_optimized(model, config)  # its workspace counts against the room
                         _release_memory()
                         batch = largest_batch(model, context, config, steps + 16).largest
                     else:
-                        key = (method, context)
-                        if key not in dense_peaks:
-                            dense_peaks[key] = _measure_dense_peak(model, context, steps, method)
-                        batch = dense_largest_batch(dense_peaks[key])
-                if ids is None or ids.shape[0] != batch:
+                        retries = dense_retries
+                        if (method, context) not in dense_peaks:
+                            dense_peaks[(method, context)] = _measure_dense_peak(model, context, steps, method)
+                        batch = dense_largest_batch(dense_peaks[(method, context)])
+                while True:
+                    torch.manual_seed(context)  # every method and batch draws the same prompts
                     ids = torch.randint(0, model.config.vocab_size - 1, (batch, context), device=model.device)
-                progress(f"{method}: context {context}, batch {batch}" + (" (its largest)" if batch_spec == "max" else ""))
-                row, result = BenchRow(method, context, batch), None
-                _release_memory()
-                torch.cuda.reset_peak_memory_stats()
-                try:
-                    if method == "shadowkv":
-                        ensure_optimized(model, config)
-                        fit = largest_batch(model, context, config, steps + 16)
-                        row.largest_batch, row.bound = fit.largest, fit.bound
-                        random_fill = random_fill_above is not None and batch > random_fill_above
-                        row.fill = "random" if random_fill else "prefill"
-                        result = run_shadowkv(model, ids, steps, config, random_fill)
-                        cache = result.pop("_cache")
-                        if with_breakdown:
-                            token = ids[:, -1:]
-                            row.breakdown = breakdown(lambda: model(token, cache=cache))
-                        del cache
-                    else:
-                        result = run_dense(model, ids, steps, compiled=method == "dense-compiled")
-                        peak = result.pop("_peak_per_seq")
-                        if batch_spec != "max":
-                            dense_peaks[(method, context)] = max(peak, dense_peaks.get((method, context), 0.0))
-                        row.largest_batch = dense_largest_batch(dense_peaks.get((method, context), peak))
-                        row.bound = "GPU memory (KV cache + prefill activations)"
-                    for key, value in result.items():
-                        setattr(row, key, value)
-                except (torch.OutOfMemoryError, MemoryError) as exc:
-                    row.error = f"out of memory: {str(exc).splitlines()[0][:160]}"
-                row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
-                rows.append(row)
-                del result
-                progress(json.dumps({k: v for k, v in asdict(row).items() if k != "breakdown"}))
+                    progress(f"{method}: context {context}, batch {batch}" + (" (its largest)" if batch_spec == "max" else ""))
+                    row = _run_point(model, method, ids, steps, config, with_breakdown, random_fill_above, dense_peaks,
+                                     measured=batch_spec != "max")
+                    rows.append(row)
+                    progress(json.dumps({k: v for k, v in asdict(row).items() if k != "breakdown"}))
+                    if not (row.error and retries and batch > 1):
+                        break
+                    retries, batch = retries - 1, batch - 1
     return rows
 
 
@@ -368,6 +414,14 @@ def table(rows: list[BenchRow], gpus: int = 1) -> str:
         if r.breakdown:
             lines.append(f"\nbreakdown of one ShadowKV decode step (no CUDA graph), context {r.context}, batch {r.batch}:")
             lines += [f"  {ms:8.3f} ms  {name}" for name, ms in r.breakdown]
+        alone = r.steps_alone
+        if alone:
+            fold_ms = "-" if alone["folding_mean_ms"] is None else f"{alone['folding_mean_ms']:.2f} ms"
+            lines.append(f"{alone['steps']} steps timed alone: median {alone['median_ms']:.2f} ms; "
+                         f"{alone['folding_steps']} folded the tail first, mean {fold_ms}")
+            if alone["folding_host_ops"]:
+                lines.append("  host time of one folding step, by op (ms, calls):")
+                lines += [f"  {ms:8.3f} ms {n:6d}  {name}" for name, ms, n in alone["folding_host_ops"]]
     return "\n".join(lines)
 
 

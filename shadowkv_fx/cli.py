@@ -125,7 +125,8 @@ def bench(
     value_hbm_gib: float = typer.Option(-1.0, help="GiB of values kept on the GPU; -1: as many as fit; 0: none"),
     random_fill_above: int = typer.Option(-1, help="ShadowKV points with a larger batch fill the cache from random "
                                           "K/V through the compression path instead of a prefill; -1: never"),
-    breakdown: bool = typer.Option(False, help="per-kernel time of one ShadowKV decode step"),
+    fold_chunks: int = typer.Option(4, help="ShadowKV folds the generated tail every this many chunks; 0: never"),
+    breakdown: bool = typer.Option(False, help="per-kernel time of one ShadowKV decode step, and steps timed alone"),
     out: Path = typer.Option(Path("bench_out"), help="folder for bench.json, bench.png and table.txt"),
 ):
     """Decode throughput, ShadowKV against dense HF (eager and compiled static cache), one run.
@@ -139,7 +140,7 @@ def bench(
     unknown = set(methods.split(",")) - set(b.METHODS)
     if unknown:
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; known: {b.METHODS}")
-    config = ShadowKVConfig(sparse_budget=sparse_budget, rank=rank,
+    config = ShadowKVConfig(sparse_budget=sparse_budget, rank=rank, fold_chunks=fold_chunks or None,
                             value_hbm_gib=None if value_hbm_gib < 0 else value_hbm_gib)
     model = b.load_model(model_dir) if model_dir else b.llama31_8b_random(layers)
     lead = b.is_lead_rank()

@@ -28,6 +28,7 @@ import weakref
 import torch
 
 from shadowkv_fx.kernels import reference as ref
+from shadowkv_fx.pinned import pinned_zeros
 
 # below this relative error a projection is exact to float32 rounding: never refresh for noise
 REFRESH_FLOOR = 1e-5
@@ -329,7 +330,7 @@ def grow_store(state, chunks: int) -> None:
     def grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
         shape = list(t.shape)
         shape[dim] = size
-        new = torch.zeros(shape, dtype=t.dtype, device=t.device, pin_memory=t.is_pinned())
+        new = pinned_zeros(shape, t.dtype) if t.is_pinned() else t.new_zeros(shape)
         new.narrow(dim, 0, t.shape[dim]).copy_(t)
         return new
 

@@ -11,6 +11,7 @@ from shadowkv_fx import fold
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.kernels import dispatch, reference as ref
 from shadowkv_fx.kernels.rope_forms import detect_rope_form
+from shadowkv_fx.pinned import pinned_zeros
 
 RopeFn = Callable[..., torch.Tensor]
 
@@ -50,7 +51,7 @@ def _value_slots(shape: tuple[int, ...], like: torch.Tensor, keep_on_device: Cal
     if like.device.type == "cpu" or keep_on_device(nbytes):
         return like.new_zeros(shape)
     _check_host_memory(nbytes)
-    return torch.zeros(shape, dtype=like.dtype, pin_memory=True)
+    return pinned_zeros(shape, like.dtype)
 
 
 def _check_host_memory(nbytes: int) -> None:

@@ -13,6 +13,7 @@ import torch
 from shadowkv_fx import fold
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.layer_state import PromptLayout
+from shadowkv_fx.pinned import registered_bytes
 
 HOST_SHARE = 0.9  # of MemAvailable that pinned values may take
 
@@ -69,9 +70,9 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
 
 
 def pinned_bytes(nbytes: int) -> int:
-    """Host memory a pinned allocation of ``nbytes`` takes: torch's caching host allocator rounds
-    each request up to a power of two (a 7 GiB layer of values pins 8 GiB)."""
-    return 1 << max(nbytes - 1, 0).bit_length() if nbytes > 0 else 0
+    """Host memory a layer's pinned values of ``nbytes`` take: whole pages (``pinned.pinned_zeros``
+    registers exactly that; torch's caching host allocator would round up to a power of two)."""
+    return registered_bytes(nbytes) if nbytes > 0 else 0
 
 
 def _host_available() -> int | None:
