@@ -100,6 +100,15 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+ALONE_STEPS = 64  # --breakdown: steps timed one by one after the timed ones
+
+
+def tail_capacity(steps: int) -> int:
+    """Generated tokens a ShadowKV point's cache is sized for: warmup, timed and alone-timed steps
+    (as ``generate`` sizes it from ``max_new_tokens``: no buffer regrows mid-run)."""
+    return steps + ALONE_STEPS + 16
+
+
 def timed_decode(step: Callable, prefill: Callable, steps: int, warmup: int = 3) -> tuple[float, float]:
     """``(prefill seconds, seconds per decode step)``: ``prefill()`` returns the first token."""
     _sync()
@@ -176,7 +185,7 @@ def run_shadowkv(model, ids: torch.Tensor, steps: int, config, random_fill: bool
     if not random_fill:
         with torch.no_grad():  # compile this prompt shape's graphs, so the timed prefill is warm
             model(ids, cache=shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config), logits_to_keep=1)
-    cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, tail_capacity=steps + 16)
+    cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, tail_capacity=tail_capacity(steps))
 
     def prefill():
         with torch.no_grad():
@@ -247,7 +256,7 @@ def breakdown(fn: Callable[[], None], top: int = 15) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])[:top] + [("(all kernels of the step)", sum(ms for _, ms in rows))]
 
 
-def steps_alone(model, cache, token: torch.Tensor, steps: int = 64) -> dict:
+def steps_alone(model, cache, token: torch.Tensor, steps: int = ALONE_STEPS) -> dict:
     """``steps`` more decode steps, each timed alone (synchronized): the median step that folds
     nothing, the mean step that folds (``fold.py`` runs eagerly before the captured step), and
     where the host spends one folding step (self CPU time per op, largest first)."""
@@ -324,7 +333,7 @@ def _run_point(model, method: str, ids: torch.Tensor, steps: int, config, with_b
     try:
         if method == "shadowkv":
             ensure_optimized(model, config)
-            fit = largest_batch(model, context, config, steps + 16)
+            fit = largest_batch(model, context, config, tail_capacity(steps))
             row.largest_batch, row.bound = fit.largest, fit.bound
             random_fill = random_fill_above is not None and batch > random_fill_above
             row.fill = "random" if random_fill else "prefill"
@@ -369,7 +378,7 @@ def bench(model, contexts: list[int], batches: list[int | str], methods: list[st
                     if method == "shadowkv":
                         ensure_optimized(model, config)  # its workspace counts against the room
                         _release_memory()
-                        batch = largest_batch(model, context, config, steps + 16).largest
+                        batch = largest_batch(model, context, config, tail_capacity(steps)).largest
                     else:
                         retries = dense_retries
                         if (method, context) not in dense_peaks:

@@ -137,16 +137,23 @@ def next_fold_point(state, tokens: int) -> int | None:
 
 def fold(state, undo: list | None = None) -> bool:
     """Fold what is due in one layer and compact its tail; True when anything was folded.
-    With ``undo`` (a list), a ``FoldUndo`` that can take the fold back is appended to it."""
+    With ``undo`` (a list), a ``FoldUndo`` that can take the fold back is appended to it.
+
+    Rows whose fold reads and writes the same places (same length, store size and count: every
+    row of an equal-length batch) fold together, in one set of batched ops: a fold costs a few
+    dozen kernel launches and one host sync per layer, not per row."""
     if not state.folds:
         return False
     due = chunks_due(state)
     if not any(due):
         return False
     record = FoldUndo(state) if undo is not None else None
+    groups: dict[tuple[int, ...], list[int]] = {}
     for b, m in enumerate(due):
         if m:
-            _fold_row(state, b, m, record)
+            groups.setdefault((m, state.lengths[b], state.prompt_chunks[b], state.chunks[b]), []).append(b)
+    for (m, *_), rows in groups.items():
+        _fold_rows(state, rows, m, record)
     state.tail_first.copy_(torch.tensor(state.tail_first_host))
     _compact_tail(state, record)
     if record is not None:
@@ -154,73 +161,103 @@ def fold(state, undo: list | None = None) -> bool:
     return True
 
 
-def _slots(state, b: int, first: int, count: int) -> torch.Tensor:
-    """Buffer slots of row ``b``'s dense positions ``[first, first + count)``."""
+def _slot_ranges(state, b: int, first: int, count: int) -> list[tuple[int, int]]:
+    """Buffer slots of row ``b``'s dense positions ``[first, first + count)``, as at most two
+    ranges ``[start, stop)``: the prompt's local window, then the generated tail."""
     n, local_first = state.lengths[b], state.prompt_chunks[b] * state.config.chunk_size
-    slots = [state.local_start + p - local_first if p < n else state.tail_start + p - n - state.tail_shift
-             for p in range(first, first + count)]
-    return torch.tensor(slots, device=state.k_buf.device)
+    stop = first + count
+    ranges = []
+    if first < n:
+        ranges.append((state.local_start + first - local_first, state.local_start + min(stop, n) - local_first))
+    if stop > n:
+        tail_first = state.tail_start - n - state.tail_shift
+        ranges.append((tail_first + max(first, n), tail_first + stop))
+    return ranges
 
 
-def _fold_row(state, b: int, m: int, undo: "FoldUndo | None") -> None:
+def _row_index(rows: list[int]) -> slice | list[int]:
+    """Rows as a slice where they are consecutive (a view: no copy, no host-to-device index)."""
+    return slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
+
+
+def _fold_rows(state, rows: list[int], m: int, undo: "FoldUndo | None") -> None:
+    """Fold the ``m`` oldest dense chunks of ``rows``, which share their slots and store size."""
     cfg = state.config
     chunk = cfg.chunk_size
-    c0 = state.chunks[b]
+    c0 = state.chunks[rows[0]]
     t0, count = c0 * chunk, m * chunk
-    slots = _slots(state, b, t0, count)
-    k_rot, v = state.k_buf[b][:, slots], state.v_buf[b][:, slots]
-    k_pre = state.pre_k[b][:, slots - state.local_start]
-    hkv, _, dv = v.shape
+    ranges = _slot_ranges(state, rows[0], t0, count)
+    device = state.k_buf.device
+    slots = torch.cat([torch.arange(a, z, device=device) for a, z in ranges])
+    r = _row_index(rows)
+    k_rot, v = state.k_buf[:, :, slots][r], state.v_buf[:, :, slots][r]  # [R, Hkv, count, D]
+    k_pre = state.pre_k[:, :, slots - state.local_start][r]
+    n_rows, hkv, _, dv = v.shape
 
-    u_new, err = project_keys(state.sv[b], k_pre, basis_pinv(state, b))
-    if err > max(cfg.fold_refresh * state.fit_err[b], REFRESH_FLOOR):
-        if undo is not None:
-            undo.save_basis(b, t0)
-        rotation, u_new, sv_new, state.fit_err[b] = refresh_basis(state.sv[b], k_pre)
-        state.u[b, :t0] = (state.u[b, :t0].float() @ rotation).to(state.u.dtype)
-        state.sv[b] = sv_new.to(state.sv.dtype)
-        state.refreshes += 1
-    state.u[b, t0 : t0 + count] = u_new.to(state.u.dtype)
+    pinv = torch.stack([basis_pinv(state, b) for b in rows])  # [R, Hkv*D, rank]
+    k_flat = k_pre.permute(0, 2, 1, 3).reshape(n_rows, count, -1).float()
+    u_new = k_flat @ pinv
+    w = torch.stack([_flat(state.sv[b]) for b in rows])
+    err = ((k_flat - u_new @ w).flatten(1).norm(dim=1) / k_flat.flatten(1).norm(dim=1).clamp_min(1e-30)).tolist()
+    state.u[r, t0 : t0 + count] = u_new.to(state.u.dtype)
+    for i, b in enumerate(rows):
+        if err[i] > max(cfg.fold_refresh * state.fit_err[b], REFRESH_FLOOR):
+            if undo is not None:
+                undo.save_basis(b, t0)
+            rotation, u_row, sv_new, state.fit_err[b] = refresh_basis(state.sv[b], k_pre[i])
+            state.u[b, :t0] = (state.u[b, :t0].float() @ rotation).to(state.u.dtype)
+            state.sv[b] = sv_new.to(state.sv.dtype)
+            state.u[b, t0 : t0 + count] = u_row.to(state.u.dtype)
+            state.refreshes += 1
 
-    landmarks, min_cos = ref.chunk_landmarks(k_rot, chunk)
-    state.landmarks[b, :, c0 : c0 + m] = landmarks.to(state.landmarks.dtype)
-    state.v_chunks[b, :, c0 : c0 + m].copy_(v.reshape(hkv, m, chunk, dv))
-    state.chunks[b] = c0 + m
-    state.selectable[b, :, c0 : c0 + m] = True
+    landmarks, min_cos = ref.chunk_landmarks(k_rot.reshape(n_rows * hkv, count, -1), chunk)
+    state.landmarks[r, :, c0 : c0 + m] = landmarks.view(n_rows, hkv, m, -1).to(state.landmarks.dtype)
+    state.v_chunks[r, :, c0 : c0 + m] = v.reshape(n_rows, hkv, m, chunk, dv).to(state.v_chunks.device)
+    for b in rows:
+        state.chunks[b] = c0 + m
+    state.selectable[r, :, c0 : c0 + m] = True
     if cfg.outlier_chunks:
         if undo is not None:
-            undo.save_outliers(b)
-        _update_outliers(state, b, k_rot, v, min_cos, torch.arange(c0, c0 + m, device=min_cos.device))
+            for b in rows:
+                undo.save_outliers(b)
+        ids = torch.arange(c0, c0 + m, device=device)
+        _update_outliers(state, r, k_rot, v, min_cos.view(n_rows, hkv, m), ids, c0 + m)
 
     if state.reuse:
         # last step's picks may name chunks that were empty or outliers then and hold real values now
-        state.prev_idx[b] = -1
-    local = slots[slots < state.tail_start]
-    state.key_valid[b][:, local] = False
-    state.tail_first_host[b] = max(0, t0 + count - state.lengths[b] - state.tail_shift)
+        state.prev_idx[r] = -1
+    for a, z in ranges:
+        if a < state.tail_start:
+            state.key_valid[r, :, a:z] = False
+    for b in rows:
+        state.tail_first_host[b] = max(0, t0 + count - state.lengths[b] - state.tail_shift)
 
 
-def _update_outliers(state, b: int, k_rot: torch.Tensor, v: torch.Tensor, min_cos: torch.Tensor,
-                     ids: torch.Tensor) -> None:
-    """Keep per KV head the ``outlier_chunks`` lowest-min-cosine chunks among the old outliers and
-    the new chunks; the dense outlier region of the buffer is rewritten to hold them."""
+def _update_outliers(state, r: slice | list[int], k_rot: torch.Tensor, v: torch.Tensor, min_cos: torch.Tensor,
+                     ids: torch.Tensor, chunks: int) -> None:
+    """Keep per row and KV head the ``outlier_chunks`` lowest-min-cosine chunks among the old
+    outliers and the new chunks ``ids`` (rows ``r``: ``k_rot``/``v`` ``[R, Hkv, m*L, D]``,
+    ``min_cos [R, Hkv, m]``); the dense outlier region of the buffer is rewritten to hold them."""
     o, chunk = state.config.outlier_chunks, state.config.chunk_size
-    hkv, _, d = k_rot.shape
+    n_rows, hkv, _, d = k_rot.shape
     dv, m = v.shape[-1], ids.numel()
     width = o * chunk
-    cand_k = torch.cat([state.k_buf[b, :, :width].reshape(hkv, o, chunk, d),
-                        k_rot.to(state.k_buf.dtype).reshape(hkv, m, chunk, d)], dim=1)
-    cand_v = torch.cat([state.v_buf[b, :, :width].reshape(hkv, o, chunk, dv),
-                        v.to(state.v_buf.dtype).reshape(hkv, m, chunk, dv)], dim=1)
-    cand_cos = torch.cat([state.outlier_cos[b], min_cos.float()], dim=1)
-    cand_ids = torch.cat([state.outlier_ids[b], ids.expand(hkv, m)], dim=1)
-    keep = torch.topk(-cand_cos, o, dim=1).indices
-    state.k_buf[b, :, :width] = cand_k.gather(1, keep[..., None, None].expand(-1, -1, chunk, d)).reshape(hkv, width, d)
-    state.v_buf[b, :, :width] = cand_v.gather(1, keep[..., None, None].expand(-1, -1, chunk, dv)).reshape(hkv, width, dv)
-    state.outlier_cos[b] = cand_cos.gather(1, keep)
-    state.outlier_ids[b] = cand_ids.gather(1, keep)
-    state.selectable[b, :, : state.chunks[b]] = True
-    state.selectable[b].scatter_(1, state.outlier_ids[b], False)
+    cand_k = torch.cat([state.k_buf[:, :, :width][r].reshape(n_rows, hkv, o, chunk, d),
+                        k_rot.to(state.k_buf.dtype).reshape(n_rows, hkv, m, chunk, d)], dim=2)
+    cand_v = torch.cat([state.v_buf[:, :, :width][r].reshape(n_rows, hkv, o, chunk, dv),
+                        v.to(state.v_buf.dtype).reshape(n_rows, hkv, m, chunk, dv)], dim=2)
+    cand_cos = torch.cat([state.outlier_cos[r], min_cos.float()], dim=2)
+    cand_ids = torch.cat([state.outlier_ids[r], ids.expand(n_rows, hkv, m)], dim=2)
+    keep = torch.topk(-cand_cos, o, dim=2).indices
+    state.k_buf[r, :, :width] = cand_k.gather(2, keep[..., None, None].expand(-1, -1, -1, chunk, d)).flatten(2, 3)
+    state.v_buf[r, :, :width] = cand_v.gather(2, keep[..., None, None].expand(-1, -1, -1, chunk, dv)).flatten(2, 3)
+    state.outlier_cos[r] = cand_cos.gather(2, keep)
+    outliers = cand_ids.gather(2, keep)
+    state.outlier_ids[r] = outliers
+    selectable = state.selectable[r]
+    selectable[:, :, :chunks] = True
+    selectable.scatter_(2, outliers, False)
+    state.selectable[r] = selectable
 
 
 def _tail_buffers(state) -> list[tuple[torch.Tensor, int]]:
