@@ -183,8 +183,11 @@ def run_shadowkv(model, ids: torch.Tensor, steps: int, config, random_fill: bool
     batch, context = ids.shape
     ensure_optimized(model, config)
     if not random_fill:
-        with torch.no_grad():  # compile this prompt shape's graphs, so the timed prefill is warm
-            model(ids, cache=shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config), logits_to_keep=1)
+        # compile this prompt shape's graphs, so the timed prefill is warm: the batch goes through
+        # the model ``prefill_rows`` sequences at a time, so that many compile every graph it runs
+        warm = ids[: config.prefill_rows or len(ids)]
+        with torch.no_grad():
+            model(warm, cache=shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config), logits_to_keep=1)
     cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, tail_capacity=tail_capacity(steps))
 
     def prefill():

@@ -20,11 +20,11 @@ def test_pinned_values_are_exact_page_locked_and_read_by_the_gather():
     from shadowkv_fx.kernels import dispatch, reference
 
     before = pinned.live_bytes()
-    shape = (2, 3, 50, 8, 64)  # [B, Hkv, C, L, D]: 153,600 bytes of bf16, 38 pages
+    shape = (2, 3, 50, 8, 64)  # [B, Hkv, C, L, D]: 153,600 bf16 values, 307,200 bytes, 75 pages
     values = pinned.pinned_zeros(shape, torch.bfloat16)
     assert values.is_pinned() and values.is_contiguous() and values.shape == shape
     assert not values.any()
-    assert pinned.live_bytes() - before == pinned.registered_bytes(values.numel() * 2) == 38 * pinned.PAGE
+    assert pinned.live_bytes() - before == pinned.registered_bytes(values.numel() * 2) == 75 * pinned.PAGE
     values.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16))
 
     on_device = values.to("cuda", non_blocking=True)
@@ -37,7 +37,7 @@ def test_pinned_values_are_exact_page_locked_and_read_by_the_gather():
     view = values[1, :, 4:9]  # a view keeps the registration alive
     del values, on_device
     gc.collect()
-    assert pinned.live_bytes() - before == 38 * pinned.PAGE and view.is_pinned()
+    assert pinned.live_bytes() - before == 75 * pinned.PAGE and view.is_pinned()
     del view
     gc.collect()
     assert pinned.live_bytes() == before, "freeing the storage unregisters it"
