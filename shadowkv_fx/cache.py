@@ -288,14 +288,14 @@ class ShadowKVCache(Cache):
         decode work, less the compressed state every layer of the batch will allocate (granting
         values room layer by layer first would leave the last layers' state none), within
         ``value_hbm_gib``."""
-        from shadowkv_fx.preflight import state_footprint
+        from shadowkv_fx.preflight import device_memory, state_footprint
 
         cap = self.config.value_hbm_gib
         if k_pre.device.type != "cuda" or cap == 0:
             return 0
         state = state_footprint(len(self.layers), k_pre.shape[1], k_pre.shape[-1], v.dtype, self.layout,
                                 self.config, self.tail_capacity)
-        free, total = torch.cuda.mem_get_info(k_pre.device)
+        free, total = device_memory(k_pre.device)
         room = int(free - DEVICE_RESERVE * total - state.device * len(self.layout.lengths))
         room = max(room, 0)
         return room if cap is None else min(room, int(cap * 2**30))

@@ -112,6 +112,14 @@ class Capacity:
             else "GPU memory (compressed state)"
 
 
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """``(free, total)`` bytes of ``device``, counting as free what torch's caching allocator holds
+    but does not use (blocks freed by an earlier prefill): the driver reports those as taken."""
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + max(cached, 0), total
+
+
 def capacity(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype: torch.dtype,
              device: torch.device, tail_capacity: int, tp_size: int = 1) -> Capacity:
     """Largest batch of prompts like ``layout``'s first: the compressed state must fit the GPU
@@ -119,7 +127,7 @@ def capacity(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype: 
     from shadowkv_fx.cache import DEVICE_RESERVE
 
     per_seq = footprint(model_config, layout, config, dtype, tail_capacity, tp_size)[0]
-    free, total = torch.cuda.mem_get_info(device)
+    free, total = device_memory(device)
     room = max(free - DEVICE_RESERVE * total, 0)
     by_device = int(room // max(per_seq.device, 1))
     available = _host_available()

@@ -163,6 +163,9 @@ def test_preflight_names_the_largest_batch_that_fits(monkeypatch):
     assert per_seq.values - plain.values == 32 * (32 + 64) * 8 * 128 * 2
     assert per_seq.device > plain.device, "the fold store's U rows, landmarks and pre-RoPE keys are counted"
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * 2**30, 80 * 2**30))
+    # blocks torch's allocator keeps but does not use count as free (none here)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2**30)
     monkeypatch.setattr(preflight, "_host_available", lambda: 100 * 2**30)
     # 90 GiB may be pinned, whole pages only (torch's host allocator would round a layer's 2.8 GiB up
     # to 4 GiB, and 8 sequences would be the most): 11 sequences of 7.5 GiB fit, 12 do not
