@@ -46,11 +46,13 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--fold-chunks", type=int, default=4, help="the committed results ran with 4")
     args = parser.parse_args()
     torch.set_num_threads(2)
     ids = torch.randint(3, 256, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-    base = shadowkv_fx.ShadowKVConfig(sparse_budget=args.budget, rank=args.rank, outlier_chunks=8)
-    configs = {"fold (fold_chunks=4)": base, "no fold (fold_chunks=None)": shadowkv_fx.ShadowKVConfig(
+    base = shadowkv_fx.ShadowKVConfig(sparse_budget=args.budget, rank=args.rank, outlier_chunks=8,
+                                      fold_chunks=args.fold_chunks)
+    configs = {f"fold (fold_chunks={args.fold_chunks})": base, "no fold (fold_chunks=None)": shadowkv_fx.ShadowKVConfig(
         **{**base.to_dict(), "fold_chunks": None})}
     print(f"tiny Llama: {args.layers} layers, {args.kv_heads} KV heads x {args.head_dim}, fp32, CPU; prompt "
           f"{args.prompt}; sparse_budget={args.budget}, rank={args.rank}, chunk 8, local 4, outliers 8")

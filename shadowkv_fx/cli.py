@@ -125,7 +125,7 @@ def bench(
     value_hbm_gib: float = typer.Option(-1.0, help="GiB of values kept on the GPU; -1: as many as fit; 0: none"),
     random_fill_above: int = typer.Option(-1, help="ShadowKV points with a larger batch fill the cache from random "
                                           "K/V through the compression path instead of a prefill; -1: never"),
-    fold_chunks: int = typer.Option(4, help="ShadowKV folds the generated tail every this many chunks; 0: never"),
+    fold_chunks: int = typer.Option(16, help="ShadowKV folds the generated tail every this many chunks; 0: never"),
     breakdown: bool = typer.Option(False, help="per-kernel time of one ShadowKV decode step, and steps timed alone"),
     out: Path = typer.Option(Path("bench_out"), help="folder for bench.json, bench.png and table.txt"),
 ):

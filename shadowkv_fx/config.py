@@ -41,7 +41,10 @@ class ShadowKVConfig:
         fold_chunks`` whole chunks past its compressed store; then its oldest whole chunks are
         folded into the store (low-rank keys, landmarks, outliers, offloaded values) so that
         ``local_chunks`` chunks (+ the remainder) stay dense. ``None``: never fold (the tail stays
-        dense for the rest of the sequence). Prompts too short to compress never fold.
+        dense for the rest of the sequence). Prompts too short to compress never fold. The default
+        16 (128 tokens at chunk 8) spreads a fold's fixed cost (tens of kernels per layer, an
+        incremental SVD where a basis must be refreshed) over 128 decode steps; the dense tail it
+        leaves (<= 21 chunks) is small beside the selected budget.
     fold_refresh:
         A fold projects the new pre-RoPE keys onto the sequence's low-rank basis; when their
         relative projection error exceeds ``fold_refresh`` times the error the basis had on the
@@ -57,7 +60,7 @@ class ShadowKVConfig:
     value_hbm_gib: float | None = None
     prefill_rows: int | None = 1
     reuse_values: bool = True
-    fold_chunks: int | None = 4
+    fold_chunks: int | None = 16
     fold_refresh: float = 1.5
 
     def __post_init__(self) -> None:

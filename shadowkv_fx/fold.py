@@ -23,8 +23,6 @@ Buffers keep their addresses (the store is preallocated), so a captured decode s
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from shadowkv_fx.kernels import reference as ref
@@ -34,32 +32,29 @@ from shadowkv_fx.pinned import pinned_zeros
 REFRESH_FLOOR = 1e-5
 
 
-def project_keys(sv: torch.Tensor, k_pre: torch.Tensor, pinv: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+def project_keys(sv: torch.Tensor, k_pre: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Least-squares ``U`` rows of new keys on an existing basis, and their relative error.
 
     Args:
         sv: ``[Hkv, r, D]`` (``diag(s) V^T`` per head slice); k_pre: ``[Hkv, n, D]``.
-        pinv: the pseudo-inverse of ``sv`` flattened (``basis_pinv``), if known.
     Returns:
         ``U_new [n, r]`` float32 with ``U_new @ SV[h] ~= k_pre[h]``, and ``|K - U_new SV| / |K|``.
     """
     w = _flat(sv)
     k = _flat(k_pre)
-    u = k @ (torch.linalg.pinv(w) if pinv is None else pinv)
+    u = k @ orthogonal_pinv(w)
     err = (k - u @ w).norm() / k.norm().clamp_min(1e-30)
     return u, float(err)
 
 
-def basis_pinv(state, b: int) -> torch.Tensor:
-    """The pseudo-inverse of row ``b``'s basis, computed once per basis (an SVD per layer per fold
-    otherwise): keyed by the ``sv`` tensor and its version, which every write to it bumps (a refresh,
-    a crop taking folds back, a new prefill)."""
-    cached = getattr(state, "_basis_pinv", None)
-    if cached is None or cached[0]() is not state.sv or cached[1] != state.sv._version:
-        cached = state._basis_pinv = (weakref.ref(state.sv), state.sv._version, {})
-    if b not in cached[2]:
-        cached[2][b] = torch.linalg.pinv(_flat(state.sv[b]))
-    return cached[2][b]
+def orthogonal_pinv(w: torch.Tensor) -> torch.Tensor:
+    """Pseudo-inverse ``[..., HD, r]`` of bases ``w [..., r, HD]`` whose rows are orthogonal, as
+    every basis here is (``diag(s) V^T`` of an SVD, at prefill and at each refresh):
+    ``W^T diag(1 / |w_i|^2)``, zero rows (rank above the keys' own) mapping to zero. Elementwise,
+    where ``torch.linalg.pinv`` would run an SVD per row and layer with a host sync each."""
+    norms = w.square().sum(dim=-1)
+    inverse = torch.where(norms > 0, 1 / norms.clamp_min(1e-30), torch.zeros_like(norms))
+    return w.transpose(-1, -2) * inverse[..., None, :]
 
 
 def refresh_basis(sv: torch.Tensor, k_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -194,10 +189,9 @@ def _fold_rows(state, rows: list[int], m: int, undo: "FoldUndo | None") -> None:
     k_pre = state.pre_k[:, :, slots - state.local_start][r]
     n_rows, hkv, _, dv = v.shape
 
-    pinv = torch.stack([basis_pinv(state, b) for b in rows])  # [R, Hkv*D, rank]
+    w = state.sv[r].permute(0, 2, 1, 3).flatten(2).float()  # [R, rank, Hkv*D]
     k_flat = k_pre.permute(0, 2, 1, 3).reshape(n_rows, count, -1).float()
-    u_new = k_flat @ pinv
-    w = torch.stack([_flat(state.sv[b]) for b in rows])
+    u_new = k_flat @ orthogonal_pinv(w)
     err = ((k_flat - u_new @ w).flatten(1).norm(dim=1) / k_flat.flatten(1).norm(dim=1).clamp_min(1e-30)).tolist()
     state.u[r, t0 : t0 + count] = u_new.to(state.u.dtype)
     for i, b in enumerate(rows):
