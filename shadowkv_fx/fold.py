@@ -32,19 +32,21 @@ from shadowkv_fx.pinned import pinned_zeros
 REFRESH_FLOOR = 1e-5
 
 
-def project_keys(sv: torch.Tensor, k_pre: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Least-squares ``U`` rows of new keys on an existing basis, and their relative error.
+def project_keys(sv: torch.Tensor, k_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares ``U`` rows of new keys on an existing basis, and their relative error; any
+    leading dims (rows of a batch) are batched over.
 
     Args:
-        sv: ``[Hkv, r, D]`` (``diag(s) V^T`` per head slice); k_pre: ``[Hkv, n, D]``.
+        sv: ``[..., Hkv, r, D]`` (``diag(s) V^T`` per head slice); k_pre: ``[..., Hkv, n, D]``.
     Returns:
-        ``U_new [n, r]`` float32 with ``U_new @ SV[h] ~= k_pre[h]``, and ``|K - U_new SV| / |K|``.
+        ``U_new [..., n, r]`` float32 with ``U_new @ SV[h] ~= k_pre[h]``, and ``|K - U_new SV| / |K|``
+        (``[...]``, on the keys' device).
     """
     w = _flat(sv)
     k = _flat(k_pre)
     u = k @ orthogonal_pinv(w)
-    err = (k - u @ w).norm() / k.norm().clamp_min(1e-30)
-    return u, float(err)
+    err = (k - u @ w).flatten(-2).norm(dim=-1) / k.flatten(-2).norm(dim=-1).clamp_min(1e-30)
+    return u, err
 
 
 def orthogonal_pinv(w: torch.Tensor) -> torch.Tensor:
@@ -85,8 +87,8 @@ def refresh_basis(sv: torch.Tensor, k_pre: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def _flat(k: torch.Tensor) -> torch.Tensor:
-    """``[Hkv, n, D]`` -> ``[n, Hkv*D]`` float32 (one row per token, all heads: one shared basis)."""
-    return k.permute(1, 0, 2).reshape(k.shape[1], -1).float()
+    """``[..., Hkv, n, D]`` -> ``[..., n, Hkv*D]`` float32 (one row per token, all heads: one shared basis)."""
+    return k.transpose(-3, -2).flatten(-2).float()
 
 
 def store_chunks(lengths: list[int], generated: int, chunk_size: int) -> int:
@@ -149,8 +151,8 @@ def fold(state, undo: list | None = None) -> bool:
             groups.setdefault((m, state.lengths[b], state.prompt_chunks[b], state.chunks[b]), []).append(b)
     for (m, *_), rows in groups.items():
         _fold_rows(state, rows, m, record)
-    state.tail_first.copy_(torch.tensor(state.tail_first_host))
     _compact_tail(state, record)
+    state.tail_first.copy_(torch.tensor(state.tail_first_host))
     if record is not None:
         undo.append(record)
     return True
@@ -189,10 +191,8 @@ def _fold_rows(state, rows: list[int], m: int, undo: "FoldUndo | None") -> None:
     k_pre = state.pre_k[:, :, slots - state.local_start][r]
     n_rows, hkv, _, dv = v.shape
 
-    w = state.sv[r].permute(0, 2, 1, 3).flatten(2).float()  # [R, rank, Hkv*D]
-    k_flat = k_pre.permute(0, 2, 1, 3).reshape(n_rows, count, -1).float()
-    u_new = k_flat @ orthogonal_pinv(w)
-    err = ((k_flat - u_new @ w).flatten(1).norm(dim=1) / k_flat.flatten(1).norm(dim=1).clamp_min(1e-30)).tolist()
+    u_new, err = project_keys(state.sv[r], k_pre)
+    err = err.tolist()  # the one host sync of the fold: whether a row's basis must be refreshed
     state.u[r, t0 : t0 + count] = u_new.to(state.u.dtype)
     for i, b in enumerate(rows):
         if err[i] > max(cfg.fold_refresh * state.fit_err[b], REFRESH_FLOOR):
@@ -261,7 +261,8 @@ def _tail_buffers(state) -> list[tuple[torch.Tensor, int]]:
 
 
 def _compact_tail(state, undo: "FoldUndo | None" = None) -> None:
-    """Drop the leading tail slots every row has folded: shift the rest down, in place."""
+    """Drop the leading tail slots every row has folded: shift the rest down, in place (the caller
+    copies ``tail_first_host`` to the device)."""
     fill = state.tail_len - state.tail_shift
     shift = min(min(state.tail_first_host), fill)
     if shift <= 0:
@@ -271,7 +272,6 @@ def _compact_tail(state, undo: "FoldUndo | None" = None) -> None:
     for buf, first in _tail_buffers(state):
         buf[:, :, first : first + fill - shift] = buf[:, :, first + shift : first + fill].clone()
     state.tail_first_host = [f - shift for f in state.tail_first_host]
-    state.tail_first.copy_(torch.tensor(state.tail_first_host))
     state.tail_shift += shift
     state.tail_fill.fill_(fill - shift)
 
