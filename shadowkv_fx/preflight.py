@@ -72,7 +72,7 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
 def pinned_bytes(nbytes: int) -> int:
     """Host memory a layer's pinned values of ``nbytes`` take: whole pages (``pinned.pinned_zeros``
     registers exactly that; torch's caching host allocator would round up to a power of two)."""
-    return registered_bytes(nbytes) if nbytes > 0 else 0
+    return registered_bytes(nbytes)
 
 
 def _host_available() -> int | None:
