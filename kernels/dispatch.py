@@ -66,6 +66,34 @@ def rebuild_rope_keys(u: torch.Tensor, sv: torch.Tensor, chunk_idx: torch.Tensor
     out.copy_(rope_fn(k_pre, *tables))
 
 
+def rotates_like(k_pre: torch.Tensor, k_rot: torch.Tensor, tables: list[torch.Tensor], rope_form: str,
+                 sample: int = 64) -> bool:
+    """Whether ``append_rope`` can stand in for the model's key RoPE: a Triton device and a known
+    form that reproduces ``k_rot`` bit for bit on the last ``sample`` prompt tokens.
+
+    ``k_pre, k_rot: [1, Hkv, S, D]``; ``tables``: ``[1, 1, S, c]`` each, aligned with them.
+    """
+    if not _triton(k_pre) or rope_form not in FORMS or len(tables) != 2 or k_rot.dtype != k_pre.dtype:
+        return False
+    from shadowkv_fx.kernels import triton_append
+
+    n = min(sample, k_pre.shape[2])
+    cos, sin = (t[:, :, t.shape[2] - n :] for t in tables)
+    return triton_append.rotates_like(k_pre[:, :, -n:], k_rot[:, :, -n:], cos, sin, rope_form)
+
+
+def append_rope(k_pre: torch.Tensor, v: torch.Tensor, tables: list[torch.Tensor], rope_form: str,
+                k_buf: torch.Tensor, v_buf: torch.Tensor, fill: torch.Tensor, base: int,
+                pre_k: torch.Tensor | None, pre_base: int) -> None:
+    """New tokens rotated into ``k_buf`` (and, with ``pre_k``, kept unrotated there) with their
+    values into ``v_buf``, at slots ``base + fill + i``: one kernel (only where ``rotates_like``)."""
+    from shadowkv_fx.kernels import triton_append
+
+    cos, sin = tables
+    triton_append.append_rope(k_pre, v, cos, sin, rope_form, k_buf, v_buf, fill, base, pre_k, pre_base,
+                              rounded=k_buf.dtype != torch.float32)
+
+
 def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device: torch.device,
                         out: torch.Tensor | None = None, fetch: torch.Tensor | None = None) -> torch.Tensor:
     """Values of the chosen chunks into ``out``; with ``fetch``, only those chunks (``out`` holds

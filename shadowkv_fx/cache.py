@@ -338,6 +338,9 @@ class ShadowKVCache(Cache):
                 self._shared_tables.append([t.new_zeros(batch, 1, layout.padded_len, t.shape[-1]) for t in tables])
                 index = len(self._shared_tables) - 1
             self._layer_tables[layer_idx] = index
+            # layers run in order each step: the first one holding these tables writes new columns
+            self.layers[layer_idx].state.writes_tables = min(
+                i for i, j in self._layer_tables.items() if j == index) == layer_idx
         shared = self._shared_tables[index]
         for s, t in zip(shared, tables):
             for j, b in enumerate(rows):
@@ -359,9 +362,9 @@ class ShadowKVCache(Cache):
             raise RuntimeError(f"attention site {layer_idx} but the cache has {len(self.layers)} layers")
         self.touched.add(layer_idx)
         state = self.layers[layer_idx].state
-        k_rot = rope_fn(k_pre, *rope_inputs)
         if self.phase == "decode":
-            return state.decode(q, k_rot, v, rope_fn, scale, k_pre, rope_inputs)
+            return state.decode(q, k_pre, v, rope_inputs, rope_fn, scale)
+        k_rot = rope_fn(k_pre, *rope_inputs)
         k_pre, k_rot, v, *tables = self._stage(layer_idx, k_pre, k_rot, v, rope_inputs)
         start, end = self.prefill_span
         out = _dense_prefill(q, k_rot, v, self.group_layout, scale, start)

@@ -90,6 +90,11 @@ class LayerState:
         self.tail_first: torch.Tensor | None = None
         self.gen_count: torch.Tensor | None = None
         self.pre_k: torch.Tensor | None = None
+        # new tokens rotated and written by one kernel (``dispatch.append_rope``): prefill sets it
+        # where that kernel reproduces the model's key RoPE exactly
+        self.fused_append = False
+        # of the layers sharing one set of RoPE tables, the first writes the new tokens' columns
+        self.writes_tables = True
 
     # Decode reads one persistent buffer per layer, ``[B, Hkv, N, D]`` for K and V, laid out as
     # [outliers | selected chunks | local window | generated tail]: outliers and local are written
@@ -162,6 +167,7 @@ class LayerState:
                 if self.rope_form is None:
                     tables = [tb[b : b + 1, :, layout.pad[b] :] for tb in rope_tables]
                     self.rope_form = detect_rope_form(kp[None], kr[None], tables)
+                    self.fused_append = dispatch.rotates_like(kp[None], kr[None], tables, self.rope_form)
             self._pending.discard(b)
         if not self._pending:
             self._build_buffers(tail_capacity)
@@ -177,6 +183,7 @@ class LayerState:
         self._pending = set(range(b_size))
         self.rope_tables = rope_tables
         self.rope_form = None
+        self.fused_append = False
         self.pad = torch.tensor(layout.pad, device=device)
         self.outlier_valid = torch.tensor([c > 0 for c in layout.chunks], device=device)
         local_lens = [n - c * chunk for n, c in zip(layout.lengths, layout.chunks)]
@@ -324,23 +331,32 @@ class LayerState:
         furthest = max(c * chunk - n for c, n in zip(self.chunks if chunks is None else chunks, self.lengths))
         return furthest if furthest > kept else None
 
-    def append_tail(self, k_rot: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None,
-                    rope_inputs: list[torch.Tensor] | None = None) -> None:
-        """Write new tokens at the device-side fill level (a replayed step reads the current one).
+    def append_tail(self, k_pre: torch.Tensor, v: torch.Tensor, rope_inputs: list[torch.Tensor],
+                    rope_fn: RopeFn) -> None:
+        """Rotate new tokens' keys and write them at the device-side fill level (a replayed step
+        reads the current one): one fused kernel where prefill found it rotates exactly as
+        ``rope_fn`` does, else ``rope_fn`` and a write per buffer.
 
         A folding layer also keeps their pre-RoPE keys and writes their RoPE inputs (``[B|1, 1, n, c]``
-        each) into the tables' columns after the prompt, where a folded chunk's rebuild reads them.
+        each) into the tables' columns after the prompt, where a folded chunk's rebuild reads them
+        (the first layer sharing a table writes it for all).
         """
-        n = k_rot.shape[2]
+        n = k_pre.shape[2]
         offsets = torch.arange(n, device=self.tail_fill.device)
-        slots = self.tail_start + self.tail_fill + offsets
-        self.k_buf.index_copy_(2, slots, k_rot.to(self.k_buf.dtype))
-        self.v_buf.index_copy_(2, slots, v.to(self.v_buf.dtype))
+        if self.fused_append:
+            dispatch.append_rope(k_pre, v, rope_inputs, self.rope_form, self.k_buf, self.v_buf, self.tail_fill,
+                                 self.tail_start, self.pre_k, self.tail_start - self.local_start)
+        else:
+            slots = self.tail_start + self.tail_fill + offsets
+            self.k_buf.index_copy_(2, slots, rope_fn(k_pre, *rope_inputs).to(self.k_buf.dtype))
+            self.v_buf.index_copy_(2, slots, v.to(self.v_buf.dtype))
+            if self.folds:
+                self.pre_k.index_copy_(2, slots - self.local_start, k_pre.to(self.pre_k.dtype))
         if self.folds:
-            self.pre_k.index_copy_(2, slots - self.local_start, k_pre.to(self.pre_k.dtype))
-            columns = self.padded_len + self.gen_count + offsets
-            for table, new in zip(self.rope_tables, rope_inputs):
-                table.index_copy_(2, columns, new.to(table.dtype).expand(table.shape[0], 1, n, table.shape[3]))
+            if self.writes_tables:
+                columns = self.padded_len + self.gen_count + offsets
+                for table, new in zip(self.rope_tables, rope_inputs):
+                    table.index_copy_(2, columns, new.to(table.dtype).expand(table.shape[0], 1, n, table.shape[3]))
             self.gen_count.add_(n)
         self.tail_fill.add_(n)
 
@@ -367,16 +383,17 @@ class LayerState:
         dispatch.rebuild_rope_keys(self.u, self.sv, chunk_idx, chunk, self.pad, self.rope_tables, self.rope_form,
                                    rope_fn, self.k_buf[:, :, region])
         dispatch.gather_value_chunks(self.v_chunks, chunk_idx, self.v_buf.device, self.v_buf[:, :, region], fetch)
-        self.key_valid[:, :, region] = picked.repeat_interleave(chunk, dim=-1)
+        # one broadcast copy (repeat_interleave would launch an index build and a gather)
+        self.key_valid[:, :, region].unflatten(-1, (-1, chunk)).copy_(picked[..., None].expand(*picked.shape, chunk))
 
-    def decode(self, q: torch.Tensor, k_rot_new: torch.Tensor, v_new: torch.Tensor, rope_fn: RopeFn, scale: float,
-               k_pre_new: torch.Tensor | None = None, rope_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, k_pre_new: torch.Tensor, v_new: torch.Tensor, rope_inputs: list[torch.Tensor],
+               rope_fn: RopeFn, scale: float) -> torch.Tensor:
         """Attend ``q [B, Hq, n, D]`` over outliers + selected chunks + local window + generated tail.
 
         With several new tokens (speculative verification) each selects its own chunks, as it
         would decoding one at a time, so speculation never changes the output.
         """
-        self.append_tail(k_rot_new, v_new, k_pre_new, rope_inputs)
+        self.append_tail(k_pre_new, v_new, rope_inputs, rope_fn)
         n = q.shape[2]
         if n > 1 and self.compressed:
             return torch.cat([self._attend(q[:, :, i : i + 1], rope_fn, scale, n - 1 - i) for i in range(n)], dim=2)
