@@ -19,6 +19,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.passes.rewrite import pass_uuid, shadowkv_pass
+from shadowkv_fx.passes.token_chunks import chunk_token_regions
 
 
 class ShadowKVInductorKey(CustomGraphPass):
@@ -56,7 +57,8 @@ def split_options(mode: str | None, options: dict | None) -> tuple[ShadowKVConfi
 
 
 def shadowkv_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
-    """Dynamo backend. A graph with no attention passes through to inductor unchanged.
+    """Dynamo backend. A graph with no attention passes through to inductor unchanged, but for its
+    long-prefill MLPs, which run in token chunks (``prefill_mlp_chunk``) as under ``optimize``.
 
     A graph whose attention feeds a dense ``DynamicCache`` cannot hold ShadowKV state: that is
     ``compiled(input_ids)`` on the original forward. It fails loudly instead of running dense.
@@ -69,6 +71,8 @@ def shadowkv_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None 
             "For a Hugging Face model use compiled.generate(...) on torch.compile(model, backend='shadowkv'), "
             "whose forward is traced without a dense cache, or shadowkv_fx.optimize(model)."
         )
+    if config.enabled and config.prefill_mlp_chunk is not None:
+        chunk_token_regions(gm, min_tokens=config.prefill_mlp_chunk)
     return inductor_graph(gm, example_inputs, mode)
 
 

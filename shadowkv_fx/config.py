@@ -49,6 +49,12 @@ class ShadowKVConfig:
         A fold projects the new pre-RoPE keys onto the sequence's low-rank basis; when their
         relative projection error exceeds ``fold_refresh`` times the error the basis had on the
         keys it was fitted to (and 1e-5), the basis is refreshed by an incremental SVD instead.
+    prefill_mlp_chunk:
+        Tokens per chunk when a prefill runs the model's MLP (any token-wise region ending in a down
+        projection, ``passes/token_chunks.py``): each chunk's result goes into one output, so the
+        whole-prompt MLP intermediates (~10 GiB of a Llama-3.1-8B 122K-token prefill) never exist at
+        once. A graph traced for at most this many tokens (decode steps, short prompts) keeps its MLP
+        as it is. ``None``: off.
     """
 
     sparse_budget: int = 2048
@@ -62,6 +68,7 @@ class ShadowKVConfig:
     reuse_values: bool = True
     fold_chunks: int | None = 16
     fold_refresh: float = 1.5
+    prefill_mlp_chunk: int | None = 8192
 
     def __post_init__(self) -> None:
         for name in ("sparse_budget", "rank", "chunk_size"):
@@ -81,6 +88,11 @@ class ShadowKVConfig:
         if self.fold_chunks is not None and (not isinstance(self.fold_chunks, int) or isinstance(
                 self.fold_chunks, bool) or self.fold_chunks < 1):
             raise ValueError(f"ShadowKVConfig.fold_chunks must be None (no folding) or an int >= 1, got {self.fold_chunks!r}")
+        if self.prefill_mlp_chunk is not None and (not isinstance(self.prefill_mlp_chunk, int) or isinstance(
+                self.prefill_mlp_chunk, bool) or self.prefill_mlp_chunk < 1):
+            raise ValueError(
+                f"ShadowKVConfig.prefill_mlp_chunk must be None (off) or an int >= 1, got {self.prefill_mlp_chunk!r}"
+            )
         if isinstance(self.fold_refresh, bool) or not isinstance(self.fold_refresh, (int, float)) \
                 or not self.fold_refresh >= 1:
             raise ValueError(f"ShadowKVConfig.fold_refresh must be a number >= 1, got {self.fold_refresh!r}")

@@ -17,6 +17,7 @@ from shadowkv_fx.generate_args import end_streamer, plan_generate
 from shadowkv_fx.preflight import check_batch_fits
 from shadowkv_fx.ops import active_cache
 from shadowkv_fx.passes.rewrite import PassReport, shadowkv_pass
+from shadowkv_fx.passes.token_chunks import chunk_token_regions
 
 log = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 64
@@ -67,13 +68,16 @@ class UnsupportedModelError(ValueError):
 
 
 def graph_backend(config: ShadowKVConfig, reports: list[PassReport], compile_graph: Callable | None = None):
-    """A dynamo backend that runs the ShadowKV pass, then ``compile_graph`` (or eager FX)."""
+    """A dynamo backend that runs the ShadowKV pass and the prefill MLP chunking (``config.prefill_mlp_chunk``),
+    then ``compile_graph`` (or eager FX)."""
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
         report = shadowkv_pass(gm, enabled=config.enabled)
         reports.append(report)
         if report.skipped:
             raise UnsupportedModelError(f"ShadowKV cannot rewrite this model: {report}")
+        if config.enabled and config.prefill_mlp_chunk is not None:
+            chunk_token_regions(gm, min_tokens=config.prefill_mlp_chunk)
         if compile_graph is not None:
             return compile_graph(gm, example_inputs)
         return gm.forward
