@@ -8,11 +8,13 @@ program per ``(b, h, token)`` reads the token's pre-RoPE key and its cos/sin row
 writes the three rows at the slot the device-side fill level names, so a replayed CUDA graph
 writes where the current step belongs.
 
-``ROUNDED`` rounds each product to the buffer dtype before the sum, as eager bf16/fp16 ops do
-(``x*cos`` and ``rotate(x)*sin`` each round, then their sum does; the fp32 products of two 16-bit
-floats are exact), so the result equals the model's function bit for bit. Whether it does for a
-given model is not assumed: prefill checks it on the real keys (``rotates_like``) and keeps the
-model's function where it does not.
+``ROUNDED`` rounds each product to bfloat16 before the sum, as eager bf16 ops do (``x*cos`` and
+``rotate(x)*sin`` each round, then their sum does; the fp32 product of two bf16 values is exact),
+so the result equals the model's function bit for bit. The rounding is integer arithmetic on the
+bits (to nearest, ties to even, as torch's ``BFloat16`` cast): measured on an H100, a
+``.to(bfloat16).to(float32)`` round trip did not keep the compiler from fusing the sum (1-ulp
+differences). Whether the kernel reproduces a given model is not assumed: prefill checks it on the
+real keys (``rotates_like``) and keeps the model's function where it does not (fp16, fp32 models).
 """
 from __future__ import annotations
 
@@ -23,6 +25,14 @@ import triton.language as tl
 from shadowkv_fx.kernels.rope_forms import FORMS
 
 _FORMS = {name: i + 1 for i, name in enumerate(FORMS)}  # rotate_half: 1, interleaved: 2
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """``x`` (fp32, finite) rounded to the nearest bfloat16, ties to even, still as fp32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -56,9 +66,12 @@ def append_rope_kernel(k_pre, v, cos, sin, k_out, v_out, pre_out, fill, k_base, 
     b_a = b_xf * b_cos
     b_r = (b_sign * b_xp) * b_sin
     if ROUNDED:
-        b_a = b_a.to(k_out.dtype.element_ty).to(tl.float32)
-        b_r = b_r.to(k_out.dtype.element_ty).to(tl.float32)
-    b_rot = tl.where(m_rot, b_a + b_r, b_xf)  # dims past the rotary width pass through
+        b_a = _round_to_bf16(b_a)
+        b_r = _round_to_bf16(b_r)
+    b_sum = b_a + b_r
+    if ROUNDED:  # then the cast below is exact, whatever rounding mode it would use
+        b_sum = _round_to_bf16(b_sum)
+    b_rot = tl.where(m_rot, b_sum, b_xf)  # dims past the rotary width pass through
 
     slot = tl.load(fill).to(tl.int64) + i_n
     tl.store(k_out + i_b * s_ob + i_h * s_oh + (k_base + slot) * s_on + o_d * s_od,
@@ -100,7 +113,7 @@ def append_rope(k_pre: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: to
     fill : torch.Tensor
         0-d integer tensor on the device, read by the kernel (not by the host).
     rounded : bool
-        Round each product to ``k_out``'s dtype before the sum, as eager 16-bit ops do.
+        Round each product to bfloat16 before the sum, as eager bf16 ops do (for bf16 buffers).
     """
     b, hkv, n, d = k_pre.shape
     dv = v.shape[-1]
@@ -135,5 +148,5 @@ def rotates_like(k_pre: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor, si
     out = torch.empty_like(k_rot)
     spare = torch.empty(b, hkv, n, 1, dtype=k_pre.dtype, device=k_pre.device)
     append_rope(k_pre, spare, cos, sin, rope_form, out, spare, torch.zeros((), dtype=torch.long,
-                device=k_pre.device), 0, rounded=k_rot.dtype != torch.float32)
+                device=k_pre.device), 0, rounded=k_rot.dtype == torch.bfloat16)
     return torch.equal(out, k_rot)

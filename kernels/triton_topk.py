@@ -22,8 +22,10 @@ _scratch = torch.empty
 # A program holds its whole row, so warps grow with C (up to max_warps) to keep about
 # elems_per_thread keys per thread: ptxas (sm_90a) gives 32 keys a thread 128-168 registers, no
 # spills up to 16 warps (C = 16384); 32 warps cap a thread at 64 and spill a little (C = 32768).
-# Not yet tuned on a GPU: ``kernel_bench.py --sweep-topk`` times each warp count.
-GPU_TILES = {"elems_per_thread": 32, "max_warps": 32}
+# Below min_warps a row's 16 serial reductions run on too few threads: ``kernel_bench.py
+# --sweep-topk`` on an H100, B = 4 and 16, graph time per call: C = 4096: 4 warps 18.1 us, 8 warps
+# 11.9, 16 12.6, 32 16.5; C = 15616: 4 warps 189 us, 8 83.0, 16 35.6, 32 39.4.
+GPU_TILES = {"elems_per_thread": 32, "min_warps": 8, "max_warps": 32}
 # a row is one program's registers and its counts fill 16-bit fields: longer rows (over 256K
 # tokens of context at chunk 8) go to torch.topk
 MAX_CHUNKS = 32768
@@ -115,7 +117,8 @@ def top_chunks(scores: torch.Tensor, k: int, *, num_warps: int | None = None) ->
         return idx, picked.view(torch.bool)
     block_c = triton.next_power_of_2(max(c, k))
     if num_warps is None:
-        num_warps = min(GPU_TILES["max_warps"], max(4, block_c // (32 * GPU_TILES["elems_per_thread"])))
+        num_warps = min(GPU_TILES["max_warps"], max(GPU_TILES["min_warps"],
+                                                     block_c // (32 * GPU_TILES["elems_per_thread"])))
     top_chunks_kernel[(b * hkv,)](
         scores, idx, picked, c, k, max(c, k), hkv, *scores.stride(),
         BLOCK_C=block_c, num_warps=num_warps,
