@@ -234,7 +234,7 @@ def fill_random(model, cache, batch: int, context: int, seed: int = 0) -> None:
     device, dtype = model.device, next(model.parameters()).dtype
     gen = torch.Generator(device=device).manual_seed(seed)
     cache.begin_step(torch.ones(batch, context, dtype=torch.bool, device=device), context)
-    check_batch_fits(cfg, cache.layout, cache.config, dtype, device, cache.tail_capacity, tp_size)
+    cache.value_room = check_batch_fits(cfg, cache.layout, cache.config, dtype, device, cache.tail_capacity, tp_size)
     positions = torch.arange(context, device=device)[None]
     cos, sin = (t[:, None].to(dtype) for t in model.model.rotary_emb(torch.empty(1, dtype=dtype, device=device), positions))
     for rows in cache.prefill_groups():

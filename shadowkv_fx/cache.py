@@ -14,6 +14,8 @@ from shadowkv_fx.layer_state import LayerState, PromptLayout, RopeFn
 
 
 # share of the accelerator that values never take: later layers' prefill and decode workspace
+# share of the device kept free when a cache is filled without the optimized model's preflight
+# (which sizes the reserve from the model: preflight.work_reserve)
 DEVICE_RESERVE = 0.25
 
 
@@ -94,8 +96,8 @@ class ShadowKVCache(Cache):
         self._layer_tables: dict[int, int] = {}
         self._staged: dict[int, tuple[torch.Tensor, ...]] = {}
         self.device_value_bytes = 0
-        # bytes of spare accelerator memory the values may take, fixed when the prefill's first
-        # layer is compressed: what the whole batch's state will need is set aside first
+        # bytes of spare accelerator memory the values may take: planned by the preflight before
+        # prefill (else when the first layer is compressed), the whole batch's state set aside first
         self.value_room: int | None = None
         self.layout: PromptLayout | None = None
         self.realigned = False  # the prompt came right-padded and was moved to the left

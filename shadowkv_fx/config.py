@@ -34,8 +34,9 @@ class ShadowKVConfig:
         state, and no sequence pays for another's padding.
     value_hbm_gib:
         Accelerator memory (GiB) the chunked values may occupy instead of pinned host memory,
-        layer by layer, so spare HBM saves PCIe traffic. ``None``: as much as fits while a quarter
-        of the device stays free; ``0``: every value offloaded, as in the paper.
+        layer by layer, so spare HBM saves PCIe traffic. ``None``: as much as fits beside the batch's
+        compressed state while one prefill group's working set and a margin stay free
+        (``preflight.work_reserve``); ``0``: every value offloaded, as in the paper.
     fold_chunks:
         Generated tokens (and later turns) stay dense until a sequence holds ``local_chunks +
         fold_chunks`` whole chunks past its compressed store; then its oldest whole chunks are

@@ -170,8 +170,8 @@ class ShadowKVRuntime:
             self._check_length(int(key_valid.sum(dim=1).max()))
             cache.begin_step(key_valid, n, realigned=realign is not None)
             try:
-                check_batch_fits(self.model_config, cache.layout, cache.config, self.dtype, input_ids.device,
-                                 cache.tail_capacity, self.tp_size)
+                cache.value_room = check_batch_fits(self.model_config, cache.layout, cache.config, self.dtype,
+                                                    input_ids.device, cache.tail_capacity, self.tp_size)
             except MemoryError:
                 cache.rollback()
                 raise

@@ -16,6 +16,10 @@ from shadowkv_fx.layer_state import PromptLayout
 from shadowkv_fx.pinned import registered_bytes
 
 HOST_SHARE = 0.9  # of MemAvailable that pinned values may take
+# beyond the prefill working set: CUDA-graph pools, allocator fragmentation, cuBLAS/inductor
+# workspaces, decode temporaries
+WORK_MARGIN_BYTES = 2**30
+WORK_MARGIN_SHARE = 0.02
 
 
 @dataclass
@@ -112,6 +116,33 @@ class Capacity:
             else "GPU memory (compressed state)"
 
 
+def work_reserve(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype: torch.dtype, total: int,
+                 tp_size: int = 1) -> int:
+    """GPU bytes kept free of state and values for one prefill group's working set, plus a margin.
+
+    Per prompt token of the group (``prefill_rows`` rows padded to the longest): four hidden-wide
+    activations (the residual stream, the attention output, its projection and the MLP's output),
+    the queries before and after RoPE, six KV-wide tensors (keys, values, rotated and staged
+    copies) and the float32 keys the low-rank fit reads (4 bytes, twice); plus the MLP
+    intermediates (gate, up and their product) of one ``prefill_mlp_chunk`` of tokens (of every
+    token when the chunking is off). On an H100, Llama-3.1-8B shape, one 122K prompt without the
+    chunking: a ~15 GiB working set (peak 40.1 GiB less 14.96 GiB of weights and 9.99 GiB of state
+    and values), ~10 GiB of it the MLP's; this counts 7.96 GiB + 0.66 GiB of MLP chunk with it.
+    """
+    heads = model_config.num_attention_heads
+    d = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    hkv = getattr(model_config, "num_key_value_heads", None) or heads
+    q_width, kv_width = heads * d // tp_size, hkv * d // tp_size
+    inter = (getattr(model_config, "intermediate_size", None) or 4 * model_config.hidden_size) // tp_size
+    rows = min(config.prefill_rows or len(layout.lengths), len(layout.lengths))
+    tokens = rows * layout.padded_len
+    mlp_tokens = tokens if config.prefill_mlp_chunk is None else min(tokens, config.prefill_mlp_chunk)
+    size = torch.finfo(dtype).bits // 8
+    per_token = size * (4 * model_config.hidden_size + 2 * q_width + 6 * kv_width) + 8 * kv_width
+    work = tokens * per_token + 3 * mlp_tokens * inter * size
+    return int(work + WORK_MARGIN_BYTES + WORK_MARGIN_SHARE * total)
+
+
 def device_memory(device: torch.device) -> tuple[int, int]:
     """``(free, total)`` bytes of ``device``, counting as free what torch's caching allocator holds
     but does not use (blocks freed by an earlier prefill): the driver reports those as taken."""
@@ -124,21 +155,18 @@ def capacity(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype: 
              device: torch.device, tail_capacity: int, tp_size: int = 1) -> Capacity:
     """Largest batch of prompts like ``layout``'s first: the compressed state must fit the GPU
     beyond the reserve; values fill what GPU room is left (up to ``value_hbm_gib``), then pinned host."""
-    from shadowkv_fx.cache import DEVICE_RESERVE
-
     per_seq = footprint(model_config, layout, config, dtype, tail_capacity, tp_size)[0]
     free, total = device_memory(device)
-    room = max(free - DEVICE_RESERVE * total, 0)
+    room = max(free - work_reserve(model_config, layout, config, dtype, total, tp_size), 0)
     by_device = int(room // max(per_seq.device, 1))
     available = _host_available()
     if available is None:
         return Capacity(by_device, None, per_seq, room)
-    cap = float("inf") if config.value_hbm_gib is None else config.value_hbm_gib * 2**30
     by_host = 0
     while by_host < by_device:  # values on the GPU take the room the state leaves, a layer at a time
         batch = by_host + 1
         layer_values = per_seq.values // per_seq.layers * batch
-        on_device = max(min(room - per_seq.device * batch, cap), 0)
+        on_device = values_room(room, per_seq, batch, config)
         host_layers = per_seq.layers - min(int(on_device // max(layer_values, 1)), per_seq.layers)
         if host_layers * pinned_bytes(layer_values) > HOST_SHARE * available:
             break
@@ -146,11 +174,19 @@ def capacity(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype: 
     return Capacity(by_device, by_host, per_seq, room)
 
 
+def values_room(room: float, per_seq: Footprint, batch: int, config: ShadowKVConfig) -> int:
+    """GPU bytes values may take: ``room`` less the batch's compressed state, within ``value_hbm_gib``."""
+    cap = float("inf") if config.value_hbm_gib is None else config.value_hbm_gib * 2**30
+    return int(max(min(room - per_seq.device * batch, cap), 0))
+
+
 def check_batch_fits(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype: torch.dtype,
-                     device: torch.device, tail_capacity: int, tp_size: int = 1) -> None:
-    """Raise ``MemoryError`` naming the largest batch that fits, if this one does not."""
+                     device: torch.device, tail_capacity: int, tp_size: int = 1) -> int | None:
+    """Raise ``MemoryError`` naming the largest batch that fits, if this one does not; else return
+    the GPU bytes its values may take (planned now, before prefill allocates anything, so the
+    prefill grants exactly what this check counted on). None for a CPU model."""
     if device.type != "cuda":
-        return  # a CPU model keeps its values where they are: nothing is pinned or moved
+        return None  # a CPU model keeps its values where they are: nothing is pinned or moved
     fit = capacity(model_config, layout, config, dtype, device, tail_capacity, tp_size)
     batch, per_seq = len(layout.lengths), fit.per_seq
     if batch > fit.by_device:
@@ -166,3 +202,4 @@ def check_batch_fits(model_config, layout: PromptLayout, config: ShadowKVConfig,
             f"({per_seq.values / 2**30:.2f} GiB per sequence, {_host_available() / 2**30:.1f} GiB available): the "
             f"largest batch of these prompts that fits is {fit.by_host}; use a smaller batch or shorter prompts"
         )
+    return values_room(fit.room, per_seq, batch, config)
