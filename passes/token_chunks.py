@@ -270,6 +270,8 @@ def _skip_reason(region: TokenRegion, min_tokens: int) -> tuple[str, str] | None
     x, out = _value(region.x), _value(region.down)
     if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
         return "skipped", "no example value on its input or output (not a dynamo/make_fx graph)"
+    if out.requires_grad:
+        return "skipped", "traced with gradients on (the chunked op has no backward): trace under torch.no_grad()"
     if x.dim() != 3:
         return "skipped", f"input {region.x.name} is {x.dim()}-D, not [B, S, H]"
     tokens = x.shape[-2]
@@ -315,7 +317,8 @@ def chunk_token_regions(gm: fx.GraphModule, min_tokens: int, chunk_tokens: int |
     Returns
     -------
     TokenChunkReport
-        One entry per region found, latest first; ``short`` and ``skipped`` ones say why.
+        One entry per region found, latest first; ``short`` and ``skipped`` ones say why. A region
+        traced with gradients on is skipped: the op has no backward (ShadowKV runs under no_grad).
     """
     chunk_tokens = min_tokens if chunk_tokens is None else chunk_tokens
     if chunk_tokens < 1:

@@ -57,8 +57,8 @@ def split_options(mode: str | None, options: dict | None) -> tuple[ShadowKVConfi
 
 
 def shadowkv_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
-    """Dynamo backend. A graph with no attention passes through to inductor unchanged, but for its
-    long-prefill MLPs, which run in token chunks (``prefill_mlp_chunk``) as under ``optimize``.
+    """Dynamo backend. A graph with no attention reaches inductor with only its long-prefill MLPs
+    rewritten to run in token chunks (``prefill_mlp_chunk``), as under ``optimize``.
 
     A graph whose attention feeds a dense ``DynamicCache`` cannot hold ShadowKV state: that is
     ``compiled(input_ids)`` on the original forward. It fails loudly instead of running dense.

@@ -17,8 +17,9 @@ TOKEN_CHUNKED = torch.ops.shadowkv.token_chunked.default
 MLP_ARCHS = ["llama", "qwen2", "phi3", "glm4"]  # phi3 and glm4: fused gate_up_proj, then chunk(2, dim=-1)
 
 
-def capture(fn, *args, dynamic=False, **kwargs):
-    """The one dynamo graph of ``fn(*args, **kwargs)`` and the real arguments it was called with."""
+def capture(fn, *args, dynamic=False, grad=False, **kwargs):
+    """The one dynamo graph of ``fn(*args, **kwargs)`` (traced without gradients, as an optimized
+    model's forward is, unless ``grad``) and the real arguments it was called with."""
     captured = []
 
     def backend_fn(gm, example_inputs):
@@ -27,7 +28,8 @@ def capture(fn, *args, dynamic=False, **kwargs):
             return gm.forward(*graph_args)
         return run
 
-    torch.compile(fn, backend=backend_fn, fullgraph=True, dynamic=dynamic)(*args, **kwargs)
+    with torch.set_grad_enabled(grad):
+        torch.compile(fn, backend=backend_fn, fullgraph=True, dynamic=dynamic)(*args, **kwargs)
     assert len(captured) == 1
     return captured[0]
 
@@ -119,6 +121,16 @@ def test_region_whose_intermediate_is_used_elsewhere_is_not_rewritten():
     assert gm.code == before
 
 
+def test_region_traced_with_gradients_is_not_rewritten():
+    """The op has no backward: a graph autograd would differentiate keeps its MLP."""
+    gm, _ = capture(ToyMLP().eval(), torch.randn(2, 37, 16), grad=True)
+    before = gm.code
+    report = chunk_token_regions(gm, min_tokens=4)
+    assert (report.matched, report.rewritten) == (1, 0)
+    assert "gradients" in report.skipped[0].reason
+    assert gm.code == before
+
+
 def test_region_without_a_widening_linear_is_not_matched():
     gm, _ = capture(ToyMLP(widen=False).eval(), torch.randn(2, 37, 16))
     before = gm.code
@@ -140,7 +152,8 @@ def test_call_module_linears_and_activations():
     mlp = torch.nn.Sequential(torch.nn.Linear(16, 40), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(40, 16)).eval()
     gm = torch.fx.symbolic_trace(mlp)
     x = torch.randn(2, 37, 16)
-    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(x)
+    with torch.no_grad():
+        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(x)
     assert chunk_token_regions(gm, min_tokens=4, chunk_tokens=8).rewritten == 1
     assert [n.op for n in gm.graph.nodes].count("call_module") == 0
     with torch.no_grad():
