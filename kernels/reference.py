@@ -14,6 +14,10 @@ def chunk_tokens(chunk_idx: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return (chunk_idx[..., None] * chunk_size + offsets).flatten(-2)
 
 
+# rows of the keys in float64 at a time while the Gram matrix and U are formed (32 MiB at W = 1024)
+GRAM_ROWS = 4096
+
+
 def low_rank_keys(k_pre: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD of one sequence's pre-RoPE keys, in float32.
 
@@ -24,33 +28,44 @@ def low_rank_keys(k_pre: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
         zero-padded when ``min(T, Hkv*D) < rank``.
     """
     hkv, t, d = k_pre.shape
-    flat = k_pre.permute(1, 0, 2).reshape(t, hkv * d).float()
+    flat = k_pre.permute(1, 0, 2).reshape(t, hkv * d)
     if t > 4 * hkv * d:
-        u, s, vh = _tall_svd(flat)
+        u_r, s, vh = _tall_svd(flat, rank)
     else:
-        u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+        u, s, vh = torch.linalg.svd(flat.float(), full_matrices=False)
+        u_r = u.new_zeros(t, rank)
+        u_r[:, : min(rank, s.numel())] = u[:, :rank]
     kept = min(rank, s.numel())
-    u_r = flat.new_zeros(t, rank)
-    u_r[:, :kept] = u[:, :kept]
-    sv = flat.new_zeros(rank, hkv * d)
+    sv = u_r.new_zeros(rank, hkv * d)
     sv[:kept] = s[:kept, None] * vh[:kept]
     return u_r, sv.view(rank, hkv, d).permute(1, 0, 2).contiguous()
 
 
-def _tall_svd(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tall_svd(flat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD of a tall ``[T, W]`` matrix through its ``W x W`` Gram matrix, in float64.
 
     Long prompts make ``T`` 100x ``W``; the Gram route costs one GEMM and a small eigh instead of
     a tall gesvd. Components below float32 resolution are dropped (their U columns stay zero).
+    The rows go through float64 ``GRAM_ROWS`` at a time and only the first ``rank`` columns of U
+    are formed: a whole float64 copy of a 122K-token prompt's keys and its full-width U would
+    add ~3 GiB to the prefill working set.
+
+    Returns ``U [T, rank]`` (float32), the singular values ``[W]`` and ``V^T [W, W]``.
     """
-    k64 = flat.double()
-    eigvals, eigvecs = torch.linalg.eigh(k64.T @ k64)
+    t, w = flat.shape
+    gram = flat.new_zeros(w, w, dtype=torch.float64)
+    for start in range(0, t, GRAM_ROWS):
+        block = flat[start : start + GRAM_ROWS].double()
+        gram += block.T @ block
+    eigvals, eigvecs = torch.linalg.eigh(gram)
     order = eigvals.flip(0).clamp_min(0).sqrt()
     v = eigvecs.flip(1)
-    keep = order > order[0] * 1e-7
-    u = torch.zeros(flat.shape[0], order.numel(), dtype=torch.float64, device=flat.device)
-    u[:, keep] = (k64 @ v[:, keep]) / order[keep]
-    return u.float(), order.float(), v.T.float()
+    kept = min(rank, int((order > order[0] * 1e-7).sum()))  # order descends: the kept ones lead
+    u = flat.new_zeros(t, rank, dtype=torch.float32)
+    for start in range(0, t, GRAM_ROWS):
+        block = flat[start : start + GRAM_ROWS].double()
+        u[start : start + GRAM_ROWS, :kept] = (block @ v[:, :kept] / order[:kept]).float()
+    return u, order.float(), v.T.float()
 
 
 def chunk_landmarks(k_rot: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,19 @@ HOST_SHARE = 0.9  # of MemAvailable that pinned values may take
 # workspaces, decode temporaries
 WORK_MARGIN_BYTES = 2**30
 WORK_MARGIN_SHARE = 0.02
+# kept free instead, at least, when the caching allocator's segments are fixed: the state, values
+# and prefill temporaries of many sizes fragment them (an H100 at 122K x 16 ran out of memory with
+# 58.5 of 79.2 GiB allocated); a quarter held at 122K x 15 (random fill) and x 12 (real prefill)
+FRAGMENTED_RESERVE_SHARE = 0.25
+EXPANDABLE_HINT = ("; with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True set before CUDA starts "
+                   "(the shadowkv-fx CLI sets it) {} would fit")
+
+
+def expandable_segments() -> bool:
+    """Whether torch's CUDA caching allocator grows segments in place (no fragmentation between
+    allocations of different sizes), as ``PYTORCH_CUDA_ALLOC_CONF`` asks before CUDA starts."""
+    conf = ",".join(os.environ.get(name, "") for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
+    return "expandable_segments:true" in conf.replace(" ", "").lower()
 
 
 @dataclass
@@ -117,7 +130,7 @@ class Capacity:
 
 
 def work_reserve(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype: torch.dtype, total: int,
-                 tp_size: int = 1) -> int:
+                 tp_size: int = 1, expandable: bool | None = None) -> int:
     """GPU bytes kept free of state and values for one prefill group's working set, plus a margin.
 
     Per prompt token of the group (``prefill_rows`` rows padded to the longest): four hidden-wide
@@ -127,7 +140,9 @@ def work_reserve(model_config, layout: PromptLayout, config: ShadowKVConfig, dty
     intermediates (gate, up and their product) of one ``prefill_mlp_chunk`` of tokens (of every
     token when the chunking is off). On an H100, Llama-3.1-8B shape, one 122K prompt without the
     chunking: a ~15 GiB working set (peak 40.1 GiB less 14.96 GiB of weights and 9.99 GiB of state
-    and values), ~10 GiB of it the MLP's; this counts 7.96 GiB + 0.66 GiB of MLP chunk with it.
+    and values), ~10 GiB of it the MLP's; with it (peak 35.6 GiB) 10.7 GiB. This counts 7.96 GiB
+    + 0.66 GiB of MLP chunk, and the margin 2.6 GiB. Without expandable segments (``expandable``,
+    default from the environment) at least ``FRAGMENTED_RESERVE_SHARE`` of the device.
     """
     heads = model_config.num_attention_heads
     d = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
@@ -140,7 +155,10 @@ def work_reserve(model_config, layout: PromptLayout, config: ShadowKVConfig, dty
     size = torch.finfo(dtype).bits // 8
     per_token = size * (4 * model_config.hidden_size + 2 * q_width + 6 * kv_width) + 8 * kv_width
     work = tokens * per_token + 3 * mlp_tokens * inter * size
-    return int(work + WORK_MARGIN_BYTES + WORK_MARGIN_SHARE * total)
+    reserve = work + WORK_MARGIN_BYTES + WORK_MARGIN_SHARE * total
+    if not (expandable_segments() if expandable is None else expandable):
+        reserve = max(reserve, FRAGMENTED_RESERVE_SHARE * total)
+    return int(reserve)
 
 
 def device_memory(device: torch.device) -> tuple[int, int]:
@@ -152,12 +170,12 @@ def device_memory(device: torch.device) -> tuple[int, int]:
 
 
 def capacity(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype: torch.dtype,
-             device: torch.device, tail_capacity: int, tp_size: int = 1) -> Capacity:
+             device: torch.device, tail_capacity: int, tp_size: int = 1, expandable: bool | None = None) -> Capacity:
     """Largest batch of prompts like ``layout``'s first: the compressed state must fit the GPU
     beyond the reserve; values fill what GPU room is left (up to ``value_hbm_gib``), then pinned host."""
     per_seq = footprint(model_config, layout, config, dtype, tail_capacity, tp_size)[0]
     free, total = device_memory(device)
-    room = max(free - work_reserve(model_config, layout, config, dtype, total, tp_size), 0)
+    room = max(free - work_reserve(model_config, layout, config, dtype, total, tp_size, expandable), 0)
     by_device = int(room // max(per_seq.device, 1))
     available = _host_available()
     if available is None:
@@ -189,17 +207,22 @@ def check_batch_fits(model_config, layout: PromptLayout, config: ShadowKVConfig,
         return None  # a CPU model keeps its values where they are: nothing is pinned or moved
     fit = capacity(model_config, layout, config, dtype, device, tail_capacity, tp_size)
     batch, per_seq = len(layout.lengths), fit.per_seq
+    if batch <= fit.largest:
+        return values_room(fit.room, per_seq, batch, config)
+    hint = ""
+    if not expandable_segments():
+        unfragmented = capacity(model_config, layout, config, dtype, device, tail_capacity, tp_size, expandable=True)
+        if unfragmented.largest > fit.largest:
+            hint = EXPANDABLE_HINT.format(f"up to {unfragmented.largest}" if batch > unfragmented.largest else "it")
     if batch > fit.by_device:
         raise MemoryError(
             f"this batch's compressed ShadowKV state needs {per_seq.device * batch / 2**30:.1f} GiB of GPU memory "
             f"({per_seq.device / 2**30:.2f} GiB per sequence) but {fit.room / 2**30:.1f} GiB is free beyond "
             f"the share kept for prefill and decode work: the largest batch of these prompts "
-            f"that fits is {fit.by_device}; use a smaller batch or shorter prompts"
+            f"that fits is {fit.by_device}; use a smaller batch or shorter prompts{hint}"
         )
-    if fit.by_host is not None and batch > fit.by_host:
-        raise MemoryError(
-            f"offloading this batch's values needs more pinned host memory than is available "
-            f"({per_seq.values / 2**30:.2f} GiB per sequence, {_host_available() / 2**30:.1f} GiB available): the "
-            f"largest batch of these prompts that fits is {fit.by_host}; use a smaller batch or shorter prompts"
-        )
-    return values_room(fit.room, per_seq, batch, config)
+    raise MemoryError(
+        f"offloading this batch's values needs more pinned host memory than is available "
+        f"({per_seq.values / 2**30:.2f} GiB per sequence, {_host_available() / 2**30:.1f} GiB available): the "
+        f"largest batch of these prompts that fits is {fit.by_host}; use a smaller batch or shorter prompts{hint}"
+    )

@@ -175,3 +175,47 @@ def test_preflight_names_the_largest_batch_that_fits(monkeypatch):
         preflight.check_batch_fits(model_config, layout, config, torch.bfloat16, torch.device("cuda"), 64)
     preflight.check_batch_fits(model_config, PromptLayout([0] * 11, lengths[:11], chunks[:11], 122880), config,
                                torch.bfloat16, torch.device("cuda"), 64)
+
+
+def test_the_gpu_reserve_is_one_prefill_working_set_where_the_allocator_does_not_fragment(monkeypatch):
+    """H100 numbers, Llama-3.1-8B shape, 122K prompts: with expandable segments the reserve is one
+    prefill's working set (MLP in chunks), so three layers' values fit beside 16 sequences' state
+    and the host holds the other 29: batch 16 fits, 17 does not. Without them a quarter of the
+    device stays free, batch 16 is refused, and the refusal names the setting that fits it."""
+    from types import SimpleNamespace
+
+    from shadowkv_fx import preflight
+    from shadowkv_fx.layer_state import PromptLayout
+
+    gib = 2**30
+    model_config = SimpleNamespace(num_hidden_layers=32, num_key_value_heads=8, num_attention_heads=32, head_dim=128,
+                                   hidden_size=4096, intermediate_size=14336)
+    config = shadowkv_fx.ShadowKVConfig()
+
+    def layout(batch):
+        return PromptLayout([0] * batch, [122880] * batch, [122880 // 8 - 4] * batch, 122880)
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(63.7 * gib), int(79.19 * gib)))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(preflight, "_host_available", lambda: int(123.3 * gib))
+    chunked = preflight.work_reserve(model_config, layout(16), config, torch.bfloat16, 80 * gib, expandable=True)
+    whole = preflight.work_reserve(model_config, layout(16), dataclasses.replace(config, prefill_mlp_chunk=None),
+                                   torch.bfloat16, 80 * gib, expandable=True)
+    assert whole - chunked == 3 * (122880 - 8192) * 14336 * 2, "one chunk of MLP intermediates, not the prompt's"
+    assert chunked < 0.15 * 80 * gib
+    assert preflight.work_reserve(model_config, layout(16), config, torch.bfloat16, 80 * gib,
+                                  expandable=False) == 0.25 * 80 * gib
+    cuda = torch.device("cuda")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    per_seq = preflight.footprint(model_config, layout(16), config, torch.bfloat16, 96)[0]
+    room = preflight.check_batch_fits(model_config, layout(16), config, torch.bfloat16, cuda, 96)
+    assert room >= 3 * 16 * per_seq.values // 32, "three layers of the batch's values go to the GPU"
+    with pytest.raises(MemoryError, match="largest batch of these prompts that fits is 16; "):
+        preflight.check_batch_fits(model_config, layout(17), config, torch.bfloat16, cuda, 96)
+    assert preflight.check_batch_fits(model_config, layout(8), dataclasses.replace(config, value_hbm_gib=0),
+                                      torch.bfloat16, cuda, 96) == 0, "value_hbm_gib=0 keeps every value on the host"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    with pytest.raises(MemoryError, match="fits is 15; .*expandable_segments:True .* it would fit"):
+        preflight.check_batch_fits(model_config, layout(16), config, torch.bfloat16, cuda, 96)

@@ -37,6 +37,24 @@ def test_full_rank_rebuild_is_exact_and_truncation_error_is_the_svd_tail(hkv, t,
     assert torch.isclose(err, tail, rtol=1e-3, atol=1e-4), (err, tail)
 
 
+@pytest.mark.parametrize("rows", [7, 4096])
+def test_tall_keys_fit_in_row_blocks_like_one_svd(monkeypatch, rows):
+    """Long prompts take the Gram route a block of rows at a time: the same fit as one SVD."""
+    monkeypatch.setattr(ref, "GRAM_ROWS", rows)
+    g = torch.Generator().manual_seed(rows)
+    hkv, t, d, rank = 2, 101, 4, 5
+    k = (torch.randn(hkv, t, 3, generator=g) @ torch.randn(3, d, generator=g)
+         + 0.1 * torch.randn(hkv, t, d, generator=g))  # a few strong directions, as keys have
+    u, sv = ref.low_rank_keys(k, rank)
+    assert u.shape == (t, rank) and sv.shape == (hkv, rank, d)
+    flat = k.permute(1, 0, 2).reshape(t, hkv * d).double()
+    uu, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    best = (uu[:, :rank] * s[:rank]) @ vh[:rank]
+    idx = torch.arange(t).expand(1, hkv, t)
+    rebuilt = ref.rebuild_keys(u[None], sv[None], idx)[0].permute(1, 0, 2).reshape(t, hkv * d)
+    assert_close(rebuilt, best.float(), atol=1e-4, what="rank-5 fit")
+
+
 @given(t=st.integers(1, 30), seed=st.integers(0, 999))
 def test_rope_after_rebuild_equals_rope_before_truncation_at_full_rank(t, seed):
     g = torch.Generator().manual_seed(seed)
