@@ -103,10 +103,11 @@ def _sync() -> None:
 ALONE_STEPS = 64  # --breakdown: steps timed one by one after the timed ones
 
 
-def tail_capacity(steps: int) -> int:
-    """Generated tokens a ShadowKV point's cache is sized for: warmup, timed and alone-timed steps
-    (as ``generate`` sizes it from ``max_new_tokens``: no buffer regrows mid-run)."""
-    return steps + ALONE_STEPS + 16
+def tail_capacity(steps: int, alone: bool = True) -> int:
+    """Generated tokens a ShadowKV point's cache is sized for: warmup, timed and (with ``alone``,
+    under ``--breakdown``) alone-timed steps, as ``generate`` sizes it from ``max_new_tokens``: no
+    buffer regrows mid-run, and no preallocation beyond what the run generates counts against it."""
+    return steps + (ALONE_STEPS if alone else 0) + 16
 
 
 def timed_decode(step: Callable, prefill: Callable, steps: int, warmup: int = 3) -> tuple[float, float]:
@@ -175,8 +176,9 @@ def ensure_optimized(model, config) -> None:
         shadowkv_fx.optimize(model, config, compile_graph=inductor_graph, cuda_graphs=True)
 
 
-def run_shadowkv(model, ids: torch.Tensor, steps: int, config, random_fill: bool = False) -> dict:
-    """``random_fill``: the cache is filled by ``fill_random`` (prefill time then not reported)."""
+def run_shadowkv(model, ids: torch.Tensor, steps: int, config, random_fill: bool = False, alone: bool = True) -> dict:
+    """``random_fill``: the cache is filled by ``fill_random`` (prefill time then not reported);
+    ``alone``: the cache also has room for the steps ``steps_alone`` times."""
     import shadowkv_fx
     from shadowkv_fx.cuda_graph import DecodeGraph
 
@@ -188,7 +190,7 @@ def run_shadowkv(model, ids: torch.Tensor, steps: int, config, random_fill: bool
         warm = ids[: config.prefill_rows or len(ids)]
         with torch.no_grad():
             model(warm, cache=shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config), logits_to_keep=1)
-    cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, tail_capacity=tail_capacity(steps))
+    cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, tail_capacity=tail_capacity(steps, alone))
 
     def prefill():
         with torch.no_grad():
@@ -336,11 +338,11 @@ def _run_point(model, method: str, ids: torch.Tensor, steps: int, config, with_b
     try:
         if method == "shadowkv":
             ensure_optimized(model, config)
-            fit = largest_batch(model, context, config, tail_capacity(steps))
+            fit = largest_batch(model, context, config, tail_capacity(steps, with_breakdown))
             row.largest_batch, row.bound = fit.largest, fit.bound
             random_fill = random_fill_above is not None and batch > random_fill_above
             row.fill = "random" if random_fill else "prefill"
-            result = run_shadowkv(model, ids, steps, config, random_fill)
+            result = run_shadowkv(model, ids, steps, config, random_fill, with_breakdown)
             cache = result.pop("_cache")
             if with_breakdown:
                 token = ids[:, -1:]
@@ -381,7 +383,7 @@ def bench(model, contexts: list[int], batches: list[int | str], methods: list[st
                     if method == "shadowkv":
                         ensure_optimized(model, config)  # its workspace counts against the room
                         _release_memory()
-                        batch = largest_batch(model, context, config, tail_capacity(steps)).largest
+                        batch = largest_batch(model, context, config, tail_capacity(steps, with_breakdown)).largest
                     else:
                         retries = dense_retries
                         if (method, context) not in dense_peaks:
