@@ -105,6 +105,7 @@ class ShadowKVCache(Cache):
         self.phase = "prefill"
         self.touched: set[int] = set()
         self._shared_tables: list[list[torch.Tensor]] = []
+        self._filled_tables: set[int] = set()  # shared tables a sequence's rows were written into
         # captured decode steps of this cache (cuda_graph.py); they hold its buffers' addresses
         self.decode_graphs: dict = {}
         # while a step of several tokens runs: the fewest generated tokens a crop may leave after it
@@ -149,6 +150,7 @@ class ShadowKVCache(Cache):
             self.value_room = None
             self.fold_undo = []
             self._shared_tables = []
+            self._filled_tables = set()
             self._layer_tables = {}
             for layer in self.layers:
                 layer.reset()
@@ -321,7 +323,13 @@ class ShadowKVCache(Cache):
     def _batch_tables(self, layer_idx: int, tables: list[torch.Tensor]) -> list[torch.Tensor]:
         """This group's rows of the per-position RoPE inputs, written into the batch's tables
         (``[B, 1, S, c]`` each, in the batch's padded layout); layers whose tables are equal share
-        one copy (they usually do: cos/sin are computed once per forward)."""
+        one copy (they usually do: cos/sin are computed once per forward).
+
+        A batch of equal-length prompts (one padded layout) keeps one row (``[1, 1, S, c]``, read
+        with a zero batch stride) while every sequence's table equals it, as tables of positions
+        do: 59 MiB per 122K sequence of a Llama-3.1-8B shape. The first sequence that differs
+        widens it to a row each.
+        """
         rows, group, layout = self.group_rows, self.group_layout, self.layout
         batch = len(layout.lengths)
         index = self._layer_tables.get(layer_idx)
@@ -329,7 +337,8 @@ class ShadowKVCache(Cache):
             for i, shared in enumerate(self._shared_tables):
                 if len(shared) == len(tables) and all(
                     s.shape[-1] == t.shape[-1] and s.dtype == t.dtype
-                    and all(torch.equal(s[b, :, layout.pad[b]:], t[min(j, t.shape[0] - 1), :, group.pad[j]:])
+                    and all(torch.equal(s[min(b, s.shape[0] - 1), :, layout.pad[b]:],
+                                        t[min(j, t.shape[0] - 1), :, group.pad[j]:])
                             for j, b in enumerate(rows))
                     for s, t in zip(shared, tables)
                 ):
@@ -337,17 +346,40 @@ class ShadowKVCache(Cache):
                     break
             if index is None:
                 # a copy, never a view: under CUDA graphs the inputs live in memory the next replay reuses
-                self._shared_tables.append([t.new_zeros(batch, 1, layout.padded_len, t.shape[-1]) for t in tables])
+                height = 1 if len(set(layout.pad)) == 1 else batch
+                self._shared_tables.append([t.new_zeros(height, 1, layout.padded_len, t.shape[-1]) for t in tables])
                 index = len(self._shared_tables) - 1
             self._layer_tables[layer_idx] = index
             # layers run in order each step: the first one holding these tables writes new columns
             self.layers[layer_idx].state.writes_tables = min(
                 i for i, j in self._layer_tables.items() if j == index) == layer_idx
         shared = self._shared_tables[index]
-        for s, t in zip(shared, tables):
-            for j, b in enumerate(rows):
-                s[b, :, layout.pad[b]:] = t[min(j, t.shape[0] - 1), :, group.pad[j]:]
+        for j, b in enumerate(rows):
+            first = index not in self._filled_tables
+            self._filled_tables.add(index)
+            for i, t in enumerate(tables):
+                new, table = t[min(j, t.shape[0] - 1), :, group.pad[j]:], shared[i]
+                if table.shape[0] < batch and not first:
+                    if torch.equal(table[0, :, layout.pad[b]:], new):
+                        continue
+                    # the list is shared by the layers' states: each sees the widened table
+                    table = shared[i] = table.expand(batch, -1, -1, -1).clone()
+                table[b if table.shape[0] == batch else 0, :, layout.pad[b]:] = new
         return shared
+
+    def widen_tables_for(self, position_ids: torch.Tensor) -> None:
+        """Give every sequence its own RoPE table rows before a step whose caller-given positions
+        differ between sequences (one-row tables assume they do not)."""
+        if position_ids.shape[0] < 2 or not any(t.shape[0] == 1 for ts in self._shared_tables for t in ts):
+            return
+        if bool((position_ids == position_ids[:1]).all()):
+            return
+        batch = len(self.layout.lengths)
+        for shared in self._shared_tables:
+            for i, table in enumerate(shared):
+                if table.shape[0] == 1:
+                    shared[i] = table.expand(batch, -1, -1, -1).clone()
+        self.decode_graphs.clear()  # captured steps read the old tables
 
     def attention(
         self,

@@ -130,7 +130,7 @@ class LayerState:
         (``group``); ``layout`` is the whole batch's. Prefill may run the batch a group of rows at
         a time, so only one group's dense K/V is ever on the device; the slots are allocated when
         the first group arrives, the decode buffers built when the last has.
-        ``rope_tables``: the batch's per-position tables ``[B, 1, S, c]`` (filled by the cache).
+        ``rope_tables``: the batch's per-position tables ``[B or 1, 1, S, c]`` (filled by the cache).
         """
         if self._pending is None:
             self._allocate(layout, k_pre, k_rot, v, rope_tables, keep_values_on_device, tail_capacity)
@@ -165,7 +165,7 @@ class LayerState:
                 self.landmarks[b, :, :n_chunks] = landmarks
                 self.v_chunks[b, :, :n_chunks].copy_(vb[:, :t].reshape(-1, n_chunks, chunk, vb.shape[-1]))
                 if self.rope_form is None:
-                    tables = [tb[b : b + 1, :, layout.pad[b] :] for tb in rope_tables]
+                    tables = [tb[min(b, tb.shape[0] - 1)][None, :, layout.pad[b] :] for tb in rope_tables]
                     self.rope_form = detect_rope_form(kp[None], kr[None], tables)
                     self.fused_append = dispatch.rotates_like(kp[None], kr[None], tables, self.rope_form)
             self._pending.discard(b)
@@ -356,7 +356,9 @@ class LayerState:
             if self.writes_tables:
                 columns = self.padded_len + self.gen_count + offsets
                 for table, new in zip(self.rope_tables, rope_inputs):
-                    table.index_copy_(2, columns, new.to(table.dtype).expand(table.shape[0], 1, n, table.shape[3]))
+                    # a one-row table serves sequences whose positions agree (cache._batch_tables)
+                    new = new[: table.shape[0]].to(table.dtype)
+                    table.index_copy_(2, columns, new.expand(table.shape[0], 1, n, table.shape[3]))
             self.gen_count.add_(n)
         self.tail_fill.add_(n)
 

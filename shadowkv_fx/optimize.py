@@ -187,6 +187,7 @@ class ShadowKVRuntime:
                 position_ids = cache.next_positions(n, input_ids.device)
             else:
                 self._check_length(int(position_ids.max()) + 1)
+                cache.widen_tables_for(position_ids)
             cache.begin_step(None, n)
         step = functools.partial(self.inner, use_cache=False, **kwargs)
         replayed = False
