@@ -348,3 +348,18 @@ def chunk_token_regions(gm: fx.GraphModule, min_tokens: int, chunk_tokens: int |
         gm.recompile()
     log.info("token-chunk pass: %s", report)
     return report
+
+
+def chunk_prefill_mlps(gm: fx.GraphModule, config, attention_sites: int) -> TokenChunkReport | None:
+    """The pass as the ShadowKV backends run it: ``config.prefill_mlp_chunk`` tokens at a time,
+    when ShadowKV is enabled. A graph with rewritten attention (``attention_sites``) but no
+    token-wise region is logged: its model's long prefills hold the whole prompt's MLP
+    intermediates, which ``preflight.work_reserve`` (sized for one chunk of them) does not count."""
+    if not config.enabled or config.prefill_mlp_chunk is None:
+        return None
+    report = chunk_token_regions(gm, min_tokens=config.prefill_mlp_chunk)
+    if attention_sites and not report.matched:
+        log.warning("token-chunk pass: no MLP found in this graph; a long prefill keeps its whole MLP "
+                    "intermediates, beyond what preflight reserves for them")
+    return report
+

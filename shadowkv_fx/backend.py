@@ -19,7 +19,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.passes.rewrite import pass_uuid, shadowkv_pass
-from shadowkv_fx.passes.token_chunks import chunk_token_regions
+from shadowkv_fx.passes.token_chunks import chunk_prefill_mlps
 
 
 class ShadowKVInductorKey(CustomGraphPass):
@@ -71,8 +71,7 @@ def shadowkv_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None 
             "For a Hugging Face model use compiled.generate(...) on torch.compile(model, backend='shadowkv'), "
             "whose forward is traced without a dense cache, or shadowkv_fx.optimize(model)."
         )
-    if config.enabled and config.prefill_mlp_chunk is not None:
-        chunk_token_regions(gm, min_tokens=config.prefill_mlp_chunk)
+    chunk_prefill_mlps(gm, config, report.rewritten)
     return inductor_graph(gm, example_inputs, mode)
 
 

@@ -17,7 +17,7 @@ from shadowkv_fx.generate_args import end_streamer, plan_generate
 from shadowkv_fx.preflight import check_batch_fits
 from shadowkv_fx.ops import active_cache
 from shadowkv_fx.passes.rewrite import PassReport, shadowkv_pass
-from shadowkv_fx.passes.token_chunks import chunk_token_regions
+from shadowkv_fx.passes.token_chunks import chunk_prefill_mlps
 
 log = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 64
@@ -76,8 +76,7 @@ def graph_backend(config: ShadowKVConfig, reports: list[PassReport], compile_gra
         reports.append(report)
         if report.skipped:
             raise UnsupportedModelError(f"ShadowKV cannot rewrite this model: {report}")
-        if config.enabled and config.prefill_mlp_chunk is not None:
-            chunk_token_regions(gm, min_tokens=config.prefill_mlp_chunk)
+        chunk_prefill_mlps(gm, config, report.rewritten)
         if compile_graph is not None:
             return compile_graph(gm, example_inputs)
         return gm.forward

@@ -196,3 +196,20 @@ def test_prefill_mlp_chunk_default_and_off():
     assert shadowkv_fx.ShadowKVConfig().prefill_mlp_chunk == 8192
     assert shadowkv_fx.ShadowKVConfig(prefill_mlp_chunk=None).prefill_mlp_chunk is None
     assert shadowkv_fx.ShadowKVConfig(prefill_mlp_chunk=1).prefill_mlp_chunk == 1
+
+
+def test_a_model_whose_mlp_is_not_found_is_logged(caplog):
+    """Preflight sizes the prefill reserve for one chunk of MLP intermediates: a graph with
+    attention but no token-wise region says that its prefill holds more."""
+    import logging
+
+    from shadowkv_fx.config import ShadowKVConfig
+    from shadowkv_fx.passes.token_chunks import chunk_prefill_mlps
+
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU()))
+    with caplog.at_level(logging.WARNING, logger="shadowkv_fx.passes.token_chunks"):
+        assert chunk_prefill_mlps(gm, ShadowKVConfig(), attention_sites=0).matched == 0
+        assert not caplog.records, "a graph without attention (a graph break's piece) is not a model"
+        chunk_prefill_mlps(gm, ShadowKVConfig(), attention_sites=2)
+        assert "no MLP found" in caplog.text
+    assert chunk_prefill_mlps(gm, ShadowKVConfig(prefill_mlp_chunk=None), attention_sites=2) is None
