@@ -90,8 +90,7 @@ def append_rope(k_pre: torch.Tensor, v: torch.Tensor, tables: list[torch.Tensor]
     from shadowkv_fx.kernels import triton_append
 
     cos, sin = tables
-    triton_append.append_rope(k_pre, v, cos, sin, rope_form, k_buf, v_buf, fill, base, pre_k, pre_base,
-                              rounded=k_buf.dtype == torch.bfloat16)
+    triton_append.append_rope(k_pre, v, cos, sin, rope_form, k_buf, v_buf, fill, base, pre_k, pre_base)
 
 
 def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device: torch.device,

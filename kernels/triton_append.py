@@ -93,7 +93,7 @@ def _table_strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 def append_rope(k_pre: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_form: str,
                 k_out: torch.Tensor, v_out: torch.Tensor, fill: torch.Tensor, k_base: int,
-                pre_out: torch.Tensor | None = None, pre_base: int = 0, rounded: bool = True) -> None:
+                pre_out: torch.Tensor | None = None, pre_base: int = 0, rounded: bool | None = None) -> None:
     """Rotate ``k_pre`` and write it, ``v`` and (with ``pre_out``) ``k_pre`` at slots ``base + fill + i``.
 
     Parameters
@@ -112,8 +112,9 @@ def append_rope(k_pre: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: to
         of ``k_out``/``v_out`` and ``pre_base + fill + i`` of ``pre_out``.
     fill : torch.Tensor
         0-d integer tensor on the device, read by the kernel (not by the host).
-    rounded : bool
-        Round each product to bfloat16 before the sum, as eager bf16 ops do (for bf16 buffers).
+    rounded : bool, optional
+        Round each product to bfloat16 before the sum, as eager bf16 ops do; by default where
+        ``k_out`` is bf16.
     """
     b, hkv, n, d = k_pre.shape
     dv = v.shape[-1]
@@ -129,6 +130,8 @@ def append_rope(k_pre: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: to
         raise ValueError("k_out/v_out must be [B, Hkv, S, D] buffers and fill one integer")
     if n == 0:
         return
+    if rounded is None:
+        rounded = k_out.dtype == torch.bfloat16
     keep_pre = pre_out is not None
     pre = pre_out if keep_pre else k_out
     append_rope_kernel[(b * hkv, n)](
@@ -147,6 +150,6 @@ def rotates_like(k_pre: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor, si
     b, hkv, n, d = k_pre.shape
     out = torch.empty_like(k_rot)
     spare = torch.empty(b, hkv, n, 1, dtype=k_pre.dtype, device=k_pre.device)
-    append_rope(k_pre, spare, cos, sin, rope_form, out, spare, torch.zeros((), dtype=torch.long,
-                device=k_pre.device), 0, rounded=k_rot.dtype == torch.bfloat16)
+    level = torch.zeros((), dtype=torch.long, device=k_pre.device)
+    append_rope(k_pre, spare, cos, sin, rope_form, out, spare, level, 0)
     return torch.equal(out, k_rot)

@@ -103,7 +103,7 @@ def _sync() -> None:
 ALONE_STEPS = 64  # --breakdown: steps timed one by one after the timed ones
 
 
-def tail_capacity(steps: int, alone: bool = True) -> int:
+def tail_capacity(steps: int, alone: bool) -> int:
     """Generated tokens a ShadowKV point's cache is sized for: warmup, timed and (with ``alone``,
     under ``--breakdown``) alone-timed steps, as ``generate`` sizes it from ``max_new_tokens``: no
     buffer regrows mid-run, and no preallocation beyond what the run generates counts against it."""

@@ -13,7 +13,6 @@ from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.layer_state import LayerState, PromptLayout, RopeFn
 
 
-# share of the accelerator that values never take: later layers' prefill and decode workspace
 # share of the device kept free when a cache is filled without the optimized model's preflight
 # (which sizes the reserve from the model: preflight.work_reserve)
 DEVICE_RESERVE = 0.25
@@ -292,17 +291,14 @@ class ShadowKVCache(Cache):
         decode work, less the compressed state every layer of the batch will allocate (granting
         values room layer by layer first would leave the last layers' state none), within
         ``value_hbm_gib``."""
-        from shadowkv_fx.preflight import device_memory, state_footprint
+        from shadowkv_fx.preflight import device_memory, state_footprint, values_room
 
-        cap = self.config.value_hbm_gib
-        if k_pre.device.type != "cuda" or cap == 0:
+        if k_pre.device.type != "cuda":
             return 0
         state = state_footprint(len(self.layers), k_pre.shape[1], k_pre.shape[-1], v.dtype, self.layout,
                                 self.config, self.tail_capacity)
         free, total = device_memory(k_pre.device)
-        room = int(free - DEVICE_RESERVE * total - state.device * len(self.layout.lengths))
-        room = max(room, 0)
-        return room if cap is None else min(room, int(cap * 2**30))
+        return values_room(free - DEVICE_RESERVE * total, state, len(self.layout.lengths), self.config)
 
     def _stage(self, layer_idx: int, k_pre, k_rot, v, rope_inputs) -> tuple[torch.Tensor, ...]:
         """Append this span's keys, values and RoPE inputs to the layer's prompt so far; return it all."""
@@ -362,8 +358,7 @@ class ShadowKVCache(Cache):
                 if table.shape[0] < batch and not first:
                     if torch.equal(table[0, :, layout.pad[b]:], new):
                         continue
-                    # the list is shared by the layers' states: each sees the widened table
-                    table = shared[i] = table.expand(batch, -1, -1, -1).clone()
+                    table = self._widen(shared, i)
                 table[b if table.shape[0] == batch else 0, :, layout.pad[b]:] = new
         return shared
 
@@ -374,12 +369,17 @@ class ShadowKVCache(Cache):
             return
         if bool((position_ids == position_ids[:1]).all()):
             return
-        batch = len(self.layout.lengths)
         for shared in self._shared_tables:
             for i, table in enumerate(shared):
                 if table.shape[0] == 1:
-                    shared[i] = table.expand(batch, -1, -1, -1).clone()
+                    self._widen(shared, i)
         self.decode_graphs.clear()  # captured steps read the old tables
+
+    def _widen(self, shared: list[torch.Tensor], i: int) -> torch.Tensor:
+        """Table ``i`` of ``shared`` as a row per sequence, in place in the list (the layers'
+        states hold the list, so each reads the widened table)."""
+        shared[i] = shared[i].expand(len(self.layout.lengths), -1, -1, -1).clone()
+        return shared[i]
 
     def attention(
         self,

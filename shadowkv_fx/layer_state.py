@@ -342,7 +342,10 @@ class LayerState:
         (the first layer sharing a table writes it for all).
         """
         n = k_pre.shape[2]
-        offsets = torch.arange(n, device=self.tail_fill.device)
+        # a device arange is a launch: made only where a write reads it, never on the fused path
+        # of a layer that leaves the tables to another
+        offsets = None if self.fused_append and not (self.folds and self.writes_tables) \
+            else torch.arange(n, device=self.tail_fill.device)
         if self.fused_append:
             dispatch.append_rope(k_pre, v, rope_inputs, self.rope_form, self.k_buf, self.v_buf, self.tail_fill,
                                  self.tail_start, self.pre_k, self.tail_start - self.local_start)
