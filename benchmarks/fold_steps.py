@@ -33,7 +33,9 @@ def device_bytes(cache) -> int:
 def decode_run(model, ids: torch.Tensor, config, generate: int, at: list[int], window: int) -> list[dict]:
     """Greedy decode of ``generate`` tokens; for each length in ``at``, the mean step time over the
     ``window`` steps ending there and the cache's device bytes then."""
-    cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, tail_capacity=64)
+    # sized for the whole output, as ``generate(max_new_tokens=...)`` sizes it: no buffer regrows (and
+    # no CUDA graph is captured again) mid-run; a folding cache keeps only its bounded dense tail
+    cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, tail_capacity=generate)
     rows, start = [], None
     with torch.no_grad():
         token = model(ids, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
