@@ -18,17 +18,17 @@ import shadowkv_fx
 from shadowkv_fx.compat import output_cache
 
 
-def tiny_llama(layers: int, kv_heads: int, head_dim: int) -> T.LlamaForCausalLM:
+def tiny_llama(layers: int, kv_heads: int, head_dim: int, context: int = 16384) -> T.LlamaForCausalLM:
     heads = 2 * kv_heads
     cfg = T.LlamaConfig(vocab_size=256, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                        head_dim=head_dim, max_position_embeddings=16384)
+                        head_dim=head_dim, max_position_embeddings=max(16384, context))
     torch.manual_seed(0)
     return T.LlamaForCausalLM(cfg).eval()
 
 
 def device_bytes(config: shadowkv_fx.ShadowKVConfig, ids: torch.Tensor, new_tokens: int, args) -> tuple[int, int, float, dict]:
-    model = shadowkv_fx.optimize(tiny_llama(args.layers, args.kv_heads, args.head_dim), config)
+    model = shadowkv_fx.optimize(tiny_llama(args.layers, args.kv_heads, args.head_dim, ids.shape[1] + new_tokens), config)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -47,8 +47,11 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--fold-chunks", type=int, default=4, help="the committed results ran with 4")
+    parser.add_argument("--only", choices=["fold", "no fold"], default=None,
+                        help="one of the two configs (two processes on a 2-core machine run them at once)")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     ids = torch.randint(3, 256, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     base = shadowkv_fx.ShadowKVConfig(sparse_budget=args.budget, rank=args.rank, outlier_chunks=8,
                                       fold_chunks=args.fold_chunks)
@@ -60,6 +63,8 @@ def main() -> None:
           "vs dense growth | generate s |")
     print("|---|---|---|---|---|---|---|")
     for name, config in configs.items():
+        if args.only is not None and not name.startswith(args.only + " ("):
+            continue
         previous = None
         for n in args.tokens:
             dev, dense, seconds, parts = device_bytes(config, ids, n, args)
