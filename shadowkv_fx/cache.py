@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -11,6 +10,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from shadowkv_fx import fold
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.layer_state import LayerState, PromptLayout, RopeFn
+from shadowkv_fx.rope_tables import SharedRopeTables
 
 
 # share of the device kept free when a cache is filled without the optimized model's preflight
@@ -92,7 +92,6 @@ class ShadowKVCache(Cache):
         self.prefill_rows = self.config.prefill_rows
         self.group_rows: list[int] = []
         self.group_layout: PromptLayout | None = None
-        self._layer_tables: dict[int, int] = {}
         self._staged: dict[int, tuple[torch.Tensor, ...]] = {}
         self.device_value_bytes = 0
         # bytes of spare accelerator memory the values may take: planned by the preflight before
@@ -103,8 +102,7 @@ class ShadowKVCache(Cache):
         self.seq_length = 0
         self.phase = "prefill"
         self.touched: set[int] = set()
-        self._shared_tables: list[list[torch.Tensor]] = []
-        self._filled_tables: set[int] = set()  # shared tables a sequence's rows were written into
+        self.rope_tables = SharedRopeTables()
         # captured decode steps of this cache (cuda_graph.py); they hold its buffers' addresses
         self.decode_graphs: dict = {}
         # while a step of several tokens runs: the fewest generated tokens a crop may leave after it
@@ -148,9 +146,7 @@ class ShadowKVCache(Cache):
             self.device_value_bytes = 0
             self.value_room = None
             self.fold_undo = []
-            self._shared_tables = []
-            self._filled_tables = set()
-            self._layer_tables = {}
+            self.rope_tables = SharedRopeTables()
             for layer in self.layers:
                 layer.reset()
         else:
@@ -317,69 +313,16 @@ class ShadowKVCache(Cache):
         return tuple(buf[:, :, :end] for buf in staged)
 
     def _batch_tables(self, layer_idx: int, tables: list[torch.Tensor]) -> list[torch.Tensor]:
-        """This group's rows of the per-position RoPE inputs, written into the batch's tables
-        (``[B, 1, S, c]`` each, in the batch's padded layout); layers whose tables are equal share
-        one copy (they usually do: cos/sin are computed once per forward).
-
-        A batch of equal-length prompts (one padded layout) keeps one row (``[1, 1, S, c]``, read
-        with a zero batch stride) while every sequence's table equals it, as tables of positions
-        do: 59 MiB per 122K sequence of a Llama-3.1-8B shape. The first sequence that differs
-        widens it to a row each.
-        """
-        rows, group, layout = self.group_rows, self.group_layout, self.layout
-        batch = len(layout.lengths)
-        index = self._layer_tables.get(layer_idx)
-        if index is None:
-            for i, shared in enumerate(self._shared_tables):
-                if len(shared) == len(tables) and all(
-                    s.shape[-1] == t.shape[-1] and s.dtype == t.dtype
-                    and all(torch.equal(s[min(b, s.shape[0] - 1), :, layout.pad[b]:],
-                                        t[min(j, t.shape[0] - 1), :, group.pad[j]:])
-                            for j, b in enumerate(rows))
-                    for s, t in zip(shared, tables)
-                ):
-                    index = i
-                    break
-            if index is None:
-                # a copy, never a view: under CUDA graphs the inputs live in memory the next replay reuses
-                height = 1 if len(set(layout.pad)) == 1 else batch
-                self._shared_tables.append([t.new_zeros(height, 1, layout.padded_len, t.shape[-1]) for t in tables])
-                index = len(self._shared_tables) - 1
-            self._layer_tables[layer_idx] = index
-            # layers run in order each step: the first one holding these tables writes new columns
-            self.layers[layer_idx].state.writes_tables = min(
-                i for i, j in self._layer_tables.items() if j == index) == layer_idx
-        shared = self._shared_tables[index]
-        for j, b in enumerate(rows):
-            first = index not in self._filled_tables
-            self._filled_tables.add(index)
-            for i, t in enumerate(tables):
-                new, table = t[min(j, t.shape[0] - 1), :, group.pad[j]:], shared[i]
-                if table.shape[0] < batch and not first:
-                    if torch.equal(table[0, :, layout.pad[b]:], new):
-                        continue
-                    table = self._widen(shared, i)
-                table[b if table.shape[0] == batch else 0, :, layout.pad[b]:] = new
+        """This group's rows of one layer's RoPE inputs, in the batch's shared tables."""
+        shared, writes = self.rope_tables.for_layer(layer_idx, tables, self.group_rows, self.group_layout, self.layout)
+        self.layers[layer_idx].state.writes_tables = writes
         return shared
 
     def widen_tables_for(self, position_ids: torch.Tensor) -> None:
         """Give every sequence its own RoPE table rows before a step whose caller-given positions
-        differ between sequences (one-row tables assume they do not)."""
-        if position_ids.shape[0] < 2 or not any(t.shape[0] == 1 for ts in self._shared_tables for t in ts):
-            return
-        if bool((position_ids == position_ids[:1]).all()):
-            return
-        for shared in self._shared_tables:
-            for i, table in enumerate(shared):
-                if table.shape[0] == 1:
-                    self._widen(shared, i)
-        self.decode_graphs.clear()  # captured steps read the old tables
-
-    def _widen(self, shared: list[torch.Tensor], i: int) -> torch.Tensor:
-        """Table ``i`` of ``shared`` as a row per sequence, in place in the list (the layers'
-        states hold the list, so each reads the widened table)."""
-        shared[i] = shared[i].expand(len(self.layout.lengths), -1, -1, -1).clone()
-        return shared[i]
+        differ between sequences."""
+        if self.rope_tables.widen_for(position_ids, len(self.layout.lengths)):
+            self.decode_graphs.clear()  # captured steps read the old tables
 
     def attention(
         self,
@@ -444,7 +387,7 @@ class ShadowKVCache(Cache):
             b, hkv, _, d = state.local_k.shape
             tokens = sum(self.layout.lengths) + b * state.tail_len
             report["dense"]["kv"] += 2 * tokens * hkv * d * state.local_k.element_size()
-        report["gpu"]["rope_tables"] = sum(t.numel() * t.element_size() for ts in self._shared_tables for t in ts)
+        report["gpu"]["rope_tables"] = self.rope_tables.nbytes()
         return report
 
 
@@ -474,72 +417,3 @@ def _dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Pr
             attended = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
         out[b : b + 1, :, first - start :] = attended
     return out
-
-
-class Realignment:
-    """Moves each row's real tokens to the right end (left padding), and outputs back.
-
-    Many tokenizers pad on the right; ShadowKV lays each prompt out left-padded. ``shift[b]`` is
-    how far row ``b`` moves right.
-    """
-
-    def __init__(self, shift: torch.Tensor) -> None:
-        self.shift = shift
-
-    def _index(self, width: int, device, inverse: bool = False) -> torch.Tensor:
-        cols = torch.arange(width, device=device)
-        shift = self.shift.to(device)[:, None]
-        return (cols + shift) % width if inverse else (cols - shift) % width
-
-    def to_left(self, t: torch.Tensor) -> torch.Tensor:
-        """``[B, S, ...]`` in the caller's layout -> left-padded layout."""
-        return torch.gather(t, 1, self._index(t.shape[1], t.device).view(*t.shape[:2], *([1] * (t.dim() - 2))).expand_as(t))
-
-    def to_caller(self, t: torch.Tensor) -> torch.Tensor:
-        """``[B, S, ...]`` in the left-padded layout -> the caller's layout."""
-        idx = self._index(t.shape[1], t.device, inverse=True)
-        return torch.gather(t, 1, idx.view(*t.shape[:2], *([1] * (t.dim() - 2))).expand_as(t))
-
-    def outputs_to_caller(self, out, seq_len: int) -> None:
-        """Per-position outputs covering the whole prompt go back to the caller's layout.
-
-        Outputs cut to the last positions (``logits_to_keep``, what ``generate`` asks for) stay as
-        computed: their last position is each sequence's last real token, which is what a caller
-        of a right-padded batch needs to continue it.
-        """
-        for name in ("logits", "hidden_states"):
-            value = getattr(out, name, None)
-            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq_len:
-                setattr(out, name, self.to_caller(value))
-
-
-def prompt_layout(attention_mask: torch.Tensor | None, input_ids_shape: torch.Size,
-                  device: Any) -> tuple[torch.Tensor, Realignment | None]:
-    """Validate a 2-D prompt mask; return the left-padded key mask ``[B, S]`` and the realignment
-    that takes right-padded rows there (None when the batch already is left-padded)."""
-    b, s = input_ids_shape
-    if attention_mask is None:
-        return torch.ones(b, s, dtype=torch.bool, device=device), None
-    mask = attention_mask.to(torch.bool)
-    if mask.dim() != 2 or tuple(mask.shape) != (b, s):
-        raise ValueError(f"attention_mask must be 2-D [batch, seq] = {(b, s)}, got {tuple(mask.shape)}")
-    lengths = mask.sum(dim=1)
-    empty = (lengths == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"empty prompt in batch rows {empty}: every sequence needs at least one token")
-    # the real tokens of a row must be one run: first real column + length = end of the run
-    first = mask.int().argmax(dim=1)
-    cols = torch.arange(s, device=mask.device)
-    run = (cols >= first[:, None]) & (cols < (first + lengths)[:, None])
-    if not torch.equal(run, mask):
-        raise ValueError(
-            "attention_mask has padding between real tokens: ShadowKV needs each prompt's tokens "
-            "contiguous (left or right padding)"
-        )
-    shift = s - (first + lengths)
-    left = cols >= (s - lengths)[:, None]
-    if not bool(shift.any()):
-        return left, None
-    return left, Realignment(shift)
-
-

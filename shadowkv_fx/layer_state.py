@@ -359,7 +359,7 @@ class LayerState:
             if self.writes_tables:
                 columns = self.padded_len + self.gen_count + offsets
                 for table, new in zip(self.rope_tables, rope_inputs):
-                    # a one-row table serves sequences whose positions agree (cache._batch_tables)
+                    # a one-row table serves sequences whose positions agree (rope_tables.SharedRopeTables)
                     new = new[: table.shape[0]].to(table.dtype)
                     table.index_copy_(2, columns, new.expand(table.shape[0], 1, n, table.shape[3]))
             self.gen_count.add_(n)

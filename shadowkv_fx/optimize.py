@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 
 from shadowkv_fx import compat, cuda_graph
-from shadowkv_fx.cache import ShadowKVCache, prompt_layout
+from shadowkv_fx.cache import ShadowKVCache
+from shadowkv_fx.padding import prompt_layout
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.generate_args import end_streamer, plan_generate
 from shadowkv_fx.preflight import check_batch_fits

@@ -83,7 +83,7 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
         device += (c_max * chunk * config.rank + hkv * config.rank * d + hkv * c_max * d) * size + hkv * c_max
         device += hkv * select * 8  # the chunk each selected slot holds (value reuse)
     rope_tables = 2 * rope_columns * d * size  # cos and sin per position, shared by the layers
-    if len(set(layout.pad)) == 1:  # and by the sequences of one padded layout (cache._batch_tables)
+    if len(set(layout.pad)) == 1:  # and by the sequences of one padded layout (rope_tables.SharedRopeTables)
         rope_tables //= len(layout.lengths)
     return Footprint(layers * device + rope_tables, layers * hkv * c_max * chunk * d * size, layers)
 

@@ -114,18 +114,18 @@ def test_sequences_of_one_layout_share_one_row_of_rope_tables():
     ids, mask = left_padded(3, [90, 90, 90], 96, seed=7)
     together = run(model, ids, mask, 30)
     cache = output_cache(together)
-    tables = [t for shared in cache._shared_tables for t in shared]
+    tables = [t for shared in cache.rope_tables.sets for t in shared]
     assert tables and all(t.shape[0] == 1 for t in tables)
     assert cache.layers[0].state.folds and cache.layers[0].state.chunks[0] * 4 > 90, "generated tokens were folded"
     for b in range(3):
         alone = run(model, ids[b:b + 1], mask[b:b + 1], 30)
         assert torch.equal(together.sequences[b], alone.sequences[0]), b
     mixed = output_cache(run(model, *left_padded(2, [90, 70], 96, seed=7), 3))
-    assert all(t.shape[0] == 2 for shared in mixed._shared_tables for t in shared)
-    before = [t.clone() for shared in cache._shared_tables for t in shared]
+    assert all(t.shape[0] == 2 for shared in mixed.rope_tables.sets for t in shared)
+    before = [t.clone() for shared in cache.rope_tables.sets for t in shared]
     cache.widen_tables_for(torch.tensor([[120], [120], [120]]))
-    assert all(t.shape[0] == 1 for shared in cache._shared_tables for t in shared), "equal positions keep one row"
+    assert all(t.shape[0] == 1 for shared in cache.rope_tables.sets for t in shared), "equal positions keep one row"
     cache.widen_tables_for(torch.tensor([[120], [121], [120]]))
-    after = [t for shared in cache._shared_tables for t in shared]
+    after = [t for shared in cache.rope_tables.sets for t in shared]
     assert all(a.shape[0] == 3 and torch.equal(a, b.expand_as(a)) for a, b in zip(after, before))
     assert all(layer.state.rope_tables[0] is after[0] for layer in cache.layers), "every layer reads the widened table"

@@ -1,0 +1,84 @@
+"""The batch's per-position RoPE inputs (cos/sin or their like), kept once for all layers that
+share them, at one row for a batch of equal-length prompts."""
+from __future__ import annotations
+
+import torch
+
+from shadowkv_fx.layer_state import PromptLayout
+
+
+class SharedRopeTables:
+    """Sets of ``[B or 1, 1, S, c]`` tables in the batch's padded layout; each layer reads one set.
+
+    Layers whose tables are equal share one copy (they usually do: cos/sin are computed once per
+    forward). A batch of equal-length prompts (one padded layout) keeps one row, read with a zero
+    batch stride, while every sequence's table equals it, as tables of positions do: 59 MiB per
+    122K sequence of a Llama-3.1-8B shape. The first sequence that differs widens it to a row each.
+    """
+
+    def __init__(self) -> None:
+        self.sets: list[list[torch.Tensor]] = []
+        self._of_layer: dict[int, int] = {}
+        self._filled: set[int] = set()  # sets a sequence's rows were written into
+
+    def for_layer(self, layer_idx: int, tables: list[torch.Tensor], rows: list[int], group: PromptLayout,
+                  layout: PromptLayout) -> tuple[list[torch.Tensor], bool]:
+        """Write this prefill group's rows (``rows`` of the batch, laid out as ``group``) of one
+        layer's tables into the batch's set; return the set and whether this layer is the first
+        reading it (layers run in order each step, so that one writes the new columns for all)."""
+        batch = len(layout.lengths)
+        index = self._of_layer.get(layer_idx)
+        if index is None:
+            index = next((i for i, shared in enumerate(self.sets)
+                          if self._holds(shared, tables, rows, group, layout)), None)
+            if index is None:
+                # a copy, never a view: under CUDA graphs the inputs live in memory the next replay reuses
+                height = 1 if len(set(layout.pad)) == 1 else batch
+                self.sets.append([t.new_zeros(height, 1, layout.padded_len, t.shape[-1]) for t in tables])
+                index = len(self.sets) - 1
+            self._of_layer[layer_idx] = index
+        shared = self.sets[index]
+        for j, b in enumerate(rows):
+            first = index not in self._filled
+            self._filled.add(index)
+            for i, t in enumerate(tables):
+                new, table = t[min(j, t.shape[0] - 1), :, group.pad[j]:], shared[i]
+                if table.shape[0] < batch and not first:
+                    if torch.equal(table[0, :, layout.pad[b]:], new):
+                        continue
+                    table = self._widen(shared, i, batch)
+                table[b if table.shape[0] == batch else 0, :, layout.pad[b]:] = new
+        writes = min(i for i, j in self._of_layer.items() if j == index) == layer_idx
+        return shared, writes
+
+    @staticmethod
+    def _holds(shared, tables, rows, group, layout) -> bool:
+        return len(shared) == len(tables) and all(
+            s.shape[-1] == t.shape[-1] and s.dtype == t.dtype
+            and all(torch.equal(s[min(b, s.shape[0] - 1), :, layout.pad[b]:],
+                                t[min(j, t.shape[0] - 1), :, group.pad[j]:])
+                    for j, b in enumerate(rows))
+            for s, t in zip(shared, tables))
+
+    def widen_for(self, position_ids: torch.Tensor, batch: int) -> bool:
+        """Give every sequence its own rows before a step whose caller-given positions differ
+        between sequences (one-row tables assume they do not); True when a table was widened."""
+        if position_ids.shape[0] < 2 or not any(t.shape[0] == 1 for ts in self.sets for t in ts):
+            return False
+        if bool((position_ids == position_ids[:1]).all()):
+            return False
+        for shared in self.sets:
+            for i, table in enumerate(shared):
+                if table.shape[0] == 1:
+                    self._widen(shared, i, batch)
+        return True
+
+    @staticmethod
+    def _widen(shared: list[torch.Tensor], i: int, batch: int) -> torch.Tensor:
+        """Table ``i`` of ``shared`` as a row per sequence, in place in the list (the layers'
+        states hold the list, so each reads the widened table)."""
+        shared[i] = shared[i].expand(batch, -1, -1, -1).clone()
+        return shared[i]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self.sets for t in ts)
