@@ -15,7 +15,7 @@ from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.padding import prompt_layout
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.generate_args import end_streamer, plan_generate
-from shadowkv_fx.preflight import check_batch_fits
+from shadowkv_fx.preflight import check_batch_fits, head_shape
 from shadowkv_fx.ops import active_cache
 from shadowkv_fx.passes.rewrite import PassReport, shadowkv_pass
 from shadowkv_fx.passes.token_chunks import chunk_prefill_mlps
@@ -381,8 +381,7 @@ def _deepcopy_optimized(model: torch.nn.Module, memo: dict) -> torch.nn.Module:
 def _check_heads(model, config: ShadowKVConfig) -> None:
     """Rank and tensor-parallel split, per rank: ShadowKV state is sharded by KV head."""
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    _, kv_heads, head_dim = head_shape(cfg)
     world = getattr(model, "_tp_size", None) or 1
     if kv_heads % world:
         raise ValueError(

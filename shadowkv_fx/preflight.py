@@ -48,10 +48,18 @@ def footprint(model_config, layout: PromptLayout, config: ShadowKVConfig, dtype:
               tail_capacity: int, tp_size: int = 1) -> list[Footprint]:
     """Per sequence of ``layout``, what ``LayerState`` will allocate for it (DESIGN.md §4), on
     one of ``tp_size`` tensor-parallel ranks (each holds its share of the KV heads)."""
-    hkv = (getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads) // tp_size
-    d = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    one = state_footprint(model_config.num_hidden_layers, hkv, d, dtype, layout, config, tail_capacity)
+    _, hkv, d = head_shape(model_config)
+    one = state_footprint(model_config.num_hidden_layers, hkv // tp_size, d, dtype, layout, config, tail_capacity)
     return [one for _ in layout.lengths]
+
+
+def head_shape(model_config) -> tuple[int, int, int]:
+    """``(attention heads, KV heads, head dim)`` of a transformers config (KV heads default to the
+    attention heads, head dim to ``hidden_size / heads``, as the models do)."""
+    heads = model_config.num_attention_heads
+    hkv = getattr(model_config, "num_key_value_heads", None) or heads
+    d = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    return heads, hkv, d
 
 
 def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: PromptLayout,
@@ -146,9 +154,7 @@ def work_reserve(model_config, layout: PromptLayout, config: ShadowKVConfig, dty
     + 0.66 GiB of MLP chunk, and the margin 2.6 GiB. Without expandable segments (``expandable``,
     default from the environment) at least ``FRAGMENTED_RESERVE_SHARE`` of the device.
     """
-    heads = model_config.num_attention_heads
-    d = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    hkv = getattr(model_config, "num_key_value_heads", None) or heads
+    heads, hkv, d = head_shape(model_config)
     q_width, kv_width = heads * d // tp_size, hkv * d // tp_size
     inter = (getattr(model_config, "intermediate_size", None) or 4 * model_config.hidden_size) // tp_size
     rows = min(config.prefill_rows or len(layout.lengths), len(layout.lengths))
