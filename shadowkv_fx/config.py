@@ -83,17 +83,11 @@ class ShadowKVConfig:
         if self.value_hbm_gib is not None and (isinstance(self.value_hbm_gib, bool) or not isinstance(
                 self.value_hbm_gib, (int, float)) or self.value_hbm_gib < 0):
             raise ValueError(f"ShadowKVConfig.value_hbm_gib must be None or a number >= 0, got {self.value_hbm_gib!r}")
-        if self.prefill_rows is not None and (not isinstance(self.prefill_rows, int) or isinstance(
-                self.prefill_rows, bool) or self.prefill_rows < 1):
-            raise ValueError(f"ShadowKVConfig.prefill_rows must be None or an int >= 1, got {self.prefill_rows!r}")
-        if self.fold_chunks is not None and (not isinstance(self.fold_chunks, int) or isinstance(
-                self.fold_chunks, bool) or self.fold_chunks < 1):
-            raise ValueError(f"ShadowKVConfig.fold_chunks must be None (no folding) or an int >= 1, got {self.fold_chunks!r}")
-        if self.prefill_mlp_chunk is not None and (not isinstance(self.prefill_mlp_chunk, int) or isinstance(
-                self.prefill_mlp_chunk, bool) or self.prefill_mlp_chunk < 1):
-            raise ValueError(
-                f"ShadowKVConfig.prefill_mlp_chunk must be None (off) or an int >= 1, got {self.prefill_mlp_chunk!r}"
-            )
+        for name, none in (("prefill_rows", "None"), ("fold_chunks", "None (no folding)"),
+                           ("prefill_mlp_chunk", "None (off)")):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"ShadowKVConfig.{name} must be {none} or an int >= 1, got {value!r}")
         if isinstance(self.fold_refresh, bool) or not isinstance(self.fold_refresh, (int, float)) \
                 or not self.fold_refresh >= 1:
             raise ValueError(f"ShadowKVConfig.fold_refresh must be a number >= 1, got {self.fold_refresh!r}")
