@@ -164,7 +164,7 @@ def _step(gm: fx.GraphModule, node: fx.Node) -> tuple[list[fx.Node], list[fx.Nod
             else:
                 return None  # a symbolic scalar: not a tensor the op could take
         return acts, params, False
-    if (node.op == "call_function" and target in SPLITS) or (node.op == "call_method" and target in SPLIT_METHODS):
+    if _is_split(node):
         dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
         if _no_nodes(args[1:]) and _no_nodes(kwargs.values()) and _is_last_dim(dim, args[0]):
             return [args[0]], [], False
