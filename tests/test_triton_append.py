@@ -91,7 +91,10 @@ def test_rotates_like_refuses_a_rope_it_does_not_reproduce():
 def test_fused_append_gives_the_tokens_of_the_models_own_rope(monkeypatch):
     """On the GPU, decode swaps the model's key RoPE for the fused kernel: same tokens, and the
     kernel did run (each layer saw that it reproduces the model)."""
+    import copy
+
     import shadowkv_fx
+    from shadowkv_fx.compat import output_cache
     from shadowkv_fx.kernels import dispatch
     from tests.models import tiny_pair
 
@@ -101,9 +104,9 @@ def test_fused_append_gives_the_tokens_of_the_models_own_rope(monkeypatch):
     config = shadowkv_fx.ShadowKVConfig(sparse_budget=64, rank=16, outlier_chunks=4, fold_chunks=2)
 
     def run():
-        optimized = shadowkv_fx.optimize(__import__("copy").deepcopy(model), config)
+        optimized = shadowkv_fx.optimize(copy.deepcopy(model), config)
         out = optimized.generate(ids, max_new_tokens=40, do_sample=False, return_dict_in_generate=True)
-        states = [layer.state for layer in out.past_key_values.layers]
+        states = [layer.state for layer in output_cache(out).layers]
         return out.sequences, [s.fused_append for s in states]
 
     fused_tokens, fused = run()
