@@ -17,6 +17,7 @@ import torch
 from torch._dynamo.eval_frame import OptimizedModule
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from shadowkv_fx.compile_cache import use_compile_cache
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.passes.rewrite import pass_uuid, shadowkv_pass
 from shadowkv_fx.passes.token_chunks import chunk_prefill_mlps
@@ -45,10 +46,14 @@ def inductor_graph(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
 
 
 # torch.compile takes ``mode`` or ``options``, never both: with a ShadowKV config in ``options``,
-# the "cuda_graphs" key asks for what mode="reduce-overhead" gives (decode steps captured as CUDA graphs).
+# the "cuda_graphs" key asks for what mode="reduce-overhead" gives (decode steps captured as CUDA graphs),
+# "compile_cache" names a folder for the compile caches (compile_cache.py).
 def split_options(mode: str | None, options: dict | None) -> tuple[ShadowKVConfig, str | None, bool]:
     """``(config, inductor mode, capture decode steps)`` from ``torch.compile``'s mode and options."""
     options = dict(options or {})
+    if options.get("compile_cache") is not None:
+        use_compile_cache(options["compile_cache"])  # before anything compiles
+    options.pop("compile_cache", None)
     cuda_graphs = bool(options.pop("cuda_graphs", False)) or mode in ("reduce-overhead", "max-autotune")
     config = ShadowKVConfig.from_options(options)
     # the runtime captures whole decode steps itself (cuda_graph.py says why not inductor)

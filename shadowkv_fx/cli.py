@@ -135,6 +135,9 @@ def bench(
     fold_chunks: int = typer.Option(16, help="ShadowKV folds the generated tail every this many chunks; 0: never"),
     breakdown: bool = typer.Option(False, help="per-kernel time of one ShadowKV decode step, and steps timed alone"),
     out: Path = typer.Option(Path("bench_out"), help="folder for bench.json, bench.png and table.txt"),
+    cold: bool = typer.Option(False, help="instead: seconds from a fresh process's start to the first token, "
+                              "cold and with a warm compile cache, for dense and both ShadowKV API forms "
+                              "(first context and batch only; cold_start.json and cold_start.md in --out)"),
 ):
     """Decode throughput, ShadowKV against dense HF (eager and compiled static cache), one run.
 
@@ -142,6 +145,16 @@ def bench(
     """
     from shadowkv_fx import bench as b
 
+    if cold:
+        from shadowkv_fx import cold_start
+
+        rows = cold_start.measure(list(cold_start.FORMS), int(contexts.split(",")[0]),
+                                  int(batches.split(",")[0]), "llama-8b", layers)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cold_start.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+        (out / "cold_start.md").write_text(cold_start.table(rows) + "\n")
+        console.print(cold_start.table(rows))
+        return
     if not torch.cuda.is_available():
         raise typer.BadParameter("bench measures GPU decode: no CUDA device here")
     unknown = set(methods.split(",")) - set(b.METHODS)

@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 
 from shadowkv_fx.layer_state import RopeFn
+from shadowkv_fx.regions import layer_offset
 
 _ROPE_FNS: dict[str, RopeFn] = {}
 
@@ -96,7 +97,8 @@ def attention(
     Returns:
         ``[B, Hq, n, Dv]``, what the replaced attention returned.
     """
-    out = current_cache().attention(layer_idx, q, k_pre, v, list(rope_inputs), rope_fn(rope_key), scale)
+    # a regionally compiled layer's graph holds site 0: the layer running says which layer it is
+    out = current_cache().attention(layer_idx + layer_offset(), q, k_pre, v, list(rope_inputs), rope_fn(rope_key), scale)
     return out.contiguous()  # the fake impl promises a contiguous result
 
 

@@ -5,12 +5,14 @@ import contextlib
 import copy
 import functools
 import logging
+import os
 import threading
 from typing import Callable
 
 import torch
 
-from shadowkv_fx import compat, cuda_graph
+from shadowkv_fx import compat, cuda_graph, regions
+from shadowkv_fx.compile_cache import from_environment, use_compile_cache
 from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.padding import prompt_layout
 from shadowkv_fx.config import ShadowKVConfig
@@ -107,7 +109,7 @@ class ShadowKVRuntime:
     """What ``optimize`` attaches to a model: its config, the compiled inner forward, pass reports."""
 
     def __init__(self, model, config: ShadowKVConfig, compile_graph: Callable | None = None, compile_kwargs=None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, regional: bool = True):
         self.config = config
         self.cuda_graphs = cuda_graphs
         self.compile_graph, self.compile_kwargs = compile_graph, compile_kwargs
@@ -119,12 +121,25 @@ class ShadowKVRuntime:
         self.tp_size = getattr(model, "_tp_size", None) or 1
         self.original_forward = model.forward
         self.original_generate = model.generate
-        self.inner = torch.compile(
-            self.original_forward,
-            backend=graph_backend(config, self.reports, compile_graph),
-            fullgraph=True,
-            **(compile_kwargs or {}),
-        )
+        backend = graph_backend(config, self.reports, compile_graph)
+        compile_region = functools.partial(torch.compile, backend=backend, fullgraph=True, **(compile_kwargs or {}))
+        layers = regions.decoder_layers(model) if regional else None
+        # one compiled decoder layer for all layers (regions.py says why), else the whole forward
+        self.regional = None if layers is None else regions.RegionalLayers(layers, compile_region)
+        self.inner = self.original_forward if self.regional else compile_region(self.original_forward)
+
+    @property
+    def report(self) -> PassReport:
+        """The pass report of the last compiled graph, one site per layer for a regional compile."""
+        if not self.reports:
+            raise ValueError("nothing was compiled yet: call the optimized model (or generate) first")
+        last = self.reports[-1]
+        if self.regional is None:
+            return last
+        return PassReport([
+            type(site)(layer, f"layers.{layer}.{site.name}", site.status, site.reason)
+            for layer in range(len(self.regional.layers)) for site in last.sites
+        ])
 
     def new_cache(self, tail_capacity: int = 64) -> ShadowKVCache:
         return ShadowKVCache(self.num_layers, self.config, tail_capacity)
@@ -326,7 +341,8 @@ def _columns(t: torch.Tensor | None, columns: slice) -> torch.Tensor | None:
 
 
 def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, compile_graph: Callable | None = None,
-             compile_kwargs: dict | None = None, cuda_graphs: bool = False, validate: bool = True) -> torch.nn.Module:
+             compile_kwargs: dict | None = None, cuda_graphs: bool = False, validate: bool = True,
+             regional: bool = True, compile_cache: str | os.PathLike | None = None) -> torch.nn.Module:
     """Make ``model.generate`` / ``model(...)`` run ShadowKV. Modifies ``model`` in place and returns it.
 
     Args:
@@ -337,16 +353,26 @@ def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, co
         cuda_graphs: on a GPU, capture each decode step as one CUDA graph and replay it
             (``torch.compile(..., backend="shadowkv", mode="reduce-overhead")`` turns this on).
         validate: trace once now so an unsupported model fails here, not at generate().
+        regional: compile one decoder layer and run it for every layer (seconds to the first
+            token, not minutes); False compiles the whole forward as one graph.
+        compile_cache: a folder for the compile caches (``compile_cache.use_compile_cache``), so
+            another process compiles nothing again; default ``$SHADOWKV_COMPILE_CACHE``, else torch's.
     Raises:
         UnsupportedModelError: no rewritable attention (e.g. learned positions), sliding window, ...
         ValueError: bad config for this model (rank > H_kv * D), model optimized twice.
     """
     config = config or ShadowKVConfig()
+    if compile_cache is not None:
+        use_compile_cache(compile_cache)
+    else:
+        from_environment()
     compat.warn_if_untested()
     _check_supported(model)
     _check_heads(model, config)
-    runtime = ShadowKVRuntime(model, config, compile_graph, compile_kwargs, cuda_graphs)
+    runtime = ShadowKVRuntime(model, config, compile_graph, compile_kwargs, cuda_graphs, regional)
     model._shadowkv = runtime
+    if runtime.regional is not None:
+        runtime.regional.install()
     model.forward = _delegate(runtime.original_forward, runtime.forward)
     model.generate = _delegate(runtime.original_generate, runtime.generate)
     model.__deepcopy__ = functools.partial(_deepcopy_optimized, model)
@@ -370,12 +396,17 @@ def _deepcopy_optimized(model: torch.nn.Module, memo: dict) -> torch.nn.Module:
     """
     copied = type(model).__new__(type(model))
     memo[id(model)] = copied
+    runtime = model._shadowkv
+    for call in runtime.regional.calls if runtime.regional else ():
+        memo[id(call)] = None  # the copy's layers get calls of their own below
     for name, value in model.__dict__.items():
         if name not in _RUNTIME_ATTRS:
             copied.__dict__[name] = copy.deepcopy(value, memo)
-    runtime = model._shadowkv
+    if runtime.regional is not None:
+        regions.remove_calls(regions.decoder_layers(copied))
     return optimize(copied, runtime.config, compile_graph=runtime.compile_graph,
-                    compile_kwargs=runtime.compile_kwargs, cuda_graphs=runtime.cuda_graphs, validate=False)
+                    compile_kwargs=runtime.compile_kwargs, cuda_graphs=runtime.cuda_graphs, validate=False,
+                    regional=runtime.regional is not None)
 
 
 def _check_heads(model, config: ShadowKVConfig) -> None:
@@ -417,7 +448,7 @@ def _validate(model, runtime: ShadowKVRuntime) -> None:
         if isinstance(cause, UnsupportedModelError):
             raise UnsupportedModelError(f"{type(model).__name__}: {cause}") from None
         raise
-    report = runtime.reports[-1]
+    report = runtime.report
     if report.rewritten != runtime.num_layers:
         raise UnsupportedModelError(
             f"{type(model).__name__}: found {report.rewritten} rewritable attention sites for "
@@ -429,6 +460,8 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
     """Undo ``optimize``: the model's own forward and generate again (dense attention)."""
     if getattr(model, "_shadowkv", None) is None:
         raise ValueError("this model was not optimized by shadowkv_fx")
+    if model._shadowkv.regional is not None:
+        model._shadowkv.regional.remove()
     del model.forward, model.generate, model.__deepcopy__
     model._shadowkv = None
     return model
@@ -436,4 +469,4 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
 
 def pass_report(model) -> PassReport:
     """The last pass report of an optimized model."""
-    return model._shadowkv.reports[-1]
+    return model._shadowkv.report

@@ -62,7 +62,8 @@ def test_compiled_generate_equals_eager_optimize(arch, batch, length, seed):
     assert torch.equal(greedy(compiled, ids, mask), greedy(eager, ids, mask))
 
 
-def test_decode_is_one_graph_without_breaks_or_recompiles():
+@pytest.mark.parametrize("regional", [True, False], ids=["one-layer-region", "whole-forward"])
+def test_decode_is_one_graph_without_breaks_or_recompiles(regional):
     _, model = tiny_pair("qwen2")
     graphs = []
 
@@ -70,7 +71,8 @@ def test_decode_is_one_graph_without_breaks_or_recompiles():
         graphs.append(gm)
         return inductor_graph(gm, example_inputs)
 
-    shadowkv_fx.optimize(model, shadowkv_fx.ShadowKVConfig(**CFG), compile_graph=recording_inductor)
+    shadowkv_fx.optimize(model, shadowkv_fx.ShadowKVConfig(**CFG), compile_graph=recording_inductor,
+                         regional=regional)
     ids, mask = left_padded(2, [50, 41], 96)
     greedy(model, ids, mask, n=3)
     compiled_so_far = len(graphs)
@@ -81,8 +83,11 @@ def test_decode_is_one_graph_without_breaks_or_recompiles():
     assert not counters["graph_break"]
     for gm in graphs:
         calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-        assert calls.count(torch.ops.shadowkv.attention.default) == model.config.num_hidden_layers
+        sites = 1 if regional else model.config.num_hidden_layers  # a region is one decoder layer
+        assert calls.count(torch.ops.shadowkv.attention.default) == sites
         assert torch._C._nn.scaled_dot_product_attention not in calls
+    if regional:  # one prefill graph (symbolic batch and length: validation's too), one decode graph
+        assert len(graphs) == 2
 
 
 def test_unknown_option_is_named():

@@ -1,0 +1,91 @@
+"""First token in seconds: one compiled decoder layer for all layers, no recompile for a new
+prompt length or batch, and a compile cache that a second process hits."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch._dynamo.utils import counters
+
+import shadowkv_fx
+from shadowkv_fx import regions
+from tests.models import left_padded, tiny_pair
+
+CFG = dict(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def greedy(model, ids, mask, n=4):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0)
+
+
+def test_one_region_serves_every_layer_and_new_lengths_compile_nothing():
+    whole, model = tiny_pair("llama", layers=4)
+    compiled = []
+
+    def counting(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    shadowkv_fx.optimize(model, shadowkv_fx.ShadowKVConfig(**CFG), compile_graph=counting)
+    shadowkv_fx.optimize(whole, shadowkv_fx.ShadowKVConfig(**CFG), regional=False)
+    assert all(isinstance(layer.forward, regions.RegionalCall) for layer in regions.decoder_layers(model))
+    ids, mask = left_padded(2, [50, 41], 96)
+    assert torch.equal(greedy(model, ids, mask), greedy(whole, ids, mask))
+    assert len(compiled) == 2  # prefill (symbolic batch and length) and decode, for all 4 layers
+    for batch, lengths in ((2, [70, 64]), (3, [45, 45, 29]), (1, [33])):
+        ids, mask = left_padded(batch, lengths, 96, seed=batch)
+        with torch._dynamo.config.patch(error_on_recompile=batch > 1):
+            ours = greedy(model, ids, mask)
+        assert torch.equal(ours, greedy(whole, ids, mask)), (batch, lengths)
+    assert len(compiled) == 3  # + the batch-1 decode step: dynamo keeps a size of 1 static
+    assert shadowkv_fx.pass_report(model).rewritten == 4
+
+
+def test_restore_takes_the_regions_out_and_a_copy_gets_its_own():
+    import copy
+
+    _, model = tiny_pair("llama")
+    shadowkv_fx.optimize(model, shadowkv_fx.ShadowKVConfig(**CFG))
+    twin = copy.deepcopy(model)
+    for layer, other in zip(regions.decoder_layers(model), regions.decoder_layers(twin)):
+        assert other.forward.layer is other and layer.forward.layer is layer
+    shadowkv_fx.restore(model)
+    assert all("forward" not in layer.__dict__ for layer in regions.decoder_layers(model))
+    ids, mask = left_padded(1, [40], 96)
+    assert greedy(twin, ids, mask).shape == (1, 44)
+
+
+SCRIPT = """
+import json, sys, time, torch
+sys.path.insert(0, {repo!r})
+from tests.models import tiny_pair, left_padded
+from shadowkv_fx.compile_cache import cache_counters
+_, model = tiny_pair("llama", layers=3)
+compiled = torch.compile(model, backend="shadowkv", options={options!r})
+ids, mask = left_padded(2, [60, 45], 96)
+start = time.perf_counter()
+with torch.no_grad():
+    out = compiled.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                            pad_token_id=0)
+print(json.dumps({{"tokens": out.tolist(), "seconds": time.perf_counter() - start, **cache_counters()}}))
+"""
+
+
+def test_a_second_process_hits_the_compile_cache(tmp_path):
+    options = dict(CFG, compile_cache=str(tmp_path / "cache"))
+    script = SCRIPT.format(repo=str(REPO), options=options)
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["miss"] > 0 and cold["hit"] == 0, cold
+    assert warm["hit"] == cold["miss"] and warm["miss"] == 0, (cold, warm)
+    assert warm["tokens"] == cold["tokens"]
+    assert (tmp_path / "cache" / "inductor").is_dir()
+    counters.clear()
