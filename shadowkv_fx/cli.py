@@ -105,7 +105,8 @@ def generate(
 def _register_eval() -> None:
     from shadowkv_fx.evaluation.runner import eval_command, merge_command
 
-    app.command("eval", help="Accuracy suite: dense vs ShadowKV vs sink+local on RULER-style tasks.")(eval_command)
+    app.command("eval", help="Accuracy suite: dense vs ShadowKV vs the sink + local and Quest baselines on "
+                "RULER-style tasks generated offline; writes results.json, a table and PNG plots.")(eval_command)
     app.command("eval-merge", help="Join results.json files of one suite run in pieces: JSON, table, plots.")(merge_command)
 
 
@@ -113,9 +114,14 @@ _register_eval()
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
-    app()
+    """The ``shadowkv-fx`` console script: set logging up, then run the app.
 
+    Warnings from every library, and shadowkv_fx's own notes (a one-time model export, a prompt too
+    short to compress), reach stderr; torch's and transformers' INFO chatter does not.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("shadowkv_fx").setLevel(logging.INFO)
+    app()
 
 
 @app.command()
