@@ -19,6 +19,7 @@ import torch
 import shadowkv_fx
 from shadowkv_fx.backend import inductor_graph
 from shadowkv_fx.bench import llama31_8b_random
+from shadowkv_fx.cache import device_and_host_bytes
 
 
 def _sync() -> None:
@@ -27,7 +28,7 @@ def _sync() -> None:
 
 
 def device_bytes(cache) -> int:
-    return sum(cache.memory_report()["gpu"].values())
+    return device_and_host_bytes(cache.memory_report())[0]
 
 
 def decode_run(model, ids: torch.Tensor, config, generate: int, at: list[int], window: int) -> list[dict]:

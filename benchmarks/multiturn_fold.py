@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache
 
 import shadowkv_fx
-from shadowkv_fx.cache import ShadowKVCache
+from shadowkv_fx.cache import ShadowKVCache, device_and_host_bytes
 from shadowkv_fx.evaluation.multiturn import (
     MultiTurnSample,
     answered_turn,
@@ -49,8 +49,8 @@ def cache_bytes(cache) -> dict[str, int]:
     """Device and host bytes a cache holds, and a dense cache's bytes for the same tokens."""
     if isinstance(cache, ShadowKVCache):
         report = cache.memory_report()
-        return {"device": sum(report["gpu"].values()), "host": sum(report["cpu"].values()),
-                "dense_kv": report["dense"]["kv"]}
+        device, host = device_and_host_bytes(report)
+        return {"device": device, "host": host, "dense_kv": report["dense"]["kv"]}
     dense = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return {"device": dense, "host": 0, "dense_kv": dense}
 
@@ -106,7 +106,10 @@ def run_method(name: str, config: shadowkv_fx.ShadowKVConfig | None, samples, to
                   "tokens_after_turn": turn_ends, "cached_tokens": cache.get_seq_length(),
                   **fold_stats(cache, turn_ends[sample.query_turn + 1])}
         if isinstance(cache, ShadowKVCache):
-            record["device_components"] = cache.memory_report()["gpu"]
+            report = cache.memory_report()
+            record["device_components"] = {name: nbytes for side, part in report.items()
+                                           if side not in ("dense", "uncompressed")
+                                           for name, nbytes in part.items() if name != "offloaded_V"}
         records.append(record)
         print(f"  {name} #{sample.index}: score {record['score']:.0f} answer {record['prediction']!r} "
               f"(ref {sample.references[0]}) folded {record.get('folded_chunks', '-')} "

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from shadowkv_fx import compat
+from shadowkv_fx.cache import device_and_host_bytes
 
 METHODS = ("dense-eager", "dense-compiled", "shadowkv")
 
@@ -206,8 +207,8 @@ def run_shadowkv(model, ids: torch.Tensor, steps: int, config, random_fill: bool
     prefill_s, per_step = timed_decode(step, prefill, steps)
     prefill_s = None if random_fill else prefill_s
     report = cache.memory_report()
-    gpu, host = sum(report["gpu"].values()), sum(report["cpu"].values())
-    device_v, host_v = report["gpu"].get("device_V", 0), report["cpu"].get("offloaded_V", 0)
+    gpu, host = device_and_host_bytes(report)
+    device_v, host_v = report.get("cuda", {}).get("device_V", 0), host
     return {"prefill_s": prefill_s, "step_ms": 1e3 * per_step, "tok_s": batch / per_step,
             "gpu_gib_per_seq": gpu / batch / 2**30, "state_gib_per_seq": (gpu - device_v) / batch / 2**30,
             "host_gib_per_seq": host / batch / 2**30, "v_on_gpu": device_v / max(1, device_v + host_v), "v_hit_rate": cache.value_hit_rate(), "_cache": cache,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 
 import torch
@@ -12,6 +13,7 @@ from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.layer_state import LayerState, PromptLayout, RopeFn
 from shadowkv_fx.rope_tables import SharedRopeTables
 
+log = logging.getLogger(__name__)
 
 # share of the device kept free when a cache is filled without the optimized model's preflight
 # (which sizes the reserve from the model: preflight.work_reserve)
@@ -110,6 +112,8 @@ class ShadowKVCache(Cache):
         # (point, one FoldUndo per layer), so such a crop takes them back
         self.crop_floor: int | None = None
         self.fold_undo: list[tuple[int, list[fold.FoldUndo]]] = []
+        # a prompt too short to compress decodes densely: say so once, at its prefill
+        self.warn_short_prompts = True
 
     @property
     def is_compileable(self) -> bool:
@@ -122,6 +126,12 @@ class ShadowKVCache(Cache):
             self.phase = "prefill"
             self.layout = PromptLayout.from_mask(key_valid, self.config)
             self.realigned = realigned
+            if self.warn_short_prompts and self.dense_prompts:
+                log.warning(
+                    "%d of %d prompts are shorter than %d tokens, (local_chunks + outlier_chunks + 1) * chunk_size, "
+                    "so they are not compressed and decode densely; lower outlier_chunks, local_chunks or "
+                    "chunk_size to compress shorter prompts", self.dense_prompts, len(self.layout.lengths),
+                    self.config.min_sparse_prompt)
             self.begin_group(list(range(len(self.layout.lengths))), 0)
             return
         self.phase = "decode"
@@ -371,24 +381,47 @@ class ShadowKVCache(Cache):
         hits, asked = torch.stack(counts).sum(dim=0).tolist()
         return hits / asked if asked else None
 
-    def memory_report(self) -> dict[str, dict[str, int]]:
-        """Bytes per component and device, beside the dense cache for the same tokens.
+    @property
+    def dense_prompts(self) -> int:
+        """Prompts of the batch too short to compress (``config.min_sparse_prompt``): they decode densely."""
+        return 0 if self.layout is None else sum(1 for chunks in self.layout.chunks if chunks == 0)
 
-        Returns ``{"gpu"|"cpu": {component: bytes}, "dense": {"kv": bytes}}`` ("gpu" means the
-        model's device, which is the CPU for a CPU model).
+    def memory_report(self) -> dict[str, dict[str, int]]:
+        """Bytes per component, keyed by the device type that holds them, beside the dense cache
+        for the same tokens.
+
+        Returns ``{device_type: {component: bytes}, "dense": {"kv": bytes}, "uncompressed":
+        {"prompts": n, "min_prompt_tokens": m}}``: on a GPU model ``"cuda"`` holds the compressed
+        state and ``"cpu"`` the values offloaded to pinned host memory (``offloaded_V``); on a CPU
+        model everything is under ``"cpu"``, one RAM. ``uncompressed`` counts the prompts shorter
+        than ``m`` tokens, which are not compressed and decode densely.
         """
-        report: dict[str, dict[str, int]] = {"gpu": {}, "cpu": {}, "dense": {"kv": 0}}
+        report: dict[str, dict[str, int]] = {"dense": {"kv": 0}}
+        device = None
         for layer in self.layers:
             state = layer.state
             if self.layout is None or state.tail_k is None:
                 continue
+            device = state.k_buf.device.type
             for name, (side, nbytes) in state.memory_bytes().items():
-                report[side][name] = report[side].get(name, 0) + nbytes
+                part = report.setdefault(side, {})
+                part[name] = part.get(name, 0) + nbytes
             b, hkv, _, d = state.local_k.shape
             tokens = sum(self.layout.lengths) + b * state.tail_len
             report["dense"]["kv"] += 2 * tokens * hkv * d * state.local_k.element_size()
-        report["gpu"]["rope_tables"] = self.rope_tables.nbytes()
+        if device is not None:
+            report[device]["rope_tables"] = self.rope_tables.nbytes()
+        report["uncompressed"] = {"prompts": self.dense_prompts, "min_prompt_tokens": self.config.min_sparse_prompt}
         return report
+
+
+def device_and_host_bytes(report: dict[str, dict[str, int]]) -> tuple[int, int]:
+    """``(bytes kept on the model's device, bytes of values offloaded to host memory)`` of a
+    ``memory_report()``: on a GPU the state's GPU and host cost; on a CPU model what a GPU would
+    hold, although both are then the same RAM."""
+    parts = [part for side, part in report.items() if side not in ("dense", "uncompressed")]
+    offloaded = sum(part.get("offloaded_V", 0) for part in parts)
+    return sum(sum(part.values()) for part in parts) - offloaded, offloaded
 
 
 def _dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PromptLayout, scale: float,

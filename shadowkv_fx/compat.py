@@ -30,7 +30,8 @@ def pop_cache(kwargs: dict):
 
 
 def output_cache(output):
-    """The cache a model output carries, under either field name."""
+    """The cache a ``generate(..., return_dict_in_generate=True)`` or forward output carries:
+    ``output.cache`` on transformers >= 5.24, ``output.past_key_values`` before."""
     for name in CACHE_ARGS:
         value = getattr(output, name, None)
         if value is not None:
@@ -54,7 +55,7 @@ def warn_if_untested() -> bool:
     warnings.warn(
         f"shadowkv-fx is tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}; "
         f"{transformers.__version__} is installed. Install a tested version "
-        f"(pip install 'transformers>={low},<={high}') or widen the range as the README's "
+        f"(pip install 'transformers>={low},<={high}') or widen the range as docs/design.md's "
         "'Supported transformers versions' section says.",
         stacklevel=3,
     )

@@ -413,28 +413,30 @@ class LayerState:
                                          self.tail_first)
 
     def memory_bytes(self) -> dict[str, tuple[str, int]]:
-        """Bytes per component as ``name -> (side, bytes)``; side is "gpu" (the model's device) or "cpu" (host)."""
+        """Bytes per component as ``name -> (device type, bytes)``: the model's device (``"cuda"``,
+        or ``"cpu"`` for a CPU model) for the state, ``"cpu"`` for values offloaded to host memory."""
         def size(t: torch.Tensor | None) -> int:
             return 0 if t is None else t.numel() * t.element_size()
 
         per_token = self.k_buf.shape[0] * self.k_buf.shape[1] * (self.k_buf.shape[3] * self.k_buf.element_size()
                                                                   + self.v_buf.shape[3] * self.v_buf.element_size())
+        device = self.k_buf.device.type
         parts: dict[str, tuple[str, int]] = {}
         if self.compressed:
-            parts["U"] = ("gpu", size(self.u))
-            parts["SV"] = ("gpu", size(self.sv))
-            parts["landmarks"] = ("gpu", size(self.landmarks))
-            parts["outliers"] = ("gpu", self.sel_start * per_token)
-            parts["selected"] = ("gpu", (self.local_start - self.sel_start) * per_token)
+            parts["U"] = (device, size(self.u))
+            parts["SV"] = (device, size(self.sv))
+            parts["landmarks"] = (device, size(self.landmarks))
+            parts["outliers"] = (device, self.sel_start * per_token)
+            parts["selected"] = (device, (self.local_start - self.sel_start) * per_token)
             if self.v_chunks.device == self.k_buf.device and self.k_buf.device.type != "cpu":
-                parts["device_V"] = ("gpu", size(self.v_chunks))  # spare accelerator memory
+                parts["device_V"] = (device, size(self.v_chunks))  # spare accelerator memory
             else:
-                parts["offloaded_V"] = ("cpu", size(self.v_chunks))
+                parts["offloaded_V"] = (self.v_chunks.device.type, size(self.v_chunks))
         if getattr(self, "reuse", False):
-            parts["reuse_workspace"] = ("gpu", size(self.prev_idx))
-        parts["local"] = ("gpu", (self.tail_start - self.local_start) * per_token + size(self.key_valid))
-        parts["tail"] = ("gpu", (self.k_buf.shape[2] - self.tail_start) * per_token)
+            parts["reuse_workspace"] = (device, size(self.prev_idx))
+        parts["local"] = (device, (self.tail_start - self.local_start) * per_token + size(self.key_valid))
+        parts["tail"] = (device, (self.k_buf.shape[2] - self.tail_start) * per_token)
         if self.folds:
-            parts["fold_state"] = ("gpu", size(self.pre_k) + size(self.outlier_ids) + size(self.outlier_cos)
+            parts["fold_state"] = (device, size(self.pre_k) + size(self.outlier_ids) + size(self.outlier_cos)
                                    + size(self.tail_first) + size(self.gen_count))
         return parts

@@ -131,8 +131,6 @@ class ShadowKVRuntime:
     @property
     def report(self) -> PassReport:
         """The pass report of the last compiled graph, one site per layer for a regional compile."""
-        if not self.reports:
-            raise ValueError("nothing was compiled yet: call the optimized model (or generate) first")
         last = self.reports[-1]
         if self.regional is None:
             return last
@@ -368,7 +366,6 @@ def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, co
         from_environment()
     compat.warn_if_untested()
     _check_supported(model)
-    _check_heads(model, config)
     runtime = ShadowKVRuntime(model, config, compile_graph, compile_kwargs, cuda_graphs, regional)
     model._shadowkv = runtime
     if runtime.regional is not None:
@@ -379,6 +376,9 @@ def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, co
     try:
         if validate and config.enabled:
             _validate(model, runtime)
+        # after the trace: a model the pass cannot serve (no RoPE, as GPT-2) is refused for that,
+        # not first for a rank that no rank would fix
+        _check_heads(model, config)
     except Exception:
         restore(model)
         raise
@@ -440,9 +440,11 @@ def _delegate(original: Callable, replacement: Callable) -> Callable:
 def _validate(model, runtime: ShadowKVRuntime) -> None:
     device = next(model.parameters()).device
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    probe = runtime.new_cache()
+    probe.warn_short_prompts = False  # two tokens are too short to compress on purpose
     try:
         with torch.no_grad():
-            model(ids)
+            model(ids, **{compat.CACHE_ARG: probe})
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
         if isinstance(cause, UnsupportedModelError):
@@ -468,5 +470,13 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def pass_report(model) -> PassReport:
-    """The last pass report of an optimized model."""
-    return model._shadowkv.report
+    """The last pass report of an optimized model: per attention site, matched / rewritten / skipped and why."""
+    runtime = getattr(model, "_shadowkv", None)
+    if runtime is None:
+        state = "was restored" if hasattr(model, "_shadowkv") else "was never optimized"
+        raise ValueError(f"this {type(model).__name__} {state}, so it has no pass report: "
+                         "call shadowkv_fx.optimize(model) first")
+    if not runtime.reports:
+        raise ValueError("no graph was traced yet (optimize(..., validate=False) or enabled=False): "
+                         "run the model once (a forward or generate), then ask for the report")
+    return runtime.report

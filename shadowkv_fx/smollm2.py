@@ -38,7 +38,7 @@ def _export_safetensors(target: Path) -> None:
     # a private folder renamed into place: parallel test workers may export at the same time
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     save_model(model, str(tmp / "model.safetensors"))
-    model.config.save_pretrained(tmp)
+    _drop_quantization(model.config).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:
         tmp.rename(target)
@@ -46,14 +46,28 @@ def _export_safetensors(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _drop_quantization(config):
+    """The export holds plain dequantised tensors, but the GGUF load leaves ``quantization_config``
+    in the config; loading with it makes transformers warn that "the weights stay quantized"."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Return ``(model, tokenizer)`` for SmolLM2-135M-Instruct, fully offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Return ``(model, tokenizer)`` for SmolLM2-135M-Instruct, fully offline.
+
+    The first call dequantises the packaged GGUF once into a safetensors copy under
+    ``$SHADOWKV_CACHE`` (default ``~/.cache/shadowkv_fx``); later calls load that copy.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not (CACHE_DIR / "model.safetensors").exists():
         CACHE_DIR.parent.mkdir(parents=True, exist_ok=True)
         _export_safetensors(CACHE_DIR)
     tokenizer = AutoTokenizer.from_pretrained(CACHE_DIR)
-    model = AutoModelForCausalLM.from_pretrained(CACHE_DIR, dtype=dtype, attn_implementation="sdpa")
+    # exports made before the config was cleaned still carry quantization_config: drop it here too
+    config = _drop_quantization(AutoConfig.from_pretrained(CACHE_DIR))
+    model = AutoModelForCausalLM.from_pretrained(CACHE_DIR, config=config, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval(), tokenizer

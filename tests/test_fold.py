@@ -14,7 +14,7 @@ from hypothesis import example, given, settings, strategies as st
 
 import shadowkv_fx
 from shadowkv_fx import fold
-from shadowkv_fx.cache import ShadowKVCache
+from shadowkv_fx.cache import ShadowKVCache, device_and_host_bytes
 from shadowkv_fx.compat import output_cache
 from shadowkv_fx.kernels import reference as ref
 from tests.models import assert_close, full_rank, left_padded, tiny_pair
@@ -151,7 +151,7 @@ def test_sparse_fold_keeps_device_growth_under_a_quarter_of_dense():
         else:
             cache = output_cache(generate(model, ids, mask, new_tokens, config))
         report = cache.memory_report()
-        return sum(report["gpu"].values()), report["dense"]["kv"], cache
+        return device_and_host_bytes(report)[0], report["dense"]["kv"], cache
 
     config = dataclasses.replace(SPARSE, rank=8, chunk_size=8, sparse_budget=32, fold_chunks=2)
     few, dense_few, _ = device_bytes(config, 48)  # past the fold window: the dense tail is full

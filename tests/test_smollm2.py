@@ -39,3 +39,17 @@ def test_needle_at_4k_with_an_eighth_of_the_context(smollm2):
     assert isinstance(cache, shadowkv_fx.ShadowKVCache) and cache.layers[0].state.compressed
     assert score_prediction(sample.task, answers["dense"], sample.references) == 1.0, answers
     assert score_prediction(sample.task, answers["shadowkv"], sample.references) == 1.0, answers
+
+
+def test_bfloat16_load_is_plain_weights_without_the_gguf_quantization_warning(capfd):
+    """The export holds dequantised tensors: nothing may claim "the weights stay quantized"."""
+    import warnings
+
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = load_smollm2(torch.bfloat16)
+    said = capfd.readouterr().err + "".join(str(w.message) for w in caught)
+    assert "quantiz" not in said.lower(), said
+    assert getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config")
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16

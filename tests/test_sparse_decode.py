@@ -3,6 +3,7 @@ import torch
 
 import shadowkv_fx
 from tests.models import assert_close, left_padded, tiny_pair
+from shadowkv_fx.cache import device_and_host_bytes
 from shadowkv_fx.compat import output_cache
 
 SMALL = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2)
@@ -62,13 +63,15 @@ def test_memory_report_counts_every_component_and_beats_dense_on_long_prompts():
     report = cache.memory_report()
     layers, hkv, d, elt = 2, 2, 16, 4
     store = -(-(1000 + 3) // 8)  # chunks preallocated: the prompt and the 3 generated tokens may all fold
-    assert report["gpu"]["U"] == layers * store * 8 * 4 * elt
-    assert report["gpu"]["SV"] == layers * hkv * 4 * d * elt
-    assert report["gpu"]["landmarks"] == layers * hkv * store * d * elt
-    assert report["gpu"]["outliers"] == layers * 2 * hkv * 2 * 8 * d * elt
+    assert set(report) == {"cpu", "dense", "uncompressed"}, "a CPU model's cache is all in host RAM, named so"
+    assert report["cpu"]["U"] == layers * store * 8 * 4 * elt
+    assert report["cpu"]["SV"] == layers * hkv * 4 * d * elt
+    assert report["cpu"]["landmarks"] == layers * hkv * store * d * elt
+    assert report["cpu"]["outliers"] == layers * 2 * hkv * 2 * 8 * d * elt
     assert report["cpu"]["offloaded_V"] == layers * hkv * store * 8 * d * elt
     assert report["dense"]["kv"] == layers * 2 * (1000 + 2) * hkv * d * elt
-    device_bytes = sum(report["gpu"].values())
+    device_bytes, host_bytes = device_and_host_bytes(report)
+    assert host_bytes == report["cpu"]["offloaded_V"]
     assert device_bytes < report["dense"]["kv"]
 
 

@@ -13,9 +13,10 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Annotated, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
+import typer
 
 from ..config import ShadowKVConfig
 from .baselines import sink_local_generate, sink_local_window_for_budget
@@ -39,6 +40,8 @@ DEFAULT_TASKS = (
     "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
     "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe",
 )  # fmt: skip
+# under the current directory, never the repository's committed eval_results/
+DEFAULT_OUT_DIR = "shadowkv-eval-results"
 
 
 def ablation_variants(kind: str | None, base: ShadowKVConfig = ShadowKVConfig()) -> dict[str, ShadowKVConfig]:
@@ -307,6 +310,7 @@ def run_eval(
         path = Path(output_json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        path.with_suffix(".partial.json").unlink(missing_ok=True)  # results.json holds it all now
     if plot_dir is not None:
         from .plots import plot_all
 
@@ -394,28 +398,41 @@ def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+_TASK_HELP = ", ".join(f"{name} ({spec.description})" for name, spec in TASKS.items())
+
+
 def eval_command(
-    model: str = "smollm2",
-    tasks: str = ",".join(DEFAULT_TASKS),
-    lengths: str = "2k,4k,8k",
-    budgets: str = "256,512",
-    samples: int = 4,
-    methods: str = ",".join(METHODS),
-    ablation: str = "",
-    n_sink: int = 4,
-    seed: int = 0,
-    out_dir: str = "eval_results",
-    dtype: str = "float32",
-    device: str = "cpu",
-    cuda_graphs: bool = False,
-    plots: bool = True,
+    model: Annotated[str, typer.Option(help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a local Hugging Face model "
+                                  "directory (no hub access)")] = "smollm2",
+    tasks: Annotated[str, typer.Option(help=f"comma-separated tasks, of: {_TASK_HELP}. Default: all but "
+                                       f"{' and '.join(sorted(set(TASKS) - set(DEFAULT_TASKS)))}",
+                                       show_default=False)] = ",".join(DEFAULT_TASKS),
+    lengths: Annotated[str, typer.Option(help="comma-separated context lengths (prompt + answer): tokens (4096) or k = 1024 "
+                                    "tokens (4k, so 1k is 1024); SmolLM2's context is 8k")] = "2k,4k,8k",
+    budgets: Annotated[str, typer.Option(help="comma-separated ShadowKV sparse_budget specs: tokens (256) or a fraction of "
+                                    "each context length (1/16: 256 tokens at 4k), rounded down to whole "
+                                    "chunks")] = "256,512",
+    samples: Annotated[int, typer.Option(help="prompts per task and length (needle depths evenly cover 0..1)")] = 4,
+    methods: Annotated[str, typer.Option(help=f"comma-separated, of: {', '.join(METHODS)}; sink_local and quest attend as "
+                                    "many prompt tokens per step as ShadowKV at each budget")] = ",".join(METHODS),
+    ablation: Annotated[str, typer.Option(help="'' (none), 'rank' (32/64/160), 'chunk' (4/8/16) or 'outliers' (0 vs 48), "
+                                     "each at every budget")] = "",
+    n_sink: Annotated[int, typer.Option(help="attention-sink tokens of the sink_local baseline")] = 4,
+    seed: Annotated[int, typer.Option(help="seed of the generated prompts: the same seed gives the same prompts")] = 0,
+    out_dir: Annotated[str, typer.Option(help="folder for results.json and the PNG plots, relative to the current "
+                                    "directory")] = DEFAULT_OUT_DIR,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    cuda_graphs: Annotated[bool, typer.Option(help="replay each ShadowKV decode step as one CUDA graph (GPU only)")] = False,
+    plots: Annotated[bool, typer.Option(help="draw the PNG plots (--no-plots: JSON and table only)")] = True,
 ) -> list[dict]:
     """String-argument entry point for the ``shadowkv-fx eval`` CLI command.
 
     ``model`` is ``"smollm2"`` (the embedded SmolLM2-135M-Instruct) or a local Hugging
     Face model directory. ``budgets`` is comma-separated specs: tokens (``256``) or
     fractions of each context length (``1/16``). Writes ``results.json`` and the plots
-    into ``out_dir``. ``cuda_graphs`` replays ShadowKV decode steps as CUDA graphs (GPU only);
+    into ``out_dir`` (default ``./shadowkv-eval-results``, under the current directory); a finished
+    run leaves no ``results.partial.json``. ``cuda_graphs`` replays ShadowKV decode steps as CUDA graphs (GPU only);
     ``plots=False`` skips the PNGs (``plot_all`` on the JSON draws them later, where matplotlib is).
     """
     if dtype not in ("float32", "bfloat16", "float16"):
