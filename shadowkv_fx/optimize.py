@@ -15,6 +15,7 @@ from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.padding import prompt_layout
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.generate_args import end_streamer, plan_generate
+from shadowkv_fx.hooks import HookAwareForward
 from shadowkv_fx.preflight import check_batch_fits, head_shape
 from shadowkv_fx.ops import active_cache
 from shadowkv_fx.passes.rewrite import PassReport, shadowkv_pass
@@ -110,6 +111,7 @@ class ShadowKVRuntime:
                  cuda_graphs: bool = False):
         self.config = config
         self.cuda_graphs = cuda_graphs
+        self.warned_hooks_stop_capture = False
         self.compile_graph, self.compile_kwargs = compile_graph, compile_kwargs
         self.reports: list[PassReport] = []
         self.num_layers = model.config.num_hidden_layers
@@ -119,11 +121,12 @@ class ShadowKVRuntime:
         self.tp_size = getattr(model, "_tp_size", None) or 1
         self.original_forward = model.forward
         self.original_generate = model.generate
-        self.inner = torch.compile(
-            self.original_forward,
-            backend=graph_backend(config, self.reports, compile_graph),
-            fullgraph=True,
-            **(compile_kwargs or {}),
+        compile_fullgraph = functools.partial(torch.compile, fullgraph=True, **(compile_kwargs or {}))
+        self.inner = HookAwareForward(
+            model, self.original_forward,
+            compile_fullgraph(self.original_forward, backend=graph_backend(config, self.reports, compile_graph)),
+            lambda fn, backend: compile_fullgraph(fn, backend=backend),
+            config, compile_graph, self.reports,
         )
 
     def new_cache(self, tail_capacity: int = 64) -> ShadowKVCache:
@@ -142,6 +145,7 @@ class ShadowKVRuntime:
         for name in ("output_attentions", "output_hidden_states"):
             if kwargs.get(name):
                 raise ValueError(f"{name}=True is not supported by a ShadowKV-optimized model; call it without {name}")
+        hooked = self.inner.check()
         cache = cache if cache is not None else self.new_cache()
         if not isinstance(cache, ShadowKVCache):
             raise TypeError(
@@ -196,7 +200,7 @@ class ShadowKVRuntime:
             with gate, active_cache(cache), torch.no_grad(), recompile_limit(RECOMPILE_LIMIT):
                 if cache.phase == "prefill":
                     out = self._prefill(cache, input_ids, position_ids, kwargs)
-                elif self.cuda_graphs and cuda_graph.capturable(input_ids, kwargs):
+                elif self.cuda_graphs and cuda_graph.capturable(input_ids, kwargs) and not self._hooks_stop_capture(hooked):
                     key = (tuple(input_ids.shape), tuple(sorted(kwargs.items())))
                     out, replayed = cuda_graph.run_decode_step(cache, step, input_ids, position_ids, key)
                 else:
@@ -209,6 +213,15 @@ class ShadowKVRuntime:
             realign.outputs_to_caller(out, n)
         compat.set_output_cache(out, cache)
         return out
+
+    def _hooks_stop_capture(self, hooked: list) -> bool:
+        """A captured decode step replays kernels only, never a submodule's Python hook: while any is
+        registered, steps run uncaptured, so the hooks run every step (docs/hooks.md)."""
+        if hooked and not self.warned_hooks_stop_capture:
+            self.warned_hooks_stop_capture = True
+            log.warning("forward hooks on %d submodules: decode steps run without CUDA graphs while hooks are "
+                        "registered (a captured step cannot call Python hooks)", len(hooked))
+        return bool(hooked)
 
     def _prompt_then_drafts(self, prompt: int, input_ids, attention_mask, position_ids, cache, kwargs):
         """A first forward holding the prompt and draft tokens (assisted generation): the prompt is
