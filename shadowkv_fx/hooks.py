@@ -81,6 +81,23 @@ def check_hooks(model: torch.nn.Module) -> None:
             )
 
 
+@contextlib.contextmanager
+def silenced_hooks(model: torch.nn.Module) -> Iterator[None]:
+    """Refuse unsupported hooks, then keep every forward hook and pre-hook of ``model`` (itself
+    included) from running inside the block: ``optimize``'s validation forward is a probe of its
+    own, which plain transformers never makes, so a user's hook must not see it."""
+    check_hooks(model)
+    saved = [(hooks, dict(hooks)) for m in model.modules() for hooks in (m._forward_hooks, m._forward_pre_hooks)
+             if hooks]
+    for hooks, _ in saved:
+        hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, kept in saved:
+            hooks.update(kept)
+
+
 class HookAwareForward:
     """The inner forward of an optimized model: the fullgraph compile, or, while submodules have
     hooks, the model's own forward with its attention modules compiled one by one.
