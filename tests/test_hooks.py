@@ -240,3 +240,21 @@ def test_compiled_backend_generate_runs_hooks_without_recompiles():
     before = graphs()
     generate(compiled, new_tokens=2 * NEW_TOKENS)
     assert graphs() == before, f"{graphs() - before} compiles for more decode steps"
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "glm4", "qwen3"])  # fused qkv, partial rotary, k_norm
+def test_sparse_shadowkv_with_a_layer_hook_equals_it_without(arch):
+    """At a real (sparse) budget, hooks change nothing ShadowKV computes, on every architecture."""
+    _, model = tiny_pair(arch, seed=2)
+    shadowkv_fx.optimize(model, shadowkv_fx.ShadowKVConfig(sparse_budget=8, rank=8, chunk_size=4, local_chunks=1,
+                                                           outlier_chunks=1))
+    lengths = (40, 33)
+    plain = generate(model, new_tokens=2, lengths=lengths)
+    seen = []
+    handle = model.model.layers[-1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    hooked = generate(model, new_tokens=2, lengths=lengths)
+    handle.remove()
+    assert seen == [40, 33, 1], "prefill row by row (prefill_rows=1), then one decode step"
+    assert torch.equal(hooked.sequences, plain.sequences)
+    for a, e in zip(hooked.logits, plain.logits):
+        assert_close(a, e, atol=1e-5, rtol=1e-5, what=f"{arch}: sparse logits with a hook vs without")
