@@ -16,15 +16,15 @@ hook is ever traced, so none causes a recompile. One region compiles per layer (
 a constant of the rewritten op) and per input shape: once, not per step. With no submodule hook
 left, calls go back to the whole-model fullgraph forward: full speed, no new compile.
 
-Refused before any work (``UnsupportedHookError``, naming the module and the fix): hooks on an
-attention module or inside one (``q_proj``, ``k_proj``, ...), whose computation ShadowKV replaces
-with its own op, and module-global hooks (``register_module_forward_hook`` and friends), which
+Hooks on an attention module itself run too (eagerly, around its compiled region). Refused before
+any work (``UnsupportedHookError``, naming the module and the fix): hooks inside an attention
+module (``q_proj``, ``k_proj``, ...), whose computation ShadowKV replaces with its own op, and
+module-global hooks (``register_module_forward_hook`` and friends), which
 fire on every submodule, attention included.
 """
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Callable, Iterator
 
 import torch
@@ -34,7 +34,6 @@ from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.ops import current_cache
 from shadowkv_fx.passes.rewrite import PassReport, shadowkv_pass
 
-log = logging.getLogger(__name__)
 GLOBAL_HOOK_DICTS = {
     "_global_forward_pre_hooks": "register_module_forward_pre_hook",
     "_global_forward_hooks": "register_module_forward_hook",
@@ -71,13 +70,13 @@ def check_hooks(model: torch.nn.Module) -> None:
     for name, m in model.named_modules():
         if not name or not (m._forward_hooks or m._forward_pre_hooks):
             continue
-        inside = next((a for a in attention if name == a or name.startswith(a + ".")), None)
+        inside = next((a for a in attention if name.startswith(a + ".")), None)
         if inside is not None:
-            where = "on attention module" if name == inside else f"inside attention module {inside!r}, on"
             raise UnsupportedHookError(
-                f"a forward hook {where} {name!r}: ShadowKV replaces that attention with its own op, so the "
-                f"hook would never see what it hooks. Remove it, or hook a module outside attention (the decoder "
-                f"layer {inside.rsplit('.', 1)[0]!r}, or the whole model), or call shadowkv_fx.restore(model) first"
+                f"a forward hook on {name!r}, inside attention module {inside!r}: ShadowKV replaces that "
+                "attention's computation (projections, RoPE, cache, softmax) with its own op, so the hook would "
+                f"never run. Remove it, or hook the attention module itself ({inside!r}), its decoder layer or the "
+                "whole model, or call shadowkv_fx.restore(model) first"
             )
 
 

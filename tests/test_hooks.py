@@ -64,6 +64,12 @@ KINDS = {
         lambda mod, args, kwargs: log.append(tuple(hidden(args, kwargs).shape)), with_kwargs=True)),
     "lm_head_replaces_logits": ("lm_head", lambda m, log: m.register_forward_hook(
         lambda mod, args, out: log.append(out.shape[1]) or out.flip(-1))),
+    "forward_always_call": ("model.norm", lambda m, log: m.register_forward_hook(
+        lambda mod, args, out: log.append(tuple(out.shape)), always_call=True)),
+    "attention_forward_hook": ("model.layers.1.self_attn", lambda m, log: m.register_forward_hook(
+        lambda mod, args, out: log.append(out[0].float().norm().item()))),
+    "attention_pre_hook_with_kwargs": ("model.layers.0.self_attn", lambda m, log: m.register_forward_pre_hook(
+        lambda mod, args, kwargs: log.append(tuple(hidden(args, kwargs).shape)), with_kwargs=True)),
     "inner_model": ("model", lambda m, log: m.register_forward_hook(
         lambda mod, args, out: log.append(tuple(out.last_hidden_state.shape)))),
     "top_level_forward": ("", lambda m, log: m.register_forward_hook(
@@ -169,8 +175,7 @@ def test_hook_added_after_optimize_is_noticed_and_removal_restores_the_fullgraph
         runtime.inner.fullgraph = fullgraph
 
 
-@pytest.mark.parametrize("path", ["model.layers.1.self_attn", "model.layers.0.self_attn.k_proj",
-                                  "model.layers.1.self_attn.o_proj"])
+@pytest.mark.parametrize("path", ["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.o_proj"])
 @pytest.mark.parametrize("pre", [False, True])
 def test_hook_in_attention_is_refused_before_any_work_naming_it(trio, path, pre):
     _, model, _ = trio
@@ -184,7 +189,7 @@ def test_hook_in_attention_is_refused_before_any_work_naming_it(trio, path, pre)
     ids, mask = left_padded(1, [20], 96)
     before = graphs()
     try:
-        with pytest.raises(UnsupportedHookError, match=rf"'{path}'.*Remove it"):
+        with pytest.raises(UnsupportedHookError, match=rf"'{path}', inside attention module .*Remove it"):
             with torch.no_grad():
                 model(ids, attention_mask=mask, past_key_values=cache)
     finally:
