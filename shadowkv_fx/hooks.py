@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch.nn.modules import module as nn_module
+from torch.utils.hooks import RemovableHandle
 
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.ops import current_cache
@@ -120,13 +121,27 @@ class HookAwareForward:
         self.reports = reports
         self.regions: dict[int, tuple[torch.nn.Module, Callable, Callable]] = {}  # id -> (attn, its forward, compiled)
         self.checked: tuple | None = None
+        self.scanned_at: int | None = None  # RemovableHandle.next_id at the last full scan
+        self.hooked: list[torch.nn.Module] = []
         self.ran: list | None = None  # sites of the regions run by the current call
         self.compiled_now = False
+
+    def hooked_submodules(self) -> list[torch.nn.Module]:
+        """``hooked_submodules(model)``, cheaply: walking every module takes ~0.7 ms on a 30-layer
+        model (measured on the CPU machine), a few % of a GPU decode step. Every hook registration
+        makes a ``RemovableHandle``, whose counter moves: only then is the model walked again;
+        otherwise only the modules hooked at the last walk are read (a removed hook drops out)."""
+        if RemovableHandle.next_id != self.scanned_at:
+            self.scanned_at = RemovableHandle.next_id
+            self.hooked = hooked_submodules(self.model)
+        elif self.hooked:
+            self.hooked = [m for m in self.hooked if m._forward_hooks or m._forward_pre_hooks]
+        return self.hooked
 
     def check(self) -> list[torch.nn.Module]:
         """Refuse unsupported hooks before any work; return the hooked submodules (empty: fast path).
         The full check (module names) runs only when the set of hooks changed."""
-        hooked = hooked_submodules(self.model)
+        hooked = self.hooked_submodules()
         seen = (tuple((id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in hooked),
                 tuple(bool(getattr(nn_module, attr, None)) for attr in GLOBAL_HOOK_DICTS))
         if seen != self.checked:
@@ -135,7 +150,7 @@ class HookAwareForward:
         return hooked
 
     def __call__(self, *args, **kwargs):
-        if not hooked_submodules(self.model):
+        if not self.hooked_submodules():
             return self.fullgraph(*args, **kwargs)
         self.ran, self.compiled_now = [], False
         regions = self._regions()
