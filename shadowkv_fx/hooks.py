@@ -81,23 +81,6 @@ def check_hooks(model: torch.nn.Module) -> None:
             )
 
 
-@contextlib.contextmanager
-def silenced_hooks(model: torch.nn.Module) -> Iterator[None]:
-    """Refuse unsupported hooks, then keep every forward hook and pre-hook of ``model`` (itself
-    included) from running inside the block: ``optimize``'s validation forward is a probe of its
-    own, which plain transformers never makes, so a user's hook must not see it."""
-    check_hooks(model)
-    saved = [(hooks, dict(hooks)) for m in model.modules() for hooks in (m._forward_hooks, m._forward_pre_hooks)
-             if hooks]
-    for hooks, _ in saved:
-        hooks.clear()
-    try:
-        yield
-    finally:
-        for hooks, kept in saved:
-            hooks.update(kept)
-
-
 class HookAwareForward:
     """The inner forward of an optimized model: the fullgraph compile, or, while submodules have
     hooks, the model's own forward with its attention modules compiled one by one.
@@ -137,6 +120,23 @@ class HookAwareForward:
         elif self.hooked:
             self.hooked = [m for m in self.hooked if m._forward_hooks or m._forward_pre_hooks]
         return self.hooked
+
+    @contextlib.contextmanager
+    def silenced(self) -> Iterator[None]:
+        """Refuse unsupported hooks, then keep every forward hook and pre-hook of the model (itself
+        included) from running inside the block: ``optimize``'s validation forward is a probe of its
+        own, which plain transformers never makes, so a user's hook must not see it."""
+        check_hooks(self.model)
+        saved = [(hooks, dict(hooks)) for m in self.model.modules()
+                 for hooks in (m._forward_hooks, m._forward_pre_hooks) if hooks]
+        for hooks, _ in saved:
+            hooks.clear()
+        try:
+            yield
+        finally:
+            for hooks, kept in saved:
+                hooks.update(kept)
+            self.scanned_at = None  # the hooks are back without a new handle: walk the model again
 
     def check(self) -> list[torch.nn.Module]:
         """Refuse unsupported hooks before any work; return the hooked submodules (empty: fast path).

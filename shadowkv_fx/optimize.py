@@ -15,7 +15,7 @@ from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.padding import prompt_layout
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.generate_args import end_streamer, plan_generate
-from shadowkv_fx.hooks import HookAwareForward, silenced_hooks
+from shadowkv_fx.hooks import HookAwareForward
 from shadowkv_fx.preflight import check_batch_fits, head_shape
 from shadowkv_fx.ops import active_cache
 from shadowkv_fx.passes.rewrite import PassReport, shadowkv_pass
@@ -423,7 +423,7 @@ def _validate(model, runtime: ShadowKVRuntime) -> None:
     device = next(model.parameters()).device
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     try:
-        with torch.no_grad(), silenced_hooks(model):
+        with torch.no_grad(), runtime.inner.silenced():
             model(ids)
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc

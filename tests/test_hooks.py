@@ -218,6 +218,9 @@ def test_optimize_with_hooks_already_registered():
     assert seen == [], "optimize's validation forward is no call of the user's: hooks stay silent"
     generate(model)
     assert seen == [24] + [1] * (NEW_TOKENS - 1)
+    before = graphs()
+    generate(model, new_tokens=2 * NEW_TOKENS)
+    assert graphs() == before, "the hook, silenced for validation, is seen again: no compile per step"
     assert shadowkv_fx.pass_report(model).rewritten == model.config.num_hidden_layers
 
     _, refused = tiny_pair("llama", seed=7)
