@@ -17,6 +17,7 @@ from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.padding import prompt_layout
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.generate_args import end_streamer, plan_generate
+from shadowkv_fx.hooks import HookAwareForward
 from shadowkv_fx.preflight import check_batch_fits, head_shape
 from shadowkv_fx.ops import active_cache
 from shadowkv_fx.passes.rewrite import PassReport, shadowkv_pass
@@ -112,6 +113,7 @@ class ShadowKVRuntime:
                  cuda_graphs: bool = False, regional: bool = True):
         self.config = config
         self.cuda_graphs = cuda_graphs
+        self.warned_hooks_stop_capture = False
         self.compile_graph, self.compile_kwargs = compile_graph, compile_kwargs
         self.reports: list[PassReport] = []
         self.num_layers = model.config.num_hidden_layers
@@ -122,17 +124,22 @@ class ShadowKVRuntime:
         self.original_forward = model.forward
         self.original_generate = model.generate
         backend = graph_backend(config, self.reports, compile_graph)
-        compile_region = functools.partial(torch.compile, backend=backend, fullgraph=True, **(compile_kwargs or {}))
+        compile_fullgraph = functools.partial(torch.compile, fullgraph=True, **(compile_kwargs or {}))
         layers = regions.decoder_layers(model) if regional else None
         # one compiled decoder layer for all layers (regions.py says why), else the whole forward
-        self.regional = None if layers is None else regions.RegionalLayers(layers, compile_region)
-        self.inner = self.original_forward if self.regional else compile_region(self.original_forward)
+        self.regional = None if layers is None else regions.RegionalLayers(
+            layers, functools.partial(compile_fullgraph, backend=backend))
+        fast = self.original_forward if self.regional else compile_fullgraph(self.original_forward, backend=backend)
+        self.inner = HookAwareForward(
+            model, self.original_forward, fast, lambda fn, backend: compile_fullgraph(fn, backend=backend),
+            config, compile_graph, self.reports, layers,
+        )
 
     @property
     def report(self) -> PassReport:
         """The pass report of the last compiled graph, one site per layer for a regional compile."""
         last = self.reports[-1]
-        if self.regional is None:
+        if self.regional is None or len(last.sites) != 1:  # a whole forward, or every layer's region
             return last
         return PassReport([
             type(site)(layer, f"layers.{layer}.{site.name}", site.status, site.reason)
@@ -155,6 +162,7 @@ class ShadowKVRuntime:
         for name in ("output_attentions", "output_hidden_states"):
             if kwargs.get(name):
                 raise ValueError(f"{name}=True is not supported by a ShadowKV-optimized model; call it without {name}")
+        hooked = self.inner.check()
         cache = cache if cache is not None else self.new_cache()
         if not isinstance(cache, ShadowKVCache):
             raise TypeError(
@@ -209,7 +217,7 @@ class ShadowKVRuntime:
             with gate, active_cache(cache), torch.no_grad(), recompile_limit(RECOMPILE_LIMIT):
                 if cache.phase == "prefill":
                     out = self._prefill(cache, input_ids, position_ids, kwargs)
-                elif self.cuda_graphs and cuda_graph.capturable(input_ids, kwargs):
+                elif self.cuda_graphs and cuda_graph.capturable(input_ids, kwargs) and not self._hooks_stop_capture(hooked):
                     key = (tuple(input_ids.shape), tuple(sorted(kwargs.items())))
                     out, replayed = cuda_graph.run_decode_step(cache, step, input_ids, position_ids, key)
                 else:
@@ -222,6 +230,15 @@ class ShadowKVRuntime:
             realign.outputs_to_caller(out, n)
         compat.set_output_cache(out, cache)
         return out
+
+    def _hooks_stop_capture(self, hooked: list) -> bool:
+        """A captured decode step replays kernels only, never a submodule's Python hook: while any is
+        registered, steps run uncaptured, so the hooks run every step (docs/hooks.md)."""
+        if hooked and not self.warned_hooks_stop_capture:
+            self.warned_hooks_stop_capture = True
+            log.warning("forward hooks on %d submodules: decode steps run without CUDA graphs while hooks are "
+                        "registered (a captured step cannot call Python hooks)", len(hooked))
+        return bool(hooked)
 
     def _prompt_then_drafts(self, prompt: int, input_ids, attention_mask, position_ids, cache, kwargs):
         """A first forward holding the prompt and draft tokens (assisted generation): the prompt is
@@ -443,7 +460,7 @@ def _validate(model, runtime: ShadowKVRuntime) -> None:
     probe = runtime.new_cache()
     probe.warn_short_prompts = False  # two tokens are too short to compress on purpose
     try:
-        with torch.no_grad():
+        with torch.no_grad(), runtime.inner.silenced():
             model(ids, **{compat.CACHE_ARG: probe})
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc

@@ -24,6 +24,7 @@ import torch
 class _Scope(threading.local):
     def __init__(self) -> None:
         self.layer = 0
+        self.eager = False  # layers run their own forward (hooks inside them: hooks.py)
 
 
 _SCOPE = _Scope()
@@ -41,6 +42,17 @@ def layer_scope(index: int) -> Iterator[None]:
         yield
     finally:
         _SCOPE.layer = saved
+
+
+@contextlib.contextmanager
+def eager_layers() -> Iterator[None]:
+    """Decoder layers run their own forward eagerly on this thread (still telling which layer runs):
+    a hook inside a layer must run in Python, so only its attention is compiled (hooks.py)."""
+    saved, _SCOPE.eager = _SCOPE.eager, True
+    try:
+        yield
+    finally:
+        _SCOPE.eager = saved
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
@@ -76,6 +88,8 @@ class RegionalCall:
                     for dim in _sequence_dims(value, length):
                         torch._dynamo.maybe_mark_dynamic(value, dim)
         with layer_scope(self.index):
+            if _SCOPE.eager:
+                return type(self.layer).forward(self.layer, hidden_states, *args, **kwargs)
             return self.compiled(self.layer, hidden_states, *args, **kwargs)
 
 
