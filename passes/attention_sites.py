@@ -34,6 +34,9 @@ class AttentionSite:
     k_pre: fx.Node | None = None
     rope_region: list[fx.Node] = field(default_factory=list)
     rope_inputs: list[fx.Node] = field(default_factory=list)
+    # symbolic sizes the key RoPE reads (a view's shape under a dynamic sequence length): each is
+    # recomputed from a dim of ``k_pre`` or of a RoPE input, ``(tensor, dim)``, or from other sizes
+    rope_sizes: dict[fx.Node, tuple[fx.Node, int] | None] = field(default_factory=dict)
     skip_reason: str | None = None
 
     @property
@@ -49,6 +52,36 @@ def _is(node, targets) -> bool:
 def _shape(node: fx.Node):
     val = node.meta.get("example_value", node.meta.get("val"))
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("example_value", node.meta.get("val")), torch.Tensor)
+
+
+def _resolve_sizes(sizes: list[fx.Node], tensors: list[fx.Node]) -> dict | str:
+    """Map each symbolic size node to ``(tensor, dim)`` of equal size, or to None where it is an
+    expression of other such sizes (then copied); a reason string when one cannot be rebuilt."""
+    dims = {}
+    for t in tensors:
+        for d, size in enumerate(t.meta.get("example_value", t.meta.get("val")).shape):
+            if isinstance(size, torch.SymInt):
+                dims.setdefault(str(size.node.expr), (t, d))
+    found: dict = {}
+    todo = list(sizes)
+    while todo:
+        node = todo.pop()
+        if node in found:
+            continue
+        val = node.meta.get("example_value", node.meta.get("val"))
+        key = str(val.node.expr) if isinstance(val, torch.SymInt) else None
+        if key in dims:
+            found[node] = dims[key]
+        elif node.op == "call_function" and isinstance(val, (torch.SymInt, int)):
+            found[node] = None
+            todo.extend(node.all_input_nodes)
+        else:
+            return f"the key RoPE reads size {node.name}, which is not a size of its inputs"
+    return found
 
 
 def _is_scalar(node) -> bool:
@@ -191,9 +224,15 @@ def locate_rope(site: AttentionSite) -> None:
             for a in n.all_input_nodes:
                 if a is not cut and a not in region_set and a not in externals:
                     externals.append(a)
-        if externals:
+        tensors = [a for a in externals if _is_tensor(a)]
+        if tensors:
             site.k_pre, site.rope_region = cut, region
-            site.rope_inputs = sorted(externals, key=order.__getitem__)
+            site.rope_inputs = sorted(tensors, key=order.__getitem__)
+            sizes = _resolve_sizes([a for a in externals if not _is_tensor(a)], [cut] + site.rope_inputs)
+            if isinstance(sizes, str):
+                site.skip_reason = sizes
+                return
+            site.rope_sizes = sizes
             break
     if site.k_pre is None or site.k_pre is site.k_proj:
         site.skip_reason = (

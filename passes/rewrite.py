@@ -61,6 +61,20 @@ def extract_rope(site: AttentionSite, owner: torch.nn.Module) -> fx.GraphModule:
     env: dict[fx.Node, fx.Node] = {site.k_pre: graph.placeholder("k_pre")}
     for i, node in enumerate(site.rope_inputs):
         env[node] = graph.placeholder(f"rope_input_{i}")
+
+    def size(node: fx.Node) -> fx.Node:
+        if node not in env:
+            source = site.rope_sizes[node]
+            if source is None:
+                for arg in node.all_input_nodes:
+                    size(arg)
+                env[node] = graph.node_copy(node, lambda n: env[n])
+            else:
+                env[node] = graph.call_function(torch.ops.aten.sym_size.int, (env[source[0]], source[1]))
+        return env[node]
+
+    for node in site.rope_sizes:
+        size(node)
     for node in site.rope_region:
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(env[site.k])

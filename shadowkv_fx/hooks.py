@@ -193,10 +193,12 @@ class HookAwareForward:
             region = self.regions.get(id(m))
             if region is None or region[0] is not m:
                 forward = m.forward
-                compiled = self.compile_region(forward, self._region_backend(layer=len(found)))
                 if self.layers is not None:  # the layer call names the layer: one backend, one compile
                     self.shared_backend = self.shared_backend or self._region_backend(layer=None)
-                    compiled = self.compile_region(forward, self.shared_backend)
+                    backend = self.shared_backend
+                else:
+                    backend = self._region_backend(layer=len(found))
+                compiled = self.compile_region(forward, backend)
                 region = self.regions[id(m)] = (m, forward, compiled)
             found.append(region)
         return found

@@ -62,6 +62,11 @@ def active_cache(cache) -> Iterator[None]:
         _ACTIVE.stack.pop()
 
 
+def has_active_cache() -> bool:
+    """Whether an optimized model's ShadowKV forward runs on this thread."""
+    return bool(_ACTIVE.stack)
+
+
 def current_cache():
     if not _ACTIVE.stack:
         raise RuntimeError(

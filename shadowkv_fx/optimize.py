@@ -19,7 +19,7 @@ from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.generate_args import end_streamer, plan_generate
 from shadowkv_fx.hooks import HookAwareForward
 from shadowkv_fx.preflight import check_batch_fits, head_shape
-from shadowkv_fx.ops import active_cache
+from shadowkv_fx.ops import active_cache, has_active_cache
 from shadowkv_fx.passes.rewrite import PassReport, shadowkv_pass
 from shadowkv_fx.passes.token_chunks import chunk_prefill_mlps
 
@@ -128,7 +128,7 @@ class ShadowKVRuntime:
         layers = regions.decoder_layers(model) if regional else None
         # one compiled decoder layer for all layers (regions.py says why), else the whole forward
         self.regional = None if layers is None else regions.RegionalLayers(
-            layers, functools.partial(compile_fullgraph, backend=backend))
+            layers, functools.partial(compile_fullgraph, backend=backend), has_active_cache)
         fast = self.original_forward if self.regional else compile_fullgraph(self.original_forward, backend=backend)
         self.inner = HookAwareForward(
             model, self.original_forward, fast, lambda fn, backend: compile_fullgraph(fn, backend=backend),

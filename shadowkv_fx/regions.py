@@ -73,24 +73,43 @@ class RegionalCall:
     the copy), see ``optimize._deepcopy_optimized``.
     """
 
-    def __init__(self, compiled: Callable, layer: torch.nn.Module, index: int) -> None:
-        self.compiled, self.layer, self.index = compiled, layer, index
+    def __init__(self, compiled: Callable, layer: torch.nn.Module, index: int, active: Callable[[], bool]) -> None:
+        self.compiled, self.layer, self.index, self.active = compiled, layer, index, active
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if hidden_states.dim() == 3:
-            # one graph for every batch size, and one for every prompt length (or piece of one);
-            # a dimension of size 1 stays specialised (dynamo's 0/1 rule), so decode keeps its own
-            torch._dynamo.maybe_mark_dynamic(hidden_states, 0)
-            length = hidden_states.shape[1]
-            if length > 1:
-                torch._dynamo.maybe_mark_dynamic(hidden_states, 1)
-                for value in _tensors(args, kwargs):
-                    for dim in _sequence_dims(value, length):
-                        torch._dynamo.maybe_mark_dynamic(value, dim)
+        own_forward = type(self.layer).forward
+        if torch.compiler.is_compiling() or not self.active():
+            # the model's dense forward (use_cache=False, enabled=False, a dense benchmark compiling
+            # the original forward): the layer as it is, no ShadowKV cache to fill
+            return own_forward(self.layer, hidden_states, *args, **kwargs)
         with layer_scope(self.index):
             if _SCOPE.eager:
-                return type(self.layer).forward(self.layer, hidden_states, *args, **kwargs)
+                return own_forward(self.layer, hidden_states, *args, **kwargs)
+            if hidden_states.dim() == 3:
+                mark_shapes(hidden_states, list(_tensors(args, kwargs)))
             return self.compiled(self.layer, hidden_states, *args, **kwargs)
+
+
+def mark_shapes(hidden_states: torch.Tensor, others: list[torch.Tensor]) -> None:
+    """One graph for every batch size and one for every prompt length (or piece of one); a size of 1
+    stays specialised (dynamo's 0/1 rule), so decode keeps its own graph. Every other dim is static:
+    a second model of the architecture with another head size (the layer's code, so its compiled
+    graphs, are shared) must not make dynamo generalise the RoPE tables' width, which the pass
+    needs as a number."""
+    batch, length = hidden_states.shape[:2]
+    torch._dynamo.maybe_mark_dynamic(hidden_states, 0)
+    if length > 1:
+        torch._dynamo.maybe_mark_dynamic(hidden_states, 1)
+    torch._dynamo.mark_static(hidden_states, 2)
+    for value in others:
+        dynamic = set(_sequence_dims(value, length)) if length > 1 else set()
+        if value.dim() > 1 and value.shape[0] == batch:
+            dynamic.add(0)
+        for dim in range(value.dim()):
+            if dim in dynamic:
+                torch._dynamo.maybe_mark_dynamic(value, dim)
+            elif value.shape[dim] != 1 or dim > 0:
+                torch._dynamo.mark_static(value, dim)
 
 
 def _sequence_dims(value: torch.Tensor, length: int) -> list[int]:
@@ -115,10 +134,12 @@ def _tensors(args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
 class RegionalLayers:
     """Installs one compiled region as the forward of every decoder layer, and takes it out again."""
 
-    def __init__(self, layers: torch.nn.ModuleList, compile_region: Callable[[Callable], Callable]) -> None:
+    def __init__(self, layers: torch.nn.ModuleList, compile_region: Callable[[Callable], Callable],
+                 active: Callable[[], bool]) -> None:
+        """``active()``: whether a ShadowKV forward runs on this thread (else layers run densely)."""
         self.layers = layers
         self.compiled = compile_region(type(layers[0]).forward)
-        self.calls = [RegionalCall(self.compiled, layer, i) for i, layer in enumerate(layers)]
+        self.calls = [RegionalCall(self.compiled, layer, i, active) for i, layer in enumerate(layers)]
 
     def install(self) -> None:
         for layer, call in zip(self.layers, self.calls):
