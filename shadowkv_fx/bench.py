@@ -168,13 +168,16 @@ def run_dense(model, ids: torch.Tensor, steps: int, compiled: bool) -> dict:
             "_peak_per_seq": (torch.cuda.max_memory_allocated() - resident) / batch}
 
 
+REGIONAL = True  # `bench --whole-graph`: compile the whole forward, not one decoder layer for all
+
+
 def ensure_optimized(model, config) -> None:
     """ShadowKV as ``torch.compile(model, backend="shadowkv", mode="reduce-overhead")`` runs it, once."""
     import shadowkv_fx
     from shadowkv_fx.backend import inductor_graph
 
     if getattr(model, "_shadowkv", None) is None:
-        shadowkv_fx.optimize(model, config, compile_graph=inductor_graph, cuda_graphs=True)
+        shadowkv_fx.optimize(model, config, compile_graph=inductor_graph, cuda_graphs=True, regional=REGIONAL)
 
 
 def run_shadowkv(model, ids: torch.Tensor, steps: int, config, random_fill: bool = False, alone: bool = True) -> dict:

@@ -154,6 +154,8 @@ def bench(
     fold_chunks: int = typer.Option(16, help="ShadowKV folds the generated tail every this many chunks; 0: never"),
     breakdown: bool = typer.Option(False, help="per-kernel time of one ShadowKV decode step, and steps timed alone"),
     out: Path = typer.Option(Path("bench_out"), help="folder for bench.json, bench.png and table.txt"),
+    whole_graph: bool = typer.Option(False, help="ShadowKV compiles the whole forward as one graph instead of one "
+                                     "decoder layer reused for every layer (regional compile, the default)"),
     cold: bool = typer.Option(False, help="instead: seconds from a fresh process's start to the first token, "
                               "cold and with a warm compile cache, for dense and both ShadowKV API forms "
                               "(first context and batch only; cold_start.json and cold_start.md in --out)"),
@@ -164,6 +166,7 @@ def bench(
     """
     from shadowkv_fx import bench as b
 
+    b.REGIONAL = not whole_graph
     if cold:
         from shadowkv_fx import cold_start
 

@@ -30,9 +30,10 @@ def use_compile_cache(folder: str | os.PathLike) -> Path:
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") != inductor or os.environ.get("TRITON_CACHE_DIR") != triton:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor
         os.environ["TRITON_CACHE_DIR"] = triton
-        from torch._inductor.utils import clear_caches
+        from torch._inductor import utils
 
-        clear_caches()  # in-memory lookups keyed by the previous folder
+        if hasattr(utils, "clear_caches"):  # torch >= 2.12
+            utils.clear_caches()  # in-memory lookups keyed by the previous folder
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
     log.info("compile cache: %s", path)
