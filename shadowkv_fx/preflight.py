@@ -13,7 +13,8 @@ import torch
 from shadowkv_fx import fold
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.layer_state import PromptLayout
-from shadowkv_fx.pinned import registered_bytes
+from shadowkv_fx.host_memory import meminfo_available
+from shadowkv_fx.pinned import POOL, registered_bytes
 
 HOST_SHARE = 0.9  # of MemAvailable that pinned values may take
 # beyond the prefill working set: CUDA-graph pools, allocator fragmentation, cuBLAS/inductor
@@ -111,13 +112,11 @@ def _host_available() -> int | None:
 
 
 def mem_available() -> int | None:
-    """The host's MemAvailable in bytes (None without /proc/meminfo)."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-    except OSError:
-        return None
-    return info.get("MemAvailable")
+    """The host's MemAvailable in bytes, plus this process's free pinned blocks (None without
+    /proc/meminfo)."""
+    available = meminfo_available()
+    # blocks pinned for an earlier cache and free again are this process's to reuse
+    return None if available is None else available + POOL.pooled_bytes()
 
 
 @dataclass

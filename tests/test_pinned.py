@@ -41,3 +41,58 @@ def test_pinned_values_are_exact_page_locked_and_read_by_the_gather():
     del view
     gc.collect()
     assert pinned.live_bytes() == before, "freeing the storage unregisters it"
+
+
+@pytest.fixture
+def fake_registration(monkeypatch):
+    """cudaHostRegister / Unregister recorded instead of called: the pool's bookkeeping on a CPU."""
+    calls = {"register": [], "unregister": []}
+    monkeypatch.setattr(pinned, "_register", lambda ptr, size: calls["register"].append((ptr, size)))
+    monkeypatch.setattr(pinned, "_unregister", lambda ptr: calls["unregister"].append(ptr))
+    monkeypatch.setattr(pinned, "POOL", pinned.PinnedPool())
+    monkeypatch.setattr(preflight, "POOL", pinned.POOL)
+    return calls
+
+
+def test_a_cache_of_the_same_shape_reuses_the_pinned_blocks(fake_registration):
+    shape = (2, 3, 50, 8, 64)
+    first = [pinned.pinned_zeros(shape, torch.bfloat16) for _ in range(3)]  # three layers
+    ptrs = sorted(t.data_ptr() for t in first)
+    for t in first:
+        t.fill_(1.5)
+    assert len(fake_registration["register"]) == 3 and pinned.POOL.pooled_bytes() == 0
+    del first, t
+    gc.collect()
+    size = pinned.registered_bytes(2 * 3 * 50 * 8 * 64 * 2)
+    assert pinned.POOL.pooled_bytes() == 3 * size
+    with_pool = preflight.mem_available()
+    second = [pinned.pinned_zeros(shape, torch.bfloat16) for _ in range(3)]
+    assert sorted(t.data_ptr() for t in second) == ptrs, "the same blocks, not new page-locks"
+    assert len(fake_registration["register"]) == 3 and not fake_registration["unregister"]
+    assert all(not t.any() for t in second), "a reused block is zeroed"
+    assert pinned.POOL.pooled_bytes() == 0 and preflight.mem_available() < with_pool
+
+
+def test_a_view_keeps_its_block_out_of_the_pool(fake_registration):
+    values = pinned.pinned_zeros((4, 1000), torch.float32)
+    view = values[2:]
+    view.fill_(7.0)
+    del values
+    gc.collect()
+    assert pinned.POOL.pooled_bytes() == 0
+    other = pinned.pinned_zeros((4, 1000), torch.float32)  # must not reuse the viewed block
+    assert other.data_ptr() != view.data_ptr() - 2 * 1000 * 4 and bool((view == 7.0).all())
+    del view
+    gc.collect()
+    assert pinned.POOL.pooled_bytes() == pinned.registered_bytes(16000)
+
+
+def test_trim_unregisters_free_blocks_oldest_first(fake_registration):
+    blocks = [pinned.pinned_zeros((n, 1024), torch.float32) for n in (1, 2, 3)]
+    while blocks:  # freed in order: 1, 2, then 3 pages
+        del blocks[0]
+        gc.collect()
+    pinned.POOL.trim(keep_bytes=5 * 4096)
+    assert len(fake_registration["unregister"]) == 1 and pinned.POOL.pooled_bytes() == 5 * 4096
+    pinned.POOL.trim()
+    assert len(fake_registration["unregister"]) == 3 and pinned.POOL.pooled_bytes() == 0
