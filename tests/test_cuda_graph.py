@@ -4,11 +4,11 @@ import torch
 
 import shadowkv_fx
 from shadowkv_fx.cuda_graph import DecodeGraph
-from tests.models import left_padded, run_threads_against_serial, tiny_pair
+from tests.models import CUDA_ONLY_REASON, assert_close, left_padded, run_threads_against_serial, tiny_pair
 from shadowkv_fx.compat import output_cache
 
 if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device", allow_module_level=True)
+    pytest.skip(CUDA_ONLY_REASON, allow_module_level=True)
 
 SMALL = dict(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2)
 
