@@ -27,7 +27,8 @@ SELECTION = "tests/test_sparse_decode.py::test_prefill_state_and_selection_follo
 REUSE = "tests/test_sparse_decode.py::test_value_reuse_changes_no_token_and_serves_repeated_chunks"
 FOLD = "tests/test_fold.py::test_full_budget_and_rank_folding_equals_dense"
 FOLD_SPECULATION = "tests/test_fold.py::test_prompt_lookup_with_folding_equals_plain_greedy_at_sparse_settings"
-SUBSET = [EQUIVALENCE, SELECTION, REUSE, FOLD, FOLD_SPECULATION]
+RIGHT_PADDED = "tests/test_equivalence.py::test_right_padded_batch_gives_the_left_padded_tokens"
+SUBSET = [EQUIVALENCE, SELECTION, REUSE, FOLD, FOLD_SPECULATION, RIGHT_PADDED]
 
 # the tests each mutant is expected to fail, run first so that a killed mutant costs one test;
 # the rest of the subset runs after them, so a mutant that escapes its own tests can still die
@@ -42,6 +43,8 @@ FIRST = {
     "rope_columns_off_by_one": [FOLD],
     "folded_tail_attended_twice": [FOLD],
     "fold_undo_ignored": [FOLD_SPECULATION],
+    "crop_keeps_a_rejected_draft": [FOLD_SPECULATION],
+    "next_positions_off_by_one": [RIGHT_PADDED],
 }
 
 

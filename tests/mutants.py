@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from shadowkv_fx import fold
+from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.kernels import dispatch, reference
 from shadowkv_fx.layer_state import LayerState
 
@@ -196,6 +197,24 @@ def folded_tail_attended_twice() -> None:
             return plain(q, k_buf, v_buf, key_valid, tail_start, tail_fill, scale, None)
         return attend
     _wrap(dispatch, "decode_attention", make)
+
+
+@mutant("a crop of rejected drafts keeps one of them")
+def crop_keeps_a_rejected_draft() -> None:
+    def make(plain):
+        def crop(self, max_length):
+            return plain(self, int(max_length) + 1)
+        return crop
+    _wrap(ShadowKVCache, "crop", make)
+
+
+@mutant("the cache numbers a re-aligned (right-padded) batch's new tokens one position late")
+def next_positions_off_by_one() -> None:
+    def make(plain):
+        def positions(self, *args):
+            return plain(self, *args) + 1
+        return positions
+    _wrap(ShadowKVCache, "next_positions", make)
 
 
 def apply(name: str) -> None:

@@ -174,7 +174,7 @@ def test_prefill_state_and_selection_follow_the_algorithm():
     q = torch.randn(2, heads, 1, d, generator=torch.Generator().manual_seed(6)) * 4
     scale = d ** -0.5
     chunk_idx, picked = state.select(q, scale)
-    for b, n in enumerate(lengths):
+    for b in range(len(lengths)):
         c = cache.layout.chunks[b]
         logits = torch.einsum("hgd,hcd->hgc", q[b, :, 0].view(hkv, group, d), state.landmarks[b, :, :c]) * scale
         logits = logits.masked_fill(~state.selectable[b, :, None, :c], float("-inf"))
