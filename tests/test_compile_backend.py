@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import Phase, example, given, settings, strategies as st
 from torch._dynamo.utils import counters
 
 import shadowkv_fx
@@ -73,13 +73,16 @@ def eager_and_compiled(arch: str):
 
 
 # CFG selects 4 of up to 15 chunks (a real top-k from 32 tokens on); 13 tokens are too short to
-# compress and decode densely beside compressed rows. Each new batch size recompiles (~3-8 s per
-# architecture on the CI machine): two explicit examples and one drawn.
-@settings(max_examples=1)
+# compress and decode densely beside compressed rows; 21 leave one selectable chunk (the other picks
+# masked). Every new batch size recompiles: with four examples of batch 1, 2, 3 and a drawn one,
+# phi3 took 34 s here, with these three of batch 3 12 s. Only they run (CI's profile derandomizes
+# any draw anyway, so a draw would be one more fixed example).
+@settings(phases=[Phase.explicit])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-@given(lengths=st.lists(st.integers(13, 70), min_size=1, max_size=3), seed=st.integers(0, 99))
-@example(lengths=[66, 29], seed=1)
+@given(lengths=st.lists(st.integers(13, 70), min_size=3, max_size=3), seed=st.integers(0, 99))
 @example(lengths=[70, 13, 45], seed=2)
+@example(lengths=[66, 29, 58], seed=1)
+@example(lengths=[21, 70, 37], seed=0)
 def test_compiled_generate_equals_eager_optimize(arch, lengths, seed):
     eager, compiled = eager_and_compiled(arch)
     ids, mask = left_padded(len(lengths), lengths, 96, seed)
