@@ -11,13 +11,20 @@ import torch  # noqa: E402
 # Another module (inductor, a test) importing triton first would break every interpreted kernel.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from hypothesis import settings  # noqa: E402
+from hypothesis import Phase, settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True, print_blob=True)
 settings.register_profile("dev", max_examples=25, deadline=None)
 # the oldest supported transformers re-runs the core tests with fewer examples each (scripts/test.sh)
 settings.register_profile("oldest", max_examples=3, deadline=None, derandomize=True, print_blob=True)
+# mutation testing (scripts/mutants.py): only the explicit @examples, the known-hard cases, once each
+settings.register_profile("mutants", phases=[Phase.explicit], deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# a mutation-testing session (scripts/mutants.py) runs the whole test session with one planted bug
+if os.environ.get("SHADOWKV_MUTANT"):
+    from tests import mutants  # noqa: E402
+
+    mutants.apply(os.environ["SHADOWKV_MUTANT"])
 # one thread per xdist worker (scripts/test.sh runs two on the two cores), else two
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 

@@ -1,4 +1,5 @@
 """``torch.compile(model, backend="shadowkv")``: same pass, inductor after it, no recompiles in decode."""
+import functools
 import json
 import shutil
 import subprocess
@@ -7,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import Phase, example, given, settings, strategies as st
 from torch._dynamo.utils import counters
 
 import shadowkv_fx
 from shadowkv_fx.backend import ShadowKVInductorKey, inductor_graph
 from shadowkv_fx.passes.rewrite import pass_uuid
-from tests.models import ARCHS, left_padded, tiny_pair
+from tests.models import ARCHS, assert_close, left_padded, tiny_pair
 
 CFG = dict(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2)
 REPO = Path(__file__).resolve().parents[1]
@@ -24,18 +25,26 @@ def greedy(model, ids, mask, n=5):
         return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
+def greedy_with_logits(model, ids, mask, n=5):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+
+
 def test_backend_is_found_through_the_entry_point_in_a_fresh_interpreter():
     script = f"""
 import json, sys, torch
 sys.path.insert(0, {str(REPO)!r})
 from tests.models import tiny_pair, left_padded
-_, model = tiny_pair("llama")
+_, model = tiny_pair("llama", peaked=True)
 compiled = torch.compile(model, backend="shadowkv", options={CFG!r})
 imported_before_generate = "shadowkv_fx" in sys.modules
 ids, mask = left_padded(2, [60, 45], 96)
 with torch.no_grad():
-    out = compiled.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-print(json.dumps({{"tokens": out.tolist(), "optimized": model._shadowkv is not None}}))
+    out = compiled.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+                            output_logits=True, return_dict_in_generate=True)
+print(json.dumps({{"tokens": out.sequences.tolist(), "logits": [l.tolist() for l in out.logits],
+                  "optimized": model._shadowkv is not None}}))
 """
     probe = subprocess.run([sys.executable, "-c", "import sys, torch; print('shadowkv_fx' in sys.modules)"],
                            capture_output=True, text=True, check=True)
@@ -43,23 +52,44 @@ print(json.dumps({{"tokens": out.tolist(), "optimized": model._shadowkv is not N
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    _, eager = tiny_pair("llama")
+    _, eager = tiny_pair("llama", peaked=True)
     shadowkv_fx.optimize(eager, shadowkv_fx.ShadowKVConfig(**CFG))
     ids, mask = left_padded(2, [60, 45], 96)
     assert result["optimized"]
-    assert result["tokens"] == greedy(eager, ids, mask).tolist()
+    want = greedy_with_logits(eager, ids, mask)
+    assert result["tokens"] == want.sequences.tolist()
+    for step, (got, expected) in enumerate(zip(result["logits"], want.logits, strict=True)):
+        assert_close(torch.tensor(got), expected, atol=2e-5, rtol=1e-5, what=f"logits at step {step}")
 
 
-@settings(max_examples=1)
-@pytest.mark.parametrize("arch", sorted(ARCHS))
-@given(batch=st.integers(1, 2), length=st.integers(21, 70), seed=st.integers(0, 99))
-def test_compiled_generate_equals_eager_optimize(arch, batch, length, seed):
-    _, eager = tiny_pair(arch, seed=seed)
-    _, compiled_model = tiny_pair(arch, seed=seed)
+@functools.cache
+def eager_and_compiled(arch: str):
+    """One peaked model per architecture, optimized eagerly and compiled: every example of the
+    property below reuses them (new prompt shapes recompile the graph, the model is built once)."""
+    _, eager = tiny_pair(arch, seed=3, peaked=True)
+    _, compiled_model = tiny_pair(arch, seed=3, peaked=True)
     shadowkv_fx.optimize(eager, shadowkv_fx.ShadowKVConfig(**CFG))
-    compiled = torch.compile(compiled_model, backend="shadowkv", options=CFG)
-    ids, mask = left_padded(batch, [length, max(1, length - 9)][:batch], 96, seed)
-    assert torch.equal(greedy(compiled, ids, mask), greedy(eager, ids, mask))
+    return eager, torch.compile(compiled_model, backend="shadowkv", options=CFG)
+
+
+# CFG selects 4 of up to 15 chunks (a real top-k from 32 tokens on); 13 tokens are too short to
+# compress and decode densely beside compressed rows; 21 leave one selectable chunk (the other picks
+# masked). Every new batch size recompiles: with four examples of batch 1, 2, 3 and a drawn one,
+# phi3 took 34 s here, with these three of batch 3 12 s. Only they run (CI's profile derandomizes
+# any draw anyway, so a draw would be one more fixed example).
+@settings(phases=[Phase.explicit])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@given(lengths=st.lists(st.integers(13, 70), min_size=3, max_size=3), seed=st.integers(0, 99))
+@example(lengths=[70, 13, 45], seed=2)
+@example(lengths=[66, 29, 58], seed=1)
+@example(lengths=[21, 70, 37], seed=0)
+def test_compiled_generate_equals_eager_optimize(arch, lengths, seed):
+    eager, compiled = eager_and_compiled(arch)
+    ids, mask = left_padded(len(lengths), lengths, 96, seed)
+    want, got = greedy_with_logits(eager, ids, mask), greedy_with_logits(compiled, ids, mask)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (g, w) in enumerate(zip(got.logits, want.logits)):
+        assert_close(g, w, atol=2e-5, rtol=1e-5, what=f"logits at step {step}")
 
 
 @pytest.mark.parametrize("regional", [True, False], ids=["one-layer-region", "whole-forward"])

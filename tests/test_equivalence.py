@@ -44,7 +44,7 @@ def assert_same_generation(expected, actual, atol=2e-4):
 )
 @example(batch=2, base_len=61, pad=[0, 7, 0], kv_heads=2, group=2, head_dim=16, seed=0)
 def test_full_budget_full_rank_equals_dense(arch, batch, base_len, pad, kv_heads, group, head_dim, seed):
-    dense, model = tiny_pair(arch, kv_heads=kv_heads, group=group, head_dim=head_dim, seed=seed)
+    dense, model = tiny_pair(arch, kv_heads=kv_heads, group=group, head_dim=head_dim, seed=seed, peaked=True)
     shadowkv_fx.optimize(model, full_config(model))
     lengths = [max(1, base_len - p) for p in pad[:batch]]
     ids, mask = left_padded(batch, lengths, dense.config.vocab_size, seed)
@@ -58,7 +58,7 @@ def test_full_budget_full_rank_equals_dense(arch, batch, base_len, pad, kv_heads
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_sampling_matches_dense_with_same_seed(attn):
-    dense, model = tiny_pair("llama", attn=attn, seed=3)
+    dense, model = tiny_pair("llama", attn=attn, seed=3, peaked=True)
     shadowkv_fx.optimize(model, full_config(model))
     ids, mask = left_padded(2, [40, 33], dense.config.vocab_size, seed=3)
     torch.manual_seed(11)
@@ -113,7 +113,7 @@ def right_padded(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
 @settings(max_examples=3)
 def test_right_padded_batch_gives_the_left_padded_tokens(lengths, sparse, seed):
     """Tokenizers that pad on the right (SmolLM2's) work: rows are re-aligned, same tokens as left padding."""
-    dense, model = tiny_pair("llama", seed=seed)
+    dense, model = tiny_pair("llama", seed=seed, peaked=True)
     config = full_config(model)
     if sparse:
         config = shadowkv_fx.ShadowKVConfig(sparse_budget=CHUNK, rank=4, chunk_size=CHUNK, local_chunks=LOCAL,

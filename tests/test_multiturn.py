@@ -10,7 +10,6 @@ from tests.models import assert_close, full_rank, tiny_pair
 
 CHUNK, LOCAL, OUTLIERS = 4, 2, 2
 REPLY = 6
-SHARPEN = 8.0
 
 
 def test_folding_multiturn_equals_dense_and_folds_each_later_turn():
@@ -18,10 +17,7 @@ def test_folding_multiturn_equals_dense_and_folds_each_later_turn():
     rank the conversation is dense's token for token, every turn moves the store forward, and the
     dense tail ends within the fold window; its buffer is sized by the longest turn (capacity doubles
     when a turn does not fit), never by the conversation."""
-    dense, model = tiny_pair("llama", seed=21)
-    for copy in (dense, model):  # peaky attention, so a wrongly rebuilt folded key moves the logits
-        for layer in copy.model.layers:
-            layer.self_attn.q_proj.weight.data *= SHARPEN
+    dense, model = tiny_pair("llama", seed=21, peaked=True)  # a wrongly rebuilt folded key moves the logits
     config = shadowkv_fx.ShadowKVConfig(sparse_budget=4096, rank=full_rank(model), chunk_size=CHUNK,
                                         local_chunks=LOCAL, outlier_chunks=OUTLIERS, fold_chunks=1)
     shadowkv_fx.optimize(model, config)
@@ -83,7 +79,7 @@ def test_recall_samples_are_seeded_and_the_answer_sits_in_an_early_turn(tokenize
 def test_a_reply_ending_in_eos_hands_it_to_the_turn_text():
     """The eos that ended a reply was never cached: the next turn (which closes the reply itself,
     as the chat template does) replaces it, and ShadowKV still follows dense."""
-    dense, model = tiny_pair("llama", seed=22)
+    dense, model = tiny_pair("llama", seed=22, peaked=True)
     config = shadowkv_fx.ShadowKVConfig(sparse_budget=4096, rank=full_rank(model), chunk_size=CHUNK,
                                         local_chunks=LOCAL, outlier_chunks=OUTLIERS, fold_chunks=1)
     shadowkv_fx.optimize(model, config)
@@ -91,9 +87,13 @@ def test_a_reply_ending_in_eos_hands_it_to_the_turn_text():
     prompt = torch.randint(3, 96, (1, 30), generator=g)
     turns = [torch.randint(3, 96, (1, 9), generator=g) for _ in range(2)]
     first = converse(dense, prompt, [], DynamicCache(), REPLY, 1, pad_token_id=0).replies[0][0, 0].item()
-    want = converse(dense, prompt, turns, DynamicCache(), REPLY, REPLY, eos_token_id=first, pad_token_id=0)
+    kwargs = dict(eos_token_id=first, pad_token_id=0, output_logits=True)
+    want = converse(dense, prompt, turns, DynamicCache(), REPLY, REPLY, **kwargs)
     cache = ShadowKVCache(model.config.num_hidden_layers, config)
-    got = converse(model, prompt, turns, cache, REPLY, REPLY, eos_token_id=first, pad_token_id=0)
+    got = converse(model, prompt, turns, cache, REPLY, REPLY, **kwargs)
     assert want.replies[0].tolist() == [[first]], "the first reply is the eos alone"
     assert torch.equal(want.ids[:, :prompt.shape[1] + turns[0].shape[1]], torch.cat([prompt, turns[0]], 1))
     assert torch.equal(got.ids, want.ids)
+    for turn, (g_steps, w_steps) in enumerate(zip(got.logits, want.logits, strict=True)):
+        for step, (g_, w) in enumerate(zip(g_steps, w_steps, strict=True)):
+            assert_close(g_, w, atol=2e-4, rtol=1e-4, what=f"turn {turn} step {step} logits")

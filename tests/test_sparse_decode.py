@@ -1,8 +1,10 @@
 """Compression on: the sparse path's bookkeeping, batching invariants and memory report."""
+import dataclasses
+
 import torch
 
 import shadowkv_fx
-from tests.models import assert_close, left_padded, tiny_pair
+from tests.models import assert_close, full_rank, left_padded, tiny_pair
 from shadowkv_fx.cache import device_and_host_bytes
 from shadowkv_fx.compat import output_cache
 
@@ -17,14 +19,14 @@ def run(model, ids, mask, new_tokens, **kwargs):
 
 def test_each_sequence_of_a_mixed_batch_gets_what_it_gets_alone():
     """Left padding, one prompt too short to compress and one compressed (DESIGN.md §5)."""
-    _, model = tiny_pair("qwen2", seed=5)
+    _, model = tiny_pair("qwen2", seed=5, peaked=True)
     shadowkv_fx.optimize(model, SMALL)
     lengths = [120, 13, 77]
     ids, mask = left_padded(3, lengths, 96, seed=5)
-    together = run(model, ids, mask, 6)
+    together = run(model, ids, mask, 6, min_new_tokens=6)
     width = ids.shape[1]
     for b, n in enumerate(lengths):
-        alone = run(model, ids[b:b + 1, width - n:], mask[b:b + 1, width - n:], 6)
+        alone = run(model, ids[b:b + 1, width - n:], mask[b:b + 1, width - n:], 6, min_new_tokens=6)
         assert torch.equal(together.sequences[b, width:], alone.sequences[0, n:]), b
         for step, (t, a) in enumerate(zip(together.logits, alone.logits)):
             assert_close(t[b], a[0], atol=1e-4, rtol=1e-4, what=f"row {b} step {step}")
@@ -90,8 +92,6 @@ def test_forward_without_generate_makes_and_returns_a_cache():
 def test_value_reuse_changes_no_token_and_serves_repeated_chunks():
     """Chunks the previous step fetched are read from its copy: same tokens and logits, and most
     chunks of consecutive steps are hits (the paper reports ~60%)."""
-    import dataclasses
-
     _, plain = tiny_pair("llama", seed=7)
     _, reusing = tiny_pair("llama", seed=7)
     shadowkv_fx.optimize(plain, dataclasses.replace(SMALL, reuse_values=False))
@@ -110,19 +110,21 @@ def test_sequences_of_one_layout_share_one_row_of_rope_tables():
     """Equal-length prompts have equal positions, so their RoPE tables are kept once (a row per
     sequence is 59 MiB at 122K on the 8B shape); generated tokens (folded into the store too)
     still give each sequence what it gets alone. Positions a caller makes differ widen them."""
-    _, model = tiny_pair("llama", seed=7)
+    _, model = tiny_pair("llama", seed=7, peaked=True)
     config = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2,
                                         fold_chunks=2)
     shadowkv_fx.optimize(model, config)
     ids, mask = left_padded(3, [90, 90, 90], 96, seed=7)
-    together = run(model, ids, mask, 30)
+    together = run(model, ids, mask, 30, min_new_tokens=30)
     cache = output_cache(together)
     tables = [t for shared in cache.rope_tables.sets for t in shared]
     assert tables and all(t.shape[0] == 1 for t in tables)
     assert cache.layers[0].state.folds and cache.layers[0].state.chunks[0] * 4 > 90, "generated tokens were folded"
     for b in range(3):
-        alone = run(model, ids[b:b + 1], mask[b:b + 1], 30)
+        alone = run(model, ids[b:b + 1], mask[b:b + 1], 30, min_new_tokens=30)
         assert torch.equal(together.sequences[b], alone.sequences[0]), b
+        for step, (t, a) in enumerate(zip(together.logits, alone.logits)):
+            assert_close(t[b], a[0], atol=1e-4, rtol=1e-4, what=f"row {b} step {step}")
     mixed = output_cache(run(model, *left_padded(2, [90, 70], 96, seed=7), 3))
     assert all(t.shape[0] == 2 for shared in mixed.rope_tables.sets for t in shared)
     before = [t.clone() for shared in cache.rope_tables.sets for t in shared]
@@ -132,3 +134,55 @@ def test_sequences_of_one_layout_share_one_row_of_rope_tables():
     after = [t for shared in cache.rope_tables.sets for t in shared]
     assert all(a.shape[0] == 3 and torch.equal(a, b.expand_as(a)) for a, b in zip(after, before))
     assert all(layer.state.rope_tables[0] is after[0] for layer in cache.layers), "every layer reads the widened table"
+
+
+def test_prefill_state_and_selection_follow_the_algorithm():
+    """Checked against the keys of the dense model, computed here and not by the code under test:
+    each landmark is the mean of its chunk's post-RoPE keys, the outliers are each head's chunks
+    with the lowest min cosine to their landmark, ``U @ SV`` rebuilds the pre-RoPE keys (full
+    rank), and a step picks the ``budget_chunks`` selectable chunks of highest score: softmax of
+    ``q . landmarks`` per query head, summed over tokens, max over each GQA group."""
+    dense, model = tiny_pair("llama", seed=6, peaked=True)
+    config = dataclasses.replace(SMALL, rank=full_rank(model))
+    shadowkv_fx.optimize(model, config)
+    lengths, chunk = [120, 93], config.chunk_size
+    ids, mask = left_padded(2, lengths, 96, seed=6)
+    projected = []
+    hook = dense.model.layers[0].self_attn.k_proj.register_forward_hook(lambda m, i, out: projected.append(out))
+    with torch.no_grad():
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded prompts
+        keys = output_cache(dense(ids, attention_mask=mask, position_ids=positions)).layers[0].keys  # post-RoPE
+        cache = output_cache(model(ids, attention_mask=mask))
+    hook.remove()
+    state = cache.layers[0].state
+    hkv, d = keys.shape[1], keys.shape[3]
+    k_pre = projected[0].view(*ids.shape, hkv, d).transpose(1, 2)
+    width = ids.shape[1]
+    for b, n in enumerate(lengths):
+        c = cache.layout.chunks[b]
+        assert c == n // chunk - config.local_chunks
+        chunks = keys[b, :, width - n : width - n + c * chunk].reshape(hkv, c, chunk, d)
+        means = chunks.mean(dim=2)
+        assert_close(state.landmarks[b, :, :c], means, atol=1e-5, rtol=1e-5, what=f"row {b} landmarks")
+        cosine = (chunks * means[:, :, None]).sum(-1) / (chunks.norm(dim=-1) * means.norm(dim=-1)[:, :, None])
+        worst = torch.topk(-cosine.min(dim=-1).values, config.outlier_chunks, dim=-1).indices
+        assert torch.equal(state.outlier_ids[b].sort(-1).values, worst.sort(-1).values), b
+        selectable = torch.ones(hkv, c, dtype=torch.bool).scatter_(1, worst, False)
+        assert torch.equal(state.selectable[b, :, :c], selectable), b
+        rebuilt = torch.einsum("tr,hrd->htd", state.u[b, : c * chunk], state.sv[b])
+        assert_close(rebuilt, k_pre[b, :, width - n : width - n + c * chunk], atol=1e-5, rtol=1e-4,
+                     what=f"row {b} U @ SV")
+
+    heads, group = model.config.num_attention_heads, model.config.num_attention_heads // hkv
+    q = torch.randn(2, heads, 1, d, generator=torch.Generator().manual_seed(6)) * 4
+    scale = d ** -0.5
+    chunk_idx, picked = state.select(q, scale)
+    for b in range(len(lengths)):
+        c = cache.layout.chunks[b]
+        logits = torch.einsum("hgd,hcd->hgc", q[b, :, 0].view(hkv, group, d), state.landmarks[b, :, :c]) * scale
+        logits = logits.masked_fill(~state.selectable[b, :, None, :c], float("-inf"))
+        score = torch.softmax(logits, dim=-1).amax(dim=1)  # [Hkv, c]
+        want = torch.topk(score, config.budget_chunks, dim=-1)
+        assert float(want.values[:, -1].min()) > 0, "the budget covers selectable chunks only"
+        got = chunk_idx[b][picked[b]].view(hkv, -1)
+        assert torch.equal(got.sort(-1).values, want.indices.sort(-1).values), f"row {b}: {got} vs {want.indices}"

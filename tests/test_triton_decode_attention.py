@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from shadowkv_fx.kernels import reference, triton_decode_attention as tda  # noqa: E402
-from tests.models import assert_close  # noqa: E402
+from tests.models import assert_close, cuda_only  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # (dtype, atol, rtol): bf16 rounds the output and, on the GPU, the probabilities fed to P @ V
@@ -134,7 +134,7 @@ def test_rejects_bad_arguments():
 LLAMA_PREFIX = 48 * 8 + 2048 + 32
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@cuda_only
 @pytest.mark.parametrize("b", [4, 16])
 def test_llama_shapes_and_cuda_graph_replay(b):
     hkv, g, n, d, cap = 8, 4, 1, 128, 64

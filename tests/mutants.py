@@ -1,0 +1,223 @@
+"""Named mutants of the kernels' dispatch layer and of the cache state: each is a small, plausible
+bug, applied as a monkeypatch for a whole test session (``SHADOWKV_MUTANT=name``, read by
+tests/conftest.py). ``scripts/mutants.py`` runs a fast subset of the suite under each and requires
+it to fail: a mutant the tests do not notice is a missing test.
+
+Every mutant patches a module attribute that the code under test looks up at call time
+(``dispatch.X``, ``reference.X``, ``fold.X``, ``LayerState.X``), so the eager path, the compiled
+graph (whose ShadowKV op calls back into Python) and the Triton dispatch all see it.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from shadowkv_fx import fold
+from shadowkv_fx.cache import ShadowKVCache
+from shadowkv_fx.kernels import dispatch, reference
+from shadowkv_fx.layer_state import LayerState
+
+MUTANTS: dict[str, tuple[str, Callable[[], None]]] = {}
+
+
+def mutant(description: str):
+    def register(apply: Callable[[], None]) -> Callable[[], None]:
+        MUTANTS[apply.__name__] = (description, apply)
+        return apply
+    return register
+
+
+def _wrap(owner, name: str, make: Callable[[Callable], Callable]) -> None:
+    plain = getattr(owner, name)
+    setattr(owner, name, functools.wraps(plain)(make(plain)))
+
+
+@mutant("the low-rank key rebuild writes zeros instead of the chosen chunks' keys")
+def lost_keys() -> None:
+    def make(plain):
+        def rebuild(*args):
+            plain(*args)
+            args[-1].zero_()
+        return rebuild
+    _wrap(dispatch, "rebuild_rope_keys", make)
+
+
+@mutant("rebuilt keys are rotated at the position after their own")
+def rope_off_by_one() -> None:
+    def make(plain):
+        def rebuild(u, sv, chunk_idx, chunk_size, pad, *rest):
+            plain(u, sv, chunk_idx, chunk_size, pad + 1, *rest)
+        return rebuild
+    _wrap(dispatch, "rebuild_rope_keys", make)
+
+
+@mutant("the values of each chosen chunk are read from the next chunk")
+def values_from_wrong_chunk() -> None:
+    def make(plain):
+        def gather(v_chunks, chunk_idx, *rest):
+            return plain(v_chunks, (chunk_idx + 1) % v_chunks.shape[2], *rest)
+        return gather
+    _wrap(dispatch, "gather_value_chunks", make)
+
+
+@mutant("top-k picks the lowest-scoring selectable chunks")
+def topk_inverted() -> None:
+    def make(plain):
+        def top(scores, k):
+            return plain(torch.where(torch.isfinite(scores), -scores, scores), k)
+        return top
+    _wrap(dispatch, "top_chunks", make)
+
+
+@mutant("chunk scores come from the first query head of each GQA group, not the max over the group")
+def score_first_head_only() -> None:
+    def make(plain):
+        def score(q, landmarks, selectable, scale):
+            b, hq, n, d = q.shape
+            hkv = landmarks.shape[1]
+            first = q.view(b, hkv, hq // hkv, n, d)[:, :, :1].expand(-1, -1, hq // hkv, -1, -1)
+            return plain(first.reshape(b, hq, n, d), landmarks, selectable, scale)
+        return score
+    _wrap(dispatch, "score_chunks", make)
+
+
+@mutant("a new token's K/V land one tail slot late: the step reads a stale slot as its own")
+def stale_tail_slot() -> None:
+    def make(plain):
+        def append(self, *args):
+            self.tail_fill.add_(1)
+            plain(self, *args)
+            self.tail_fill.sub_(1)
+        return append
+    _wrap(LayerState, "append_tail", make)
+
+
+@mutant("decode attention ignores the key mask (padding and unpicked slots are attended)")
+def mask_ignored() -> None:
+    def make(plain):
+        def attend(q, k_buf, v_buf, key_valid, *rest, **kwargs):
+            return plain(q, k_buf, v_buf, torch.ones_like(key_valid), *rest, **kwargs)
+        return attend
+    _wrap(dispatch, "decode_attention", make)
+
+
+@mutant("the outlier chunks, kept dense, are masked out of decode attention")
+def outliers_ignored() -> None:
+    def make(plain):
+        def build(self, *args):
+            plain(self, *args)
+            self.key_valid[:, :, : self.sel_start] = False
+        return build
+    _wrap(LayerState, "_build_buffers", make)
+
+
+@mutant("the oldest token of the local window is masked out of decode attention")
+def local_window_short() -> None:
+    def make(plain):
+        def build(self, *args):
+            plain(self, *args)
+            self.key_valid[:, :, self.local_start] = False
+        return build
+    _wrap(LayerState, "_build_buffers", make)
+
+
+@mutant("a chunk's landmark is its first token instead of the mean of its keys")
+def landmarks_first_token() -> None:
+    def landmarks(k_rot, chunk_size):
+        hkv, t, d = k_rot.shape
+        chunks = k_rot.float().view(hkv, t // chunk_size, chunk_size, d)
+        first = chunks[:, :, 0]
+        cosine = torch.nn.functional.cosine_similarity(chunks, first.unsqueeze(2), dim=-1)
+        return first, cosine.min(dim=-1).values
+    reference.chunk_landmarks = landmarks
+
+
+@mutant("the low-rank factors drop their smallest kept singular component")
+def svd_drops_a_component() -> None:
+    def make(plain):
+        def factors(k_pre, rank):
+            u, sv = plain(k_pre, rank)
+            kept = int((sv.square().sum(dim=(0, 2)) > 0).sum())  # sv: [Hkv, r, D], components by size
+            if kept:
+                sv[:, kept - 1] = 0
+            return u, sv
+        return factors
+    _wrap(reference, "low_rank_keys", make)
+
+
+@mutant("with value reuse, a slot whose chunk changed keeps the old chunk's values")
+def reuse_stale_values() -> None:
+    def make(plain):
+        def slots(chunk_idx, picked, prev_idx):
+            slot_idx, slot_picked, fetch = plain(chunk_idx, picked, prev_idx)
+            return slot_idx, slot_picked, fetch & (prev_idx < 0)
+        return slots
+    _wrap(reference, "stable_slots", make)
+
+
+@mutant("a fold drops the last chunk it folds: its tokens leave the dense tail and are never selectable")
+def fold_drops_a_chunk() -> None:
+    def make(plain):
+        def fold_rows(state, rows, m, undo):
+            plain(state, rows, m, undo)
+            state.selectable[rows, :, state.chunks[rows[0]] - 1] = False
+        return fold_rows
+    _wrap(fold, "_fold_rows", make)
+
+
+@mutant("folding never refreshes the low-rank basis, however badly new keys project onto it")
+def fold_never_refreshes() -> None:
+    fold.REFRESH_FLOOR = float("inf")
+
+
+@mutant("a crop of rejected drafts does not take back the folds made past it")
+def fold_undo_ignored() -> None:
+    fold.FoldUndo.restore = lambda self: None
+
+
+@mutant("generated tokens' RoPE inputs are stored one column late: their folded keys rotate wrongly")
+def rope_columns_off_by_one() -> None:
+    def make(plain):
+        def append(self, *args):
+            if self.folds:
+                self.gen_count.add_(1)
+            plain(self, *args)
+            if self.folds:
+                self.gen_count.sub_(1)
+        return append
+    _wrap(LayerState, "append_tail", make)
+
+
+@mutant("decode attention ignores tail_first: tail slots already folded are attended twice")
+def folded_tail_attended_twice() -> None:
+    def make(plain):
+        def attend(q, k_buf, v_buf, key_valid, tail_start, tail_fill, scale, tail_first=None):
+            return plain(q, k_buf, v_buf, key_valid, tail_start, tail_fill, scale, None)
+        return attend
+    _wrap(dispatch, "decode_attention", make)
+
+
+@mutant("a crop of rejected drafts keeps one of them")
+def crop_keeps_a_rejected_draft() -> None:
+    def make(plain):
+        def crop(self, max_length):
+            return plain(self, int(max_length) + 1)
+        return crop
+    _wrap(ShadowKVCache, "crop", make)
+
+
+@mutant("the cache numbers a re-aligned (right-padded) batch's new tokens one position late")
+def next_positions_off_by_one() -> None:
+    def make(plain):
+        def positions(self, *args):
+            return plain(self, *args) + 1
+        return positions
+    _wrap(ShadowKVCache, "next_positions", make)
+
+
+def apply(name: str) -> None:
+    if name not in MUTANTS:
+        raise ValueError(f"unknown mutant {name!r}; known: {', '.join(MUTANTS)}")
+    MUTANTS[name][1]()
