@@ -78,7 +78,9 @@ class RegionalCall:
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         own_forward = type(self.layer).forward
-        if torch.compiler.is_compiling() or not self.active():
+        # is_dynamo_compiling: True only inside a trace, never at run time (is_compiling() is a
+        # process-wide flag: another thread compiling would send this one down the dense path)
+        if torch.compiler.is_dynamo_compiling() or not self.active():
             # the model's dense forward (use_cache=False, enabled=False, a dense benchmark compiling
             # the original forward): the layer as it is, no ShadowKV cache to fill
             return own_forward(self.layer, hidden_states, *args, **kwargs)

@@ -89,3 +89,15 @@ def test_a_second_process_hits_the_compile_cache(tmp_path):
     assert warm["tokens"] == cold["tokens"]
     assert (tmp_path / "cache" / "inductor").is_dir()
     counters.clear()
+
+
+def test_the_original_forward_compiled_on_its_own_stays_dense():
+    """A dense benchmark compiles the optimized model's original forward (bench.run_dense): the layer
+    regions must trace as the plain layers, not as ShadowKV ops with no cache."""
+    dense, model = tiny_pair("llama")
+    shadowkv_fx.optimize(model, shadowkv_fx.ShadowKVConfig(**CFG))
+    compiled = torch.compile(model._shadowkv.original_forward, backend="eager", fullgraph=True)
+    ids = left_padded(1, [30], 96)[0]
+    with torch.no_grad():
+        expected = dense(ids, use_cache=False).logits
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, expected, rtol=0, atol=1e-5)
