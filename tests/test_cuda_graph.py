@@ -1,4 +1,6 @@
 """Whole decode steps captured as CUDA graphs (GPU only; skipped on the CPU machine)."""
+import warnings
+
 import pytest
 import torch
 
@@ -96,8 +98,14 @@ def test_compile_reduce_overhead_generate_captures_the_decode_step(how):
     shadowkv_fx.optimize(eager, config)
     compiled = torch.compile(compiled_model, backend="shadowkv", **kwargs)
     want = generate(eager, lengths, 10, seed=4)
-    got = generate(compiled, lengths, 10, seed=4)
-    assert_same(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a capture that fails falls back with a warning
+        got = generate(compiled, lengths, 10, seed=4)
+    # inductor against eager FX: fp32 reductions fused in another order (H100: up to 1.3e-4 on these
+    # peaked logits); a wrong key, position or chunk moves them by 1e-2 and more
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (g, w) in enumerate(zip(got.logits, want.logits, strict=True)):
+        assert_close(g, w, atol=5e-4, rtol=RTOL, what=f"inductor logits at step {step}")
     assert compiled_model._shadowkv.cuda_graphs
     assert len(graphs(output_cache(got))) == 1
 

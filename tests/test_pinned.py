@@ -38,9 +38,16 @@ def test_pinned_values_are_exact_page_locked_and_read_by_the_gather():
     del values, on_device
     gc.collect()
     assert pinned.live_bytes() - before == 75 * pinned.PAGE and view.is_pinned()
+    pooled = pinned.POOL.pooled_bytes()
     del view
     gc.collect()
-    assert pinned.live_bytes() == before, "freeing the storage unregisters it"
+    assert pinned.POOL.pooled_bytes() - pooled == 75 * pinned.PAGE, "the freed block waits in the pool, registered"
+    again = pinned.pinned_zeros(shape, torch.bfloat16)
+    assert again.is_pinned() and not again.any() and pinned.live_bytes() - before == 75 * pinned.PAGE
+    del again
+    gc.collect()
+    pinned.POOL.trim()
+    assert pinned.live_bytes() == before, "trimming the pool unregisters its blocks"
 
 
 @pytest.fixture
