@@ -93,19 +93,24 @@ class RegionalCall:
 
 
 def mark_shapes(hidden_states: torch.Tensor, others: list[torch.Tensor]) -> None:
-    """One graph for every batch size and one for every prompt length (or piece of one); a size of 1
-    stays specialised (dynamo's 0/1 rule), so decode keeps its own graph. Every other dim is static:
+    """One prefill graph for every batch size and prompt length (or piece of one), one static decode
+    graph per batch size. Every other dim is static:
     a second model of the architecture with another head size (the layer's code, so its compiled
     graphs, are shared) must not make dynamo generalise the RoPE tables' width, which the pass
     needs as a number."""
     batch, length = hidden_states.shape[:2]
-    torch._dynamo.maybe_mark_dynamic(hidden_states, 0)
-    if length > 1:
-        torch._dynamo.maybe_mark_dynamic(hidden_states, 1)
-    torch._dynamo.mark_static(hidden_states, 2)
+    prompt = length > 1
+    # a decode step stays static, batch included: its graph is captured as a CUDA graph, and an
+    # inductor kernel of a symbolic size autotunes (synchronizes) on a later launch, inside the
+    # capture (H100: "operation not permitted when stream is capturing")
+    for dim in range(3):
+        if prompt and dim < 2:
+            torch._dynamo.maybe_mark_dynamic(hidden_states, dim)
+        else:
+            torch._dynamo.mark_static(hidden_states, dim)
     for value in others:
-        dynamic = set(_sequence_dims(value, length)) if length > 1 else set()
-        if value.dim() > 1 and value.shape[0] == batch:
+        dynamic = set(_sequence_dims(value, length)) if prompt else set()
+        if prompt and value.dim() > 1 and value.shape[0] == batch:
             dynamic.add(0)
         for dim in range(value.dim()):
             if dim in dynamic:
