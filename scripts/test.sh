@@ -36,10 +36,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q "transformers==$OLDEST"
 check_version "$VENV/bin/python" 0
-echo "== oldest supported transformers: pass, equivalence, compile, bad-input, speculation tests"
+echo "== oldest supported transformers: pass, equivalence, compile, cold start, hooks, bad-input, speculation tests"
 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-oldest} "$VENV/bin/python" "${PYTEST[@]}" --junitxml="$REPORTS/oldest.xml" \
     tests/test_pass.py tests/test_equivalence.py tests/test_compile_backend.py tests/test_bad_input.py \
-    tests/test_versions.py tests/test_generate_trust.py::test_crop_keeps_every_layer_its_own_tail_count \
+    tests/test_versions.py tests/test_hooks.py tests/test_cold_start.py \
+    tests/test_generate_trust.py::test_crop_keeps_every_layer_its_own_tail_count \
     tests/test_generate_trust.py::test_prompt_lookup_never_changes_the_output "$@"
 "$VENV/bin/python" scripts/check_skips.py "$REPORTS/oldest.xml"
 
