@@ -6,13 +6,13 @@ import copy
 import functools
 import logging
 import os
-import threading
 from typing import Callable
 
 import torch
 
 from shadowkv_fx import compat, cuda_graph, regions
 from shadowkv_fx.compile_cache import from_environment, use_compile_cache
+from shadowkv_fx.dynamo_limits import RECOMPILE_LIMIT, recompile_limit
 from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.padding import prompt_layout
 from shadowkv_fx.config import ShadowKVConfig
@@ -24,49 +24,6 @@ from shadowkv_fx.passes.rewrite import PassReport, shadowkv_pass
 from shadowkv_fx.passes.token_chunks import chunk_prefill_mlps
 
 log = logging.getLogger(__name__)
-RECOMPILE_LIMIT = 64
-_LIMIT_LOCK = threading.Lock()
-_LIMIT_USERS = 0
-
-
-@functools.cache
-def _thread_local_config() -> bool:
-    """Whether dynamo's config values are per thread (torch >= 2.13 keeps them in a ContextVar)."""
-    seen = []
-    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit + 1):
-        probe = threading.Thread(target=lambda: seen.append(torch._dynamo.config.recompile_limit))
-        probe.start()
-        probe.join()
-        return seen[0] != torch._dynamo.config.recompile_limit
-
-
-@contextlib.contextmanager
-def recompile_limit(limit: int):
-    """Raise dynamo's recompile limit while any optimized forward runs, on any thread.
-
-    Where the config is per thread, each thread patches its own. Where it is process-wide,
-    ``torch._dynamo.config.patch`` saves and restores one value: two threads nesting it out of order
-    would leave one compiling under the other's limit, so a count of users decides instead.
-    """
-    global _LIMIT_USERS
-    if _thread_local_config():
-        with torch._dynamo.config.patch(recompile_limit=max(limit, torch._dynamo.config.recompile_limit)):
-            yield
-        return
-    with _LIMIT_LOCK:
-        if _LIMIT_USERS == 0:
-            recompile_limit.saved = torch._dynamo.config.recompile_limit
-            torch._dynamo.config.recompile_limit = max(limit, recompile_limit.saved)
-        _LIMIT_USERS += 1
-    try:
-        yield
-    finally:
-        with _LIMIT_LOCK:
-            _LIMIT_USERS -= 1
-            if _LIMIT_USERS == 0:
-                torch._dynamo.config.recompile_limit = recompile_limit.saved
-
-
 class UnsupportedModelError(ValueError):
     """The model's attention cannot be run by ShadowKV; the message says why."""
 

@@ -212,7 +212,7 @@ def test_recompile_limit_is_raised_on_every_thread_at_once():
     inside must compile under the raised limit too (it hit the default 8 and failed fullgraph)."""
     import threading
 
-    from shadowkv_fx.optimize import RECOMPILE_LIMIT, recompile_limit
+    from shadowkv_fx.dynamo_limits import RECOMPILE_LIMIT, recompile_limit
 
     seen, inside, release = [], threading.Event(), threading.Event()
 
