@@ -91,9 +91,9 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, layer: int) -> fx.Node
     fx.Node
         The op node, ``[B, Hq, n, Dv]`` like the site's output it replaces.
     """
-    from shadowkv_fx import ops  # registers torch.ops.shadowkv
+    from shadowkv_fx import graph_registry, ops  # noqa: F401 (ops registers torch.ops.shadowkv)
 
-    rope_key = ops.register_rope(extract_rope(site, gm))
+    rope_key = graph_registry.register(extract_rope(site, gm))
     with gm.graph.inserting_before(site.output):
         new = gm.graph.call_function(
             torch.ops.shadowkv.attention.default,

@@ -282,9 +282,9 @@ def _skip_reason(region: TokenRegion, min_tokens: int) -> tuple[str, str] | None
 
 def rewrite_region(gm: fx.GraphModule, region: TokenRegion, chunk_tokens: int) -> fx.Node:
     """Call ``torch.ops.shadowkv.token_chunked`` in place of ``region.down`` and erase the region."""
-    from shadowkv_fx import token_chunk_op  # registers torch.ops.shadowkv.token_chunked
+    from shadowkv_fx import graph_registry, token_chunk_op  # noqa: F401 (token_chunk_op registers the op)
 
-    key = token_chunk_op.register_region(extract_region(region))
+    key = graph_registry.register(extract_region(region))
     out = _value(region.down)
     graph = gm.graph
     with graph.inserting_before(region.down):

@@ -37,7 +37,6 @@ def _child(form: str, context: int, batch: int, model_name: str, layers: int, ca
 
     import shadowkv_fx
     from shadowkv_fx import bench
-    from shadowkv_fx.backend import inductor_graph
     from shadowkv_fx.compile_cache import cache_counters, use_compile_cache
 
     use_compile_cache(cache_dir)

@@ -3,21 +3,19 @@
 A rewritten graph calls ``torch.ops.shadowkv.attention`` in place of each attention. The op is
 opaque to dynamo/inductor (a fake impl gives its shape); at run time it reaches the cache that the
 optimized model's ``forward`` made active for this step, and the RoPE subgraph the pass cut out
-of the same site (registered under ``rope_key``).
+of the same site (``graph_registry``, under ``rope_key``).
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import threading
 from typing import Iterator
 
 import torch
 
-from shadowkv_fx.layer_state import RopeFn
+from shadowkv_fx import graph_registry
 from shadowkv_fx.regions import layer_offset
 
-_ROPE_FNS: dict[str, RopeFn] = {}
 
 
 class _ActiveCaches(threading.local):
@@ -32,24 +30,6 @@ class _ActiveCaches(threading.local):
 
 
 _ACTIVE = _ActiveCaches()
-
-
-def register_rope(rope_gm: torch.fx.GraphModule) -> str:
-    """Keep a site's key-RoPE subgraph under a hash of its code.
-
-    The key travels in the graph as a string, so a graph inductor loads from its on-disk cache
-    names the same function in any process that traced the same model.
-    """
-    key = hashlib.sha256(rope_gm.code.encode()).hexdigest()[:16]
-    _ROPE_FNS.setdefault(key, rope_gm)
-    return key
-
-
-def rope_fn(rope_key: str) -> RopeFn:
-    try:
-        return _ROPE_FNS[rope_key]
-    except KeyError:
-        raise RuntimeError(f"no key-RoPE function {rope_key!r} in this process: re-run shadowkv_fx.optimize") from None
 
 
 @contextlib.contextmanager
@@ -103,7 +83,8 @@ def attention(
         ``[B, Hq, n, Dv]``, what the replaced attention returned.
     """
     # a regionally compiled layer's graph holds site 0: the layer running says which layer it is
-    out = current_cache().attention(layer_idx + layer_offset(), q, k_pre, v, list(rope_inputs), rope_fn(rope_key), scale)
+    rope = graph_registry.lookup(rope_key, "key-RoPE function")
+    out = current_cache().attention(layer_idx + layer_offset(), q, k_pre, v, list(rope_inputs), rope, scale)
     return out.contiguous()  # the fake impl promises a contiguous result
 
 

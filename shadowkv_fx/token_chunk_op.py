@@ -8,34 +8,9 @@ any process that traced the same model.
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
-import torch.fx as fx
 
-_REGIONS: dict[str, fx.GraphModule] = {}
-
-
-def register_region(region: fx.GraphModule) -> str:
-    """Keep a region ``(x, *params) -> out`` under a hash of its code and return the key.
-
-    The region must hold no state of its own (its weights are inputs): regions with the same code
-    compute the same function, so every layer of a model, and every model of one architecture,
-    shares one entry.
-    """
-    key = hashlib.sha256(region.code.encode()).hexdigest()[:16]
-    _REGIONS.setdefault(key, region)
-    return key
-
-
-def region_fn(region_key: str) -> fx.GraphModule:
-    try:
-        return _REGIONS[region_key]
-    except KeyError:
-        raise RuntimeError(
-            f"no token-wise region {region_key!r} in this process: re-run shadowkv_fx.optimize"
-        ) from None
-
+from shadowkv_fx import graph_registry
 
 def run_in_chunks(region, x: torch.Tensor, params: list[torch.Tensor], chunk_tokens: int, out_features: int,
                   out_dtype: torch.dtype) -> torch.Tensor:
@@ -83,7 +58,8 @@ def token_chunked(
     Returns:
         ``[B, S, out_features]``, what the region computed on the whole ``x``.
     """
-    return run_in_chunks(region_fn(region_key), x, list(params), chunk_tokens, out_features, out_dtype)
+    region = graph_registry.lookup(region_key, "token-wise region")
+    return run_in_chunks(region, x, list(params), chunk_tokens, out_features, out_dtype)
 
 
 @token_chunked.register_fake
