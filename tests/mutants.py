@@ -53,6 +53,20 @@ def rope_off_by_one() -> None:
     _wrap(dispatch, "rebuild_rope_keys", make)
 
 
+@mutant("at decode, the compiled decoder-layer region of layer 0 reads layer 1's state, and 1 reads 0's")
+def regions_swap_layers() -> None:
+    from shadowkv_fx import ops
+
+    def make(plain):
+        def offset():
+            index = plain()
+            if ops.has_active_cache() and ops.current_cache().phase == "decode":
+                return {0: 1, 1: 0}.get(index, index)
+            return index
+        return offset
+    _wrap(ops, "layer_offset", make)
+
+
 @mutant("the values of each chosen chunk are read from the next chunk")
 def values_from_wrong_chunk() -> None:
     def make(plain):
