@@ -57,13 +57,21 @@ def eager_layers() -> Iterator[None]:
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     """The model's decoder layers: a ``ModuleList`` of ``num_hidden_layers`` modules of one class,
-    or None when the model keeps no such list (the whole forward is then compiled as one graph)."""
+    or None when the model keeps no such list, or its layers' forwards are already wrapped (the
+    whole forward is then compiled as one graph)."""
     count = getattr(model.config, "num_hidden_layers", None)
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count and count:
-            if len({type(layer) for layer in module}) == 1:
+            # a forward set on the instance already (accelerate's offload hooks) is not ours to replace
+            if len({type(layer) for layer in module}) == 1 and not any(map(_foreign_forward, module)):
                 return module
     return None
+
+
+def _foreign_forward(layer: torch.nn.Module) -> bool:
+    """A forward set on the instance by someone else (ours, or a deep copy's placeholder, is not)."""
+    own = layer.__dict__.get("forward")
+    return own is not None and not isinstance(own, RegionalCall)
 
 
 class RegionalCall:

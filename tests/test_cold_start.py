@@ -101,3 +101,15 @@ def test_the_original_forward_compiled_on_its_own_stays_dense():
     with torch.no_grad():
         expected = dense(ids, use_cache=False).logits
         torch.testing.assert_close(compiled(ids, use_cache=False).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_layers_whose_forward_is_already_wrapped_keep_the_whole_forward_compile():
+    """accelerate's offload hooks set ``layer.forward`` on the instance: not replaced."""
+    _, model = tiny_pair("llama")
+    layers = regions.decoder_layers(model)
+    wrapped = layers[0].forward
+    layers[0].forward = lambda *args, **kwargs: wrapped(*args, **kwargs)
+    shadowkv_fx.optimize(model, shadowkv_fx.ShadowKVConfig(**CFG))
+    assert model._shadowkv.regional is None and "forward" not in layers[1].__dict__
+    ids, mask = left_padded(1, [40], 96)
+    assert greedy(model, ids, mask).shape == (1, 44)
