@@ -84,6 +84,16 @@ def _resolve_sizes(sizes: list[fx.Node], tensors: list[fx.Node]) -> dict | str:
     return found
 
 
+def _is_shape_query(node: fx.Node) -> bool:
+    """``x.size(...)``, ``x.dim()``, ``x.shape`` or ``sym_size``: a read of a tensor's shape alone
+    (a graph traced with a symbolic length asks the keys for it)."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and (
+        node.target is torch.ops.aten.sym_size.int
+        or (node.target is getattr and len(node.args) > 1 and node.args[1] == "shape"))
+
+
 def _is_scalar(node) -> bool:
     """A float that dynamo lifted out of the module (``self.scaling.item()``)."""
     return isinstance(node, fx.Node) and isinstance(node.meta.get("example_value"), (float, torch.SymFloat))
@@ -264,6 +274,9 @@ def _check_rope(site: AttentionSite) -> None:
         if any(u not in region for u in node.users):
             site.skip_reason = f"RoPE intermediate {node.name} is used outside the key path"
             return
+    for user in list(site.k.users):
+        if _is_shape_query(user):  # reads only the shape, which the keys before RoPE share
+            user.replace_input_with(site.k, site.k_pre)
     allowed = set(site.removed)
     leaks = [u.name for u in site.k.users if u not in allowed]
     if leaks:
