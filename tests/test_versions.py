@@ -1,5 +1,6 @@
 """The transformers range we declare is the range CI runs, and the installed version speaks to us."""
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -27,15 +28,18 @@ def test_installed_version_is_in_the_tested_range():
 
 
 def test_outside_the_range_optimize_warns_once(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "9.0.0")
+    # models first, then the module as sys.modules holds it now: an import on the way (transformers
+    # 5.24's lazy modules) can put a new ``transformers`` object there, which compat then reads
+    first, second = tiny_pair("llama")[1], tiny_pair("llama")[1]
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "9.0.0")
     compat.warn_if_untested.cache_clear()
     config = shadowkv_fx.ShadowKVConfig(rank=8)
     try:
         with pytest.warns(UserWarning, match=r"tested with transformers 5\.17\.0 to 5\.24\.0"):
-            shadowkv_fx.optimize(tiny_pair("llama")[1], config, validate=False)
+            shadowkv_fx.optimize(first, config, validate=False)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            shadowkv_fx.optimize(tiny_pair("llama")[1], config, validate=False)
+            shadowkv_fx.optimize(second, config, validate=False)
     finally:
         compat.warn_if_untested.cache_clear()
 
