@@ -139,6 +139,7 @@ class ShadowKVCache(Cache):
             self.fold_undo = []  # a new step: no crop can reach back past the last one's tokens
         undo = [] if self.crop_floor is not None and self.generated > self.crop_floor else None
         for layer in self.layers:
+            layer.state.values_ready()  # the prefill's host copies land before a step reads them
             fold.fold(layer.state, undo)  # in place: a captured step stays valid
         if undo:
             self.fold_undo.append((self.generated, undo))

@@ -192,10 +192,11 @@ def _fold_rows(state, rows: list[int], m: int, undo: "FoldUndo | None") -> None:
     n_rows, hkv, _, dv = v.shape
 
     u_new, err = project_keys(state.sv[r], k_pre)
-    err = err.tolist()  # the one host sync of the fold: whether a row's basis must be refreshed
+    # the one host sync of the fold: whether a row's basis must be refreshed
+    err, fit_err = torch.stack([err.float(), state.fit_err[r].float()]).tolist()
     state.u[r, t0 : t0 + count] = u_new.to(state.u.dtype)
     for i, b in enumerate(rows):
-        if err[i] > max(cfg.fold_refresh * state.fit_err[b], REFRESH_FLOOR):
+        if err[i] > max(cfg.fold_refresh * fit_err[i], REFRESH_FLOOR):
             if undo is not None:
                 undo.save_basis(b, t0)
             rotation, u_row, sv_new, state.fit_err[b] = refresh_basis(state.sv[b], k_pre[i])
@@ -292,7 +293,7 @@ class FoldUndo:
         self.state = state
         self.chunks = list(state.chunks)
         self.tail_first = list(state.tail_first_host)
-        self.fit_err = list(state.fit_err)
+        self.fit_err = state.fit_err.clone()
         self.refreshes, self.tail_shift = state.refreshes, state.tail_shift
         self.local_valid = state.key_valid[:, :, state.local_start : state.tail_start].clone()
         self.bases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from shadowkv_fx import fold
+from shadowkv_fx import fold, host_copies
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.kernels import dispatch, reference as ref
 from shadowkv_fx.kernels.rope_forms import detect_rope_form
@@ -95,6 +95,8 @@ class LayerState:
         self.fused_append = False
         # of the layers sharing one set of RoPE tables, the first writes the new tokens' columns
         self.writes_tables = True
+        # the last prefill copy of values to the host, still landing on a side stream (host_copies)
+        self.values_copied: torch.cuda.Event | None = None
 
     # Decode reads one persistent buffer per layer, ``[B, Hkv, N, D]`` for K and V, laid out as
     # [outliers | selected chunks | local window | generated tail]: outliers and local are written
@@ -156,14 +158,15 @@ class LayerState:
                 self.outlier_cos[b] = min_cos.gather(1, outliers)
                 energy = kp[:, :t].float().square().sum()
                 # U's columns are orthonormal, so what SV misses of the keys' energy is the fit error
-                self.fit_err[b] = float((1 - sv.square().sum() / energy.clamp_min(1e-30)).clamp_min(0).sqrt())
+                self.fit_err[b] = (1 - sv.square().sum() / energy.clamp_min(1e-30)).clamp_min(0).sqrt()
                 token_idx = ref.chunk_tokens(outliers, chunk)
                 self._outlier_k[b] = torch.gather(kr, 1, token_idx[..., None].expand(-1, -1, d))
                 self._outlier_v[b] = torch.gather(vb, 1, token_idx[..., None].expand(-1, -1, d))
                 self.u[b, :t] = u
                 self.sv[b] = sv
                 self.landmarks[b, :, :n_chunks] = landmarks
-                self.v_chunks[b, :, :n_chunks].copy_(vb[:, :t].reshape(-1, n_chunks, chunk, vb.shape[-1]))
+                self.values_copied = host_copies.copy(self.v_chunks[b, :, :n_chunks],
+                                                      vb[:, :t].reshape(-1, n_chunks, chunk, vb.shape[-1]))
                 if self.rope_form is None:
                     tables = [tb[min(b, tb.shape[0] - 1)][None, :, layout.pad[b] :] for tb in rope_tables]
                     self.rope_form = detect_rope_form(kp[None], kr[None], tables)
@@ -215,7 +218,7 @@ class LayerState:
         self.v_chunks = _value_slots((b_size, hkv, c_max, chunk, dv), v, keep_values_on_device)
         self.outlier_ids = torch.zeros(b_size, hkv, cfg.outlier_chunks, dtype=torch.long, device=device)
         self.outlier_cos = torch.full((b_size, hkv, cfg.outlier_chunks), float("inf"), device=device)
-        self.fit_err = [0.0] * b_size
+        self.fit_err = torch.zeros(b_size, device=device)  # per row: what the rank-r basis misses of the keys
         self.refreshes = 0
         # values not in accelerator memory: a chunk chosen again keeps its slot, only new ones are fetched
         self.reuse = cfg.reuse_values and self.v_chunks.device.type != "cuda"
@@ -253,6 +256,15 @@ class LayerState:
         self._local_k = self._local_v = self._outlier_k = self._outlier_v = self._pending = None
         self.tail_len = 0
         self.tail_fill = torch.zeros((), dtype=torch.long, device=self.k_buf.device)
+
+    def values_ready(self) -> None:
+        """Later work on the current stream sees the values prefill copied to the host."""
+        if self.values_copied is None:
+            return
+        host_copies.wait(self.values_copied)
+        if not dispatch.triton_available():  # the fallback gather reads them on the CPU
+            self.values_copied.synchronize()
+        self.values_copied = None
 
     def reserve_tail(self, tokens: int) -> bool:
         """Make room for ``tokens`` more generated tokens; True when any buffer had to move.

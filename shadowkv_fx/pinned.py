@@ -17,6 +17,7 @@ import weakref
 
 import torch
 
+from shadowkv_fx import host_copies
 from shadowkv_fx.host_memory import meminfo_available
 
 PAGE = 4096
@@ -61,9 +62,14 @@ class _Block:
     def __init__(self, size: int) -> None:
         self.size = size
         self.buffer = mmap.mmap(-1, size)  # page-aligned and zero-filled by the kernel
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            # before the first touch: registering faults the pages in, and locks 512x fewer of them
+            # when they are 2 MiB transparent huge pages (where the kernel allows them)
+            self.buffer.madvise(mmap.MADV_HUGEPAGE)
         self.ptr = torch.frombuffer(self.buffer, dtype=torch.uint8).data_ptr()
         _register(self.ptr, size)
         _count(size)
+        self.fresh = True  # still as the kernel zeroed it
 
     def release(self) -> None:
         _unregister(self.ptr)
@@ -131,7 +137,10 @@ def pinned_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     block = POOL.take(registered_bytes(max(nbytes, 1)))
     raw = torch.frombuffer(block.buffer, dtype=torch.uint8)
     tensor = raw[:nbytes].view(dtype).view(shape)
-    tensor.zero_()
+    if not block.fresh:  # a pooled block holds the last cache's values, perhaps still landing
+        host_copies.drain()
+        tensor.zero_()
+    block.fresh = False
     # every view of the block shares this storage: it dies with the last of them
     weakref.finalize(raw.untyped_storage(), POOL.give_back, block).atexit = False
     return tensor
