@@ -30,6 +30,7 @@ class BenchRow:
     method: str
     context: int
     batch: int
+    steps: int = 0  # decode steps timed (their mean is step_ms)
     tok_s: float | None = None
     step_ms: float | None = None
     prefill_s: float | None = None
@@ -336,7 +337,7 @@ def _run_point(model, method: str, ids: torch.Tensor, steps: int, config, with_b
     """One method at ``ids``' batch and context. ``measured``: a given batch, whose per-sequence
     peak then sizes that dense method's largest batch."""
     batch, context = ids.shape
-    row, result = BenchRow(method, context, batch), None
+    row, result = BenchRow(method, context, batch, steps), None
     _release_memory()
     torch.cuda.reset_peak_memory_stats()
     try:

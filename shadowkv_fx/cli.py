@@ -156,6 +156,9 @@ def bench(
     out: Path = typer.Option(Path("bench_out"), help="folder for bench.json, bench.png and table.txt"),
     whole_graph: bool = typer.Option(False, help="ShadowKV compiles the whole forward as one graph instead of one "
                                      "decoder layer reused for every layer (regional compile, the default)"),
+    requests: int = typer.Option(0, help="also: end-to-end tokens/s for this many requests of each context, served "
+                                 "as static batches of each row's batch (prefill + --steps generated tokens; "
+                                 "--steps 1024 for a whole generation)"),
     cold: bool = typer.Option(False, help="instead: seconds from a fresh process's start to the first token, "
                               "cold and with a warm compile cache, for dense and both ShadowKV API forms "
                               "(first context and batch only; cold_start.json and cold_start.md in --out)"),
@@ -200,6 +203,12 @@ def bench(
         return
     out.mkdir(parents=True, exist_ok=True)
     text = b.table(rows, gpus=b.world_size())
+    if requests:
+        from shadowkv_fx import end_to_end
+
+        whole = end_to_end.end_to_end(rows, requests)
+        text += "\n" + end_to_end.table(whole)
+        (out / "end_to_end.json").write_text(json.dumps([dataclasses.asdict(e) for e in whole], indent=1))
     (out / "table.txt").write_text(text + "\n")
     (out / "bench.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
     b.plot(rows, str(out / "bench.png"))
