@@ -30,6 +30,8 @@ class ColdRow:
     cache_hits: int
     cache_misses: int
     device: str
+    model_ready_s: float = 0.0  # process start -> model built on the device (imports included)
+    compile_s: float = 0.0  # of the first token's time: dynamo + the backend (torch's compile_times)
 
 
 def _child(form: str, context: int, batch: int, model_name: str, layers: int, cache_dir: str, start: float) -> dict:
@@ -47,6 +49,7 @@ def _child(form: str, context: int, batch: int, model_name: str, layers: int, ca
         model, _ = load_smollm2(torch.bfloat16 if device == "cuda" else torch.float32, device)
     else:
         model = bench.llama31_8b_random(layers, device=device)
+    ready = time.time() - start
     config = shadowkv_fx.ShadowKVConfig(sparse_budget=min(2048, context // 64 * 8 or 8), rank=min(160, bench_rank(model)))
     if form == "optimize":
         shadowkv_fx.optimize(model, config)
@@ -67,13 +70,22 @@ def _child(form: str, context: int, batch: int, model_name: str, layers: int, ca
         return time.time()
 
     first = first_tokens(context, 1) - start
+    compiled = _compile_seconds()
     t = time.time()
     sixteen = first_tokens(context, 16) - t
     t = time.time()
     shorter = first_tokens(max(64, context - 1000), 1) - t
     counts = cache_counters()
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    return asdict(ColdRow(form, "", context, batch, first, sixteen, shorter, counts["hit"], counts["miss"], name))
+    return asdict(ColdRow(form, "", context, batch, first, sixteen, shorter, counts["hit"], counts["miss"], name,
+                          ready, compiled))
+
+
+def _compile_seconds() -> float:
+    """Seconds dynamo spent so far in its outermost compile phase (tracing, the backend, inductor)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))
 
 
 def bench_rank(model) -> int:
@@ -105,10 +117,12 @@ def measure(forms: list[str], context: int, batch: int, model_name: str = "llama
 
 
 def table(rows: list[ColdRow]) -> str:
-    head = "| form | compile cache | context x batch | first token s | +16 tokens s | new length s | hits / misses |"
-    lines = [head, "|" + "---|" * 7]
+    head = ("| form | compile cache | context x batch | first token s | model ready s | of the rest, compiling s "
+            "| +16 tokens s | new length s | hits / misses |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         lines.append(f"| {r.form} | {r.cache} | {r.context} x {r.batch} | {r.first_token_s:.1f} | "
+                     f"{r.model_ready_s:.1f} | {r.compile_s:.1f} | "
                      f"{r.to_token_16_s:.1f} | {r.new_length_s:.1f} | {r.cache_hits} / {r.cache_misses} |")
     return "\n".join(lines)
 
