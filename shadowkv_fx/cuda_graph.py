@@ -28,6 +28,49 @@ _EAGER = "eager"  # the capture failed: this cache's steps of that shape run wit
 _PLAIN_KWARGS = {"return_dict", "logits_to_keep", "output_attentions", "output_hidden_states"}
 
 
+class _SeenAsCapturing(threading.local):
+    """transformers takes other Python branches while a stream captures (``is_tracing``): it reads
+    no tensor value, so it keeps masks it would drop after looking (a packed-sequence mask from the
+    position ids; a padding mask that is all ones). A layer compiled in warm-up with ``mask=None``
+    then recompiles inside the capture, where compiling (and inductor's lazy autotune) cannot run.
+    Warm-up steps therefore see transformers' capture check answer True as well, on their thread
+    only: they take the capture's branches (conservative ones: the mask is kept), and the capture
+    compiles nothing new. The check is wrapped once, for good (its identity never changes)."""
+
+    depth = 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        _wrap_capture_check()
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+
+seen_as_capturing = _SeenAsCapturing()
+_wrap_lock = threading.Lock()
+
+
+def _wrap_capture_check() -> None:
+    from transformers.utils import import_utils
+
+    original = getattr(import_utils, "is_cuda_stream_capturing", None)
+    if original is None or getattr(original, "_shadowkv_wrapped", False):
+        return
+    with _wrap_lock:
+        original = import_utils.is_cuda_stream_capturing
+        if getattr(original, "_shadowkv_wrapped", False):
+            return
+
+        def is_cuda_stream_capturing() -> bool:
+            return seen_as_capturing.depth > 0 or original()
+
+        is_cuda_stream_capturing._shadowkv_wrapped = True
+        import_utils.is_cuda_stream_capturing = is_cuda_stream_capturing
+
+
 def capturable(input_ids: torch.Tensor, kwargs: dict[str, Any]) -> bool:
     """Whether a decode step with these inputs is worth running as a captured graph: one new token
     per sequence. A speculative verification step (several tokens) has a draft length that changes
@@ -130,7 +173,8 @@ def run_decode_step(cache, step: Callable[..., Any], input_ids: torch.Tensor, po
         # eager steps first: a recompile or a lazy autotune (which synchronizes) must happen
         # before the capture, never inside it
         cache.decode_graphs[key] = entry + 1
-        return step(input_ids=input_ids, position_ids=position_ids), False
+        with seen_as_capturing():
+            return step(input_ids=input_ids, position_ids=position_ids), False
     if entry == _EAGER:
         return step(input_ids=input_ids, position_ids=position_ids), False
     if isinstance(entry, int):
