@@ -83,10 +83,11 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--value-hbm-gib", type=float, default=None, help="GiB of values kept on the GPU (0: all pinned)")
     parser.add_argument("--out")
     args = parser.parse_args()
     model = bench.llama31_8b_random(args.layers)
-    config = shadowkv_fx.ShadowKVConfig(sparse_budget=2048, rank=160)
+    config = shadowkv_fx.ShadowKVConfig(sparse_budget=2048, rank=160, value_hbm_gib=args.value_hbm_gib)
     torch.manual_seed(args.context)
     ids = torch.randint(0, model.config.vocab_size - 1, (args.batch, args.context), device="cuda")
     rows = {}
