@@ -8,7 +8,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from shadowkv_fx import fold
+from shadowkv_fx import fold, pinned
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.layer_state import LayerState, PromptLayout, RopeFn
 from shadowkv_fx.rope_tables import SharedRopeTables
@@ -125,6 +125,7 @@ class ShadowKVCache(Cache):
         if self.layout is None:
             self.phase = "prefill"
             self.layout = PromptLayout.from_mask(key_valid, self.config)
+            pinned.POOL.expect(len(self.layers))  # one host value store per layer, faulted in ahead
             self.realigned = realigned
             if self.warn_short_prompts and self.dense_prompts:
                 log.warning(
@@ -202,6 +203,8 @@ class ShadowKVCache(Cache):
     def end_step(self, input_len: int, replayed: bool = False) -> None:
         """Commit a step. ``replayed``: a captured graph ran it, whose capture saw every layer's op run."""
         self.check_all_layers_ran(replayed)
+        if self.phase == "prefill":
+            pinned.POOL.settle()  # the store blocks prefetched for layers whose values stayed on the GPU
         if self.phase == "decode":
             for layer in self.layers:
                 layer.state.tail_len += input_len

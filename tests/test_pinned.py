@@ -104,3 +104,39 @@ def test_trim_unregisters_free_blocks_oldest_first(fake_registration):
     assert len(fake_registration["unregister"]) == 1 and pinned.POOL.pooled_bytes() == 5 * 4096
     pinned.POOL.trim()
     assert len(fake_registration["unregister"]) == 3 and pinned.POOL.pooled_bytes() == 0
+
+
+def test_a_prefill_s_blocks_are_faulted_in_ahead_on_another_thread_and_registered_on_the_caller(
+        fake_registration, monkeypatch):
+    import threading
+
+    registering, touching = [], []
+    monkeypatch.setattr(pinned, "_register", lambda ptr, size: registering.append(threading.get_ident()))
+    real_fault_in = pinned._fault_in
+    monkeypatch.setattr(pinned, "_fault_in", lambda buffer: (touching.append(threading.get_ident()),
+                                                             real_fault_in(buffer)))
+    monkeypatch.setattr(pinned, "meminfo_available", lambda: 10 * 2**30)
+    shape = (2, 3, 50, 8, 64)
+    size = pinned.registered_bytes(2 * 3 * 50 * 8 * 64 * 2)
+    pinned.POOL.expect(4)  # a 4-layer prefill
+    layers = [pinned.pinned_zeros(shape, torch.bfloat16) for _ in range(4)]
+    me = threading.get_ident()
+    assert registering == [me] * 4, "only the caller talks to CUDA"
+    assert len(touching) == 3 and me not in touching, "layers 1-3 were faulted in by the prefetch thread"
+    assert all(not t.any() for t in layers) and len({t.data_ptr() for t in layers}) == 4
+    assert pinned.POOL.pooled_bytes() == 0
+
+    pinned.POOL.expect(4)
+    other = pinned.pinned_zeros((3, 1000), torch.float32)  # another size: a fresh block, 3 prepared behind it
+    assert pinned.POOL.pooled_bytes() == 3 * pinned.registered_bytes(12000)
+    pinned.POOL.settle()  # the prefill ended (its other layers kept their values on the GPU)
+    assert pinned.POOL.pooled_bytes() == 0 and len(registering) == 5
+    del layers, other
+
+
+def test_no_block_is_prepared_when_the_host_is_short_of_memory(fake_registration, monkeypatch):
+    monkeypatch.setattr(pinned, "meminfo_available", lambda: 100_000)  # less than twice a block
+    pinned.POOL.expect(3)
+    blocks = [pinned.pinned_zeros((20, 1024), torch.float32) for _ in range(3)]  # 80 KiB each
+    assert len(fake_registration["register"]) == 3 and all(not b.any() for b in blocks)
+    assert pinned.POOL.pooled_bytes() == 0
