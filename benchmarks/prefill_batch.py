@@ -78,12 +78,26 @@ def count_host_syncs(model, ids: torch.Tensor, config) -> dict[str, int]:
     return where
 
 
+def profile_prefill(model, ids: torch.Tensor, config, top: int = 25) -> str:
+    """Where one prefill's time goes: ops by device time, and by host time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, tail_capacity=32)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.no_grad():
+        model(ids, cache=cache, logits_to_keep=1)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    return (events.table(sort_by="cuda_time_total", row_limit=top) + "\n"
+            + events.table(sort_by="self_cpu_time_total", row_limit=top))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--value-hbm-gib", type=float, default=None, help="GiB of values kept on the GPU (0: all pinned)")
+    parser.add_argument("--profile", action="store_true", help="also: torch.profiler tables of one batch-1 prefill")
     parser.add_argument("--out")
     args = parser.parse_args()
     model = bench.llama31_8b_random(args.layers)
@@ -109,6 +123,8 @@ def main() -> None:
     rows["host syncs of a batch-1 prefill"] = syncs
     lines.append(f"host syncs of one batch-1 prefill: {sum(syncs.values())}")
     lines += [f"  {n:5d}  {where}" for where, n in sorted(syncs.items(), key=lambda kv: -kv[1])[:20]]
+    if args.profile:
+        lines.append(profile_prefill(model, ids[:1], config))
     text = "\n".join(lines)
     print(text)
     if args.out:
