@@ -19,7 +19,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from shadowkv_fx.compile_cache import use_compile_cache
 from shadowkv_fx.config import ShadowKVConfig
-from shadowkv_fx.passes.rewrite import pass_uuid, shadowkv_pass
+from shadowkv_fx.passes.attention_pass import pass_uuid, shadowkv_pass
 from shadowkv_fx.passes.token_chunks import chunk_prefill_mlps
 
 

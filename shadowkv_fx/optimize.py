@@ -17,32 +17,13 @@ from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.padding import prompt_layout
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.generate_args import end_streamer, plan_generate
+from shadowkv_fx.graph_compile import UnsupportedModelError, graph_backend
 from shadowkv_fx.hooks import HookAwareForward
 from shadowkv_fx.preflight import check_batch_fits, head_shape
 from shadowkv_fx.ops import active_cache, has_active_cache
-from shadowkv_fx.passes.rewrite import PassReport, shadowkv_pass
-from shadowkv_fx.passes.token_chunks import chunk_prefill_mlps
+from shadowkv_fx.passes.report import PassReport
 
 log = logging.getLogger(__name__)
-class UnsupportedModelError(ValueError):
-    """The model's attention cannot be run by ShadowKV; the message says why."""
-
-
-def graph_backend(config: ShadowKVConfig, reports: list[PassReport], compile_graph: Callable | None = None):
-    """A dynamo backend that runs the ShadowKV pass and the prefill MLP chunking (``config.prefill_mlp_chunk``),
-    then ``compile_graph`` (or eager FX)."""
-
-    def backend(gm: torch.fx.GraphModule, example_inputs):
-        report = shadowkv_pass(gm, enabled=config.enabled)
-        reports.append(report)
-        if report.skipped:
-            raise UnsupportedModelError(f"ShadowKV cannot rewrite this model: {report}")
-        chunk_prefill_mlps(gm, config, report.rewritten)
-        if compile_graph is not None:
-            return compile_graph(gm, example_inputs)
-        return gm.forward
-
-    return backend
 
 
 def _check_supported(model: torch.nn.Module) -> None:
