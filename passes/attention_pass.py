@@ -117,14 +117,14 @@ class ShadowKVAttentionRewrite(ReversibleTransformation):
         self.report, rewritten = PassReport(), []
         for index, site in enumerate(find_attention_sites(graph)):
             if site.skip_reason:
-                self.report.sites.append(SiteReport(index, site.name, "skipped", site.skip_reason))
+                self.report.sites.append(SiteReport(site.name, "skipped", site.skip_reason, index))
             elif not self.enabled:
-                self.report.sites.append(SiteReport(index, site.name, "disabled"))
+                self.report.sites.append(SiteReport(site.name, "disabled", index=index))
             else:
                 op = rewrite_site(graph_module, site, layer=len(rewritten))
                 self.mark_as_transformed(op)
                 rewritten.append((op, site))
-                self.report.sites.append(SiteReport(index, site.name, "rewritten"))
+                self.report.sites.append(SiteReport(site.name, "rewritten", index=index))
         dead = dead_nodes([n for _, site in rewritten for n in site.removed + site.rope_region])
         order = {n: i for i, n in enumerate(graph.nodes)}
         # cut the cones once every site is rewritten (the final dead set), before erasing them

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 import os
@@ -79,8 +80,8 @@ class ShadowKVRuntime:
         last = self.reports[-1]
         if self.regional is None or len(last.sites) != 1:  # a whole forward, or every layer's region
             return last
-        return PassReport([
-            type(site)(layer, f"layers.{layer}.{site.name}", site.status, site.reason)
+        return dataclasses.replace(last, sites=[
+            dataclasses.replace(site, name=f"layers.{layer}.{site.name}", index=layer)
             for layer in range(len(self.regional.layers)) for site in last.sites
         ])
 
