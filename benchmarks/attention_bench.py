@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.testing
 
-from shadowkv_fx.kernels import triton_decode_attention as tda
+from shadowkv_fx.kernels import naive, triton_decode_attention as tda
 from shadowkv_fx.kernels.grouped_attention import grouped_masked_attention
 
 HKV, GROUP, D = 8, 4, 128
@@ -75,7 +75,7 @@ def bench(batch: int, n: int, fill: int, dtype: torch.dtype) -> None:
     expected = cat_attention(q, regions, scale).float()
     got = triton_fn().float()
     rel = ((got - expected).abs().max() / expected.abs().max()).item()
-    exact = tda.decode_attention_reference(q.float(), k_buf.float(), v_buf.float(), valid, tail_start, fill_t, scale)
+    exact = naive.decode_attention(q.float(), k_buf.float(), v_buf.float(), valid, tail_start, fill_t, scale)
     rel_fp32 = ((got - exact).abs().max() / exact.abs().max()).item()
     nbytes = k_buf.numel() * k_buf.element_size() + v_buf.numel() * v_buf.element_size()
     splits = tda.choose_splits(batch * HKV, k_buf.shape[2], torch.cuda.get_device_properties(0).multi_processor_count)

@@ -23,7 +23,7 @@ import statistics
 import torch
 from triton.testing import do_bench
 
-from shadowkv_fx.kernels import reference, triton_rebuild, triton_score, triton_topk
+from shadowkv_fx.kernels import naive, triton_rebuild, triton_score, triton_topk
 
 HKV, G, D, RANK, L, K = 8, 4, 128, 160, 8, 256  # Llama-3.1-8B heads, ShadowKV rank / chunk size / budget
 
@@ -82,8 +82,8 @@ def bench_score(batch: int, chunks: int, gen: torch.Generator) -> dict:
     selectable = torch.rand(batch, HKV, chunks, device="cuda", generator=gen) > 0.01
     scale = D ** -0.5
     err = rel_err(triton_score.score_chunks(q, landmarks, selectable, scale),
-                  reference.score_chunks(q, landmarks, selectable, scale))
-    times = timings(lambda: reference.score_chunks(q, landmarks, selectable, scale),
+                  naive.score_chunks(q, landmarks, selectable, scale))
+    times = timings(lambda: naive.score_chunks(q, landmarks, selectable, scale),
                     lambda: triton_score.score_chunks(q, landmarks, selectable, scale))
     moved = landmarks.numel() * landmarks.element_size()
     return {**times, "err": err, "bytes": moved, "bytes_all": moved}
@@ -129,9 +129,9 @@ def sweep_topk(batch: int, chunks: int, gen: torch.Generator) -> list[str]:
 def rebuild_then_rope(u, sv, chunk_idx, pad, cos, sin) -> torch.Tensor:
     """What ``LayerState.sparse_keys_values`` runs for the keys: rebuild, gather tables, model RoPE (bf16)."""
     token_idx = (chunk_idx[..., None] * L + torch.arange(L, device=chunk_idx.device)).flatten(-2)
-    k_pre = reference.rebuild_keys(u, sv, token_idx)
+    k_pre = naive.rebuild_keys(u, sv, token_idx)
     positions = (token_idx + pad[:, None, None]).clamp(max=cos.shape[2] - 1)
-    c, s = reference.gather_positions(cos, positions), reference.gather_positions(sin, positions)
+    c, s = naive.gather_positions(cos, positions), naive.gather_positions(sin, positions)
     return k_pre * c + torch.cat([-k_pre[..., D // 2 :], k_pre[..., : D // 2]], dim=-1) * s
 
 
@@ -146,7 +146,7 @@ def bench_rebuild(batch: int, chunks: int, gen: torch.Generator) -> dict:
     cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
     out = torch.empty(batch, HKV, K * L, D, device="cuda", dtype=torch.bfloat16)
     args = (u, sv, chunk_idx, L, pad, cos, sin, "rotate_half")
-    err = rel_err(triton_rebuild.rebuild_rope_keys(*args, out=out), triton_rebuild.rope_reference(*args))
+    err = rel_err(triton_rebuild.rebuild_rope_keys(*args, out=out), naive.rebuild_rope_keys(*args))
     times = timings(lambda: rebuild_then_rope(u, sv, chunk_idx, pad, cos, sin),
                     lambda: triton_rebuild.rebuild_rope_keys(*args, out=out))
     rows = batch * HKV * K * L

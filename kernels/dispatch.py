@@ -1,5 +1,5 @@
-"""Pick each kernel's implementation: Triton on CUDA tensors when Triton is installed, the
-plain-PyTorch reference otherwise (CPU models, tests, ``SHADOWKV_NO_TRITON=1``)."""
+"""Pick each kernel's implementation: Triton on CUDA tensors when Triton is installed, its
+plain-PyTorch twin (``naive.py``) otherwise (CPU models, tests, ``SHADOWKV_NO_TRITON=1``)."""
 from __future__ import annotations
 
 import functools
@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from shadowkv_fx.kernels import reference
+from shadowkv_fx.kernels import compression, naive
 from shadowkv_fx.kernels.grouped_attention import grouped_masked_attention
 from shadowkv_fx.kernels.rope_forms import FORMS
 
@@ -33,7 +33,7 @@ def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Ten
         from shadowkv_fx.kernels import triton_score
 
         return triton_score.score_chunks(q, landmarks, selectable, scale)
-    return reference.score_chunks(q, landmarks, selectable, scale)
+    return naive.score_chunks(q, landmarks, selectable, scale)
 
 
 def top_chunks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +42,7 @@ def top_chunks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
         if max(scores.shape[-1], k) <= triton_topk.MAX_CHUNKS:
             return triton_topk.top_chunks(scores, k)
-    return reference.top_chunks(scores, k)
+    return naive.top_chunks(scores, k)
 
 
 def rebuild_rope_keys(u: torch.Tensor, sv: torch.Tensor, chunk_idx: torch.Tensor, chunk_size: int, pad: torch.Tensor,
@@ -58,11 +58,11 @@ def rebuild_rope_keys(u: torch.Tensor, sv: torch.Tensor, chunk_idx: torch.Tensor
         cos, sin = rope_tables
         triton_rebuild.rebuild_rope_keys(u, sv, chunk_idx, chunk_size, pad, cos, sin, rope_form, out=out)
         return
-    token_idx = reference.chunk_tokens(chunk_idx, chunk_size)
-    k_pre = reference.rebuild_keys(u, sv, token_idx)
+    token_idx = compression.chunk_tokens(chunk_idx, chunk_size)
+    k_pre = naive.rebuild_keys(u, sv, token_idx)
     # picks of a shorter sequence's padding chunks point past its prompt; they are masked later
     positions = (token_idx + pad[:, None, None]).clamp(max=rope_tables[0].shape[2] - 1)
-    tables = [reference.gather_positions(t, positions) for t in rope_tables]
+    tables = [naive.gather_positions(t, positions) for t in rope_tables]
     out.copy_(rope_fn(k_pre, *tables))
 
 
@@ -102,8 +102,8 @@ def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device:
 
         return triton_gather.gather_value_chunks(v_chunks, chunk_idx, device, out, fetch)
     if fetch is not None:
-        return reference.gather_fetching(v_chunks, chunk_idx, fetch, out)
-    values = reference.gather_value_chunks(v_chunks, chunk_idx, device)
+        return naive.gather_fetching(v_chunks, chunk_idx, fetch, out)
+    values = naive.gather_value_chunks(v_chunks, chunk_idx, device)
     return values if out is None else out.copy_(values)
 
 
@@ -115,6 +115,6 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
 
         return triton_decode_attention.decode_attention(q, k_buf, v_buf, key_valid, tail_start, tail_fill, scale,
                                                         tail_first=tail_first)
-    # the reference's mask, with GQA query heads as rows instead of K/V copied per head
-    mask = reference.decode_mask(key_valid, k_buf.shape[2], tail_start, tail_fill, q.shape[2], tail_first)
+    # the naive twin's mask, with GQA query heads as rows instead of K/V copied per head
+    mask = naive.decode_mask(key_valid, k_buf.shape[2], tail_start, tail_fill, q.shape[2], tail_first)
     return grouped_masked_attention(q, k_buf, v_buf, mask, scale)

@@ -1,6 +1,6 @@
 """Decode attention for grouped-query models without copying K/V per query head.
 
-``reference.masked_attention`` repeats every key and value ``G = Hq / Hkv`` times so plain SDPA
+``naive.masked_attention`` repeats every key and value ``G = Hq / Hkv`` times so plain SDPA
 can run; at decode that copy is most of the step's memory traffic. Here the ``G`` query heads of
 a KV head become ``G * n`` query rows against that head's keys: the same softmax per row, one read
 of K and V.
@@ -12,7 +12,7 @@ import torch
 
 def grouped_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
                              scale: float) -> torch.Tensor:
-    """Same contract as ``reference.masked_attention``.
+    """Same contract as ``naive.masked_attention``.
 
     Args:
         q: ``[B, Hq, n, D]``; k, v: ``[B, Hkv, N, D]`` (query head ``h`` reads KV head ``h // G``).

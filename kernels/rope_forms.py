@@ -46,3 +46,14 @@ def detect_rope_form(k_pre: torch.Tensor, k_rot: torch.Tensor, tables: list[torc
         if err < tolerance:
             return form
     return "generic"
+
+
+def rotary_width(cos: torch.Tensor, d: int, rope_form: str) -> int:
+    """How many of ``d`` head dims the tables rotate (all of them for ``"none"``, pre-RoPE keys)."""
+    forms = ("none", *FORMS)
+    if rope_form not in forms:
+        raise ValueError(f"rope_form must be one of {sorted(forms)}, got {rope_form!r}")
+    width = d if rope_form == "none" else cos.shape[-1]
+    if width % 2 or width > d:
+        raise ValueError(f"rotary width {width} must be even and at most head dim {d}")
+    return width

@@ -91,6 +91,24 @@ def _table_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(2), t.stride(3))
 
 
+def launch_append_rope(k_pre: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_form: str,
+                       k_out: torch.Tensor, v_out: torch.Tensor, fill: torch.Tensor, k_base: int,
+                       pre_out: torch.Tensor | None, pre_base: int, rounded: bool) -> None:
+    """Grid and launch of ``append_rope_kernel``: one program per ``(b, h, token)`` (arguments
+    checked by ``append_rope``)."""
+    b, hkv, n, d = k_pre.shape
+    dv = v.shape[-1]
+    keep_pre = pre_out is not None
+    pre = pre_out if keep_pre else k_out
+    append_rope_kernel[(b * hkv, n)](
+        k_pre, v, cos, sin, k_out, v_out, pre, fill, k_base, pre_base, hkv,
+        *k_pre.stride(), *v.stride(), *_table_strides(cos), *_table_strides(sin),
+        *k_out.stride(), *v_out.stride(), *pre.stride(),
+        D=d, DV=dv, HALF=cos.shape[-1] // 2, FORM=_FORMS[rope_form], ROUNDED=rounded, KEEP_PRE=keep_pre,
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv), num_warps=1,
+    )
+
+
 def append_rope(k_pre: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_form: str,
                 k_out: torch.Tensor, v_out: torch.Tensor, fill: torch.Tensor, k_base: int,
                 pre_out: torch.Tensor | None = None, pre_base: int = 0, rounded: bool | None = None) -> None:
@@ -117,7 +135,6 @@ def append_rope(k_pre: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: to
         ``k_out`` is bf16.
     """
     b, hkv, n, d = k_pre.shape
-    dv = v.shape[-1]
     if rope_form not in _FORMS:
         raise ValueError(f"rope_form must be one of {FORMS}, got {rope_form!r}")
     if v.shape[:3] != (b, hkv, n) or cos.shape != sin.shape or cos.shape[0] not in (1, b) or cos.shape[2] != n:
@@ -132,15 +149,7 @@ def append_rope(k_pre: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: to
         return
     if rounded is None:
         rounded = k_out.dtype == torch.bfloat16
-    keep_pre = pre_out is not None
-    pre = pre_out if keep_pre else k_out
-    append_rope_kernel[(b * hkv, n)](
-        k_pre, v, cos, sin, k_out, v_out, pre, fill, k_base, pre_base, hkv,
-        *k_pre.stride(), *v.stride(), *_table_strides(cos), *_table_strides(sin),
-        *k_out.stride(), *v_out.stride(), *pre.stride(),
-        D=d, DV=dv, HALF=width // 2, FORM=_FORMS[rope_form], ROUNDED=rounded, KEEP_PRE=keep_pre,
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=triton.next_power_of_2(dv), num_warps=1,
-    )
+    launch_append_rope(k_pre, v, cos, sin, rope_form, k_out, v_out, fill, k_base, pre_out, pre_base, rounded)
 
 
 def rotates_like(k_pre: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

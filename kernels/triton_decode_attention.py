@@ -18,9 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from shadowkv_fx.kernels import reference
-from shadowkv_fx.kernels.reference import decode_attention_reference  # noqa: F401  (the twin, re-exported)
-
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per tile: two 16 KB bf16 tiles (K and V) at D = 128
 NUM_WARPS = 4
@@ -154,6 +151,53 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count  # cached: a host call per step adds up
 
 
+def launch_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, key_valid: torch.Tensor,
+                            tail_start: int, tail_fill: torch.Tensor, scale: float, out: torch.Tensor,
+                            num_splits: int | None, tail_first: torch.Tensor | None) -> torch.Tensor:
+    """Splits, partial buffers, grids and launches of both kernels into ``out`` (arguments checked
+    by ``decode_attention``)."""
+    b, hq, n, d = q.shape
+    hkv, keys, dv = k_buf.shape[1], k_buf.shape[2], v_buf.shape[3]
+    group = hq // hkv
+    if key_valid.dtype == torch.bool:
+        key_valid = key_valid.view(torch.uint8)  # same bytes; Triton pointers to bool are i1
+    on_gpu = q.device.type == "cuda"
+    if num_splits is None:
+        sms = _sm_count(q.device) if on_gpu else H100_SMS
+        num_splits = choose_splits(b * hkv, keys, sms)
+    split_len = triton.cdiv(triton.cdiv(keys, num_splits), BLOCK_N) * BLOCK_N
+    num_splits = triton.cdiv(keys, split_len)
+    single = num_splits == 1
+    rows = group * n
+    part_m = part_l = part_acc = out  # unused placeholders when one split writes ``out`` directly
+    if not single:
+        part_m = torch.empty(b * hkv * num_splits * rows, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(b * hkv * num_splits * rows * dv, dtype=torch.float32, device=q.device)
+    block_m = max(16, triton.next_power_of_2(rows))  # tl.dot needs >= 16 rows
+    block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
+    # fp32 products where the inputs are fp32 (tf32 would cost ~1e-3 relative); bf16/fp16 ignore it
+    precision = "ieee" if q.dtype == torch.float32 or not on_gpu else "tf32"
+    decode_split_kernel[(b * hkv, num_splits)](
+        q, k_buf, v_buf, key_valid, tail_fill, tail_fill if tail_first is None else tail_first.contiguous(), out,
+        part_m, part_l, part_acc,
+        hkv, keys, tail_start, split_len, num_splits,
+        q.stride(0), q.stride(1), q.stride(2), k_buf.stride(0), k_buf.stride(1), k_buf.stride(2),
+        v_buf.stride(0), v_buf.stride(1), v_buf.stride(2), key_valid.stride(0), key_valid.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        scale * LOG2E,  # exp2 below: fold log2(e) into the scale once
+        G=group, NQ=n, D=d, DV=dv, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        SINGLE=single, UPCAST=not on_gpu, PRECISION=precision, HAS_FIRST=tail_first is not None,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    if not single:
+        decode_combine_kernel[(b * hkv,)](
+            part_m, part_l, part_acc, out, hkv, num_splits, out.stride(0), out.stride(1), out.stride(2),
+            G=group, NQ=n, DV=dv, BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4,
+        )
+    return out
+
+
 def _check(q, k_buf, v_buf, key_valid, tail_start, tail_fill, out, tail_first=None):
     b, hq, n, d = q.shape
     bk, hkv, keys, dk = k_buf.shape
@@ -206,44 +250,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     """
     _check(q, k_buf, v_buf, key_valid, tail_start, tail_fill, out, tail_first)
     b, hq, n, d = q.shape
-    hkv, keys, dv = k_buf.shape[1], k_buf.shape[2], v_buf.shape[3]
-    group = hq // hkv
+    dv = v_buf.shape[3]
     if out is None:
         out = torch.empty(b, hq, n, dv, dtype=q.dtype, device=q.device)
-    if key_valid.dtype == torch.bool:
-        key_valid = key_valid.view(torch.uint8)  # same bytes; Triton pointers to bool are i1
-    on_gpu = q.device.type == "cuda"
-    if num_splits is None:
-        sms = _sm_count(q.device) if on_gpu else H100_SMS
-        num_splits = choose_splits(b * hkv, keys, sms)
-    split_len = triton.cdiv(triton.cdiv(keys, num_splits), BLOCK_N) * BLOCK_N
-    num_splits = triton.cdiv(keys, split_len)
-    single = num_splits == 1
-    rows = group * n
-    part_m = part_l = part_acc = out  # unused placeholders when one split writes ``out`` directly
-    if not single:
-        part_m = torch.empty(b * hkv * num_splits * rows, dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(b * hkv * num_splits * rows * dv, dtype=torch.float32, device=q.device)
-    block_m = max(16, triton.next_power_of_2(rows))  # tl.dot needs >= 16 rows
-    block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
-    # fp32 products where the inputs are fp32 (tf32 would cost ~1e-3 relative); bf16/fp16 ignore it
-    precision = "ieee" if q.dtype == torch.float32 or not on_gpu else "tf32"
-    decode_split_kernel[(b * hkv, num_splits)](
-        q, k_buf, v_buf, key_valid, tail_fill, tail_fill if tail_first is None else tail_first.contiguous(), out,
-        part_m, part_l, part_acc,
-        hkv, keys, tail_start, split_len, num_splits,
-        q.stride(0), q.stride(1), q.stride(2), k_buf.stride(0), k_buf.stride(1), k_buf.stride(2),
-        v_buf.stride(0), v_buf.stride(1), v_buf.stride(2), key_valid.stride(0), key_valid.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        scale * LOG2E,  # exp2 below: fold log2(e) into the scale once
-        G=group, NQ=n, D=d, DV=dv, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        SINGLE=single, UPCAST=not on_gpu, PRECISION=precision, HAS_FIRST=tail_first is not None,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-    )
-    if not single:
-        decode_combine_kernel[(b * hkv,)](
-            part_m, part_l, part_acc, out, hkv, num_splits, out.stride(0), out.stride(1), out.stride(2),
-            G=group, NQ=n, DV=dv, BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4,
-        )
-    return out
+    return launch_decode_attention(q, k_buf, v_buf, key_valid, tail_start, tail_fill, scale, out, num_splits,
+                                   tail_first)

@@ -32,9 +32,22 @@ def gather_chunks_kernel(src, idx, out, fetch, C, K, Hkv, s_ob, s_oh, s_ok,
         tl.store(p_out + o_row, tl.load(p_src + o_row, mask=m_row), mask=m_row)
 
 
+def launch_gather_value_chunks(v_chunks: torch.Tensor, idx: torch.Tensor, out: torch.Tensor,
+                               fetch: torch.Tensor | None) -> torch.Tensor:
+    """Grid and launch of ``gather_chunks_kernel``: one program per chosen chunk (arguments checked
+    by ``gather_value_chunks``; ``idx`` int64 and contiguous on ``out``'s device)."""
+    b, hkv, c, l, d = v_chunks.shape
+    k = idx.shape[-1]
+    row = l * d
+    gather_chunks_kernel[(b * hkv, k)](v_chunks, idx, out, idx if fetch is None else fetch.contiguous().view(torch.uint8),
+                                       c, k, hkv, out.stride(0), out.stride(1), row,
+                                       ROW=row, BLOCK=min(1024, triton.next_power_of_2(row)), SOME=fetch is not None)
+    return out
+
+
 def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device: torch.device,
                         out: torch.Tensor | None = None, fetch: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton twin of ``reference.gather_value_chunks`` (and, with ``fetch``, of ``reference.gather_fetching``).
+    """Triton twin of ``naive.gather_value_chunks`` (and, with ``fetch``, of ``naive.gather_fetching``).
 
     Args:
         v_chunks: ``[B, Hkv, C, L, D]`` contiguous (pinned host memory, or device memory).
@@ -55,10 +68,6 @@ def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device:
         out = torch.empty(b, hkv, k * l, d, dtype=v_chunks.dtype, device=device)
     if tuple(out.shape) != (b, hkv, k * l, d) or out.stride(3) != 1 or out.stride(2) != d or out.dtype != v_chunks.dtype:
         raise ValueError(f"out must be [B, Hkv, k*L, D] = {(b, hkv, k * l, d)} of {v_chunks.dtype} with rows contiguous")
-    row = l * d
     if fetch is not None and (fetch.shape != idx.shape or fetch.dtype != torch.bool):
         raise ValueError("fetch must be a bool [B, Hkv, k]")
-    gather_chunks_kernel[(b * hkv, k)](v_chunks, idx, out, idx if fetch is None else fetch.contiguous().view(torch.uint8),
-                                       c, k, hkv, out.stride(0), out.stride(1), row,
-                                       ROW=row, BLOCK=min(1024, triton.next_power_of_2(row)), SOME=fetch is not None)
-    return out
+    return launch_gather_value_chunks(v_chunks, idx, out, fetch)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shadowkv_fx.kernels import reference
+from shadowkv_fx.kernels.rope_forms import rotary_width
 
 _FORMS = {"none": 0, "rotate_half": 1, "interleaved": 2}
 # allocator of the default ``out``: tests swap in a NaN-filling one so unwritten elements show
@@ -105,13 +105,40 @@ def rebuild_rope_kernel(u, sv, idx, pad, cos, sin, out, N, K, T, S, R, Hkv,
         tl.store(p_out + o_p[None, :] * s_od, b_p.to(out.dtype.element_ty), mask=m_n[:, None] & m_p[None, :])
 
 
-def _rotary_width(cos: torch.Tensor, d: int, rope_form: str) -> int:
-    if rope_form not in _FORMS:
-        raise ValueError(f"rope_form must be one of {sorted(_FORMS)}, got {rope_form!r}")
-    width = d if rope_form == "none" else cos.shape[-1]
-    if width % 2 or width > d:
-        raise ValueError(f"rotary width {width} must be even and at most head dim {d}")
-    return width
+def launch_rebuild_rope_keys(u: torch.Tensor, sv: torch.Tensor, chunk_idx: torch.Tensor, chunk_size: int,
+                             pad: torch.Tensor | Sequence[int], cos: torch.Tensor, sin: torch.Tensor, rope_form: str,
+                             width: int, out: torch.Tensor) -> torch.Tensor:
+    """Tiles, grid and launch of ``rebuild_rope_kernel`` into ``out`` (arguments checked by ``rebuild_rope_keys``)."""
+    b, t, r = u.shape
+    hkv, d = sv.shape[1], sv.shape[3]
+    k = chunk_idx.shape[-1]
+    n = k * chunk_size
+    pad = torch.as_tensor(pad, dtype=torch.int64, device=sv.device).contiguous()
+    idx = chunk_idx.to(device=sv.device, dtype=torch.int64).contiguous()
+    if rope_form == "none":  # no table is read: pass any valid pointer with zero strides
+        cos = sin = out
+        s_c = s_n = (0, 0, 0)
+        s_len = 1
+    else:
+        # a batch-1 table serves every sequence through a zero batch stride
+        s_c = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(2), cos.stride(3))
+        s_n = (sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(2), sin.stride(3))
+        s_len = cos.shape[2]
+    gpu = sv.device.type == "cuda"
+    half, rest = width // 2, d - width
+    block_t = GPU_TILES["block_t"] if gpu else 32
+    block_r = GPU_TILES["block_r"] if gpu else 32
+    rebuild_rope_kernel[(triton.cdiv(n, block_t), b * hkv)](
+        u, sv, idx, pad, cos, sin, out, n, k, t, s_len, r, hkv,
+        *u.stride(), *sv.stride(), *s_c, *s_n, *out.stride(),
+        L=chunk_size, HALF=half, PASS=rest, FORM=_FORMS[rope_form],
+        # tl.dot wants every tile side >= 16: small ranks and head dims get masked lanes
+        BLOCK_T=block_t, BLOCK_R=16 if r <= 16 else block_r, BLOCK_H=max(16, triton.next_power_of_2(half)),
+        BLOCK_P=max(16, triton.next_power_of_2(rest)) if rest else 16,
+        UPCAST=not gpu, PRECISION="ieee" if sv.dtype == torch.float32 else "tf32",
+        num_warps=GPU_TILES["num_warps"] if gpu else 4,
+    )
+    return out
 
 
 def rebuild_rope_keys(u: torch.Tensor, sv: torch.Tensor, chunk_idx: torch.Tensor, chunk_size: int,
@@ -158,7 +185,7 @@ def rebuild_rope_keys(u: torch.Tensor, sv: torch.Tensor, chunk_idx: torch.Tensor
         raise ValueError(f"u ({u.dtype}) and sv ({sv.dtype}) must share one dtype")
     if u.device != sv.device or (rope_form != "none" and (cos.device != sv.device or sin.device != sv.device)):
         raise ValueError("u, sv and the cos/sin tables must be on one device")
-    width = _rotary_width(cos, d, rope_form)
+    width = rotary_width(cos, d, rope_form)
     if rope_form != "none" and (cos.shape != sin.shape or cos.shape[0] not in (1, b) or cos.shape[1] != 1):
         raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must be [B or 1, 1, S, R]")
     if out is None:
@@ -167,58 +194,4 @@ def rebuild_rope_keys(u: torch.Tensor, sv: torch.Tensor, chunk_idx: torch.Tensor
         raise ValueError(f"out must be {(b, hkv, n, d)} on {sv.device}, got {tuple(out.shape)} on {out.device}")
     if out.numel() == 0:
         return out
-    pad = torch.as_tensor(pad, dtype=torch.int64, device=sv.device).contiguous()
-    idx = chunk_idx.to(device=sv.device, dtype=torch.int64).contiguous()
-    if rope_form == "none":  # no table is read: pass any valid pointer with zero strides
-        cos = sin = out
-        s_c = s_n = (0, 0, 0)
-        s_len = 1
-    else:
-        # a batch-1 table serves every sequence through a zero batch stride
-        s_c = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(2), cos.stride(3))
-        s_n = (sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(2), sin.stride(3))
-        s_len = cos.shape[2]
-    gpu = sv.device.type == "cuda"
-    half, rest = width // 2, d - width
-    block_t = GPU_TILES["block_t"] if gpu else 32
-    block_r = GPU_TILES["block_r"] if gpu else 32
-    rebuild_rope_kernel[(triton.cdiv(n, block_t), b * hkv)](
-        u, sv, idx, pad, cos, sin, out, n, k, t, s_len, r, hkv,
-        *u.stride(), *sv.stride(), *s_c, *s_n, *out.stride(),
-        L=chunk_size, HALF=half, PASS=rest, FORM=_FORMS[rope_form],
-        # tl.dot wants every tile side >= 16: small ranks and head dims get masked lanes
-        BLOCK_T=block_t, BLOCK_R=16 if r <= 16 else block_r, BLOCK_H=max(16, triton.next_power_of_2(half)),
-        BLOCK_P=max(16, triton.next_power_of_2(rest)) if rest else 16,
-        UPCAST=not gpu, PRECISION="ieee" if sv.dtype == torch.float32 else "tf32",
-        num_warps=GPU_TILES["num_warps"] if gpu else 4,
-    )
-    return out
-
-
-def rope_reference(u: torch.Tensor, sv: torch.Tensor, chunk_idx: torch.Tensor, chunk_size: int,
-                   pad: torch.Tensor | Sequence[int], cos: torch.Tensor, sin: torch.Tensor, rope_form: str,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Plain-PyTorch ``rebuild_rope_keys`` (same arguments), computed in float32 and cast to ``dtype``.
-
-    Built from ``reference.rebuild_keys`` and ``reference.gather_positions``, as the decode path
-    does, with the rotation written out. Returns ``[B, Hkv, k*L, D]`` in ``dtype`` (default ``sv.dtype``).
-    """
-    d = sv.shape[-1]
-    width = _rotary_width(cos, d, rope_form)
-    offsets = torch.arange(chunk_size, device=chunk_idx.device)
-    token_idx = (chunk_idx.long()[..., None] * chunk_size + offsets).flatten(-2)
-    keys = reference.rebuild_keys(u.float(), sv.float(), token_idx)
-    if rope_form != "none":
-        pad = torch.as_tensor(pad, dtype=torch.int64, device=token_idx.device)
-        positions = (token_idx + pad[:, None, None]).clamp(max=cos.shape[2] - 1)
-        b = u.shape[0]
-        c, s = (reference.gather_positions(t.float().expand(b, *t.shape[1:]), positions) for t in (cos, sin))
-        x, rest = keys[..., :width], keys[..., width:]
-        h = width // 2
-        if rope_form == "rotate_half":
-            rotated = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-        else:
-            c, s = c[..., :h].repeat_interleave(2, dim=-1), s[..., :h].repeat_interleave(2, dim=-1)
-            rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
-        keys = torch.cat([x * c + rotated * s, rest], dim=-1)
-    return keys.to(dtype or sv.dtype)
+    return launch_rebuild_rope_keys(u, sv, chunk_idx, chunk_size, pad, cos, sin, rope_form, width, out)

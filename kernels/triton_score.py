@@ -1,4 +1,4 @@
-"""Chunk scoring at decode: ``reference.score_chunks`` with one read of the landmarks.
+"""Chunk scoring at decode: ``naive.score_chunks`` with one read of the landmarks.
 
 The landmarks (``Hkv * C * D`` elements per sequence, 31 MB per layer at 122K tokens in bf16)
 are the only large input, so the work is split in two kernels:
@@ -106,8 +106,44 @@ def score_reduce_kernel(logits, blk_max, blk_sum, sel, out, n, C, NB,
     tl.store(out + i_bh * C + o_c, tl.where(b_sel, b_best, float("-inf")), mask=m_c)
 
 
+def launch_score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor, scale: float,
+                        out: torch.Tensor) -> torch.Tensor:
+    """Tiles, scratch buffers, grids and launches of both kernels into ``out [B, Hkv, C]``
+    (arguments checked by ``score_chunks``)."""
+    b, hq, n, d = q.shape
+    hkv, c = landmarks.shape[1], landmarks.shape[2]
+    g = hq // hkv
+    gpu = q.device.type == "cuda"
+    gn = g * n
+    # tl.dot wants every tile side >= 16: pad small row counts and head dims with masked lanes
+    block_m = max(16, min(64, triton.next_power_of_2(gn)))
+    block_d = max(16, triton.next_power_of_2(d))
+    block_c = GPU_TILES["block_c"] if gpu else 64
+    nb = triton.cdiv(c, block_c)
+    logits = _scratch(b, hkv, gn, c, dtype=torch.float32, device=q.device)
+    blk_max = _scratch(b, hkv, gn, nb, dtype=torch.float32, device=q.device)
+    blk_sum = _scratch(b, hkv, gn, nb, dtype=torch.float32, device=q.device)
+    sel = selectable.contiguous().view(torch.uint8)
+    score_logits_kernel[(nb, triton.cdiv(gn, block_m), b * hkv)](
+        q, landmarks, sel, logits, blk_max, blk_sum, float(scale), n, c, nb, hkv,
+        *q.stride(), *landmarks.stride(),
+        G=g, D=d, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
+        UPCAST=not gpu, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=GPU_TILES["num_warps"],
+    )
+    # kernel 2 holds [BLOCK_N, BLOCK_C] tiles: fewer chunks per program when many tokens score at once
+    block_n = triton.next_power_of_2(n)
+    block_c2 = min(1024 if gpu else 512, triton.next_power_of_2(c), max(16, 8192 // block_n))
+    score_reduce_kernel[(triton.cdiv(c, block_c2), b * hkv)](
+        logits, blk_max, blk_sum, sel, out, n, c, nb,
+        G=g, BLOCK_N=block_n, BLOCK_C=block_c2,
+        BLOCK_NB=min(128, triton.next_power_of_2(nb), max(16, 4096 // block_n)), num_warps=4,
+    )
+    return out
+
+
 def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor, scale: float) -> torch.Tensor:
-    """Triton twin of ``reference.score_chunks``.
+    """Triton twin of ``naive.score_chunks``.
 
     Parameters
     ----------
@@ -136,34 +172,7 @@ def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Ten
         raise ValueError(f"q ({q.dtype}) and landmarks ({landmarks.dtype}) must share one float dtype")
     if q.device != landmarks.device or q.device != selectable.device:
         raise ValueError("q, landmarks and selectable must be on one device")
-    g = hq // hkv
     out = _scratch(b, hkv, c, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    gpu = q.device.type == "cuda"
-    gn = g * n
-    # tl.dot wants every tile side >= 16: pad small row counts and head dims with masked lanes
-    block_m = max(16, min(64, triton.next_power_of_2(gn)))
-    block_d = max(16, triton.next_power_of_2(d))
-    block_c = GPU_TILES["block_c"] if gpu else 64
-    nb = triton.cdiv(c, block_c)
-    logits = _scratch(b, hkv, gn, c, dtype=torch.float32, device=q.device)
-    blk_max = _scratch(b, hkv, gn, nb, dtype=torch.float32, device=q.device)
-    blk_sum = _scratch(b, hkv, gn, nb, dtype=torch.float32, device=q.device)
-    sel = selectable.contiguous().view(torch.uint8)
-    score_logits_kernel[(nb, triton.cdiv(gn, block_m), b * hkv)](
-        q, landmarks, sel, logits, blk_max, blk_sum, float(scale), n, c, nb, hkv,
-        *q.stride(), *landmarks.stride(),
-        G=g, D=d, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-        UPCAST=not gpu, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=GPU_TILES["num_warps"],
-    )
-    # kernel 2 holds [BLOCK_N, BLOCK_C] tiles: fewer chunks per program when many tokens score at once
-    block_n = triton.next_power_of_2(n)
-    block_c2 = min(1024 if gpu else 512, triton.next_power_of_2(c), max(16, 8192 // block_n))
-    score_reduce_kernel[(triton.cdiv(c, block_c2), b * hkv)](
-        logits, blk_max, blk_sum, sel, out, n, c, nb,
-        G=g, BLOCK_N=block_n, BLOCK_C=block_c2,
-        BLOCK_NB=min(128, triton.next_power_of_2(nb), max(16, 4096 // block_n)), num_warps=4,
-    )
-    return out
+    return launch_score_chunks(q, landmarks, selectable, scale, out)

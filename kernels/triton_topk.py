@@ -1,4 +1,4 @@
-"""Chunk selection at decode: ``reference.top_chunks`` without a sort.
+"""Chunk selection at decode: ``naive.top_chunks`` without a sort.
 
 ``torch.topk`` at decode shapes (``[B, Hkv, C]`` scores, C of 4K-16K chunks, k = 256) runs a sort
 kernel and a gather kernel, about 53 us per layer on an H100. The rebuild and the value fetch take
@@ -84,8 +84,24 @@ def top_chunks_kernel(scores, out_idx, out_picked, C, K, SLOTS, Hkv, s_b, s_h, s
     tl.store(out_picked + p_out, b_finite.to(tl.uint8), mask=b_take)
 
 
+def launch_top_chunks(scores: torch.Tensor, k: int, idx: torch.Tensor, picked: torch.Tensor,
+                      num_warps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warps, grid and launch of ``top_chunks_kernel`` into ``idx`` and ``picked`` (uint8), as
+    ``top_chunks`` returns them (arguments checked there)."""
+    b, hkv, c = scores.shape
+    block_c = triton.next_power_of_2(max(c, k))
+    if num_warps is None:
+        num_warps = min(GPU_TILES["max_warps"], max(GPU_TILES["min_warps"],
+                                                     block_c // (32 * GPU_TILES["elems_per_thread"])))
+    top_chunks_kernel[(b * hkv,)](
+        scores, idx, picked, c, k, max(c, k), hkv, *scores.stride(),
+        BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return idx, picked.view(torch.bool)
+
+
 def top_chunks(scores: torch.Tensor, k: int, *, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``reference.top_chunks``.
+    """Triton twin of ``naive.top_chunks``.
 
     Parameters
     ----------
@@ -115,12 +131,4 @@ def top_chunks(scores: torch.Tensor, k: int, *, num_warps: int | None = None) ->
     picked = _scratch(b, hkv, k, dtype=torch.uint8, device=scores.device)
     if idx.numel() == 0:
         return idx, picked.view(torch.bool)
-    block_c = triton.next_power_of_2(max(c, k))
-    if num_warps is None:
-        num_warps = min(GPU_TILES["max_warps"], max(GPU_TILES["min_warps"],
-                                                     block_c // (32 * GPU_TILES["elems_per_thread"])))
-    top_chunks_kernel[(b * hkv,)](
-        scores, idx, picked, c, k, max(c, k), hkv, *scores.stride(),
-        BLOCK_C=block_c, num_warps=num_warps,
-    )
-    return idx, picked.view(torch.bool)
+    return launch_top_chunks(scores, k, idx, picked, num_warps)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import logging
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+
+from shadowkv_fx.passes.report import PassReport, SiteReport
 
 log = logging.getLogger(__name__)
 
@@ -43,37 +45,6 @@ SPLITS = {torch.chunk, torch.split}
 SPLIT_METHODS = {"chunk", "split"}
 CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "contiguous"}
 MAX_REGION_NODES = 256
-
-
-@dataclass(frozen=True)
-class RegionReport:
-    name: str
-    status: str  # "rewritten" | "short" (static token count <= min_tokens, left alone) | "skipped"
-    reason: str = ""
-
-
-@dataclass
-class TokenChunkReport:
-    """What ``chunk_token_regions`` did to one graph: one entry per token-wise region, last first."""
-
-    regions: list[RegionReport] = field(default_factory=list)
-
-    @property
-    def matched(self) -> int:
-        return len(self.regions)
-
-    @property
-    def rewritten(self) -> int:
-        return sum(r.status == "rewritten" for r in self.regions)
-
-    @property
-    def skipped(self) -> list[RegionReport]:
-        return [r for r in self.regions if r.status == "skipped"]
-
-    def __str__(self) -> str:
-        lines = [f"{self.matched} token-wise regions, {self.rewritten} chunked"]
-        lines += [f"  {r.name}: {r.status} {r.reason}".rstrip() for r in self.regions if r.status != "rewritten"]
-        return "\n".join(lines)
 
 
 @dataclass
@@ -300,7 +271,7 @@ def rewrite_region(gm: fx.GraphModule, region: TokenRegion, chunk_tokens: int) -
     return op
 
 
-def chunk_token_regions(gm: fx.GraphModule, min_tokens: int, chunk_tokens: int | None = None) -> TokenChunkReport:
+def chunk_token_regions(gm: fx.GraphModule, min_tokens: int, chunk_tokens: int | None = None) -> PassReport:
     """Rewrite ``gm`` in place: each token-wise region runs ``chunk_tokens`` tokens at a time.
 
     Parameters
@@ -316,14 +287,14 @@ def chunk_token_regions(gm: fx.GraphModule, min_tokens: int, chunk_tokens: int |
 
     Returns
     -------
-    TokenChunkReport
-        One entry per region found, latest first; ``short`` and ``skipped`` ones say why. A region
+    PassReport
+        One site per region found, latest first; ``short`` and ``skipped`` ones say why. A region
         traced with gradients on is skipped: the op has no backward (ShadowKV runs under no_grad).
     """
     chunk_tokens = min_tokens if chunk_tokens is None else chunk_tokens
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    graph, report = gm.graph, TokenChunkReport()
+    graph, report = gm.graph, PassReport(subject="token-wise regions", done="chunked")
     order = {n: i for i, n in enumerate(graph.nodes)}
     # latest first: an MLP's down projection claims its region before a linear inside it could
     candidates = [n for n in reversed(graph.nodes) if _is_linear(gm, n)]
@@ -336,13 +307,13 @@ def chunk_token_regions(gm: fx.GraphModule, min_tokens: int, chunk_tokens: int |
             continue
         skip = _skip_reason(region, min_tokens)
         if skip is not None:
-            report.regions.append(RegionReport(region.name, *skip))
+            report.sites.append(SiteReport(region.name, *skip))
             continue
         name = region.name
         op = rewrite_region(gm, region, chunk_tokens)
         order[op] = order[down]
         erased.update(region.nodes)
-        report.regions.append(RegionReport(name, "rewritten"))
+        report.sites.append(SiteReport(name, "rewritten"))
     if report.rewritten:
         graph.lint()
         gm.recompile()
@@ -350,7 +321,7 @@ def chunk_token_regions(gm: fx.GraphModule, min_tokens: int, chunk_tokens: int |
     return report
 
 
-def chunk_prefill_mlps(gm: fx.GraphModule, config, attention_sites: int) -> TokenChunkReport | None:
+def chunk_prefill_mlps(gm: fx.GraphModule, config, attention_sites: int) -> PassReport | None:
     """The pass as the ShadowKV backends run it: ``config.prefill_mlp_chunk`` tokens at a time,
     when ShadowKV is enabled. A graph with rewritten attention (``attention_sites``) but no
     token-wise region is logged: its model's long prefills hold the whole prompt's MLP

@@ -24,7 +24,7 @@ run)
     i=0
     for job in "$@"; do  # one process per job: JSON merged over the common arguments
         i=$((i + 1))
-        python3 -c 'import json, sys; from shadowkv_fx.evaluation.runner import eval_command
+        python3 -c 'import json, sys; from shadowkv_fx.evaluation.commands import eval_command
 eval_command(**{**json.loads(sys.argv[2]), **json.loads(sys.argv[3]), "out_dir": sys.argv[1], "device": "cuda", "plots": False})' \
             "$out/job$i" "$common" "$job" > "$out/job$i.log" 2>&1 &
     done

@@ -19,8 +19,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from shadowkv_fx.compile_cache import use_compile_cache
 from shadowkv_fx.config import ShadowKVConfig
-from shadowkv_fx.passes.rewrite import pass_uuid, shadowkv_pass
-from shadowkv_fx.passes.token_chunks import chunk_prefill_mlps
+from shadowkv_fx.graph_compile import rewrite_and_compile
+from shadowkv_fx.passes.attention_pass import pass_uuid
+from shadowkv_fx.passes.report import PassReport
 
 
 class ShadowKVInductorKey(CustomGraphPass):
@@ -62,22 +63,25 @@ def split_options(mode: str | None, options: dict | None) -> tuple[ShadowKVConfi
 
 
 def shadowkv_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
-    """Dynamo backend. A graph with no attention reaches inductor with only its long-prefill MLPs
-    rewritten to run in token chunks (``prefill_mlp_chunk``), as under ``optimize``.
+    """Dynamo backend: the sequence ``optimize`` runs (``graph_compile.rewrite_and_compile``), then
+    inductor. A graph with no attention reaches inductor with only its long-prefill MLPs rewritten
+    to run in token chunks (``prefill_mlp_chunk``).
 
     A graph whose attention feeds a dense ``DynamicCache`` cannot hold ShadowKV state: that is
     ``compiled(input_ids)`` on the original forward. It fails loudly instead of running dense.
     """
     config, _, _ = split_options(mode, options)
-    report = shadowkv_pass(gm, enabled=config.enabled)
-    if report.skipped and config.enabled:
-        raise RuntimeError(
+
+    def refuse(report: PassReport) -> Exception | None:
+        if not config.enabled:
+            return None
+        return RuntimeError(
             f"backend='shadowkv' cannot run ShadowKV on this graph, and would run it dense:\n{report}\n"
             "For a Hugging Face model use compiled.generate(...) on torch.compile(model, backend='shadowkv'), "
             "whose forward is traced without a dense cache, or shadowkv_fx.optimize(model)."
         )
-    chunk_prefill_mlps(gm, config, report.rewritten)
-    return inductor_graph(gm, example_inputs, mode)
+
+    return rewrite_and_compile(gm, example_inputs, config, functools.partial(inductor_graph, mode=mode), refuse)
 
 
 def _compiled_with_shadowkv(module: OptimizedModule):

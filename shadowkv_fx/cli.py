@@ -115,7 +115,7 @@ def generate(
 
 
 def _register_eval() -> None:
-    from shadowkv_fx.evaluation.runner import eval_command, merge_command
+    from shadowkv_fx.evaluation.commands import eval_command, merge_command
 
     app.command("eval", help="Accuracy suite: dense vs ShadowKV vs the sink + local and Quest baselines on "
                 "RULER-style tasks generated offline; writes results.json, a table and PNG plots.")(eval_command)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from shadowkv_fx.kernels import reference as ref
+from shadowkv_fx.kernels import compression
 from shadowkv_fx.pinned import pinned_zeros
 
 # below this relative error a projection is exact to float32 rounding: never refresh for noise
@@ -205,7 +205,7 @@ def _fold_rows(state, rows: list[int], m: int, undo: "FoldUndo | None") -> None:
             state.u[b, t0 : t0 + count] = u_row.to(state.u.dtype)
             state.refreshes += 1
 
-    landmarks, min_cos = ref.chunk_landmarks(k_rot.reshape(n_rows * hkv, count, -1), chunk)
+    landmarks, min_cos = compression.chunk_landmarks(k_rot.reshape(n_rows * hkv, count, -1), chunk)
     state.landmarks[r, :, c0 : c0 + m] = landmarks.view(n_rows, hkv, m, -1).to(state.landmarks.dtype)
     state.v_chunks[r, :, c0 : c0 + m] = v.reshape(n_rows, hkv, m, chunk, dv).to(state.v_chunks.device)
     for b in rows:

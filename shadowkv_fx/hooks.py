@@ -32,8 +32,10 @@ from torch.nn.modules import module as nn_module
 from torch.utils.hooks import RemovableHandle
 
 from shadowkv_fx.config import ShadowKVConfig
+from shadowkv_fx.graph_compile import UnsupportedModelError
 from shadowkv_fx.ops import current_cache
-from shadowkv_fx.passes.rewrite import PassReport, shadowkv_pass
+from shadowkv_fx.passes.attention_pass import shadowkv_pass
+from shadowkv_fx.passes.report import PassReport
 from shadowkv_fx.regions import eager_layers
 
 GLOBAL_HOOK_DICTS = {
@@ -211,8 +213,6 @@ class HookAwareForward:
         def backend(gm: torch.fx.GraphModule, example_inputs):
             report = shadowkv_pass(gm, enabled=self.config.enabled)
             if report.skipped or (self.config.enabled and report.rewritten != 1):
-                from shadowkv_fx.optimize import UnsupportedModelError  # optimize imports this module
-
                 raise UnsupportedModelError(f"ShadowKV cannot rewrite the attention of layer {layer}: {report}")
             if layer is not None:
                 for node in gm.graph.find_nodes(op="call_function", target=torch.ops.shadowkv.attention.default):

@@ -9,7 +9,7 @@ import torch
 
 from shadowkv_fx import fold, host_copies
 from shadowkv_fx.config import ShadowKVConfig
-from shadowkv_fx.kernels import dispatch, reference as ref
+from shadowkv_fx.kernels import compression, dispatch, value_reuse
 from shadowkv_fx.kernels.rope_forms import detect_rope_form
 from shadowkv_fx.pinned import pinned_zeros
 
@@ -149,8 +149,8 @@ class LayerState:
             if self.folds:
                 self._local_kpre[b, :, :local] = kp[:, t:]
             if n_chunks:
-                u, sv = ref.low_rank_keys(kp[:, :t], cfg.rank)
-                landmarks, min_cos = ref.chunk_landmarks(kr[:, :t], chunk)
+                u, sv = compression.low_rank_keys(kp[:, :t], cfg.rank)
+                landmarks, min_cos = compression.chunk_landmarks(kr[:, :t], chunk)
                 outliers = torch.topk(-min_cos, cfg.outlier_chunks, dim=-1).indices
                 self.selectable[b, :, :n_chunks] = True
                 self.selectable[b].scatter_(1, outliers, False)
@@ -159,7 +159,7 @@ class LayerState:
                 energy = kp[:, :t].float().square().sum()
                 # U's columns are orthonormal, so what SV misses of the keys' energy is the fit error
                 self.fit_err[b] = (1 - sv.square().sum() / energy.clamp_min(1e-30)).clamp_min(0).sqrt()
-                token_idx = ref.chunk_tokens(outliers, chunk)
+                token_idx = compression.chunk_tokens(outliers, chunk)
                 self._outlier_k[b] = torch.gather(kr, 1, token_idx[..., None].expand(-1, -1, d))
                 self._outlier_v[b] = torch.gather(vb, 1, token_idx[..., None].expand(-1, -1, d))
                 self.u[b, :t] = u
@@ -386,14 +386,14 @@ class LayerState:
         """Rebuild the chosen chunks' keys (low rank, then RoPE at their positions) and fetch their
         values, straight into the buffer's selected region; mark which picks are real.
 
-        With value reuse a chunk chosen again stays in its slot (``reference.stable_slots``): its
+        With value reuse a chunk chosen again stays in its slot (``value_reuse.stable_slots``): its
         values are already there, only new chunks' values cross PCIe, and nothing is copied aside.
         """
         chunk = self.config.chunk_size
         region = slice(self.sel_start, self.local_start)
         fetch = None
         if self.reuse:
-            chunk_idx, picked, fetch = ref.stable_slots(chunk_idx, picked, self.prev_idx)
+            chunk_idx, picked, fetch = value_reuse.stable_slots(chunk_idx, picked, self.prev_idx)
             self.prev_idx.copy_(chunk_idx)
             self.v_lookups[0] += fetch.numel() - fetch.sum()
             self.v_lookups[1] += fetch.numel()

@@ -4,7 +4,7 @@ tests/conftest.py). ``scripts/mutants.py`` runs a fast subset of the suite under
 it to fail: a mutant the tests do not notice is a missing test.
 
 Every mutant patches a module attribute that the code under test looks up at call time
-(``dispatch.X``, ``reference.X``, ``fold.X``, ``LayerState.X``), so the eager path, the compiled
+(``dispatch.X``, ``compression.X``, ``value_reuse.X``, ``fold.X``, ``LayerState.X``), so the eager path, the compiled
 graph (whose ShadowKV op calls back into Python) and the Triton dispatch all see it.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from shadowkv_fx import fold
 from shadowkv_fx.cache import ShadowKVCache
-from shadowkv_fx.kernels import dispatch, reference
+from shadowkv_fx.kernels import compression, dispatch, value_reuse
 from shadowkv_fx.layer_state import LayerState
 
 MUTANTS: dict[str, tuple[str, Callable[[], None]]] = {}
@@ -145,7 +145,7 @@ def landmarks_first_token() -> None:
         first = chunks[:, :, 0]
         cosine = torch.nn.functional.cosine_similarity(chunks, first.unsqueeze(2), dim=-1)
         return first, cosine.min(dim=-1).values
-    reference.chunk_landmarks = landmarks
+    compression.chunk_landmarks = landmarks
 
 
 @mutant("the low-rank factors drop their smallest kept singular component")
@@ -158,7 +158,7 @@ def svd_drops_a_component() -> None:
                 sv[:, kept - 1] = 0
             return u, sv
         return factors
-    _wrap(reference, "low_rank_keys", make)
+    _wrap(compression, "low_rank_keys", make)
 
 
 @mutant("with value reuse, a slot whose chunk changed keeps the old chunk's values")
@@ -168,7 +168,7 @@ def reuse_stale_values() -> None:
             slot_idx, slot_picked, fetch = plain(chunk_idx, picked, prev_idx)
             return slot_idx, slot_picked, fetch & (prev_idx < 0)
         return slots
-    _wrap(reference, "stable_slots", make)
+    _wrap(value_reuse, "stable_slots", make)
 
 
 @mutant("a fold drops the last chunk it folds: its tokens leave the dense tail and are never selectable")

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 import shadowkv_fx
 from shadowkv_fx.backend import ShadowKVInductorKey, inductor_graph
-from shadowkv_fx.passes.rewrite import pass_uuid
+from shadowkv_fx.passes.attention_pass import pass_uuid
 from tests.models import ARCHS, assert_close, left_padded, tiny_pair
 
 CFG = dict(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2)
@@ -151,7 +151,7 @@ def test_inductor_cache_key_follows_the_pass_source(tmp_path):
     copy = tmp_path / "passes"
     shutil.copytree(REPO / "passes", copy, ignore=shutil.ignore_patterns("__pycache__"))
     assert pass_uuid(copy) == pass_uuid()
-    (copy / "rewrite.py").write_text((copy / "rewrite.py").read_text() + "\n# changed\n")
+    (copy / "site_rewrite.py").write_text((copy / "site_rewrite.py").read_text() + "\n# changed\n")
     assert pass_uuid(copy) != pass_uuid()
 
 

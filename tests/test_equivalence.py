@@ -72,10 +72,10 @@ def test_sampling_matches_dense_with_same_seed(attn):
 
 def test_every_selected_chunk_is_rebuilt_through_the_sparse_path(monkeypatch):
     """The full-budget equivalence must exercise selection + rebuild + value fetch, not skip them."""
-    from shadowkv_fx.kernels import reference
+    from shadowkv_fx.kernels import naive
 
     calls = {"rebuild": 0, "gather": 0}
-    rebuild, gather = reference.rebuild_keys, reference.gather_value_chunks
+    rebuild, gather = naive.rebuild_keys, naive.gather_value_chunks
 
     def counting_rebuild(*a):
         calls["rebuild"] += 1
@@ -85,8 +85,8 @@ def test_every_selected_chunk_is_rebuilt_through_the_sparse_path(monkeypatch):
         calls["gather"] += 1
         return gather(*a)
 
-    monkeypatch.setattr(reference, "rebuild_keys", counting_rebuild)
-    monkeypatch.setattr(reference, "gather_value_chunks", counting_gather)
+    monkeypatch.setattr(naive, "rebuild_keys", counting_rebuild)
+    monkeypatch.setattr(naive, "gather_value_chunks", counting_gather)
     dense, model = tiny_pair("llama")
     shadowkv_fx.optimize(model, full_config(model))
     ids, mask = left_padded(1, [64], dense.config.vocab_size)

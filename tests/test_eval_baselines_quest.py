@@ -15,7 +15,8 @@ from hypothesis import given, strategies as st
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.evaluation.quest import QuestAttention, page_bounds, quest_generate, quest_page_scores
 from shadowkv_fx.evaluation.budgets import parse_budget, resolve_budget
-from shadowkv_fx.evaluation.runner import run_eval, shadowkv_attended_tokens, summarize
+from shadowkv_fx.evaluation.results import summarize
+from shadowkv_fx.evaluation.runner import run_eval, shadowkv_attended_tokens
 from tests.models import assert_close, tiny_pair
 
 

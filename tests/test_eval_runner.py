@@ -13,7 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from shadowkv_fx.compat import CACHE_ARG
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.evaluation.baselines import SinkLocalCache, sink_local_generate, sink_local_window_for_budget
-from shadowkv_fx.evaluation.runner import ablation_variants, run_eval, shadowkv_attended_tokens, summarize
+from shadowkv_fx.evaluation.results import summarize
+from shadowkv_fx.evaluation.runner import ablation_variants, run_eval, shadowkv_attended_tokens
 
 
 def _tiny_llama(vocab_size: int = 128, attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
@@ -177,7 +178,7 @@ def test_run_eval_accepts_a_model_and_validates_names(tokenizer):
 
 
 def test_merge_joins_pieces_of_one_run_and_refuses_different_prompts(tmp_path):
-    from shadowkv_fx.evaluation.runner import merge_command
+    from shadowkv_fx.evaluation.commands import merge_command
 
     def piece(name, method, context, budget=None):
         meta = {"tasks": ["vt"], "lengths": [2048], "budgets": [] if budget is None else [budget],

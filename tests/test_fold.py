@@ -16,7 +16,7 @@ import shadowkv_fx
 from shadowkv_fx import fold
 from shadowkv_fx.cache import ShadowKVCache, device_and_host_bytes
 from shadowkv_fx.compat import output_cache
-from shadowkv_fx.kernels import reference as ref
+from shadowkv_fx.kernels import compression
 from tests.models import assert_close, full_rank, left_padded, tiny_pair
 
 CHUNK, LOCAL, OUTLIERS = 4, 2, 2
@@ -103,7 +103,7 @@ def assert_outliers_are_the_worst_chunks(state, dense_out, width, lengths):
     keys = dense_out.past_key_values.layers[0].keys
     for b, n in enumerate(lengths):
         chunks = state.chunks[b]
-        _, min_cos = ref.chunk_landmarks(keys[b, :, width - n : width - n + chunks * CHUNK], CHUNK)
+        _, min_cos = compression.chunk_landmarks(keys[b, :, width - n : width - n + chunks * CHUNK], CHUNK)
         expected = torch.topk(-min_cos, OUTLIERS, dim=-1).indices.sort(-1).values
         assert torch.equal(state.outlier_ids[b].sort(-1).values, expected), b
 
@@ -113,7 +113,7 @@ def test_projection_and_incremental_svd_refresh():
     hkv, d, rank = 2, 8, 6
     basis = torch.randn(rank, hkv * d)
     old = (torch.randn(40, rank) @ basis).view(40, hkv, d).permute(1, 0, 2)
-    u, sv = ref.low_rank_keys(old, rank)
+    u, sv = compression.low_rank_keys(old, rank)
     inside = (torch.randn(8, rank) @ basis).view(8, hkv, d).permute(1, 0, 2)
     u_new, err = fold.project_keys(sv, inside)
     assert err < 1e-5, "keys in the basis's span project exactly"
@@ -133,7 +133,7 @@ def test_projection_and_incremental_svd_refresh():
     rotation, u_new, sv_new, fit = fold.refresh_basis(sv, outside)
     rebuilt = torch.cat([torch.einsum("nr,hrd->hnd", u @ rotation, sv_new), torch.einsum("nr,hrd->hnd", u_new, sv_new)], 1)
     both = torch.cat([old, outside], dim=1)
-    fresh_u, fresh_sv = ref.low_rank_keys(both, rank)
+    fresh_u, fresh_sv = compression.low_rank_keys(both, rank)
     fresh_err = (torch.einsum("nr,hrd->hnd", fresh_u, fresh_sv) - both).norm() / both.norm()
     err = (rebuilt - both).norm() / both.norm()
     assert err <= fresh_err * 1.0001 + 1e-6 and abs(err - fit) < 1e-4

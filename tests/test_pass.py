@@ -5,7 +5,7 @@ import transformers as T
 
 import shadowkv_fx
 from shadowkv_fx.compat import CACHE_ARG
-from shadowkv_fx.passes.rewrite import shadowkv_pass
+from shadowkv_fx.passes.attention_pass import shadowkv_pass
 from tests.models import ARCHS, left_padded, tiny_pair
 
 SDPA = torch._C._nn.scaled_dot_product_attention

@@ -17,7 +17,7 @@ def test_preflight_counts_whole_pages_not_powers_of_two():
 
 @cuda_only
 def test_pinned_values_are_exact_page_locked_and_read_by_the_gather():
-    from shadowkv_fx.kernels import dispatch, reference
+    from shadowkv_fx.kernels import dispatch, naive
 
     before = pinned.live_bytes()
     shape = (2, 3, 50, 8, 64)  # [B, Hkv, C, L, D]: 153,600 bf16 values, 307,200 bytes, 75 pages
@@ -32,7 +32,7 @@ def test_pinned_values_are_exact_page_locked_and_read_by_the_gather():
     assert torch.equal(on_device.cpu(), values)
     chunk_idx = torch.stack([torch.randperm(50, device="cuda")[:7] for _ in range(6)]).view(2, 3, 7)
     gathered = dispatch.gather_value_chunks(values, chunk_idx, torch.device("cuda"))  # Triton, through UVA
-    assert torch.equal(gathered, reference.gather_value_chunks(on_device, chunk_idx, torch.device("cuda")))
+    assert torch.equal(gathered, naive.gather_value_chunks(on_device, chunk_idx, torch.device("cuda")))
 
     view = values[1, :, 4:9]  # a view keeps the registration alive
     del values, on_device

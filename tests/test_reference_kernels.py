@@ -1,9 +1,10 @@
-"""Properties of the plain-PyTorch kernels (the ground truth the Triton kernels are held to)."""
+"""Properties of the plain-PyTorch kernels: the prefill compression and the naive twins (the ground
+truth the Triton kernels are held to)."""
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from shadowkv_fx.kernels import reference as ref
+from shadowkv_fx.kernels import compression, naive
 from tests.models import assert_close
 
 
@@ -25,13 +26,13 @@ def test_full_rank_rebuild_is_exact_and_truncation_error_is_the_svd_tail(hkv, t,
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(hkv, t, d, generator=g, dtype=torch.float64).float()
     full = hkv * d
-    u, sv = ref.low_rank_keys(k, full)
+    u, sv = compression.low_rank_keys(k, full)
     idx = torch.arange(t).expand(1, hkv, t)
-    rebuilt = ref.rebuild_keys(u[None], sv[None], idx)[0]
+    rebuilt = naive.rebuild_keys(u[None], sv[None], idx)[0]
     assert_close(rebuilt, k, atol=1e-4, what="full-rank rebuild")
     rank = max(1, min(t, full) // 2)
-    u_r, sv_r = ref.low_rank_keys(k, rank)
-    err = (ref.rebuild_keys(u_r[None], sv_r[None], idx)[0] - k).flatten().norm()
+    u_r, sv_r = compression.low_rank_keys(k, rank)
+    err = (naive.rebuild_keys(u_r[None], sv_r[None], idx)[0] - k).flatten().norm()
     singular = torch.linalg.svdvals(k.permute(1, 0, 2).reshape(t, full).double())
     tail = singular[rank:].norm().float()
     assert torch.isclose(err, tail, rtol=1e-3, atol=1e-4), (err, tail)
@@ -40,18 +41,18 @@ def test_full_rank_rebuild_is_exact_and_truncation_error_is_the_svd_tail(hkv, t,
 @pytest.mark.parametrize("rows", [7, 4096])
 def test_tall_keys_fit_in_row_blocks_like_one_svd(monkeypatch, rows):
     """Long prompts take the Gram route a block of rows at a time: the same fit as one SVD."""
-    monkeypatch.setattr(ref, "GRAM_ROWS", rows)
+    monkeypatch.setattr(compression, "GRAM_ROWS", rows)
     g = torch.Generator().manual_seed(rows)
     hkv, t, d, rank = 2, 101, 4, 5
     k = (torch.randn(hkv, t, 3, generator=g) @ torch.randn(3, d, generator=g)
          + 0.1 * torch.randn(hkv, t, d, generator=g))  # a few strong directions, as keys have
-    u, sv = ref.low_rank_keys(k, rank)
+    u, sv = compression.low_rank_keys(k, rank)
     assert u.shape == (t, rank) and sv.shape == (hkv, rank, d)
     flat = k.permute(1, 0, 2).reshape(t, hkv * d).double()
     uu, s, vh = torch.linalg.svd(flat, full_matrices=False)
     best = (uu[:, :rank] * s[:rank]) @ vh[:rank]
     idx = torch.arange(t).expand(1, hkv, t)
-    rebuilt = ref.rebuild_keys(u[None], sv[None], idx)[0].permute(1, 0, 2).reshape(t, hkv * d)
+    rebuilt = naive.rebuild_keys(u[None], sv[None], idx)[0].permute(1, 0, 2).reshape(t, hkv * d)
     assert_close(rebuilt, best.float(), atol=1e-4, what="rank-5 fit")
 
 
@@ -61,10 +62,10 @@ def test_rope_after_rebuild_equals_rope_before_truncation_at_full_rank(t, seed):
     hkv, d, s = 2, 8, 64
     k_pre = torch.randn(1, hkv, s, d, generator=g)
     cos, sin = (x.float()[None, None] for x in cos_sin(torch.arange(s), d))
-    u, sv = ref.low_rank_keys(k_pre[0], hkv * d)
+    u, sv = compression.low_rank_keys(k_pre[0], hkv * d)
     token_idx = torch.randint(0, s, (1, hkv, t), generator=g)
-    rebuilt = ref.rebuild_keys(u[None], sv[None], token_idx)
-    after = rope_half(rebuilt, ref.gather_positions(cos, token_idx), ref.gather_positions(sin, token_idx))
+    rebuilt = naive.rebuild_keys(u[None], sv[None], token_idx)
+    after = rope_half(rebuilt, naive.gather_positions(cos, token_idx), naive.gather_positions(sin, token_idx))
     before = torch.gather(rope_half(k_pre, cos, sin), 2, token_idx[..., None].expand(-1, -1, -1, d))
     assert_close(after, before, atol=1e-4, what="RoPE after rebuild")
 
@@ -76,7 +77,7 @@ def test_score_chunks_matches_a_loop_and_masks_unselectable():
     lm = torch.randn(b, hkv, c, d, generator=g)
     sel = torch.rand(b, hkv, c, generator=g) > 0.3
     sel[..., 0] = True
-    scores = ref.score_chunks(q, lm, sel, 0.5)
+    scores = naive.score_chunks(q, lm, sel, 0.5)
     for bi in range(b):
         for h in range(hkv):
             best = torch.full((c,), float("-inf"))
@@ -92,21 +93,21 @@ def test_gathers_return_the_indexed_rows():
     g = torch.Generator().manual_seed(1)
     v = torch.randn(2, 3, 5, 4, 6, generator=g)
     idx = torch.randint(0, 5, (2, 3, 2), generator=g)
-    out = ref.gather_value_chunks(v, idx, torch.device("cpu"))
+    out = naive.gather_value_chunks(v, idx, torch.device("cpu"))
     for b in range(2):
         for h in range(3):
             expected = torch.cat([v[b, h, i] for i in idx[b, h]])
             assert torch.equal(out[b, h], expected)
     table = torch.randn(2, 1, 9, 4, generator=g)
     pos = torch.randint(0, 9, (2, 3, 5), generator=g)
-    rows = ref.gather_positions(table, pos)
+    rows = naive.gather_positions(table, pos)
     assert torch.equal(rows[1, 2, 3], table[1, 0, pos[1, 2, 3]])
 
 
 def test_landmarks_and_outlier_measure():
     k = torch.randn(2, 12, 4)
     k[0, 4:8] = torch.tensor([1.0, 0, 0, 0])
-    landmarks, min_cos = ref.chunk_landmarks(k, 4)
+    landmarks, min_cos = compression.chunk_landmarks(k, 4)
     assert_close(landmarks, k.view(2, 3, 4, 4).mean(2), atol=1e-6, what="landmarks")
     assert_close(min_cos[0, 1], torch.tensor(1.0), atol=1e-5, what="identical tokens agree with their mean")
     assert (min_cos < 1.0 + 1e-5).all()
@@ -120,7 +121,7 @@ def test_masked_attention_equals_sdpa_on_the_allowed_subset():
     allowed = torch.zeros(1, 2, 1, 10, dtype=torch.bool)
     allowed[0, 0, 0, [1, 3, 4]] = True
     allowed[0, 1, 0, [0, 9]] = True
-    out = ref.masked_attention(q, k, v, allowed, 0.3)
+    out = naive.masked_attention(q, k, v, allowed, 0.3)
     for h in range(4):
         kv = h // 2
         keep = allowed[0, kv, 0]
@@ -138,10 +139,10 @@ def test_grouped_attention_equals_the_head_repeating_reference(b, hkv, group, n,
     k, v = torch.randn(2, b, hkv, keys, 8, generator=g)
     allowed = torch.rand(b, hkv, n, keys, generator=g) < 0.6
     allowed[..., 0] = True  # every row attends somewhere
-    want = ref.masked_attention(q, k, v, allowed, 0.3)
+    want = naive.masked_attention(q, k, v, allowed, 0.3)
     assert_close(grouped_masked_attention(q, k, v, allowed, 0.3), want, atol=1e-5, what="grouped attention")
     shared = allowed[:, :, :1]  # a mask broadcast over query rows, as the decode path builds it
-    assert_close(grouped_masked_attention(q, k, v, shared, 0.3), ref.masked_attention(q, k, v, shared, 0.3),
+    assert_close(grouped_masked_attention(q, k, v, shared, 0.3), naive.masked_attention(q, k, v, shared, 0.3),
                  atol=1e-5, what="broadcast mask")
 
 

@@ -87,7 +87,7 @@ def test_decode_and_short_graphs_are_left_exactly_as_they_are(tokens):
     report = chunk_token_regions(gm, min_tokens=4)
     assert gm.code == before
     assert (report.matched, report.rewritten) == (2, 0)
-    assert {r.status for r in report.regions} == {"short"}
+    assert {r.status for r in report.sites} == {"short"}
 
 
 def test_one_token_past_min_tokens_is_rewritten():

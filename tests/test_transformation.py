@@ -6,8 +6,7 @@ import pytest
 import torch
 from optimum.fx.optimization import ReversibleTransformation, compose
 
-from shadowkv_fx.passes.rewrite import shadowkv_pass
-from shadowkv_fx.passes.transformation import ShadowKVAttentionRewrite
+from shadowkv_fx.passes.attention_pass import ShadowKVAttentionRewrite, shadowkv_pass
 from tests.models import ARCHS, assert_close, tiny_pair
 from tests.test_pass import SDPA, ToyAttention, capture, targets, toy_inputs
 

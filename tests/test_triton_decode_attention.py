@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from shadowkv_fx.kernels import reference, triton_decode_attention as tda  # noqa: E402
+from shadowkv_fx.kernels import naive, triton_decode_attention as tda  # noqa: E402
 from tests.models import assert_close, cuda_only  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -56,7 +56,7 @@ def run_and_compare(args, tail_start, tol, scale, num_splits=None, what=""):
     out = torch.full((b, hq, n, v.shape[-1]), float("nan"), dtype=dtype, device=DEVICE)
     got = tda.decode_attention(q, k_bad, v_bad, valid, tail_start, fill, scale, out=out, num_splits=num_splits)
     assert got is out
-    expected = tda.decode_attention_reference(q, k, v, valid, tail_start, fill, scale)
+    expected = naive.decode_attention(q, k, v, valid, tail_start, fill, scale)
     assert_close(got, expected, atol=atol, rtol=rtol, what=what)
 
 
@@ -102,9 +102,9 @@ def test_tail_slots_before_each_rows_first_are_never_read(tol, b, n, num_splits,
         k_bad[row, :, prefix:prefix + int(first[row])] = float("nan")
         v_bad[row, :, prefix:prefix + int(first[row])] = float("nan")
     out = tda.decode_attention(q, k_bad, v_bad, valid, prefix, fill_t, 0.25, num_splits=num_splits, tail_first=first)
-    expected = tda.decode_attention_reference(q, k, v, valid, prefix, fill_t, 0.25, tail_first=first)
+    expected = naive.decode_attention(q, k, v, valid, prefix, fill_t, 0.25, tail_first=first)
     assert_close(out, expected, atol=tol[1], rtol=tol[2], what=f"tail_first={first.tolist()}")
-    mask = reference.decode_mask(valid, prefix + cap, prefix, fill_t, n, first)
+    mask = naive.decode_mask(valid, prefix + cap, prefix, fill_t, n, first)
     assert not mask[0, :, :, prefix:prefix + int(first[0])].any()
 
 
@@ -152,5 +152,5 @@ def test_llama_shapes_and_cuda_graph_replay(b):
         fill.fill_(level)
         out.fill_(float("nan"))
         graph.replay()
-        expected = tda.decode_attention_reference(q, k, v, valid, LLAMA_PREFIX, fill, d ** -0.5)
+        expected = naive.decode_attention(q, k, v, valid, LLAMA_PREFIX, fill, d ** -0.5)
         assert_close(out, expected, atol=atol, rtol=rtol, what=f"B={b} fill={level}")

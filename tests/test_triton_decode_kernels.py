@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from shadowkv_fx.kernels import reference, triton_rebuild, triton_score  # noqa: E402
+from shadowkv_fx.kernels import naive, triton_rebuild, triton_score  # noqa: E402
 from tests.models import assert_close, cuda_only, skip_unless_kernels_run_here  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -46,7 +46,7 @@ def check_scores(b, hkv, g, n, c, d, dtype, tol, seed, transposed_q=False, empty
     selectable[b - empty_rows :] = False  # a sequence too short to compress: nothing selectable
     with mock.patch.object(triton_score, "_scratch", nan_scratch):
         scores = triton_score.score_chunks(q, landmarks, selectable, d ** -0.5)
-    expected = reference.score_chunks(q, landmarks, selectable, d ** -0.5)
+    expected = naive.score_chunks(q, landmarks, selectable, d ** -0.5)
     assert scores.dtype == torch.float32 and not scores.isnan().any()
     assert torch.equal(torch.isinf(scores), ~selectable)
     assert_close(scores, expected, atol=tol * max(1e-3, expected.nan_to_num(0.0, 0.0, 0.0).abs().max().item()), rtol=tol,
@@ -72,7 +72,7 @@ def check_rebuild(b, hkv, n_chunks, l, k, r, d, form, rotary, dtype, tol, seed, 
     angles = torch.rand(table_batch or b, 1, s, rotary // 2, generator=gen) * 6.3
     angles = torch.cat([angles, angles], dim=-1)  # cat(freqs, freqs), as HF rotary embeddings lay it out
     cos, sin = angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
-    expected = triton_rebuild.rope_reference(u, sv, chunk_idx, l, pad, cos, sin, form, dtype=torch.float32)
+    expected = naive.rebuild_rope_keys(u, sv, chunk_idx, l, pad, cos, sin, form, dtype=torch.float32)
     out_dtype = torch.float32 if out_mode == "fp32" else dtype
     if out_mode == "new":
         out = None
@@ -108,8 +108,8 @@ def test_rebuild_rope_keys_matches_reference(dtype, tol, seed, b, hkv, l, k, r, 
 
 
 @pytest.mark.parametrize("arch, form", [("llama", "rotate_half"), ("glm4", "interleaved")])
-def test_rope_reference_matches_hf_rotary(arch, form):
-    """The reference's rotation is the model's: checked against transformers' own apply_rotary_pos_emb."""
+def test_naive_rebuild_rotates_as_hf_does(arch, form):
+    """The naive twin's rotation is the model's: checked against transformers' own apply_rotary_pos_emb."""
     modeling = pytest.importorskip(f"transformers.models.{arch}.modeling_{arch}")
     gen = torch.Generator().manual_seed(1)
     b, hkv, n_chunks, l, r, d = 2, 2, 5, 4, 8, 16
@@ -122,8 +122,8 @@ def test_rope_reference_matches_hf_rotary(arch, form):
     emb = torch.cat([freqs, freqs], dim=-1).expand(b, 1, s, rotary)
     cos, sin = emb.cos(), emb.sin()
     every = torch.arange(n_chunks).expand(b, hkv, n_chunks)
-    ours = triton_rebuild.rope_reference(u, sv, every, l, pad, cos, sin, form)
-    k_pre = triton_rebuild.rope_reference(u, sv, every, l, pad, cos, sin, "none")
+    ours = naive.rebuild_rope_keys(u, sv, every, l, pad, cos, sin, form)
+    k_pre = naive.rebuild_rope_keys(u, sv, every, l, pad, cos, sin, "none")
     theirs = torch.stack([
         modeling.apply_rotary_pos_emb(k_pre[i : i + 1], k_pre[i : i + 1], cos[i, :, pad[i] : pad[i] + n_chunks * l],
                                       sin[i, :, pad[i] : pad[i] + n_chunks * l])[1][0]

@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from shadowkv_fx.kernels import reference  # noqa: E402
+from shadowkv_fx.kernels import naive, value_reuse  # noqa: E402
 from shadowkv_fx.kernels import triton_gather  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -23,7 +23,7 @@ def test_value_chunk_gather_matches_reference(dtype, b, hkv, c, l, d, k):
         src = src.pin_memory()
     idx = torch.stack([torch.randperm(c, generator=g)[:k] for _ in range(b * hkv)]).view(b, hkv, k).to(DEVICE)
     out = triton_gather.gather_value_chunks(src, idx, DEVICE)
-    expected = reference.gather_value_chunks(src, idx, DEVICE)
+    expected = naive.gather_value_chunks(src, idx, DEVICE)
     assert out.dtype == dtype and out.device.type == DEVICE.type
     assert torch.equal(out, expected)
 
@@ -39,7 +39,7 @@ def test_value_gather_writes_only_the_chunks_to_fetch(dtype, b, hkv, c, l, d, k)
     prev_idx = torch.stack([torch.randperm(c, generator=g)[:k] for _ in range(b * hkv)]).view(b, hkv, k)
     idx = torch.stack([torch.randperm(c, generator=g)[:k] for _ in range(b * hkv)]).view(b, hkv, k)
     picked = torch.rand(b, hkv, k, generator=g) < 0.8
-    slot_idx, slot_picked, fetch = reference.stable_slots(idx, picked, prev_idx)
+    slot_idx, slot_picked, fetch = value_reuse.stable_slots(idx, picked, prev_idx)
     assert fetch.any() and (~fetch).any(), "the case must mix hits and misses"
     kept = slot_idx == prev_idx
     assert torch.equal(kept, ~fetch), "a chunk held last step stays in its slot; every other slot is fetched"
@@ -48,11 +48,11 @@ def test_value_gather_writes_only_the_chunks_to_fetch(dtype, b, hkv, c, l, d, k)
         flags = dict(zip(idx.view(-1, k)[row].tolist(), picked.view(-1, k)[row].tolist()))
         assert [flags[i] for i in slot_idx.view(-1, k)[row].tolist()] == slot_picked.view(-1, k)[row].tolist()
     # the slots hold last step's values, marked: a kept slot must keep the mark, a fetched one lose it
-    old = (reference.gather_value_chunks(src, prev_idx, DEVICE) + 100).to(dtype)
+    old = (naive.gather_value_chunks(src, prev_idx, DEVICE) + 100).to(dtype)
     out = old.clone()
     triton_gather.gather_value_chunks(src, slot_idx.to(DEVICE), DEVICE, out, fetch.to(DEVICE))
-    expected = reference.gather_fetching(src, slot_idx, fetch, old.cpu().clone())
+    expected = naive.gather_fetching(src, slot_idx, fetch, old.cpu().clone())
     assert torch.equal(out.cpu(), expected)
     assert torch.equal(out.cpu(), torch.where(fetch.repeat_interleave(l, dim=-1)[..., None],
-                                              reference.gather_value_chunks(src, slot_idx, torch.device("cpu")),
+                                              naive.gather_value_chunks(src, slot_idx, torch.device("cpu")),
                                               old.cpu()))

@@ -1,4 +1,4 @@
-"""Triton chunk selection (``triton_topk.top_chunks``) against ``reference.top_chunks`` (torch.topk).
+"""Triton chunk selection (``triton_topk.top_chunks``) against ``naive.top_chunks`` (torch.topk).
 
 Order within the k picks is free and equal scores may be picked in any order, so a result is
 checked by the scores it picked: sorted, they must equal torch.topk's values exactly. Rows with
@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from shadowkv_fx.kernels import dispatch, reference, triton_topk  # noqa: E402
+from shadowkv_fx.kernels import dispatch, naive, triton_topk  # noqa: E402
 from tests.models import cuda_only, skip_unless_kernels_run_here  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,7 +49,7 @@ def check_top_chunks(scores: torch.Tensor, k: int, **tiles) -> None:
     b, hkv, c = scores.shape
     with mock.patch.object(triton_topk, "_scratch", poisoned_scratch):
         idx, picked = triton_topk.top_chunks(scores, k, **tiles)
-    _, ref_picked = reference.top_chunks(scores, k)
+    _, ref_picked = naive.top_chunks(scores, k)
     what = f"b={b} hkv={hkv} c={c} k={k} {scores.dtype} {tiles}"
     assert idx.shape == picked.shape == (b, hkv, k) and idx.dtype == torch.int64 and picked.dtype == torch.bool, what
     assert picked.view(torch.uint8).le(1).all(), f"{what}: unwritten picked slots"
@@ -108,7 +108,7 @@ def test_top_chunks_many_ties_at_the_threshold():
 def test_dispatch_uses_reference_off_gpu_and_k_zero():
     scores = torch.randn(2, 3, 50)
     idx, picked = dispatch.top_chunks(scores, 7)
-    ref_idx, ref_picked = reference.top_chunks(scores, 7)
+    ref_idx, ref_picked = naive.top_chunks(scores, 7)
     assert torch.equal(idx, ref_idx) and torch.equal(picked, ref_picked)
     idx, picked = triton_topk.top_chunks(scores.to(DEVICE), 0)
     assert idx.shape == picked.shape == (2, 3, 0)

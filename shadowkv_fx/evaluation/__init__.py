@@ -18,15 +18,9 @@ from .multiturn import (
     run_multiturn_sample,
 )
 from .quest import QuestAttention, quest_generate
-from .runner import (
-    DEFAULT_TASKS,
-    ablation_variants,
-    eval_command,
-    print_results_table,
-    run_eval,
-    shadowkv_attended_tokens,
-    summarize,
-)
+from .commands import eval_command
+from .results import print_results_table, summarize
+from .runner import DEFAULT_TASKS, ablation_variants, run_eval, shadowkv_attended_tokens
 from .scoring import metric_for_task, score_prediction, string_match_all, string_match_part
 from .tasks import TASKS, TaskSample, make_sample, make_samples, parse_length
 

@@ -13,26 +13,24 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
-import typer
 
 from ..config import ShadowKVConfig
 from .baselines import sink_local_generate, sink_local_window_for_budget
 from .budgets import budget_key, parse_budget, resolve_budget
 from .quest import QuestAttention, quest_generate
+from .results import print_results_table
 from .scoring import score_prediction
 from .tasks import TASKS, TaskSample, make_samples, parse_length
 
 __all__ = [
     "DEFAULT_TASKS",
+    "METHODS",
     "ablation_variants",
     "shadowkv_attended_tokens",
     "run_eval",
-    "summarize",
-    "print_results_table",
-    "eval_command",
 ]
 
 METHODS = ("dense", "shadowkv", "sink_local", "quest")
@@ -40,8 +38,6 @@ DEFAULT_TASKS = (
     "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
     "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe",
 )  # fmt: skip
-# under the current directory, never the repository's committed eval_results/
-DEFAULT_OUT_DIR = "shadowkv-eval-results"
 
 
 def ablation_variants(kind: str | None, base: ShadowKVConfig = ShadowKVConfig()) -> dict[str, ShadowKVConfig]:
@@ -83,7 +79,8 @@ def _with_budget(config: ShadowKVConfig, budget: int) -> ShadowKVConfig:
     return replace(config, sparse_budget=max(config.chunk_size, budget - budget % config.chunk_size))
 
 
-def _default_optimize(model, config: ShadowKVConfig, cuda_graphs: bool = False):
+def default_optimize(model, config: ShadowKVConfig, cuda_graphs: bool = False):
+    """``shadowkv_fx.optimize``, what ``run_eval`` applies unless given another ``optimize_fn``."""
     import shadowkv_fx
 
     return shadowkv_fx.optimize(model, config, cuda_graphs=cuda_graphs)
@@ -232,7 +229,7 @@ def run_eval(
     if missing:
         raise ValueError(f"unknown task(s) {missing}; known: {sorted(TASKS)}")
     factory, given_model = _resolve_factory(models)
-    optimize_fn = optimize_fn or _default_optimize
+    optimize_fn = optimize_fn or default_optimize
     variants = dict(variants or {"shadowkv": ShadowKVConfig()})
     lengths = [parse_length(length) for length in lengths]
     samples = [s for t in tasks for n in lengths for s in make_samples(t, tokenizer, n, samples_per_task, seed=seed)]
@@ -318,154 +315,3 @@ def run_eval(
     if print_table:
         print_results_table(records)
     return records
-
-
-def merge_command(out_dir: str, results: list[str]) -> list[dict]:
-    """Join ``results.json`` files of one suite run in pieces (say, one process per method on a
-    shared GPU) into ``out_dir``: one JSON, the table and the plots.
-
-    Every piece must hold the same prompts for the same (task, length, index): same seed and tasks.
-    """
-    records: list[dict] = []
-    meta: dict = {}
-    prompts: dict[tuple, int] = {}
-    for path in results:
-        piece = json.loads(Path(path).read_text())
-        for key in ("tasks", "samples_per_task", "seed"):
-            if meta and piece["meta"][key] != meta[key]:
-                raise ValueError(f"{path}: {key}={piece['meta'][key]!r} differs from {meta[key]!r} in the other pieces")
-        meta = meta or dict(piece["meta"])
-        meta["methods"] = sorted({*meta["methods"], *piece["meta"]["methods"]})
-        meta["lengths"] = sorted({*meta["lengths"], *piece["meta"]["lengths"]})
-        meta["budgets"] = list(dict.fromkeys([*meta["budgets"], *piece["meta"]["budgets"]]))
-        for record in piece["records"]:
-            sample = (record["task"], record["length"], record["index"])
-            if prompts.setdefault(sample, record["context_tokens"]) != record["context_tokens"]:
-                raise ValueError(f"{path}: sample {sample} has a different prompt than in the other pieces")
-            records.append(record)
-    meta["merged_from"] = [str(p) for p in results]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-    from .plots import plot_all
-
-    plot_all(records, out)
-    print_results_table(records)
-    return records
-
-
-def summarize(records: Iterable[dict]) -> dict[str, dict[tuple[str, int], float]]:
-    """Mean score per ``label`` and ``(task, length)``."""
-    sums: dict[str, dict[tuple[str, int], list[float]]] = {}
-    for record in records:
-        sums.setdefault(record["label"], {}).setdefault((record["task"], record["length"]), []).append(record["score"])
-    return {label: {key: sum(v) / len(v) for key, v in cells.items()} for label, cells in sums.items()}
-
-
-def print_results_table(records: Sequence[dict], console=None) -> None:
-    """Rich table: one row per method/config, mean score (x100) per task, per length and overall."""
-    from rich.console import Console
-    from rich.table import Table
-
-    records = list(records)
-    if not records:
-        return
-    tasks = list(dict.fromkeys(r["task"] for r in records))
-    lengths = sorted({r["length"] for r in records})
-    table = Table(title="RULER-style accuracy (x100)")
-    table.add_column("method", no_wrap=True)
-    for column in ["attended", *tasks, *[f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths], "avg"]:
-        table.add_column(column, justify="right")
-
-    def mean(values: list[float]) -> str:
-        return f"{100 * sum(values) / len(values):.1f}" if values else "-"
-
-    labels = list(dict.fromkeys(r["label"] for r in records))
-    for label in labels:
-        rows = [r for r in records if r["label"] == label]
-        attended = f"{100 * sum(r['attended_fraction'] for r in rows) / len(rows):.0f}%"
-        per_task = [mean([r["score"] for r in rows if r["task"] == t]) for t in tasks]
-        per_length = [mean([r["score"] for r in rows if r["length"] == n]) for n in lengths]
-        table.add_row(label, attended, *per_task, *per_length, mean([r["score"] for r in rows]))
-    if console is None:
-        # Non-terminal output defaults to 80 columns, which would truncate the task names.
-        needed = max(len(label) for label in labels) + sum(len(t) + 3 for t in tasks) + 9 * (len(lengths) + 3)
-        console = Console(width=max(Console().width, needed))
-    console.print(table)
-
-
-def _csv(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-_TASK_HELP = ", ".join(f"{name} ({spec.description})" for name, spec in TASKS.items())
-
-
-def eval_command(
-    model: Annotated[str, typer.Option(help="'smollm2' (the embedded SmolLM2-135M-Instruct) or a local Hugging Face model "
-                                  "directory (no hub access)")] = "smollm2",
-    tasks: Annotated[str, typer.Option(help=f"comma-separated tasks, of: {_TASK_HELP}. Default: all but "
-                                       f"{' and '.join(sorted(set(TASKS) - set(DEFAULT_TASKS)))}",
-                                       show_default=False)] = ",".join(DEFAULT_TASKS),
-    lengths: Annotated[str, typer.Option(help="comma-separated context lengths (prompt + answer): tokens (4096) or k = 1024 "
-                                    "tokens (4k, so 1k is 1024); SmolLM2's context is 8k")] = "2k,4k,8k",
-    budgets: Annotated[str, typer.Option(help="comma-separated ShadowKV sparse_budget specs: tokens (256) or a fraction of "
-                                    "each context length (1/16: 256 tokens at 4k), rounded down to whole "
-                                    "chunks")] = "256,512",
-    samples: Annotated[int, typer.Option(help="prompts per task and length (needle depths evenly cover 0..1)")] = 4,
-    methods: Annotated[str, typer.Option(help=f"comma-separated, of: {', '.join(METHODS)}; sink_local and quest attend as "
-                                    "many prompt tokens per step as ShadowKV at each budget")] = ",".join(METHODS),
-    ablation: Annotated[str, typer.Option(help="'' (none), 'rank' (32/64/160), 'chunk' (4/8/16) or 'outliers' (0 vs 48), "
-                                     "each at every budget")] = "",
-    n_sink: Annotated[int, typer.Option(help="attention-sink tokens of the sink_local baseline")] = 4,
-    seed: Annotated[int, typer.Option(help="seed of the generated prompts: the same seed gives the same prompts")] = 0,
-    out_dir: Annotated[str, typer.Option(help="folder for results.json and the PNG plots, relative to the current "
-                                    "directory")] = DEFAULT_OUT_DIR,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    cuda_graphs: Annotated[bool, typer.Option(help="replay each ShadowKV decode step as one CUDA graph (GPU only)")] = False,
-    plots: Annotated[bool, typer.Option(help="draw the PNG plots (--no-plots: JSON and table only)")] = True,
-) -> list[dict]:
-    """String-argument entry point for the ``shadowkv-fx eval`` CLI command.
-
-    ``model`` is ``"smollm2"`` (the embedded SmolLM2-135M-Instruct) or a local Hugging
-    Face model directory. ``budgets`` is comma-separated specs: tokens (``256``) or
-    fractions of each context length (``1/16``). Writes ``results.json`` and the plots
-    into ``out_dir`` (default ``./shadowkv-eval-results``, under the current directory); a finished
-    run leaves no ``results.partial.json``. ``cuda_graphs`` replays ShadowKV decode steps as CUDA graphs (GPU only);
-    ``plots=False`` skips the PNGs (``plot_all`` on the JSON draws them later, where matplotlib is).
-    """
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    torch_dtype = getattr(torch, dtype)
-    if model == "smollm2":
-        from ..smollm2 import load_smollm2
-
-        _, tokenizer = load_smollm2(torch_dtype, device)
-
-        def factory():
-            return load_smollm2(torch_dtype, device)[0]
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model)
-
-        def factory():
-            return AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(device).eval()
-
-    out = Path(out_dir)
-    return run_eval(
-        factory,
-        tokenizer,
-        tasks=_csv(tasks),
-        lengths=_csv(lengths),
-        budgets=_csv(budgets),
-        samples_per_task=samples,
-        methods=_csv(methods),
-        variants=ablation_variants(ablation or None),
-        n_sink=n_sink,
-        seed=seed,
-        output_json=out / "results.json",
-        plot_dir=out if plots else None,
-        optimize_fn=functools.partial(_default_optimize, cuda_graphs=cuda_graphs),
-    )

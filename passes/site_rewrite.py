@@ -1,58 +1,13 @@
-"""The ShadowKV pass: swap every attention site of a graph for ``torch.ops.shadowkv.attention``.
+"""One attention site at a time: cut out its key RoPE, put ``torch.ops.shadowkv.attention`` in its place.
 
-The per-site pieces live here; ``transformation.py`` applies them to a whole graph (and undoes them)
-as an optimum ``ReversibleTransformation``, and ``shadowkv_pass`` runs that transformation.
+``attention_pass.py`` runs these pieces over every site of a graph (and undoes them).
 """
 from __future__ import annotations
-
-import hashlib
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.fx as fx
 
 from shadowkv_fx.passes.attention_sites import AttentionSite
-
-
-@dataclass(frozen=True)
-class SiteReport:
-    index: int
-    name: str
-    status: str  # "rewritten" | "skipped" | "disabled"
-    reason: str = ""
-
-
-@dataclass
-class PassReport:
-    """What the pass did to one graph: one entry per attention site, in execution order."""
-
-    sites: list[SiteReport] = field(default_factory=list)
-
-    @property
-    def matched(self) -> int:
-        return len(self.sites)
-
-    @property
-    def rewritten(self) -> int:
-        return sum(s.status == "rewritten" for s in self.sites)
-
-    @property
-    def skipped(self) -> list[SiteReport]:
-        return [s for s in self.sites if s.status == "skipped"]
-
-    def __str__(self) -> str:
-        lines = [f"{self.matched} attention sites, {self.rewritten} rewritten"]
-        lines += [f"  site {s.index} ({s.name}): {s.status} {s.reason}".rstrip() for s in self.sites if s.status != "rewritten"]
-        return "\n".join(lines)
-
-
-def pass_uuid(folder: Path = Path(__file__).parent) -> str:
-    """Changes whenever the pass's source does, so inductor's cache keys on it."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 def extract_rope(site: AttentionSite, owner: torch.nn.Module) -> fx.GraphModule:
@@ -119,13 +74,3 @@ def dead_nodes(candidates: list[fx.Node]) -> set[fx.Node]:
         dead.add(node)
         todo.extend(node.all_input_nodes)
     return dead
-
-
-def shadowkv_pass(gm: fx.GraphModule, enabled: bool = True) -> PassReport:
-    """Rewrite ``gm`` in place. With ``enabled=False`` only report the sites."""
-    # transformation.py builds on this module: import it here, not at the top
-    from shadowkv_fx.passes.transformation import ShadowKVAttentionRewrite
-
-    transformation = ShadowKVAttentionRewrite(enabled)
-    transformation(gm)
-    return transformation.report

@@ -1,22 +1,25 @@
-"""The attention-site rewrite as an ``optimum.fx.optimization.ReversibleTransformation``.
+"""The ShadowKV attention pass over a whole graph, as an ``optimum.fx.optimization.ReversibleTransformation``.
 
-``transform`` swaps every matched attention site for ``torch.ops.shadowkv.attention`` (what
-``shadowkv_pass`` does); ``reverse`` puts the dense attention back, node for node, so the
+``transform`` swaps every matched attention site for ``torch.ops.shadowkv.attention``, one site
+at a time (``site_rewrite.py``); ``reverse`` puts the dense attention back, node for node, so the
 reversed graph computes what the captured one did. Both compose with optimum's ``compose`` and
-other transformations.
+other transformations. ``shadowkv_pass`` runs the transformation once.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.fx as fx
 from optimum.fx.optimization import ReversibleTransformation
 
 from shadowkv_fx.passes.attention_sites import find_attention_sites
-from shadowkv_fx.passes.rewrite import PassReport, SiteReport, dead_nodes, rewrite_site
+from shadowkv_fx.passes.report import PassReport, SiteReport
+from shadowkv_fx.passes.site_rewrite import dead_nodes, rewrite_site
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +117,14 @@ class ShadowKVAttentionRewrite(ReversibleTransformation):
         self.report, rewritten = PassReport(), []
         for index, site in enumerate(find_attention_sites(graph)):
             if site.skip_reason:
-                self.report.sites.append(SiteReport(index, site.name, "skipped", site.skip_reason))
+                self.report.sites.append(SiteReport(site.name, "skipped", site.skip_reason, index))
             elif not self.enabled:
-                self.report.sites.append(SiteReport(index, site.name, "disabled"))
+                self.report.sites.append(SiteReport(site.name, "disabled", index=index))
             else:
                 op = rewrite_site(graph_module, site, layer=len(rewritten))
                 self.mark_as_transformed(op)
                 rewritten.append((op, site))
-                self.report.sites.append(SiteReport(index, site.name, "rewritten"))
+                self.report.sites.append(SiteReport(site.name, "rewritten", index=index))
         dead = dead_nodes([n for _, site in rewritten for n in site.removed + site.rope_region])
         order = {n: i for i, n in enumerate(graph.nodes)}
         # cut the cones once every site is rewritten (the final dead set), before erasing them
@@ -157,3 +160,18 @@ class ShadowKVAttentionRewrite(ReversibleTransformation):
             graph.erase_node(op)
             restored[op] = dense
         return graph_module
+
+
+def shadowkv_pass(gm: fx.GraphModule, enabled: bool = True) -> PassReport:
+    """Rewrite ``gm`` in place. With ``enabled=False`` only report the sites."""
+    transformation = ShadowKVAttentionRewrite(enabled)
+    transformation(gm)
+    return transformation.report
+
+
+def pass_uuid(folder: Path = Path(__file__).parent) -> str:
+    """Changes whenever the pass's source does, so inductor's cache keys on it."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()

@@ -1,0 +1,87 @@
+"""Prefill compression of one sequence's keys: the low-rank factors, the chunks and their landmarks.
+
+What prefill (``LayerState.add_rows``) and folding (``fold.py``) compute once per prompt or fold,
+in plain PyTorch on any device: one SVD and a few reductions, not a per-step kernel.
+
+Shapes: ``Hkv`` key-value heads, ``T`` tokens, ``C`` chunks, ``L`` chunk size, ``r`` rank,
+``D`` head dim.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def chunk_tokens(chunk_idx: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Token indices of chunks: ``[..., k]`` chunk ids -> ``[..., k * chunk_size]`` token ids."""
+    offsets = torch.arange(chunk_size, device=chunk_idx.device)
+    return (chunk_idx[..., None] * chunk_size + offsets).flatten(-2)
+
+
+# rows of the keys in float64 at a time while the Gram matrix and U are formed (32 MiB at W = 1024)
+GRAM_ROWS = 4096
+
+
+def low_rank_keys(k_pre: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of one sequence's pre-RoPE keys, in float32.
+
+    Args:
+        k_pre: ``[Hkv, T, D]``.
+    Returns:
+        ``U [T, rank]`` and ``SV [Hkv, rank, D]`` (``diag(s) V^T``) with ``U @ SV[h] ~= k_pre[h]``;
+        zero-padded when ``min(T, Hkv*D) < rank``.
+    """
+    hkv, t, d = k_pre.shape
+    flat = k_pre.permute(1, 0, 2).reshape(t, hkv * d)
+    if t > 4 * hkv * d:
+        u_r, s, vh = _tall_svd(flat, rank)
+    else:
+        u, s, vh = torch.linalg.svd(flat.float(), full_matrices=False)
+        u_r = u.new_zeros(t, rank)
+        u_r[:, : min(rank, s.numel())] = u[:, :rank]
+    kept = min(rank, s.numel())
+    sv = u_r.new_zeros(rank, hkv * d)
+    sv[:kept] = s[:kept, None] * vh[:kept]
+    return u_r, sv.view(rank, hkv, d).permute(1, 0, 2).contiguous()
+
+
+def _tall_svd(flat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of a tall ``[T, W]`` matrix through its ``W x W`` Gram matrix, in float64.
+
+    Long prompts make ``T`` 100x ``W``; the Gram route costs one GEMM and a small eigh instead of
+    a tall gesvd. Components below float32 resolution are dropped (their U columns stay zero).
+    The rows go through float64 ``GRAM_ROWS`` at a time and only the first ``rank`` columns of U
+    are formed: a whole float64 copy of a 122K-token prompt's keys and its full-width U would
+    add ~3 GiB to the prefill working set.
+
+    Returns ``U [T, rank]`` (float32), the singular values ``[W]`` and ``V^T [W, W]``.
+    """
+    t, w = flat.shape
+    gram = flat.new_zeros(w, w, dtype=torch.float64)
+    for start in range(0, t, GRAM_ROWS):
+        block = flat[start : start + GRAM_ROWS].double()
+        gram += block.T @ block
+    eigvals, eigvecs = torch.linalg.eigh(gram)
+    order = eigvals.flip(0).clamp_min(0).sqrt()
+    v = eigvecs.flip(1)
+    kept = min(rank, int((order > order[0] * 1e-7).sum()))  # order descends: the kept ones lead
+    u = flat.new_zeros(t, rank, dtype=torch.float32)
+    for start in range(0, t, GRAM_ROWS):
+        block = flat[start : start + GRAM_ROWS].double()
+        u[start : start + GRAM_ROWS, :kept] = (block @ v[:, :kept] / order[:kept]).float()
+    return u, order.float(), v.T.float()
+
+
+def chunk_landmarks(k_rot: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-chunk mean of post-RoPE keys and each chunk's worst token agreement.
+
+    Args:
+        k_rot: ``[Hkv, C*L, D]``.
+    Returns:
+        ``landmarks [Hkv, C, D]`` and ``min_cosine [Hkv, C]`` (lowest cosine similarity between a
+        chunk's landmark and its tokens: low means the mean represents the chunk badly).
+    """
+    hkv, t, d = k_rot.shape
+    chunks = k_rot.float().view(hkv, t // chunk_size, chunk_size, d)
+    landmarks = chunks.mean(dim=2)
+    cosine = torch.nn.functional.cosine_similarity(chunks, landmarks.unsqueeze(2), dim=-1)
+    return landmarks, cosine.min(dim=-1).values
