@@ -34,9 +34,32 @@ class ShadowKVInductorKey(CustomGraphPass):
         return pass_uuid()
 
 
+def cpu_prompt_graph(gm: torch.fx.GraphModule) -> bool:
+    """A graph traced for prompts of any length (a symbolic size among its inputs) on the CPU.
+
+    Such a graph runs as rewritten FX instead of through inductor: its time is GEMMs, which inductor
+    hands to the same BLAS, while its C++ compile made the compile form's first token 3x dense's
+    (SmolLM2 2K on the 2-core CI machine: first generate 66 s against 22 s as FX, warm prefill no
+    faster). Decode graphs (static shapes, many small ops) are still compiled.
+    """
+    devices, symbolic = set(), False
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt):
+            symbolic = True
+        elif isinstance(value, torch.Tensor):
+            devices.add(value.device.type)
+            symbolic |= any(isinstance(d, torch.SymInt) for d in value.shape)
+    return symbolic and devices == {"cpu"}
+
+
 def inductor_graph(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None):
-    """Hand a rewritten graph to inductor, the ShadowKV ops staying opaque inside it."""
+    """Hand a rewritten graph to inductor, the ShadowKV ops staying opaque inside it (a prompt graph
+    on the CPU runs as FX: ``cpu_prompt_graph``)."""
     from torch._inductor.compile_fx import compile_fx
+
+    if cpu_prompt_graph(gm):
+        return gm.forward
 
     patches = {"post_grad_custom_pre_pass": ShadowKVInductorKey()}
     if mode in ("reduce-overhead", "max-autotune"):

@@ -113,3 +113,24 @@ def test_layers_whose_forward_is_already_wrapped_keep_the_whole_forward_compile(
     assert model._shadowkv.regional is None and "forward" not in layers[1].__dict__
     ids, mask = left_padded(1, [40], 96)
     assert greedy(model, ids, mask).shape == (1, 44)
+
+
+def test_on_the_cpu_prompt_graphs_skip_inductor_and_decode_graphs_do_not(monkeypatch):
+    """The compile form on the CPU: prompt graphs (symbolic length) run as FX, decode graphs compile."""
+    import torch._inductor.compile_fx as inductor
+
+    from shadowkv_fx.backend import cpu_prompt_graph, inductor_graph
+
+    compiled, seen = [], []
+    monkeypatch.setattr(inductor, "compile_fx", lambda gm, inputs, **kw: compiled.append(gm) or gm.forward)
+
+    def recording(gm, example_inputs):
+        seen.append(cpu_prompt_graph(gm))
+        return inductor_graph(gm, example_inputs)
+
+    dense, model = tiny_pair("llama", layers=2)
+    shadowkv_fx.optimize(model, shadowkv_fx.ShadowKVConfig(**CFG), compile_graph=recording)
+    ids, mask = left_padded(2, [50, 41], 96)
+    assert torch.equal(greedy(model, ids, mask), greedy(dense, ids, mask))
+    assert seen == [True, False], "one prompt graph, then one decode graph"
+    assert len(compiled) == 1, "only the decode graph reaches inductor"
