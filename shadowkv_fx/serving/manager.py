@@ -50,7 +50,7 @@ class ServingManager:
         self._lock = threading.Condition()  # guards the four fields below; notified when a request ends
         self._results: dict[str, GenerationOutput] = {}  # ended, not yet taken; in the order they ended
         self._open: set[str] = set()  # added, not yet ended
-        self._streaming: set[str] = set()  # open and streamed
+        self._streaming: set[str] = set()  # streamed, last event not yet taken from the stream
         self._stop_mode: str | None = None  # None, "flush" (finish what is open) or "cancel"
         self._looping = False  # set and cleared under the lock, so get_result never waits on a finished loop
         self._ids = itertools.count()
@@ -100,7 +100,7 @@ class ServingManager:
                               seed, streaming, record_timestamps, self.tokenizer, **generation_kwargs)
         check_fits(request, self.backend.max_length)
         with self._lock:
-            if request_id in self._open or request_id in self._results:
+            if request_id in self._open or request_id in self._results or request_id in self._streaming:
                 raise ValueError(f"request id {request_id!r} is in use (open, or its result not yet taken)")
             self._open.add(request_id)
             if streaming:
@@ -136,6 +136,13 @@ class ServingManager:
         streamed request open now) has had its last event, or the loop stops."""
         with self._lock:
             waiting_for = set(request_ids) if request_ids is not None else set(self._streaming)
+            unknown = waiting_for - self._streaming
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} are not streamed: add them with streaming=True (or their last event "
+                             "was already taken)")
+        return self._events_until_ended(waiting_for)
+
+    def _events_until_ended(self, waiting_for: set[str]) -> Iterator[TokenEvent]:
         while waiting_for:
             event = self._next_event()
             if event is None:
@@ -152,10 +159,15 @@ class ServingManager:
     def _next_event(self) -> TokenEvent | None:
         while True:
             try:
-                return self._stream.get(timeout=_POLL_S)
+                event = self._stream.get(timeout=_POLL_S)
             except queue.Empty:
                 if not self.is_running() and self._stream.empty():
                     return None
+                continue
+            if event.output is not None:
+                with self._lock:
+                    self._streaming.discard(event.request_id)
+            return event
 
     def _run(self) -> None:
         try:
@@ -215,7 +227,6 @@ class ServingManager:
             for event in ended:
                 self._results[event.request_id] = event.output
                 self._open.discard(event.request_id)
-                self._streaming.discard(event.request_id)
             if ended:
                 self._lock.notify_all()
         for event in streamed:
