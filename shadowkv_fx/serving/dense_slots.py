@@ -21,8 +21,8 @@ class DenseSlots:
             raise ValueError(f"DenseSlots needs num_slots >= 1, max_length >= 2 and prefill_chunk >= 1, got "
                              f"{num_slots}, {max_length} and {prefill_chunk}")
         if getattr(model, "_shadowkv", None) is not None:
-            raise ValueError("DenseSlots runs the dense model; this one is optimized by shadowkv_fx.optimize() "
-                             "(call shadowkv_fx.restore(model) first, or use the ShadowKV slot backend)")
+            raise ValueError("DenseSlots runs the dense model, and this one is optimized by shadowkv_fx.optimize(): "
+                             "call shadowkv_fx.restore(model) to serve it dense, or pass a ShadowKV SlotBackend")
         self.model = model
         self.num_slots = num_slots
         self.max_length = max_length

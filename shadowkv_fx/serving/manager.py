@@ -95,6 +95,8 @@ class ServingManager:
         Raises ValueError / TypeError at once for a request that can never run."""
         if self.error is not None:
             raise RuntimeError("the serving loop stopped after an error; build a new manager") from self.error
+        if self._stop_mode is not None:
+            raise RuntimeError("the manager is stopping or stopped: start() it again before adding requests")
         request_id = f"req_{next(self._ids)}" if request_id is None else request_id
         request = new_request(self.backend.model, request_id, input_ids, generation_config or self.generation_config,
                               seed, streaming, record_timestamps, self.tokenizer, **generation_kwargs)

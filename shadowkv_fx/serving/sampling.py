@@ -35,6 +35,8 @@ class TokenChooser:
             self.ids = torch.empty(1, request.needed_length, dtype=torch.long, device=device)
             self.ids[0, :prompt.numel()] = prompt
         self.length = prompt.numel()
+        # plain greedy rows need only the argmax of their logits, which the scheduler takes for all rows at once
+        self.plain_greedy = self.generator is None and self.ids is None
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits [vocab]`` of this request's last position -> the next token, a 0-d int64 tensor on the

@@ -131,7 +131,9 @@ class SlotScheduler:
         for slot, request in rows:
             tokens[slot], active[slot] = request.pending_token, True
         logits = self.backend.decode(tokens, active)  # [num_slots, vocab]
-        chosen = torch.stack([request.chooser.choose(logits[slot]) for slot, request in rows]).tolist()
+        greedy = logits.argmax(dim=-1)  # [num_slots]: one kernel for every plain-greedy row
+        chosen = torch.stack([greedy[slot] if request.chooser.plain_greedy else request.chooser.choose(logits[slot])
+                              for slot, request in rows]).tolist()
         return [self._take(request, token) for (_, request), token in zip(rows, chosen)]
 
     def _take(self, request: Request, token: int) -> TokenEvent:
