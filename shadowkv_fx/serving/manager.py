@@ -93,21 +93,21 @@ class ServingManager:
         """Queue one prompt (list of ints or 1-D tensor) and return its id (``req_0``, ``req_1`` ... unless
         given). ``generation_config`` / ``generation_kwargs`` default to the manager's, then the model's.
         Raises ValueError / TypeError at once for a request that can never run."""
-        if self.error is not None:
-            raise RuntimeError("the serving loop stopped after an error; build a new manager") from self.error
-        if self._stop_mode is not None:
-            raise RuntimeError("the manager is stopping or stopped: start() it again before adding requests")
         request_id = f"req_{next(self._ids)}" if request_id is None else request_id
         request = new_request(self.backend.model, request_id, input_ids, generation_config or self.generation_config,
                               seed, streaming, record_timestamps, self.tokenizer, **generation_kwargs)
         check_fits(request, self.backend.max_length)
-        with self._lock:
+        with self._lock:  # the loop decides to exit under the lock: a request is either refused or served
+            if self.error is not None:
+                raise RuntimeError("the serving loop stopped after an error; build a new manager") from self.error
+            if self._stop_mode is not None:
+                raise RuntimeError("the manager is stopping or stopped: start() it again before adding requests")
             if request_id in self._open or request_id in self._results or request_id in self._streaming:
                 raise ValueError(f"request id {request_id!r} is in use (open, or its result not yet taken)")
             self._open.add(request_id)
             if streaming:
                 self._streaming.add(request_id)
-        self._inbox.put(("add", request))
+            self._inbox.put(("add", request))
         self._wake.set()
         return request_id
 
@@ -192,12 +192,16 @@ class ServingManager:
                     continue
             except BaseException as error:  # noqa: BLE001 - every open request must learn of it
                 log.exception("the serving loop failed")
-                self.error = error
+                with self._lock:
+                    self.error = error
                 self._deliver(self.scheduler.fail_all(error))
                 self._fail_inbox(error)
                 return
             if self._stop_mode is not None:
-                return
+                with self._lock:
+                    if self._inbox.empty():
+                        return
+                continue
             self._wake.wait()
 
     def _take_inbox(self) -> None:
