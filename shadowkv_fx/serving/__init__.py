@@ -1,0 +1,11 @@
+"""Continuous batching: a fixed number of slots, refilled as requests end (``generate_batch``, a
+streaming ``ServingManager``), over any ``SlotBackend`` (see ``slots``)."""
+from shadowkv_fx.serving.batch import generate_batch
+from shadowkv_fx.serving.dense_slots import DenseSlots
+from shadowkv_fx.serving.manager import ServingManager
+from shadowkv_fx.serving.requests import CANCELLED, GenerationOutput, RequestStatus, TokenEvent
+from shadowkv_fx.serving.scheduler import SlotScheduler
+from shadowkv_fx.serving.slots import SlotBackend
+
+__all__ = ["CANCELLED", "DenseSlots", "GenerationOutput", "RequestStatus", "ServingManager", "SlotBackend",
+           "SlotScheduler", "TokenEvent", "generate_batch"]

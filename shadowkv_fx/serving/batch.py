@@ -1,0 +1,70 @@
+"""``generate_batch``: transformers' continuous-batching call, served by our scheduler.
+
+``generate_batch(model_or_slots, inputs, generation_config, **kwargs)`` takes what
+``model.generate_batch(inputs, generation_config, **kwargs)`` takes and returns the same thing: a
+dict from request id (``req_0``, ``req_1`` ... in input order) to transformers' ``GenerationOutput``.
+Given a model, it serves it with ``DenseSlots`` (sized to the longest request unless told);
+given a ``SlotBackend``, it uses that. Every request is checked before any model work, and runs in
+the calling thread; an error in a step fails the open requests, frees their slots, and is raised.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+from transformers import GenerationConfig
+
+from shadowkv_fx.serving.dense_slots import DenseSlots
+from shadowkv_fx.serving.requests import GenerationOutput, check_fits, new_request
+from shadowkv_fx.serving.scheduler import SlotScheduler
+from shadowkv_fx.serving.slots import is_slot_backend
+
+DEFAULT_SLOTS = 8
+
+
+def generate_batch(model_or_slots, inputs: list[list[int]], generation_config: GenerationConfig | None = None, *,
+                   num_slots: int | None = None, max_length: int | None = None, prefill_chunk: int = 512,
+                   seeds: list[int] | None = None, tokenizer=None, record_timestamps: bool = False,
+                   progress_bar: bool = False, **generation_kwargs) -> dict[str, GenerationOutput]:
+    """Generate for every prompt of ``inputs`` with continuous batching.
+
+    ``num_slots`` / ``max_length`` / ``prefill_chunk`` size the ``DenseSlots`` built for a model
+    (defaults: ``min(len(inputs), 8)`` slots, the longest request's prompt + max_new_tokens, 512).
+    ``seeds[i]`` seeds request i's sampling; by default seeds are drawn from torch's global generator
+    in input order, so ``torch.manual_seed`` before the call makes it repeat.
+    """
+    if not inputs:
+        return {}
+    given_slots = is_slot_backend(model_or_slots)
+    if given_slots and (num_slots is not None or max_length is not None):
+        raise TypeError("num_slots and max_length size the slots generate_batch builds for a model; "
+                        "a SlotBackend passed in has its own")
+    model = model_or_slots.model if given_slots else model_or_slots
+    if seeds is not None and len(seeds) != len(inputs):
+        raise ValueError(f"{len(seeds)} seeds for {len(inputs)} prompts; give one seed per prompt")
+    seeds = seeds if seeds is not None else [None] * len(inputs)
+    requests = [new_request(model, f"req_{i}", ids, generation_config, seed, record_timestamps=record_timestamps,
+                            tokenizer=tokenizer, **generation_kwargs)
+                for i, (ids, seed) in enumerate(zip(inputs, seeds))]
+    if given_slots:
+        slots = model_or_slots
+    else:  # an optimized model is refused by DenseSlots until the ShadowKV slots exist
+        slots = DenseSlots(model, num_slots or min(len(requests), DEFAULT_SLOTS),
+                           max_length or max(request.needed_length for request in requests), prefill_chunk)
+    for request in requests:  # all of them before any work
+        check_fits(request, slots.max_length)
+
+    scheduler = SlotScheduler(slots, tokenizer)
+    for request in requests:
+        scheduler.submit(request)
+    results = {}
+    with torch.no_grad(), tqdm(total=len(requests), disable=not progress_bar, unit="request") as bar:
+        try:
+            while scheduler.has_work:
+                for event in scheduler.step():
+                    if event.output is not None:
+                        results[event.request_id] = event.output
+                        bar.update(1)
+        except BaseException as error:
+            scheduler.fail_all(error)
+            raise
+    return {request.request_id: results[request.request_id] for request in requests}
