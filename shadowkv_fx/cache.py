@@ -10,7 +10,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from shadowkv_fx import fold
 from shadowkv_fx.config import ShadowKVConfig
-from shadowkv_fx.layer_state import LayerState, PromptLayout, RopeFn
+from shadowkv_fx.layer_state import LayerState, RopeFn
+from shadowkv_fx.prompt_layout import PromptLayout
 from shadowkv_fx.rope_tables import SharedRopeTables
 
 log = logging.getLogger(__name__)

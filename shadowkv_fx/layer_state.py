@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -12,36 +11,10 @@ from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.kernels import dispatch, reference as ref
 from shadowkv_fx.kernels.rope_forms import detect_rope_form
 from shadowkv_fx.pinned import pinned_zeros
+from shadowkv_fx.preflight import check_host_memory
+from shadowkv_fx.prompt_layout import PromptLayout
 
 RopeFn = Callable[..., torch.Tensor]
-
-
-@dataclass
-class PromptLayout:
-    """Where each sequence's prompt sits in the left-padded batch (shared by all layers).
-
-    ``pad[b]`` leading pad tokens, ``lengths[b]`` real tokens, ``chunks[b]`` compressed chunks
-    (0: the prompt is too short to compress and decodes densely).
-    """
-
-    pad: list[int]
-    lengths: list[int]
-    chunks: list[int]
-    padded_len: int
-
-    @classmethod
-    def from_mask(cls, key_valid: torch.Tensor, config: ShadowKVConfig) -> "PromptLayout":
-        lengths = key_valid.sum(dim=1).tolist()
-        padded_len = key_valid.shape[1]
-        chunks = []
-        for n in lengths:
-            c = n // config.chunk_size - config.local_chunks
-            chunks.append(c if c >= config.outlier_chunks + 1 else 0)
-        return cls([padded_len - n for n in lengths], lengths, chunks, padded_len)
-
-    @property
-    def max_chunks(self) -> int:
-        return max(self.chunks)
 
 
 def _value_slots(shape: tuple[int, ...], like: torch.Tensor, keep_on_device: Callable[[int], bool]) -> torch.Tensor:
@@ -50,19 +23,8 @@ def _value_slots(shape: tuple[int, ...], like: torch.Tensor, keep_on_device: Cal
     nbytes = math.prod(shape) * like.element_size()
     if like.device.type == "cpu" or keep_on_device(nbytes):
         return like.new_zeros(shape)
-    _check_host_memory(nbytes)
+    check_host_memory(nbytes)
     return pinned_zeros(shape, like.dtype)
-
-
-def _check_host_memory(nbytes: int) -> None:
-    from shadowkv_fx.preflight import HOST_SHARE, mem_available, pinned_bytes
-
-    needed, available = pinned_bytes(nbytes), mem_available()
-    if available is not None and needed > HOST_SHARE * available:
-        raise MemoryError(
-            f"offloading values needs {needed / 2**30:.1f} GiB of pinned host memory but only "
-            f"{available / 2**30:.1f} GiB is available: use a smaller batch or a shorter prompt"
-        )
 
 
 class LayerState:

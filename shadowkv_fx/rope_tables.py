@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shadowkv_fx.layer_state import PromptLayout
+from shadowkv_fx.prompt_layout import PromptLayout
 
 
 class SharedRopeTables:
