@@ -8,9 +8,10 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from shadowkv_fx import fold
+from shadowkv_fx import decode_step, fold
 from shadowkv_fx.config import ShadowKVConfig
-from shadowkv_fx.layer_state import LayerState, RopeFn
+from shadowkv_fx.decode_step import RopeFn
+from shadowkv_fx.layer_state import LayerState
 from shadowkv_fx.prompt_layout import PromptLayout
 from shadowkv_fx.rope_tables import SharedRopeTables
 
@@ -205,7 +206,7 @@ class ShadowKVCache(Cache):
         self.check_all_layers_ran(replayed)
         if self.phase == "decode":
             for layer in self.layers:
-                layer.state.tail_len += input_len
+                layer.state.advance(input_len)
         elif self.layout is not None:
             # folding layers size their RoPE tables and store now, so the first decode step moves nothing
             for layer in self.layers:
@@ -271,8 +272,8 @@ class ShadowKVCache(Cache):
         # folds at points past ``kept`` (inside the step being cropped) are taken back first
         undone = [undo for point, undo in self.fold_undo if point > kept]
         before = undone[0][0].chunks if undone else None
-        folded = max((f for f in (layer.state.folded_past(kept, before) for layer in self.layers) if f is not None),
-                     default=None)
+        folded = max((f for f in (fold.folded_past(layer.state, kept, before) for layer in self.layers)
+                      if f is not None), default=None)
         if folded is not None:
             raise ValueError(
                 f"cannot crop a ShadowKV cache to {max_length} tokens: its first {self.layout.padded_len + folded} "
@@ -324,12 +325,6 @@ class ShadowKVCache(Cache):
             del self._staged[layer_idx]
         return tuple(buf[:, :, :end] for buf in staged)
 
-    def _batch_tables(self, layer_idx: int, tables: list[torch.Tensor]) -> list[torch.Tensor]:
-        """This group's rows of one layer's RoPE inputs, in the batch's shared tables."""
-        shared, writes = self.rope_tables.for_layer(layer_idx, tables, self.group_rows, self.group_layout, self.layout)
-        self.layers[layer_idx].state.writes_tables = writes
-        return shared
-
     def widen_tables_for(self, position_ids: torch.Tensor) -> None:
         """Give every sequence its own RoPE table rows before a step whose caller-given positions
         differ between sequences."""
@@ -352,7 +347,7 @@ class ShadowKVCache(Cache):
         self.touched.add(layer_idx)
         state = self.layers[layer_idx].state
         if self.phase == "decode":
-            return state.decode(q, k_pre, v, rope_inputs, rope_fn, scale)
+            return decode_step.decode(state, q, k_pre, v, rope_inputs, rope_fn, scale)
         k_rot = rope_fn(k_pre, *rope_inputs)
         k_pre, k_rot, v, *tables = self._stage(layer_idx, k_pre, k_rot, v, rope_inputs)
         start, end = self.prefill_span
@@ -370,14 +365,16 @@ class ShadowKVCache(Cache):
         """
         if self.value_room is None:
             self.value_room = self._plan_value_room(k_pre, v)
-        self.layers[layer_idx].state.add_rows(
-            self.group_rows, k_pre, k_rot, v, self.group_layout, self.layout,
-            self._batch_tables(layer_idx, rope_tables), self.tail_capacity, self._keep_values_on_device)
+        # this group's rows of the layer's RoPE inputs, in the batch's shared tables
+        shared, writes = self.rope_tables.for_layer(layer_idx, rope_tables, self.group_rows, self.group_layout,
+                                                    self.layout)
+        self.layers[layer_idx].state.add_rows(self.group_rows, k_pre, k_rot, v, self.group_layout, self.layout,
+                                              shared, writes, self.tail_capacity, self._keep_values_on_device)
 
     def value_hit_rate(self) -> float | None:
         """Share of chosen value chunks served from the previous step's copy on the device, over
         every decode step so far (None when no layer fetches offloaded values)."""
-        counts = [layer.state.v_lookups for layer in self.layers if getattr(layer.state, "reuse", False)]
+        counts = [layer.state.v_lookups for layer in self.layers if layer.state.reuse]
         if not counts:
             return None
         hits, asked = torch.stack(counts).sum(dim=0).tolist()

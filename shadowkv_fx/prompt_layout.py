@@ -35,3 +35,17 @@ class PromptLayout:
     def max_chunks(self) -> int:
         return max(self.chunks)
 
+
+def store_chunks(lengths: list[int], generated: int, chunk_size: int) -> int:
+    """Chunks per row a folding store is preallocated for: every prompt token and ``generated``
+    more may fold (``fold.py``)."""
+    return -(-(max(lengths) + generated) // chunk_size)
+
+
+def tail_slots(config: ShadowKVConfig, prompt_chunks: list[int], generated: int) -> int:
+    """Dense tail slots the decode buffers need for ``generated`` tokens: when every row folds the
+    tail is compacted and never holds more than the fold window; a row that never folds (its
+    prompt too short to compress) keeps every token it generates."""
+    if config.folds and all(prompt_chunks):
+        return min(generated, config.fold_window)
+    return generated

@@ -118,7 +118,7 @@ def test_host_memory_too_small_for_the_batch():
 
 
 def test_a_step_that_fails_half_way_leaves_no_layer_ahead(model, monkeypatch):
-    from shadowkv_fx.layer_state import LayerState
+    from shadowkv_fx import decode_step
 
     ids, mask = left_padded(1, [40], 96)
     with torch.no_grad():
@@ -126,15 +126,15 @@ def test_a_step_that_fails_half_way_leaves_no_layer_ahead(model, monkeypatch):
         model(ids[:, -1:], cache=cache)
         tails = [layer.state.tail_len for layer in cache.layers]
         calls = {"n": 0}
-        decode = LayerState.decode
+        decode = decode_step.decode
 
-        def failing_second_layer(self, *args):
+        def failing_second_layer(state, *args):
             calls["n"] += 1
             if calls["n"] == 2:
                 raise RuntimeError("simulated device failure")
-            return decode(self, *args)
+            return decode(state, *args)
 
-        monkeypatch.setattr(LayerState, "decode", failing_second_layer)
+        monkeypatch.setattr(decode_step, "decode", failing_second_layer)
         with pytest.raises(RuntimeError, match="simulated"):
             model(ids[:, -1:], cache=cache)
     assert [layer.state.tail_len for layer in cache.layers] == tails

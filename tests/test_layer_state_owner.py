@@ -1,9 +1,101 @@
-"""The modules of each layer's compressed state sit in no import cycle (issue #30; lazy imports
-inside functions count). Static checks over the sources: no model runs here."""
+"""One owner for each layer's compressed state (issue #30): ``LayerState`` declares every field in
+``__init__``, each with its meaning, and no other module rebinds one; its modules sit in no
+import cycle. Static checks over the sources: no model runs here."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+OWNER = ROOT / "shadowkv_fx" / "layer_state.py"
+# every module that may hold a LayerState (tests poke fields on purpose and are left out)
+SCANNED = [*(ROOT / "shadowkv_fx").rglob("*.py"), *(ROOT / "passes").rglob("*.py"), *(ROOT / "kernels").rglob("*.py"),
+           *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "examples").glob("*.py"), *(ROOT / "scripts").glob("*.py")]
+STATE_NAMES = {"state", "s"}
+
+
+def _is_state(node: ast.expr) -> bool:
+    """``state``, ``s``, or anything's ``.state`` (``layer.state``, ``cache.layers[i].state``)."""
+    return (isinstance(node, ast.Name) and node.id in STATE_NAMES) or (isinstance(node, ast.Attribute)
+                                                                          and node.attr == "state")
+
+
+def _targets(node: ast.AST) -> list[ast.expr]:
+    if isinstance(node, ast.Assign):
+        found = list(node.targets)
+    elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+        found = [node.target]
+    elif isinstance(node, ast.Delete):
+        found = list(node.targets)
+    else:
+        return []
+    flat = []
+    while found:
+        t = found.pop()
+        if isinstance(t, (ast.Tuple, ast.List)):
+            found.extend(t.elts)
+        else:
+            flat.append(t.value if isinstance(t, ast.Starred) else t)
+    return flat
+
+
+def state_rebinds(source: str) -> list[str]:
+    """``line: field`` of each ``state.field = ...`` (or ``+=``, ``del``, ``setattr(state, ...)``)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        for t in _targets(node):
+            if isinstance(t, ast.Attribute) and _is_state(t.value):
+                found.append(f"{node.lineno}: {t.attr}")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr")
+                and node.args and _is_state(node.args[0])):
+            found.append(f"{node.lineno}: {ast.unparse(node.args[1]) if len(node.args) > 1 else '?'}")
+    return found
+
+
+def test_the_scan_finds_every_spelling_of_a_rebind():
+    source = """
+state.tail_len += 1
+s.chunks, s.fit_err = a, b
+layer.state.writes_tables = False
+cache.layers[0].state.u = u
+setattr(state, "k_buf", new)
+state.u[0, :3] = rows          # in place: allowed
+self.state = LayerState(config)  # the holder's own attribute: allowed
+"""
+    assert sorted(f.split(": ")[1] for f in state_rebinds(source)) == sorted(
+        ["tail_len", "chunks", "fit_err", "writes_tables", "u", "'k_buf'"])
+
+
+def test_only_layer_state_rebinds_its_fields():
+    offenders = {str(path.relative_to(ROOT)): found for path in SCANNED if path.resolve() != OWNER
+                 and (found := state_rebinds(path.read_text()))}
+    assert not offenders, f"only shadowkv_fx/layer_state.py may rebind LayerState fields; call a method: {offenders}"
+
+
+def _layer_state_class() -> ast.ClassDef:
+    tree = ast.parse(OWNER.read_text())
+    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "LayerState")
+
+
+def _self_fields(method: ast.FunctionDef) -> dict[str, int]:
+    fields = {}
+    for node in ast.walk(method):
+        for t in _targets(node):
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                fields.setdefault(t.attr, node.lineno)
+    return fields
+
+
+def test_every_field_is_declared_in_init_with_its_meaning():
+    methods = [n for n in _layer_state_class().body if isinstance(n, ast.FunctionDef)]
+    init = next(m for m in methods if m.name == "__init__")
+    declared = _self_fields(init)
+    lines = OWNER.read_text().splitlines()
+    undocumented = [name for name, line in declared.items()
+                    if name != "config" and "#" not in lines[line - 1] and not lines[line - 2].strip().startswith("#")]
+    assert not undocumented, f"say what these hold (shape, meaning) in a comment: {undocumented}"
+    for method in methods:
+        stray = set(_self_fields(method)) - set(declared)
+        assert not stray, f"LayerState.{method.name} sets fields __init__ does not declare: {sorted(stray)}"
+    assert len(declared) > 40
 
 
 def _imports(path: Path, name: str, modules: set[str]) -> set[str]:
@@ -36,8 +128,9 @@ def _module_names() -> dict[str, Path]:
     return names
 
 
-STATE_MODULES = {f"shadowkv_fx.{m}" for m in ("layer_state", "fold", "cache", "preflight", "prompt_layout",
-                                              "rope_tables", "pinned", "host_memory", "host_copies")}
+STATE_MODULES = {f"shadowkv_fx.{m}" for m in ("layer_state", "decode_step", "fold", "cache", "preflight",
+                                              "prompt_layout", "rope_tables", "pinned", "host_memory",
+                                              "host_copies")}
 
 
 def test_the_state_modules_are_in_no_import_cycle():
