@@ -2,8 +2,8 @@
 
 ``LayerState`` owns every field of it; no other module rebinds one. Its collaborators take it as
 a typed argument, read it and write only its tensors in place: ``decode_step.py`` (a decode
-step) and ``fold.py`` (folding between steps; the host counts it changes go through the methods
-below).
+step), ``fold.py`` (folding between steps; the host counts it changes go through the methods
+below) and ``memory_report.py`` (bytes per component).
 """
 from __future__ import annotations
 
@@ -393,32 +393,3 @@ class LayerState:
         """The host counts and ``fit_err`` as ``fold.FoldUndo`` saved them before a fold."""
         self.chunks, self.tail_first_host, self.fit_err = chunks, tail_first_host, fit_err
         self.refreshes, self.tail_shift = refreshes, tail_shift
-
-    def memory_bytes(self) -> dict[str, tuple[str, int]]:
-        """Bytes per component as ``name -> (device type, bytes)``: the model's device (``"cuda"``,
-        or ``"cpu"`` for a CPU model) for the state, ``"cpu"`` for values offloaded to host memory."""
-        def size(t: torch.Tensor | None) -> int:
-            return 0 if t is None else t.numel() * t.element_size()
-
-        per_token = self.k_buf.shape[0] * self.k_buf.shape[1] * (self.k_buf.shape[3] * self.k_buf.element_size()
-                                                                  + self.v_buf.shape[3] * self.v_buf.element_size())
-        device = self.k_buf.device.type
-        parts: dict[str, tuple[str, int]] = {}
-        if self.compressed:
-            parts["U"] = (device, size(self.u))
-            parts["SV"] = (device, size(self.sv))
-            parts["landmarks"] = (device, size(self.landmarks))
-            parts["outliers"] = (device, self.sel_start * per_token)
-            parts["selected"] = (device, (self.local_start - self.sel_start) * per_token)
-            if self.v_chunks.device == self.k_buf.device and self.k_buf.device.type != "cpu":
-                parts["device_V"] = (device, size(self.v_chunks))  # spare accelerator memory
-            else:
-                parts["offloaded_V"] = (self.v_chunks.device.type, size(self.v_chunks))
-        if self.reuse:
-            parts["reuse_workspace"] = (device, size(self.prev_idx))
-        parts["local"] = (device, (self.tail_start - self.local_start) * per_token + size(self.key_valid))
-        parts["tail"] = (device, (self.k_buf.shape[2] - self.tail_start) * per_token)
-        if self.folds:
-            parts["fold_state"] = (device, size(self.pre_k) + size(self.outlier_ids) + size(self.outlier_cos)
-                                   + size(self.tail_first) + size(self.gen_count))
-        return parts
