@@ -307,7 +307,7 @@ def _release_memory() -> None:
 
 def largest_batch(model, context: int, config, tail_capacity: int):
     """ShadowKV's preflight for ``context``-token prompts: ``preflight.Capacity``."""
-    from shadowkv_fx.layer_state import PromptLayout
+    from shadowkv_fx.prompt_layout import PromptLayout
     from shadowkv_fx.preflight import capacity
 
     layout = PromptLayout.from_mask(torch.ones(1, context, dtype=torch.bool), config)

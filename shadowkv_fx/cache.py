@@ -8,9 +8,14 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from shadowkv_fx import fold, pinned
+from shadowkv_fx import decode_step, fold, pinned, preflight
 from shadowkv_fx.config import ShadowKVConfig
-from shadowkv_fx.layer_state import LayerState, PromptLayout, RopeFn
+from shadowkv_fx.decode_step import RopeFn
+from shadowkv_fx.layer_state import LayerState
+# device_and_host_bytes: documented as shadowkv_fx.cache's, beside memory_report
+from shadowkv_fx.memory_report import cache_report, device_and_host_bytes  # noqa: F401
+from shadowkv_fx.prefill_attention import dense_prefill, stage_piece
+from shadowkv_fx.prompt_layout import PromptLayout
 from shadowkv_fx.rope_tables import SharedRopeTables
 
 log = logging.getLogger(__name__)
@@ -207,7 +212,7 @@ class ShadowKVCache(Cache):
             pinned.POOL.settle()  # the store blocks prefetched for layers whose values stayed on the GPU
         if self.phase == "decode":
             for layer in self.layers:
-                layer.state.tail_len += input_len
+                layer.state.advance(input_len)
         elif self.layout is not None:
             # folding layers size their RoPE tables and store now, so the first decode step moves nothing
             for layer in self.layers:
@@ -273,8 +278,8 @@ class ShadowKVCache(Cache):
         # folds at points past ``kept`` (inside the step being cropped) are taken back first
         undone = [undo for point, undo in self.fold_undo if point > kept]
         before = undone[0][0].chunks if undone else None
-        folded = max((f for f in (layer.state.folded_past(kept, before) for layer in self.layers) if f is not None),
-                     default=None)
+        folded = max((f for f in (fold.folded_past(layer.state, kept, before) for layer in self.layers)
+                      if f is not None), default=None)
         if folded is not None:
             raise ValueError(
                 f"cannot crop a ShadowKV cache to {max_length} tokens: its first {self.layout.padded_len + folded} "
@@ -301,36 +306,12 @@ class ShadowKVCache(Cache):
         decode work, less the compressed state every layer of the batch will allocate (granting
         values room layer by layer first would leave the last layers' state none), within
         ``value_hbm_gib``."""
-        from shadowkv_fx.preflight import device_memory, state_footprint, values_room
-
         if k_pre.device.type != "cuda":
             return 0
-        state = state_footprint(len(self.layers), k_pre.shape[1], k_pre.shape[-1], v.dtype, self.layout,
-                                self.config, self.tail_capacity)
-        free, total = device_memory(k_pre.device)
-        return values_room(free - DEVICE_RESERVE * total, state, len(self.layout.lengths), self.config)
-
-    def _stage(self, layer_idx: int, k_pre, k_rot, v, rope_inputs) -> tuple[torch.Tensor, ...]:
-        """Append this span's keys, values and RoPE inputs to the layer's prompt so far; return it all."""
-        start, end = self.prefill_span
-        total = self.group_layout.padded_len
-        if start == 0 and end == total:
-            return (k_pre, k_rot, v, *rope_inputs)
-        if start == 0:
-            parts = (k_pre, k_rot, v, *rope_inputs)
-            self._staged[layer_idx] = tuple(t.new_empty(*t.shape[:2], total, t.shape[3]) for t in parts)
-        staged = self._staged[layer_idx]
-        for buf, part in zip(staged, (k_pre, k_rot, v, *rope_inputs)):
-            buf[:, :, start:end] = part
-        if end == total:
-            del self._staged[layer_idx]
-        return tuple(buf[:, :, :end] for buf in staged)
-
-    def _batch_tables(self, layer_idx: int, tables: list[torch.Tensor]) -> list[torch.Tensor]:
-        """This group's rows of one layer's RoPE inputs, in the batch's shared tables."""
-        shared, writes = self.rope_tables.for_layer(layer_idx, tables, self.group_rows, self.group_layout, self.layout)
-        self.layers[layer_idx].state.writes_tables = writes
-        return shared
+        state = preflight.state_footprint(len(self.layers), k_pre.shape[1], k_pre.shape[-1], v.dtype, self.layout,
+                                          self.config, self.tail_capacity)
+        free, total = preflight.device_memory(k_pre.device)
+        return preflight.values_room(free - DEVICE_RESERVE * total, state, len(self.layout.lengths), self.config)
 
     def widen_tables_for(self, position_ids: torch.Tensor) -> None:
         """Give every sequence its own RoPE table rows before a step whose caller-given positions
@@ -354,11 +335,12 @@ class ShadowKVCache(Cache):
         self.touched.add(layer_idx)
         state = self.layers[layer_idx].state
         if self.phase == "decode":
-            return state.decode(q, k_pre, v, rope_inputs, rope_fn, scale)
+            return decode_step.decode(state, q, k_pre, v, rope_inputs, rope_fn, scale)
         k_rot = rope_fn(k_pre, *rope_inputs)
-        k_pre, k_rot, v, *tables = self._stage(layer_idx, k_pre, k_rot, v, rope_inputs)
+        k_pre, k_rot, v, *tables = stage_piece(self._staged, layer_idx, self.prefill_span,
+                                               self.group_layout.padded_len, (k_pre, k_rot, v, *rope_inputs))
         start, end = self.prefill_span
-        out = _dense_prefill(q, k_rot, v, self.group_layout, scale, start)
+        out = dense_prefill(q, k_rot, v, self.group_layout, scale, start)
         if end == self.group_layout.padded_len:
             self.compress_group(layer_idx, k_pre, k_rot, v, tables)
         return out
@@ -372,14 +354,16 @@ class ShadowKVCache(Cache):
         """
         if self.value_room is None:
             self.value_room = self._plan_value_room(k_pre, v)
-        self.layers[layer_idx].state.add_rows(
-            self.group_rows, k_pre, k_rot, v, self.group_layout, self.layout,
-            self._batch_tables(layer_idx, rope_tables), self.tail_capacity, self._keep_values_on_device)
+        # this group's rows of the layer's RoPE inputs, in the batch's shared tables
+        shared, writes = self.rope_tables.for_layer(layer_idx, rope_tables, self.group_rows, self.group_layout,
+                                                    self.layout)
+        self.layers[layer_idx].state.add_rows(self.group_rows, k_pre, k_rot, v, self.group_layout, self.layout,
+                                              shared, writes, self.tail_capacity, self._keep_values_on_device)
 
     def value_hit_rate(self) -> float | None:
         """Share of chosen value chunks served from the previous step's copy on the device, over
         every decode step so far (None when no layer fetches offloaded values)."""
-        counts = [layer.state.v_lookups for layer in self.layers if getattr(layer.state, "reuse", False)]
+        counts = [layer.state.v_lookups for layer in self.layers if layer.state.reuse]
         if not counts:
             return None
         hits, asked = torch.stack(counts).sum(dim=0).tolist()
@@ -400,57 +384,5 @@ class ShadowKVCache(Cache):
         model everything is under ``"cpu"``, one RAM. ``uncompressed`` counts the prompts shorter
         than ``m`` tokens, which are not compressed and decode densely.
         """
-        report: dict[str, dict[str, int]] = {"dense": {"kv": 0}}
-        device = None
-        for layer in self.layers:
-            state = layer.state
-            if self.layout is None or state.tail_k is None:
-                continue
-            device = state.k_buf.device.type
-            for name, (side, nbytes) in state.memory_bytes().items():
-                part = report.setdefault(side, {})
-                part[name] = part.get(name, 0) + nbytes
-            b, hkv, _, d = state.local_k.shape
-            tokens = sum(self.layout.lengths) + b * state.tail_len
-            report["dense"]["kv"] += 2 * tokens * hkv * d * state.local_k.element_size()
-        if device is not None:
-            report[device]["rope_tables"] = self.rope_tables.nbytes()
-        report["uncompressed"] = {"prompts": self.dense_prompts, "min_prompt_tokens": self.config.min_sparse_prompt}
-        return report
-
-
-def device_and_host_bytes(report: dict[str, dict[str, int]]) -> tuple[int, int]:
-    """``(bytes kept on the model's device, bytes of values offloaded to host memory)`` of a
-    ``memory_report()``: on a GPU the state's GPU and host cost; on a CPU model what a GPU would
-    hold, although both are then the same RAM."""
-    parts = [part for side, part in report.items() if side not in ("dense", "uncompressed")]
-    offloaded = sum(part.get("offloaded_V", 0) for part in parts)
-    return sum(sum(part.values()) for part in parts) - offloaded, offloaded
-
-
-def _dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PromptLayout, scale: float,
-                   start: int = 0) -> torch.Tensor:
-    """Causal attention per sequence over its real tokens; pad rows are zero (never read).
-
-    ``q [B, Hq, n, D]`` holds padded-prompt columns ``[start, start + n)``; ``k, v [B, Hkv, start + n, D]``.
-    """
-    out = torch.zeros_like(q)
-    group = q.shape[1] // k.shape[1]
-    end = k.shape[2]
-    for b, pad in enumerate(layout.pad):
-        first = max(pad, start)
-        if first >= end:
-            continue
-        # explicit head repeat: SDPA's flash kernel takes no GQA, and the math fallback would
-        # materialise S x S scores per head
-        kb = k[b : b + 1, :, pad:].repeat_interleave(group, dim=1)
-        vb = v[b : b + 1, :, pad:].repeat_interleave(group, dim=1)
-        qb = q[b : b + 1, :, first - start :]
-        if first == pad:
-            attended = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
-        else:
-            # a later piece of the prompt: SDPA's is_causal aligns top-left, the piece sits bottom-right
-            mask = torch.arange(pad, end, device=q.device) <= torch.arange(first, end, device=q.device)[:, None]
-            attended = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
-        out[b : b + 1, :, first - start :] = attended
-    return out
+        return cache_report([layer.state for layer in self.layers], self.layout, self.rope_tables.nbytes(),
+                            {"prompts": self.dense_prompts, "min_prompt_tokens": self.config.min_sparse_prompt})

@@ -19,14 +19,16 @@ tokens (first the prompt's local window, then generated ones), so the rebuild's 
 (padded column ``pad + c*L + i``) holds, reading RoPE inputs that decode steps store after the
 prompt's columns. The tail is then compacted: slots every row has folded are dropped, so the dense
 tail stays within the fold window while the store grows by ``U`` rows and landmarks only.
-Buffers keep their addresses (the store is preallocated), so a captured decode step stays valid.
+Buffers keep their addresses (the store is preallocated), so a captured decode step stays valid:
+this module writes the ``LayerState``'s tensors in place only, and sets its host counts through its
+methods (``commit_fold``, ``drop_tail_slots``, ``restore_fold_counts``).
 """
 from __future__ import annotations
 
 import torch
 
 from shadowkv_fx.kernels import compression
-from shadowkv_fx.pinned import pinned_zeros
+from shadowkv_fx.layer_state import LayerState
 
 # below this relative error a projection is exact to float32 rounding: never refresh for noise
 REFRESH_FLOOR = 1e-5
@@ -91,21 +93,7 @@ def _flat(k: torch.Tensor) -> torch.Tensor:
     return k.transpose(-3, -2).flatten(-2).float()
 
 
-def store_chunks(lengths: list[int], generated: int, chunk_size: int) -> int:
-    """Chunks per row the store is preallocated for: every prompt token and ``generated`` more may fold."""
-    return -(-(max(lengths) + generated) // chunk_size)
-
-
-def tail_slots(config, prompt_chunks: list[int], generated: int) -> int:
-    """Dense tail slots the decode buffers need for ``generated`` tokens: when every row folds the
-    tail is compacted and never holds more than the fold window; a row that never folds (its
-    prompt too short to compress) keeps every token it generates."""
-    if config.folds and all(prompt_chunks):
-        return min(generated, config.fold_window)
-    return generated
-
-
-def chunks_due(state, generated: int | None = None, chunks: list[int] | None = None) -> list[int]:
+def chunks_due(state: LayerState, generated: int | None = None, chunks: list[int] | None = None) -> list[int]:
     """Whole chunks each row folds before its ``generated``-th generated token (default: the next
     one) from a store of ``chunks`` chunks per row (default: what it holds); 0 for rows never
     compressed, which stay dense."""
@@ -120,7 +108,7 @@ def chunks_due(state, generated: int | None = None, chunks: list[int] | None = N
     return due
 
 
-def next_fold_point(state, tokens: int) -> int | None:
+def next_fold_point(state: LayerState, tokens: int) -> int | None:
     """The first of the next ``tokens`` tokens (by offset, from 1) before which one-token-at-a-time
     decoding would fold, or None. Offset 0 is the fold the step starts with (``begin_step``)."""
     if not state.folds:
@@ -132,7 +120,17 @@ def next_fold_point(state, tokens: int) -> int | None:
     return None
 
 
-def fold(state, undo: list | None = None) -> bool:
+def folded_past(state: LayerState, kept: int, chunks: list[int] | None = None) -> int | None:
+    """Tokens past the prompt some row has folded (with ``chunks`` per row, default what it
+    holds), if more than ``kept`` (so they cannot be dropped)."""
+    if not state.folds:
+        return None
+    chunk = state.config.chunk_size
+    furthest = max(c * chunk - n for c, n in zip(state.chunks if chunks is None else chunks, state.lengths))
+    return furthest if furthest > kept else None
+
+
+def fold(state: LayerState, undo: list | None = None) -> bool:
     """Fold what is due in one layer and compact its tail; True when anything was folded.
     With ``undo`` (a list), a ``FoldUndo`` that can take the fold back is appended to it.
 
@@ -158,7 +156,7 @@ def fold(state, undo: list | None = None) -> bool:
     return True
 
 
-def _slot_ranges(state, b: int, first: int, count: int) -> list[tuple[int, int]]:
+def _slot_ranges(state: LayerState, b: int, first: int, count: int) -> list[tuple[int, int]]:
     """Buffer slots of row ``b``'s dense positions ``[first, first + count)``, as at most two
     ranges ``[start, stop)``: the prompt's local window, then the generated tail."""
     n, local_first = state.lengths[b], state.prompt_chunks[b] * state.config.chunk_size
@@ -177,7 +175,7 @@ def _row_index(rows: list[int]) -> slice | list[int]:
     return slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
 
 
-def _fold_rows(state, rows: list[int], m: int, undo: "FoldUndo | None") -> None:
+def _fold_rows(state: LayerState, rows: list[int], m: int, undo: "FoldUndo | None") -> None:
     """Fold the ``m`` oldest dense chunks of ``rows``, which share their slots and store size."""
     cfg = state.config
     chunk = cfg.chunk_size
@@ -195,6 +193,7 @@ def _fold_rows(state, rows: list[int], m: int, undo: "FoldUndo | None") -> None:
     # the one host sync of the fold: whether a row's basis must be refreshed
     err, fit_err = torch.stack([err.float(), state.fit_err[r].float()]).tolist()
     state.u[r, t0 : t0 + count] = u_new.to(state.u.dtype)
+    refreshes = 0
     for i, b in enumerate(rows):
         if err[i] > max(cfg.fold_refresh * fit_err[i], REFRESH_FLOOR):
             if undo is not None:
@@ -203,13 +202,11 @@ def _fold_rows(state, rows: list[int], m: int, undo: "FoldUndo | None") -> None:
             state.u[b, :t0] = (state.u[b, :t0].float() @ rotation).to(state.u.dtype)
             state.sv[b] = sv_new.to(state.sv.dtype)
             state.u[b, t0 : t0 + count] = u_row.to(state.u.dtype)
-            state.refreshes += 1
+            refreshes += 1
 
     landmarks, min_cos = compression.chunk_landmarks(k_rot.reshape(n_rows * hkv, count, -1), chunk)
     state.landmarks[r, :, c0 : c0 + m] = landmarks.view(n_rows, hkv, m, -1).to(state.landmarks.dtype)
     state.v_chunks[r, :, c0 : c0 + m] = v.reshape(n_rows, hkv, m, chunk, dv).to(state.v_chunks.device)
-    for b in rows:
-        state.chunks[b] = c0 + m
     state.selectable[r, :, c0 : c0 + m] = True
     if cfg.outlier_chunks:
         if undo is not None:
@@ -224,12 +221,11 @@ def _fold_rows(state, rows: list[int], m: int, undo: "FoldUndo | None") -> None:
     for a, z in ranges:
         if a < state.tail_start:
             state.key_valid[r, :, a:z] = False
-    for b in rows:
-        state.tail_first_host[b] = max(0, t0 + count - state.lengths[b] - state.tail_shift)
+    state.commit_fold(rows, c0 + m, t0 + count, refreshes)
 
 
-def _update_outliers(state, r: slice | list[int], k_rot: torch.Tensor, v: torch.Tensor, min_cos: torch.Tensor,
-                     ids: torch.Tensor, chunks: int) -> None:
+def _update_outliers(state: LayerState, r: slice | list[int], k_rot: torch.Tensor, v: torch.Tensor,
+                     min_cos: torch.Tensor, ids: torch.Tensor, chunks: int) -> None:
     """Keep per row and KV head the ``outlier_chunks`` lowest-min-cosine chunks among the old
     outliers and the new chunks ``ids`` (rows ``r``: ``k_rot``/``v`` ``[R, Hkv, m*L, D]``,
     ``min_cos [R, Hkv, m]``); the dense outlier region of the buffer is rewritten to hold them."""
@@ -255,13 +251,13 @@ def _update_outliers(state, r: slice | list[int], k_rot: torch.Tensor, v: torch.
     state.selectable[r] = selectable
 
 
-def _tail_buffers(state) -> list[tuple[torch.Tensor, int]]:
+def _tail_buffers(state: LayerState) -> list[tuple[torch.Tensor, int]]:
     """The buffers holding the dense tail, each with the index of its first tail slot."""
     start = state.tail_start
     return [(state.k_buf, start), (state.v_buf, start), (state.pre_k, start - state.local_start)]
 
 
-def _compact_tail(state, undo: "FoldUndo | None" = None) -> None:
+def _compact_tail(state: LayerState, undo: "FoldUndo | None" = None) -> None:
     """Drop the leading tail slots every row has folded: shift the rest down, in place (the caller
     copies ``tail_first_host`` to the device)."""
     fill = state.tail_len - state.tail_shift
@@ -272,9 +268,7 @@ def _compact_tail(state, undo: "FoldUndo | None" = None) -> None:
         undo.save_tail(fill, shift)
     for buf, first in _tail_buffers(state):
         buf[:, :, first : first + fill - shift] = buf[:, :, first + shift : first + fill].clone()
-    state.tail_first_host = [f - shift for f in state.tail_first_host]
-    state.tail_shift += shift
-    state.tail_fill.fill_(fill - shift)
+    state.drop_tail_slots(shift)
 
 
 class FoldUndo:
@@ -289,7 +283,7 @@ class FoldUndo:
     values) is left: nothing reads past ``chunks[b]``, and the next fold overwrites it.
     """
 
-    def __init__(self, state) -> None:
+    def __init__(self, state: LayerState) -> None:
         self.state = state
         self.chunks = list(state.chunks)
         self.tail_first = list(state.tail_first_host)
@@ -332,44 +326,6 @@ class FoldUndo:
                 s.selectable[b] = False
                 s.selectable[b, :, :before] = True
                 s.selectable[b].scatter_(1, s.outlier_ids[b], False)
-        s.chunks, s.tail_first_host, s.fit_err = self.chunks, self.tail_first, self.fit_err
-        s.refreshes, s.tail_shift = self.refreshes, self.tail_shift
+        s.restore_fold_counts(self.chunks, self.tail_first, self.fit_err, self.refreshes, self.tail_shift)
         s.key_valid[:, :, s.local_start : s.tail_start] = self.local_valid
         s.tail_first.copy_(torch.tensor(s.tail_first_host))
-
-
-def reserve_tables(state, width: int) -> bool:
-    """Widen the (layer-shared) per-position RoPE tables to ``width`` columns; True when they moved.
-
-    Folded chunks of generated tokens are rotated at their own positions, read from the columns
-    decode steps write after the prompt's.
-    """
-    moved = False
-    for i, table in enumerate(state.rope_tables):
-        if table.shape[2] < width:
-            wide = table.new_zeros(*table.shape[:2], width, table.shape[3])
-            wide[:, :, : table.shape[2]] = table
-            state.rope_tables[i] = wide  # the list is shared: every layer reading it sees the new table
-            moved = True
-    return moved
-
-
-def grow_store(state, chunks: int) -> None:
-    """Reallocate the compressed store for ``chunks`` chunks per row (contents kept); a larger
-    store may raise the top-k size, which widens the decode buffers' selected region."""
-    chunk = state.config.chunk_size
-
-    def grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-        shape = list(t.shape)
-        shape[dim] = size
-        new = pinned_zeros(shape, t.dtype) if t.is_pinned() else t.new_zeros(shape)
-        new.narrow(dim, 0, t.shape[dim]).copy_(t)
-        return new
-
-    state.u = grown(state.u, 1, chunks * chunk)
-    state.landmarks = grown(state.landmarks, 2, chunks)
-    state.selectable = grown(state.selectable, 2, chunks)
-    state.v_chunks = grown(state.v_chunks, 2, chunks)
-    select_k = state.config.select_chunks(chunks)
-    if select_k != state.select_k:
-        state._relayout(select_k, state.k_buf.shape[2] - state.tail_start)

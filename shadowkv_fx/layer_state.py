@@ -1,47 +1,25 @@
-"""One attention layer's compressed cache: built at prefill, read at every decode step."""
+"""One attention layer's compressed cache: built at prefill, read at every decode step.
+
+``LayerState`` owns every field of it; no other module rebinds one. Its collaborators take it as
+a typed argument, read it and write only its tensors in place: ``decode_step.py`` (a decode
+step), ``fold.py`` (folding between steps; the host counts it changes go through the methods
+below) and ``memory_report.py`` (bytes per component).
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from shadowkv_fx import fold, host_copies
+from shadowkv_fx import host_copies
 from shadowkv_fx.config import ShadowKVConfig
-from shadowkv_fx.kernels import compression, dispatch, value_reuse
+from shadowkv_fx.kernels import compression, dispatch
 from shadowkv_fx.kernels.rope_forms import detect_rope_form
-from shadowkv_fx.pinned import pinned_zeros
-
-RopeFn = Callable[..., torch.Tensor]
-
-
-@dataclass
-class PromptLayout:
-    """Where each sequence's prompt sits in the left-padded batch (shared by all layers).
-
-    ``pad[b]`` leading pad tokens, ``lengths[b]`` real tokens, ``chunks[b]`` compressed chunks
-    (0: the prompt is too short to compress and decodes densely).
-    """
-
-    pad: list[int]
-    lengths: list[int]
-    chunks: list[int]
-    padded_len: int
-
-    @classmethod
-    def from_mask(cls, key_valid: torch.Tensor, config: ShadowKVConfig) -> "PromptLayout":
-        lengths = key_valid.sum(dim=1).tolist()
-        padded_len = key_valid.shape[1]
-        chunks = []
-        for n in lengths:
-            c = n // config.chunk_size - config.local_chunks
-            chunks.append(c if c >= config.outlier_chunks + 1 else 0)
-        return cls([padded_len - n for n in lengths], lengths, chunks, padded_len)
-
-    @property
-    def max_chunks(self) -> int:
-        return max(self.chunks)
+from shadowkv_fx.pinned import grown, pinned_zeros
+from shadowkv_fx.preflight import check_host_memory
+from shadowkv_fx.prompt_layout import PromptLayout, store_chunks, tail_slots
+from shadowkv_fx.rope_tables import reserve_columns
 
 
 def _value_slots(shape: tuple[int, ...], like: torch.Tensor, keep_on_device: Callable[[int], bool]) -> torch.Tensor:
@@ -50,19 +28,8 @@ def _value_slots(shape: tuple[int, ...], like: torch.Tensor, keep_on_device: Cal
     nbytes = math.prod(shape) * like.element_size()
     if like.device.type == "cpu" or keep_on_device(nbytes):
         return like.new_zeros(shape)
-    _check_host_memory(nbytes)
+    check_host_memory(nbytes)
     return pinned_zeros(shape, like.dtype)
-
-
-def _check_host_memory(nbytes: int) -> None:
-    from shadowkv_fx.preflight import HOST_SHARE, mem_available, pinned_bytes
-
-    needed, available = pinned_bytes(nbytes), mem_available()
-    if available is not None and needed > HOST_SHARE * available:
-        raise MemoryError(
-            f"offloading values needs {needed / 2**30:.1f} GiB of pinned host memory but only "
-            f"{available / 2**30:.1f} GiB is available: use a smaller batch or a shorter prompt"
-        )
 
 
 class LayerState:
@@ -73,35 +40,89 @@ class LayerState:
     no host sync, so it can be captured as a CUDA graph and replayed: the tail is preallocated
     (``reserve_tail``, outside the step) and its fill level lives on the device (``tail_fill``).
     ``tail_len`` is the host's copy of that count, advanced by the cache once a step completes.
+
+    Held by address by a captured step, so written in place only (by the step; between steps
+    by ``fold.py``): ``k_buf``, ``v_buf``, ``key_valid``, ``pre_k``, ``tail_fill``, ``tail_first``,
+    ``gen_count``, ``u``, ``sv``, ``landmarks``, ``selectable``, ``v_chunks``, ``pad``, ``prev_idx``,
+    ``v_lookups`` and the tensors of ``rope_tables``; baked into it: ``sel_start``, ``local_start``,
+    ``tail_start``, ``select_k``, ``padded_len``, ``rope_form`` and the flags. After prefill only
+    ``reserve_tail`` rebinds any, between steps, and then returns True so the cache drops its graphs
+    (``decode_graphs.clear()``): ``_relayout`` (buffers, offsets, ``select_k``, ``prev_idx``),
+    ``_grow_store`` (the store), ``rope_tables.reserve_columns`` (the shared tables, which
+    ``SharedRopeTables.widen_for`` also swaps). No step reads the host counts (``tail_len``,
+    ``chunks``, ``tail_first_host``, ``tail_shift``, ``refreshes``) or ``fit_err``.
     """
 
     def __init__(self, config: ShadowKVConfig) -> None:
         self.config = config
-        self.k_buf: torch.Tensor | None = None
-        self.v_buf: torch.Tensor | None = None
+        # rows whose prompts are not compressed yet; None before the first prefill group and
+        # once the last has built the decode buffers
         self._pending: set[int] | None = None
-        self.tail_len = 0
-        self.tail_fill: torch.Tensor | None = None
-        # folding (fold.py): tail slots compacted away so far, and per row the first tail slot
-        # still dense (host mirror of ``tail_first``); generated tokens whose RoPE inputs are stored
-        self.folds = False
-        self.tail_shift = 0
-        self.tail_first_host: list[int] = []
-        self.tail_first: torch.Tensor | None = None
-        self.gen_count: torch.Tensor | None = None
-        self.pre_k: torch.Tensor | None = None
-        # new tokens rotated and written by one kernel (``dispatch.append_rope``): prefill sets it
-        # where that kernel reproduces the model's key RoPE exactly
-        self.fused_append = False
-        # of the layers sharing one set of RoPE tables, the first writes the new tokens' columns
-        self.writes_tables = True
-        # the last prefill copy of values to the host, still landing on a side stream (host_copies)
-        self.values_copied: torch.cuda.Event | None = None
 
-    # Decode reads one persistent buffer per layer, ``[B, Hkv, N, D]`` for K and V, laid out as
-    # [outliers | selected chunks | local window | generated tail]: outliers and local are written
-    # at prefill, the selected chunks by each step's rebuild and fetch, the tail as tokens come.
-    # Attention reads it in place; no concatenation per step.
+        # The prompts (copied from the batch's PromptLayout at prefill)
+        self.lengths: list[int] = []  # [B] real prompt tokens per row
+        self.padded_len = 0  # columns of the padded prompt: generated tokens' RoPE inputs follow
+        self.prompt_chunks: list[int] = []  # [B] chunks compressed at prefill (0: the row decodes densely)
+        self.chunks: list[int] = []  # [B] chunks in the store now: the prompt's, then folded ones
+        self.pad: torch.Tensor | None = None  # [B] long, leading pad tokens per row (device)
+        self.compressed = False  # any row compressed: decode selects and rebuilds chunks
+        self.folds = False  # generated tokens fold into the store (config.folds, on a compressed batch)
+        self.reuse = False  # value reuse: a chunk chosen again keeps its slot (values off the device)
+        self.select_k = 0  # C_sel, chunks each step selects per KV head (config.select_chunks of the store)
+
+        # RoPE of the site: what rebuilt and appended keys are rotated with
+        self.rope_tables: list[torch.Tensor] = []  # each [B|1, 1, S, c], shared by layers (SharedRopeTables)
+        self.rope_form: str | None = None  # the known form that reproduces the model's RoPE (rope_forms.py), or None
+        self.fused_append = False  # new tokens rotated and written by one kernel (dispatch.append_rope):
+        # prefill sets it where that kernel reproduces the model's key RoPE exactly
+        self.writes_tables = True  # of the layers sharing one set of tables, the first writes the new tokens' columns
+
+        # The compressed store (C chunks of L tokens per row; grows with folds: _grow_store)
+        self.u: torch.Tensor | None = None  # [B, C*L, r] low-rank key factors, one row per token
+        self.sv: torch.Tensor | None = None  # [B, Hkv, r, D] diag(s) V^T per row: keys = U @ SV[h]
+        self.landmarks: torch.Tensor | None = None  # [B, Hkv, C, D] mean post-RoPE key of each chunk
+        self.selectable: torch.Tensor | None = None  # [B, Hkv, C] bool: a chunk a step may pick (not an outlier)
+        # [B, Hkv, C, L, Dv] values of every chunk, pinned host memory or spare device memory
+        self.v_chunks: torch.Tensor | None = None
+        self.values_copied: torch.cuda.Event | None = None  # the last prefill copy to the host, still landing
+        self.outlier_ids: torch.Tensor | None = None  # [B, Hkv, O] long, the chunks kept dense as outliers
+        self.outlier_cos: torch.Tensor | None = None  # [B, Hkv, O] float32, their min-cosines (fold ranks new chunks)
+        self.outlier_valid: torch.Tensor | None = None  # [B] bool: the row has outliers (it is compressed)
+        self.fit_err: torch.Tensor | None = None  # [B] float32, what the rank-r basis misses of the keys
+        self.refreshes = 0  # bases refreshed by folds so far
+
+        # Prefill only, dropped once the decode buffers are built (T: the longest local window)
+        self._local_k: torch.Tensor | None = None  # [B, Hkv, T, D] post-RoPE keys of the local window
+        self._local_v: torch.Tensor | None = None  # [B, Hkv, T, Dv]
+        self._local_kpre: torch.Tensor | None = None  # [B, Hkv, T, D] pre-RoPE (folding only)
+        self._local_valid: torch.Tensor | None = None  # [B, T] bool: the row's window reaches that slot
+        self._outlier_k: torch.Tensor | None = None  # [B, Hkv, O*L, D] post-RoPE keys of the outlier chunks
+        self._outlier_v: torch.Tensor | None = None  # [B, Hkv, O*L, Dv]
+
+        # Decode buffers: [outliers | selected chunks | local window | generated tail] along N
+        self.k_buf: torch.Tensor | None = None  # [B, Hkv, N, D] post-RoPE keys
+        self.v_buf: torch.Tensor | None = None  # [B, Hkv, N, Dv]
+        self.key_valid: torch.Tensor | None = None  # [B, Hkv, tail_start] bool; the tail's validity is its fill
+        self.sel_start = 0  # first slot of the selected region (= O*L)
+        self.local_start = 0  # first slot of the local window (= sel_start + select_k*L)
+        self.tail_start = 0  # first slot of the generated tail
+        self.gen_capacity = 0  # generated tokens the store and tables are sized for (folding)
+        self.tail_len = 0  # generated tokens committed (host); the tail holds tail_len - tail_shift
+        self.tail_fill: torch.Tensor | None = None  # 0-d long, tail slots written (device: a replay reads it)
+        self.prev_idx: torch.Tensor | None = None  # [B, Hkv, select_k] long, the chunk each selected slot holds (reuse)
+        self.v_lookups: torch.Tensor | None = None  # [2] long, value chunks served from the device, chunks asked for
+
+        # Folding (fold.py)
+        self.tail_shift = 0  # tail slots compacted away so far
+        self.tail_first_host: list[int] = []  # [B] the row's first tail slot still dense (host mirror)
+        self.tail_first: torch.Tensor | None = None  # [B] long, the same on the device (attention skips below it)
+        self.gen_count: torch.Tensor | None = None  # 0-d long, generated tokens whose RoPE inputs are stored
+        # [B, Hkv, T + tail slots, D] pre-RoPE keys of every dense token, slot for slot from local_start
+        self.pre_k: torch.Tensor | None = None
+
+    # Attention reads the decode buffers in place; no concatenation per step. Outliers and local
+    # are written at prefill, the selected chunks by each step's rebuild and fetch, the tail as
+    # tokens come.
     @property
     def tail_k(self) -> torch.Tensor | None:
         return None if self.k_buf is None else self.k_buf[:, :, self.tail_start :]
@@ -123,6 +144,7 @@ class LayerState:
         group: PromptLayout,
         layout: PromptLayout,
         rope_tables: list[torch.Tensor],
+        writes_tables: bool,
         tail_capacity: int,
         keep_values_on_device: Callable[[int], bool] = lambda nbytes: False,
     ) -> None:
@@ -132,8 +154,10 @@ class LayerState:
         (``group``); ``layout`` is the whole batch's. Prefill may run the batch a group of rows at
         a time, so only one group's dense K/V is ever on the device; the slots are allocated when
         the first group arrives, the decode buffers built when the last has.
-        ``rope_tables``: the batch's per-position tables ``[B or 1, 1, S, c]`` (filled by the cache).
+        ``rope_tables``: the batch's per-position tables ``[B or 1, 1, S, c]`` (filled by the cache);
+        ``writes_tables``: this layer is the first of those reading them.
         """
+        self.writes_tables = writes_tables
         if self._pending is None:
             self._allocate(layout, k_pre, k_rot, v, rope_tables, keep_values_on_device, tail_capacity)
         cfg = self.config
@@ -206,8 +230,8 @@ class LayerState:
         if not self.compressed:
             return
         # the store holds every chunk a row may fold: its prompt and ``tail_capacity`` generated tokens
-        c_max = fold.store_chunks(self.lengths, tail_capacity, chunk) if self.folds else c_max
-        self.select_k = cfg.select_chunks(c_max)  # again when the store grows (fold.grow_store)
+        c_max = store_chunks(self.lengths, tail_capacity, chunk) if self.folds else c_max
+        self.select_k = cfg.select_chunks(c_max)  # again when the store grows (_grow_store)
         outlier_tokens = cfg.outlier_chunks * chunk
         self.u = k_pre.new_zeros(b_size, c_max * chunk, cfg.rank)
         self.sv = k_pre.new_zeros(b_size, hkv, cfg.rank, d)
@@ -218,18 +242,18 @@ class LayerState:
         self.v_chunks = _value_slots((b_size, hkv, c_max, chunk, dv), v, keep_values_on_device)
         self.outlier_ids = torch.zeros(b_size, hkv, cfg.outlier_chunks, dtype=torch.long, device=device)
         self.outlier_cos = torch.full((b_size, hkv, cfg.outlier_chunks), float("inf"), device=device)
-        self.fit_err = torch.zeros(b_size, device=device)  # per row: what the rank-r basis misses of the keys
+        self.fit_err = torch.zeros(b_size, device=device)
         self.refreshes = 0
         # values not in accelerator memory: a chunk chosen again keeps its slot, only new ones are fetched
         self.reuse = cfg.reuse_values and self.v_chunks.device.type != "cuda"
         if self.reuse:
             self.prev_idx = torch.full((b_size, hkv, self.select_k), -1, dtype=torch.long, device=device)
-            self.v_lookups = torch.zeros(2, dtype=torch.long, device=device)  # hits, chunks asked for
+            self.v_lookups = torch.zeros(2, dtype=torch.long, device=device)
 
     def _build_buffers(self, tail_capacity: int) -> None:
         self.gen_capacity = tail_capacity
         if self.folds:
-            tail_capacity = fold.tail_slots(self.config, self.prompt_chunks, tail_capacity)
+            tail_capacity = tail_slots(self.config, self.prompt_chunks, tail_capacity)
         b, hkv, local_len, d = self._local_k.shape
         outliers = 0 if self._outlier_k is None else self._outlier_k.shape[2]
         self.sel_start = outliers
@@ -247,7 +271,6 @@ class LayerState:
         self.v_buf[:, :, self.local_start : self.tail_start] = self._local_v
         self.key_valid[:, :, self.local_start : self.tail_start] = self._local_valid[:, None, :]
         if self.folds:
-            # pre-RoPE keys of every dense token, slot for slot from ``local_start``: folding projects them
             self.pre_k = self._local_kpre.new_zeros(b, hkv, local_len + tail_capacity, d)
             self.pre_k[:, :, :local_len] = self._local_kpre
             self.tail_first = torch.zeros(b, dtype=torch.long, device=self.k_buf.device)
@@ -278,9 +301,9 @@ class LayerState:
             needed = self.tail_len + tokens
             if needed > self.gen_capacity:
                 self.gen_capacity = max(2 * self.gen_capacity, needed)
-                fold.grow_store(self, fold.store_chunks(self.lengths, self.gen_capacity, self.config.chunk_size))
+                self._grow_store(store_chunks(self.lengths, self.gen_capacity, self.config.chunk_size))
                 moved = True
-            moved |= fold.reserve_tables(self, self.padded_len + self.gen_capacity)
+            moved |= reserve_columns(self.rope_tables, self.padded_len + self.gen_capacity)
         needed = self.tail_len - self.tail_shift + tokens
         capacity = self.k_buf.shape[2] - self.tail_start
         if needed <= capacity:
@@ -320,13 +343,28 @@ class LayerState:
                 b, hkv = key_valid.shape[:2]
                 self.prev_idx = self.prev_idx.new_full((b, hkv, select_k), -1)
 
+    def _grow_store(self, chunks: int) -> None:
+        """Reallocate the compressed store for ``chunks`` chunks per row (contents kept); a larger
+        store may raise the top-k size, which widens the decode buffers' selected region."""
+        self.u = grown(self.u, 1, chunks * self.config.chunk_size)
+        self.landmarks = grown(self.landmarks, 2, chunks)
+        self.selectable = grown(self.selectable, 2, chunks)
+        self.v_chunks = grown(self.v_chunks, 2, chunks)
+        select_k = self.config.select_chunks(chunks)
+        if select_k != self.select_k:
+            self._relayout(select_k, self.k_buf.shape[2] - self.tail_start)
+
+    def advance(self, tokens: int) -> None:
+        """Commit a decode step's ``tokens`` new tokens (the device fill level already counts them)."""
+        self.tail_len += tokens
+
     def rewind_tail(self) -> None:
         """Forget tokens a failed step appended: the device counts go back to the host's."""
         if self.tail_fill is not None:
             self.tail_fill.fill_(self.tail_len - self.tail_shift)
         if self.gen_count is not None:
             self.gen_count.fill_(self.tail_len)
-        if getattr(self, "reuse", False):
+        if self.reuse:
             self.prev_idx.fill_(-1)  # the selected region may be half-written: fetch it all next step
 
     def crop_tail(self, kept: int) -> None:
@@ -334,121 +372,24 @@ class LayerState:
         self.tail_len = kept
         self.rewind_tail()
 
-    def folded_past(self, kept: int, chunks: list[int] | None = None) -> int | None:
-        """Tokens past the prompt some row has folded (with ``chunks`` per row, default what it
-        holds), if more than ``kept`` (so they cannot be dropped)."""
-        if not self.folds:
-            return None
-        chunk = self.config.chunk_size
-        furthest = max(c * chunk - n for c, n in zip(self.chunks if chunks is None else chunks, self.lengths))
-        return furthest if furthest > kept else None
+    # The host counts of folding (fold.py moves the tensors in place, then commits the counts here)
+    def commit_fold(self, rows: list[int], chunks: int, folded: int, refreshes: int) -> None:
+        """``rows`` now hold ``chunks`` chunks: their first ``folded`` tokens; ``refreshes`` of
+        them refreshed their basis."""
+        for b in rows:
+            self.chunks[b] = chunks
+            self.tail_first_host[b] = max(0, folded - self.lengths[b] - self.tail_shift)
+        self.refreshes += refreshes
 
-    def append_tail(self, k_pre: torch.Tensor, v: torch.Tensor, rope_inputs: list[torch.Tensor],
-                    rope_fn: RopeFn) -> None:
-        """Rotate new tokens' keys and write them at the device-side fill level (a replayed step
-        reads the current one): one fused kernel where prefill found it rotates exactly as
-        ``rope_fn`` does, else ``rope_fn`` and a write per buffer.
+    def drop_tail_slots(self, shift: int) -> None:
+        """The ``shift`` leading tail slots are compacted away (their contents already moved)."""
+        fill = self.tail_len - self.tail_shift
+        self.tail_first_host = [f - shift for f in self.tail_first_host]
+        self.tail_shift += shift
+        self.tail_fill.fill_(fill - shift)
 
-        A folding layer also keeps their pre-RoPE keys and writes their RoPE inputs (``[B|1, 1, n, c]``
-        each) into the tables' columns after the prompt, where a folded chunk's rebuild reads them
-        (the first layer sharing a table writes it for all).
-        """
-        n = k_pre.shape[2]
-        # a device arange is a launch: made only where a write reads it, never on the fused path
-        # of a layer that leaves the tables to another
-        offsets = None if self.fused_append and not (self.folds and self.writes_tables) \
-            else torch.arange(n, device=self.tail_fill.device)
-        if self.fused_append:
-            dispatch.append_rope(k_pre, v, rope_inputs, self.rope_form, self.k_buf, self.v_buf, self.tail_fill,
-                                 self.tail_start, self.pre_k, self.tail_start - self.local_start)
-        else:
-            slots = self.tail_start + self.tail_fill + offsets
-            self.k_buf.index_copy_(2, slots, rope_fn(k_pre, *rope_inputs).to(self.k_buf.dtype))
-            self.v_buf.index_copy_(2, slots, v.to(self.v_buf.dtype))
-            if self.folds:
-                self.pre_k.index_copy_(2, slots - self.local_start, k_pre.to(self.pre_k.dtype))
-        if self.folds:
-            if self.writes_tables:
-                columns = self.padded_len + self.gen_count + offsets
-                for table, new in zip(self.rope_tables, rope_inputs):
-                    # a one-row table serves sequences whose positions agree (rope_tables.SharedRopeTables)
-                    new = new[: table.shape[0]].to(table.dtype)
-                    table.index_copy_(2, columns, new.expand(table.shape[0], 1, n, table.shape[3]))
-            self.gen_count.add_(n)
-        self.tail_fill.add_(n)
-
-    def select(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k chunks per KV head: ``chunk_idx [B, Hkv, k]`` and whether each pick is real."""
-        scores = dispatch.score_chunks(q, self.landmarks, self.selectable, scale)
-        return dispatch.top_chunks(scores, self.select_k)
-
-    def fill_selected(self, chunk_idx: torch.Tensor, picked: torch.Tensor, rope_fn: RopeFn) -> None:
-        """Rebuild the chosen chunks' keys (low rank, then RoPE at their positions) and fetch their
-        values, straight into the buffer's selected region; mark which picks are real.
-
-        With value reuse a chunk chosen again stays in its slot (``value_reuse.stable_slots``): its
-        values are already there, only new chunks' values cross PCIe, and nothing is copied aside.
-        """
-        chunk = self.config.chunk_size
-        region = slice(self.sel_start, self.local_start)
-        fetch = None
-        if self.reuse:
-            chunk_idx, picked, fetch = value_reuse.stable_slots(chunk_idx, picked, self.prev_idx)
-            self.prev_idx.copy_(chunk_idx)
-            self.v_lookups[0] += fetch.numel() - fetch.sum()
-            self.v_lookups[1] += fetch.numel()
-        dispatch.rebuild_rope_keys(self.u, self.sv, chunk_idx, chunk, self.pad, self.rope_tables, self.rope_form,
-                                   rope_fn, self.k_buf[:, :, region])
-        dispatch.gather_value_chunks(self.v_chunks, chunk_idx, self.v_buf.device, self.v_buf[:, :, region], fetch)
-        # one broadcast copy (repeat_interleave would launch an index build and a gather)
-        self.key_valid[:, :, region].unflatten(-1, (-1, chunk)).copy_(picked[..., None].expand(*picked.shape, chunk))
-
-    def decode(self, q: torch.Tensor, k_pre_new: torch.Tensor, v_new: torch.Tensor, rope_inputs: list[torch.Tensor],
-               rope_fn: RopeFn, scale: float) -> torch.Tensor:
-        """Attend ``q [B, Hq, n, D]`` over outliers + selected chunks + local window + generated tail.
-
-        With several new tokens (speculative verification) each selects its own chunks, as it
-        would decoding one at a time, so speculation never changes the output.
-        """
-        self.append_tail(k_pre_new, v_new, rope_inputs, rope_fn)
-        n = q.shape[2]
-        if n > 1 and self.compressed:
-            return torch.cat([self._attend(q[:, :, i : i + 1], rope_fn, scale, n - 1 - i) for i in range(n)], dim=2)
-        return self._attend(q, rope_fn, scale, 0)
-
-    def _attend(self, q: torch.Tensor, rope_fn: RopeFn, scale: float, newer: int) -> torch.Tensor:
-        """``q``'s rows are the tail tokens just before the ``newer`` newest ones."""
-        if self.compressed:
-            self.fill_selected(*self.select(q, scale), rope_fn)
-        fill = self.tail_fill - newer if newer else self.tail_fill
-        return dispatch.decode_attention(q, self.k_buf, self.v_buf, self.key_valid, self.tail_start, fill, scale,
-                                         self.tail_first)
-
-    def memory_bytes(self) -> dict[str, tuple[str, int]]:
-        """Bytes per component as ``name -> (device type, bytes)``: the model's device (``"cuda"``,
-        or ``"cpu"`` for a CPU model) for the state, ``"cpu"`` for values offloaded to host memory."""
-        def size(t: torch.Tensor | None) -> int:
-            return 0 if t is None else t.numel() * t.element_size()
-
-        per_token = self.k_buf.shape[0] * self.k_buf.shape[1] * (self.k_buf.shape[3] * self.k_buf.element_size()
-                                                                  + self.v_buf.shape[3] * self.v_buf.element_size())
-        device = self.k_buf.device.type
-        parts: dict[str, tuple[str, int]] = {}
-        if self.compressed:
-            parts["U"] = (device, size(self.u))
-            parts["SV"] = (device, size(self.sv))
-            parts["landmarks"] = (device, size(self.landmarks))
-            parts["outliers"] = (device, self.sel_start * per_token)
-            parts["selected"] = (device, (self.local_start - self.sel_start) * per_token)
-            if self.v_chunks.device == self.k_buf.device and self.k_buf.device.type != "cpu":
-                parts["device_V"] = (device, size(self.v_chunks))  # spare accelerator memory
-            else:
-                parts["offloaded_V"] = (self.v_chunks.device.type, size(self.v_chunks))
-        if getattr(self, "reuse", False):
-            parts["reuse_workspace"] = (device, size(self.prev_idx))
-        parts["local"] = (device, (self.tail_start - self.local_start) * per_token + size(self.key_valid))
-        parts["tail"] = (device, (self.k_buf.shape[2] - self.tail_start) * per_token)
-        if self.folds:
-            parts["fold_state"] = (device, size(self.pre_k) + size(self.outlier_ids) + size(self.outlier_cos)
-                                   + size(self.tail_first) + size(self.gen_count))
-        return parts
+    def restore_fold_counts(self, chunks: list[int], tail_first_host: list[int], fit_err: torch.Tensor,
+                            refreshes: int, tail_shift: int) -> None:
+        """The host counts and ``fit_err`` as ``fold.FoldUndo`` saved them before a fold."""
+        self.chunks, self.tail_first_host, self.fit_err = chunks, tail_first_host, fit_err
+        self.refreshes, self.tail_shift = refreshes, tail_shift

@@ -229,3 +229,12 @@ def pinned_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     # every view of the block shares this storage: it dies with the last of them
     weakref.finalize(raw.untyped_storage(), POOL.give_back, block).atexit = False
     return tensor
+
+
+def grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """A copy of ``t`` with dim ``dim`` zero-extended to ``size``, in page-locked memory where ``t`` is."""
+    shape = list(t.shape)
+    shape[dim] = size
+    new = pinned_zeros(shape, t.dtype) if t.is_pinned() else t.new_zeros(shape)
+    new.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return new

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from shadowkv_fx import fold
 from shadowkv_fx.config import ShadowKVConfig
-from shadowkv_fx.layer_state import PromptLayout
 from shadowkv_fx.host_memory import meminfo_available
 from shadowkv_fx.pinned import POOL, registered_bytes
+from shadowkv_fx.prompt_layout import PromptLayout, store_chunks, tail_slots
 
 HOST_SHARE = 0.9  # of MemAvailable that pinned values may take
 # beyond the prefill working set: CUDA-graph pools, allocator fragmentation, cuBLAS/inductor
@@ -80,8 +79,8 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
     tail = tail_capacity
     fold_state, rope_columns = 0, layout.padded_len
     if folds:
-        c_max = fold.store_chunks(layout.lengths, tail_capacity, chunk)
-        tail = fold.tail_slots(config, layout.chunks, tail_capacity)
+        c_max = store_chunks(layout.lengths, tail_capacity, chunk)
+        tail = tail_slots(config, layout.chunks, tail_capacity)
         fold_state = (local + tail) * hkv * d * size + hkv * config.outlier_chunks * (8 + 4)
         rope_columns += tail_capacity
     select = config.select_chunks(c_max)
@@ -117,6 +116,17 @@ def mem_available() -> int | None:
     available = meminfo_available()
     # blocks pinned for an earlier cache and free again are this process's to reuse
     return None if available is None else available + POOL.pooled_bytes()
+
+
+def check_host_memory(nbytes: int) -> None:
+    """Raise ``MemoryError`` if one layer's values of ``nbytes`` cannot be pinned: prefill checks
+    each layer as it offloads it, also where no preflight counted the batch first."""
+    needed, available = pinned_bytes(nbytes), mem_available()
+    if available is not None and needed > HOST_SHARE * available:
+        raise MemoryError(
+            f"offloading values needs {needed / 2**30:.1f} GiB of pinned host memory but only "
+            f"{available / 2**30:.1f} GiB is available: use a smaller batch or a shorter prompt"
+        )
 
 
 @dataclass

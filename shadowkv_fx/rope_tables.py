@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shadowkv_fx.layer_state import PromptLayout
+from shadowkv_fx.prompt_layout import PromptLayout
 
 
 class SharedRopeTables:
@@ -82,3 +82,20 @@ class SharedRopeTables:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self.sets for t in ts)
+
+
+def reserve_columns(tables: list[torch.Tensor], width: int) -> bool:
+    """Widen each of a (layer-shared) set of per-position tables to ``width`` columns, in place in
+    the list; True when any moved.
+
+    Folded chunks of generated tokens are rotated at their own positions, read from the columns
+    decode steps write after the prompt's.
+    """
+    moved = False
+    for i, table in enumerate(tables):
+        if table.shape[2] < width:
+            wide = table.new_zeros(*table.shape[:2], width, table.shape[3])
+            wide[:, :, : table.shape[2]] = table
+            tables[i] = wide  # the list is shared: every layer reading it sees the new table
+            moved = True
+    return moved

@@ -4,7 +4,7 @@ tests/conftest.py). ``scripts/mutants.py`` runs a fast subset of the suite under
 it to fail: a mutant the tests do not notice is a missing test.
 
 Every mutant patches a module attribute that the code under test looks up at call time
-(``dispatch.X``, ``compression.X``, ``value_reuse.X``, ``fold.X``, ``LayerState.X``), so the eager path, the compiled
+(``dispatch.X``, ``compression.X``, ``value_reuse.X``, ``fold.X``, ``decode_step.X``, ``LayerState.X``), so the eager path, the compiled
 graph (whose ShadowKV op calls back into Python) and the Triton dispatch all see it.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from shadowkv_fx import fold
+from shadowkv_fx import decode_step, fold
 from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.kernels import compression, dispatch, value_reuse
 from shadowkv_fx.layer_state import LayerState
@@ -100,12 +100,12 @@ def score_first_head_only() -> None:
 @mutant("a new token's K/V land one tail slot late: the step reads a stale slot as its own")
 def stale_tail_slot() -> None:
     def make(plain):
-        def append(self, *args):
-            self.tail_fill.add_(1)
-            plain(self, *args)
-            self.tail_fill.sub_(1)
+        def append(state, *args):
+            state.tail_fill.add_(1)
+            plain(state, *args)
+            state.tail_fill.sub_(1)
         return append
-    _wrap(LayerState, "append_tail", make)
+    _wrap(decode_step, "append_tail", make)
 
 
 @mutant("decode attention ignores the key mask (padding and unpicked slots are attended)")
@@ -194,14 +194,14 @@ def fold_undo_ignored() -> None:
 @mutant("generated tokens' RoPE inputs are stored one column late: their folded keys rotate wrongly")
 def rope_columns_off_by_one() -> None:
     def make(plain):
-        def append(self, *args):
-            if self.folds:
-                self.gen_count.add_(1)
-            plain(self, *args)
-            if self.folds:
-                self.gen_count.sub_(1)
+        def append(state, *args):
+            if state.folds:
+                state.gen_count.add_(1)
+            plain(state, *args)
+            if state.folds:
+                state.gen_count.sub_(1)
         return append
-    _wrap(LayerState, "append_tail", make)
+    _wrap(decode_step, "append_tail", make)
 
 
 @mutant("decode attention ignores tail_first: tail slots already folded are attended twice")

@@ -111,14 +111,14 @@ def test_cache_is_untouched_after_a_rejected_step(model):
 
 
 def test_host_memory_too_small_for_the_batch():
-    from shadowkv_fx.layer_state import _check_host_memory
+    from shadowkv_fx.preflight import check_host_memory
 
     with pytest.raises(MemoryError, match="use a smaller batch"):
-        _check_host_memory(1 << 60)
+        check_host_memory(1 << 60)
 
 
 def test_a_step_that_fails_half_way_leaves_no_layer_ahead(model, monkeypatch):
-    from shadowkv_fx.layer_state import LayerState
+    from shadowkv_fx import decode_step
 
     ids, mask = left_padded(1, [40], 96)
     with torch.no_grad():
@@ -126,15 +126,15 @@ def test_a_step_that_fails_half_way_leaves_no_layer_ahead(model, monkeypatch):
         model(ids[:, -1:], cache=cache)
         tails = [layer.state.tail_len for layer in cache.layers]
         calls = {"n": 0}
-        decode = LayerState.decode
+        decode = decode_step.decode
 
-        def failing_second_layer(self, *args):
+        def failing_second_layer(state, *args):
             calls["n"] += 1
             if calls["n"] == 2:
                 raise RuntimeError("simulated device failure")
-            return decode(self, *args)
+            return decode(state, *args)
 
-        monkeypatch.setattr(LayerState, "decode", failing_second_layer)
+        monkeypatch.setattr(decode_step, "decode", failing_second_layer)
         with pytest.raises(RuntimeError, match="simulated"):
             model(ids[:, -1:], cache=cache)
     assert [layer.state.tail_len for layer in cache.layers] == tails
@@ -146,7 +146,7 @@ def test_preflight_names_the_largest_batch_that_fits(monkeypatch):
     from types import SimpleNamespace
 
     from shadowkv_fx import preflight
-    from shadowkv_fx.layer_state import PromptLayout
+    from shadowkv_fx.prompt_layout import PromptLayout
 
     config = shadowkv_fx.ShadowKVConfig(value_hbm_gib=0)  # folding on: the store also takes 64 generated tokens
     model_config = SimpleNamespace(num_hidden_layers=32, num_key_value_heads=8, num_attention_heads=32, head_dim=128,
@@ -185,7 +185,7 @@ def test_the_gpu_reserve_is_one_prefill_working_set_where_the_allocator_does_not
     from types import SimpleNamespace
 
     from shadowkv_fx import preflight
-    from shadowkv_fx.layer_state import PromptLayout
+    from shadowkv_fx.prompt_layout import PromptLayout
 
     gib = 2**30
     model_config = SimpleNamespace(num_hidden_layers=32, num_key_value_heads=8, num_attention_heads=32, head_dim=128,

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import shadowkv_fx
-from shadowkv_fx.layer_state import LayerState
+from shadowkv_fx import decode_step
 from tests.models import assert_close, left_padded, tiny_pair
 from shadowkv_fx.compat import output_cache
 
@@ -41,21 +41,21 @@ def prefill(model, lengths, tail_capacity=8):
 
 
 def record_decode_ops(monkeypatch) -> list[str]:
-    """Make every ``LayerState.decode`` fail on a read of the host-side tail count and log its ops
+    """Make every ``decode_step.decode`` fail on a read of the host-side tail count and log its ops
     into the returned list."""
-    plain, seen = LayerState.decode, []
+    plain, seen = decode_step.decode, []
 
-    def guarded(self, *args):
-        host_count, self.tail_len = self.tail_len, None  # any read of the host count fails
+    def guarded(state, *args):
+        host_count, state.tail_len = state.tail_len, None  # any read of the host count fails
         log = OpLog()
         try:
             with log:
-                return plain(self, *args)
+                return plain(state, *args)
         finally:
-            self.tail_len = host_count
+            state.tail_len = host_count
             seen.extend(log.names)
 
-    monkeypatch.setattr(LayerState, "decode", guarded)
+    monkeypatch.setattr(decode_step, "decode", guarded)
     return seen
 
 

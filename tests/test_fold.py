@@ -150,7 +150,7 @@ def test_sparse_fold_keeps_device_growth_under_a_quarter_of_dense():
             cache = new_cache(model, config, new_tokens)
             with torch.no_grad():
                 model(ids, attention_mask=mask, cache=cache)
-            cache.layers[0].state.tail_len = new_tokens - 1  # the dense bytes it stands for
+            cache.layers[0].state.advance(new_tokens - 1)  # the dense bytes it stands for
         else:
             cache = output_cache(generate(model, ids, mask, new_tokens, config))
         report = cache.memory_report()
@@ -240,22 +240,22 @@ def test_prompt_lookup_with_folding_equals_plain_greedy_at_sparse_settings(draft
 
 
 def test_a_split_step_that_fails_half_way_caches_nothing(monkeypatch):
-    from shadowkv_fx.layer_state import LayerState
+    from shadowkv_fx import decode_step
 
     _, model = shared()
     ids, mask = left_padded(1, [47], 96, seed=1)
     cache = new_cache(model, SPARSE, 8)
     with torch.no_grad():
         model(ids, attention_mask=mask, cache=cache)
-    plain, calls = LayerState.decode, []
+    plain, calls = decode_step.decode, []
 
-    def failing_in_the_second_piece(self, q, *args):
+    def failing_in_the_second_piece(state, q, *args):
         calls.append(q.shape[2])
         if len(calls) > model.config.num_hidden_layers:
             raise RuntimeError("simulated device failure")
-        return plain(self, q, *args)
+        return plain(state, q, *args)
 
-    monkeypatch.setattr(LayerState, "decode", failing_in_the_second_piece)
+    monkeypatch.setattr(decode_step, "decode", failing_in_the_second_piece)
     with pytest.raises(RuntimeError, match="simulated"), torch.no_grad():
         model(torch.tensor([[5, 6, 7, 8]]), cache=cache)  # a fold is due before its second token
     assert calls == [1, 1, 3], "split after the first token"
@@ -300,6 +300,8 @@ def test_decode_steps_between_folds_never_sync_and_buffers_never_move(monkeypatc
     assert state.chunks[0] > state.prompt_chunks[0] and state.tail_shift > 0, "folds and compaction happened"
     assert buffers() == before and ("marker",) in cache.decode_graphs
     assert not HOST_SYNC_OPS & set(seen), sorted(HOST_SYNC_OPS & set(seen))
+    fresh = type(state)(state.config)
+    assert set(vars(state)) == set(vars(fresh)), "prefill, steps and folds set only the fields __init__ declares"
 
 
 def test_triton_kernels_read_folded_chunks_like_the_reference(monkeypatch):

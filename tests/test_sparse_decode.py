@@ -4,6 +4,7 @@ import dataclasses
 import torch
 
 import shadowkv_fx
+from shadowkv_fx import decode_step
 from tests.models import assert_close, full_rank, left_padded, tiny_pair
 from shadowkv_fx.cache import device_and_host_bytes
 from shadowkv_fx.compat import output_cache
@@ -48,7 +49,7 @@ def test_selection_is_sparse_and_generated_tokens_are_never_dropped():
         tail = state.tail_len - state.tail_shift - state.tail_first_host[b]
         assert state.chunks[b] * 4 + local + tail == n + 39
     q = torch.randn(2, model.config.num_attention_heads, 1, model.config.head_dim)
-    chunk_idx, picked = state.select(q, 0.25)
+    chunk_idx, picked = decode_step.select(state, q, 0.25)
     assert chunk_idx.shape[-1] == SMALL.budget_chunks and picked.all()
     outliers = ~state.selectable[0, :, : state.chunks[0]]
     assert (outliers.sum(-1) == SMALL.outlier_chunks).all()
@@ -176,7 +177,7 @@ def test_prefill_state_and_selection_follow_the_algorithm():
     heads, group = model.config.num_attention_heads, model.config.num_attention_heads // hkv
     q = torch.randn(2, heads, 1, d, generator=torch.Generator().manual_seed(6)) * 4
     scale = d ** -0.5
-    chunk_idx, picked = state.select(q, scale)
+    chunk_idx, picked = decode_step.select(state, q, scale)
     for b in range(len(lengths)):
         c = cache.layout.chunks[b]
         logits = torch.einsum("hgd,hcd->hgc", q[b, :, 0].view(hkv, group, d), state.landmarks[b, :, :c]) * scale

@@ -1,0 +1,103 @@
+"""One layer's decode step over its ``LayerState``: append the new tokens to the tail, select each
+KV head's chunks, rebuild their keys and fetch their values into the buffer, attend.
+
+Every write here is in place, at the device-side fill level, with fixed shapes and no host sync,
+so the whole step can be captured as a CUDA graph and replayed (``cuda_graph.py``); which fields
+that holds by address is listed on ``LayerState``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from shadowkv_fx.kernels import dispatch, value_reuse
+from shadowkv_fx.layer_state import LayerState
+
+RopeFn = Callable[..., torch.Tensor]
+
+
+def decode(state: LayerState, q: torch.Tensor, k_pre_new: torch.Tensor, v_new: torch.Tensor,
+           rope_inputs: list[torch.Tensor], rope_fn: RopeFn, scale: float) -> torch.Tensor:
+    """Attend ``q [B, Hq, n, D]`` over outliers + selected chunks + local window + generated tail.
+
+    With several new tokens (speculative verification) each selects its own chunks, as it
+    would decoding one at a time, so speculation never changes the output.
+    """
+    append_tail(state, k_pre_new, v_new, rope_inputs, rope_fn)
+    n = q.shape[2]
+    if n > 1 and state.compressed:
+        return torch.cat([_attend(state, q[:, :, i : i + 1], rope_fn, scale, n - 1 - i) for i in range(n)], dim=2)
+    return _attend(state, q, rope_fn, scale, 0)
+
+
+def _attend(state: LayerState, q: torch.Tensor, rope_fn: RopeFn, scale: float, newer: int) -> torch.Tensor:
+    """``q``'s rows are the tail tokens just before the ``newer`` newest ones."""
+    if state.compressed:
+        fill_selected(state, *select(state, q, scale), rope_fn)
+    fill = state.tail_fill - newer if newer else state.tail_fill
+    return dispatch.decode_attention(q, state.k_buf, state.v_buf, state.key_valid, state.tail_start, fill, scale,
+                                     state.tail_first)
+
+
+def append_tail(state: LayerState, k_pre: torch.Tensor, v: torch.Tensor, rope_inputs: list[torch.Tensor],
+                rope_fn: RopeFn) -> None:
+    """Rotate new tokens' keys and write them at the device-side fill level (a replayed step
+    reads the current one): one fused kernel where prefill found it rotates exactly as
+    ``rope_fn`` does, else ``rope_fn`` and a write per buffer.
+
+    A folding layer also keeps their pre-RoPE keys and writes their RoPE inputs (``[B|1, 1, n, c]``
+    each) into the tables' columns after the prompt, where a folded chunk's rebuild reads them
+    (the first layer sharing a table writes it for all).
+    """
+    n = k_pre.shape[2]
+    # a device arange is a launch: made only where a write reads it, never on the fused path
+    # of a layer that leaves the tables to another
+    offsets = None if state.fused_append and not (state.folds and state.writes_tables) \
+        else torch.arange(n, device=state.tail_fill.device)
+    if state.fused_append:
+        dispatch.append_rope(k_pre, v, rope_inputs, state.rope_form, state.k_buf, state.v_buf, state.tail_fill,
+                             state.tail_start, state.pre_k, state.tail_start - state.local_start)
+    else:
+        slots = state.tail_start + state.tail_fill + offsets
+        state.k_buf.index_copy_(2, slots, rope_fn(k_pre, *rope_inputs).to(state.k_buf.dtype))
+        state.v_buf.index_copy_(2, slots, v.to(state.v_buf.dtype))
+        if state.folds:
+            state.pre_k.index_copy_(2, slots - state.local_start, k_pre.to(state.pre_k.dtype))
+    if state.folds:
+        if state.writes_tables:
+            columns = state.padded_len + state.gen_count + offsets
+            for table, new in zip(state.rope_tables, rope_inputs):
+                # a one-row table serves sequences whose positions agree (rope_tables.SharedRopeTables)
+                new = new[: table.shape[0]].to(table.dtype)
+                table.index_copy_(2, columns, new.expand(table.shape[0], 1, n, table.shape[3]))
+        state.gen_count.add_(n)
+    state.tail_fill.add_(n)
+
+
+def select(state: LayerState, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k chunks per KV head: ``chunk_idx [B, Hkv, k]`` and whether each pick is real."""
+    scores = dispatch.score_chunks(q, state.landmarks, state.selectable, scale)
+    return dispatch.top_chunks(scores, state.select_k)
+
+
+def fill_selected(state: LayerState, chunk_idx: torch.Tensor, picked: torch.Tensor, rope_fn: RopeFn) -> None:
+    """Rebuild the chosen chunks' keys (low rank, then RoPE at their positions) and fetch their
+    values, straight into the buffer's selected region; mark which picks are real.
+
+    With value reuse a chunk chosen again stays in its slot (``value_reuse.stable_slots``): its
+    values are already there, only new chunks' values cross PCIe, and nothing is copied aside.
+    """
+    chunk = state.config.chunk_size
+    region = slice(state.sel_start, state.local_start)
+    fetch = None
+    if state.reuse:
+        chunk_idx, picked, fetch = value_reuse.stable_slots(chunk_idx, picked, state.prev_idx)
+        state.prev_idx.copy_(chunk_idx)
+        state.v_lookups[0] += fetch.numel() - fetch.sum()
+        state.v_lookups[1] += fetch.numel()
+    dispatch.rebuild_rope_keys(state.u, state.sv, chunk_idx, chunk, state.pad, state.rope_tables, state.rope_form,
+                               rope_fn, state.k_buf[:, :, region])
+    dispatch.gather_value_chunks(state.v_chunks, chunk_idx, state.v_buf.device, state.v_buf[:, :, region], fetch)
+    # one broadcast copy (repeat_interleave would launch an index build and a gather)
+    state.key_valid[:, :, region].unflatten(-1, (-1, chunk)).copy_(picked[..., None].expand(*picked.shape, chunk))
