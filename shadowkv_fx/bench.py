@@ -21,6 +21,7 @@ import torch
 
 from shadowkv_fx import compat
 from shadowkv_fx.cache import device_and_host_bytes
+from shadowkv_fx.random_fill import fill_random
 
 METHODS = ("dense-eager", "dense-compiled", "shadowkv")
 
@@ -219,42 +220,6 @@ def run_shadowkv(model, ids: torch.Tensor, steps: int, config, random_fill: bool
             "cuda_graph": any(isinstance(g, DecodeGraph) for g in cache.decode_graphs.values())}
 
 
-def _rotate_half_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = k.shape[-1] // 2
-    return k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
-
-
-def fill_random(model, cache, batch: int, context: int, seed: int = 0) -> None:
-    """Fill ``cache`` as a prefill of ``batch`` prompts of ``context`` tokens would, from random
-    pre-RoPE keys and values through the same compression path (group by group: SVD, landmarks,
-    outliers, values to host or spare HBM), skipping the model's forward.
-
-    Decode cost does not depend on the values in the cache, so large-batch points need not pay a
-    real prefill per sequence. RoPE is the Llama rotate-half form at the model's own tables.
-    """
-    from shadowkv_fx.preflight import check_batch_fits
-
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    tp_size = getattr(model, "_tp_size", None) or 1
-    kv_heads = cfg.num_key_value_heads // tp_size
-    device, dtype = model.device, next(model.parameters()).dtype
-    gen = torch.Generator(device=device).manual_seed(seed)
-    cache.begin_step(torch.ones(batch, context, dtype=torch.bool, device=device), context)
-    cache.value_room = check_batch_fits(cfg, cache.layout, cache.config, dtype, device, cache.tail_capacity, tp_size)
-    positions = torch.arange(context, device=device)[None]
-    cos, sin = (t[:, None].to(dtype) for t in model.model.rotary_emb(torch.empty(1, dtype=dtype, device=device), positions))
-    for rows in cache.prefill_groups():
-        cache.begin_group(rows, 0)
-        for layer in range(len(cache.layers)):
-            shape = (len(rows), kv_heads, context, head_dim)
-            k_pre = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-            v = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-            cache.compress_group(layer, k_pre, _rotate_half_rope(k_pre, cos, sin), v, [cos, sin])
-    cache.touched = set(range(len(cache.layers)))
-    cache.end_step(context)
-
-
 def breakdown(fn: Callable[[], None], top: int = 15) -> list[tuple[str, float]]:
     """GPU kernel time (ms) per kernel name over one call of ``fn``, largest first."""
     from torch.profiler import ProfilerActivity, profile
@@ -406,58 +371,3 @@ def bench(model, contexts: list[int], batches: list[int | str], methods: list[st
                         break
                     retries, batch = retries - 1, batch - 1
     return rows
-
-
-def table(rows: list[BenchRow], gpus: int = 1) -> str:
-    """Per-sequence GPU bytes are one GPU's (with ``gpus`` > 1, each holds 1/gpus of the KV heads)."""
-    head = (f"{'method':<16}{'context':>8}{'batch':>6}{'tok/s':>9}{'ms/step':>9}{'prefill s':>10}"
-            f"{'GPU GiB/seq':>12}{'state GiB/seq':>14}{'host GiB/seq':>13}{'V on GPU':>9}{'V hits':>8}{'peak GiB':>9}")
-    lines = [f"{gpus} GPU(s), tensor parallel over KV heads" if gpus > 1 else "1 GPU", head]
-    # 'state': GPU bytes a sequence needs (dense: its KV cache); 'GPU' adds values kept in spare HBM
-    for r in rows:
-        if r.error:
-            lines.append(f"{r.method:<16}{r.context:>8}{r.batch:>6}  {r.error}")
-            continue
-        prefill = "random" if r.prefill_s is None else f"{r.prefill_s:.2f}"
-        lines.append(f"{r.method:<16}{r.context:>8}{r.batch:>6}{r.tok_s:>9.1f}{r.step_ms:>9.2f}{prefill:>10}"
-                     f"{r.gpu_gib_per_seq:>12.3f}{'-' if r.state_gib_per_seq is None else f'{r.state_gib_per_seq:.3f}':>14}"
-                     f"{r.host_gib_per_seq:>13.3f}{r.v_on_gpu:>9.0%}"
-                     f"{'-' if r.v_hit_rate is None else f'{r.v_hit_rate:.0%}':>8}{r.peak_gib:>9.1f}")
-    fits = {(r.method, r.context): (r.largest_batch, r.bound) for r in rows if r.largest_batch is not None}
-    for (method, context), (largest, bound) in sorted(fits.items()):
-        how = "preflight" if method == "shadowkv" else "per-sequence peak of this run"
-        lines.append(f"{method} largest batch at context {context}: {largest} ({how}), bound by {bound}")
-    if any(r.fill == "random" for r in rows):
-        lines.append("prefill 'random': the cache was filled from random K/V through the same compression path")
-    for r in rows:
-        if r.breakdown:
-            lines.append(f"\nbreakdown of one ShadowKV decode step (no CUDA graph), context {r.context}, batch {r.batch}:")
-            lines += [f"  {ms:8.3f} ms  {name}" for name, ms in r.breakdown]
-        alone = r.steps_alone
-        if alone:
-            fold_ms = "-" if alone["folding_mean_ms"] is None else f"{alone['folding_mean_ms']:.2f} ms"
-            lines.append(f"{alone['steps']} steps timed alone: median {alone['median_ms']:.2f} ms; "
-                         f"{alone['folding_steps']} folded the tail first, mean {fold_ms}")
-            if alone["folding_host_ops"]:
-                lines.append("  host time of one folding step, by op (ms, calls):")
-                lines += [f"  {ms:8.3f} ms {n:6d}  {name}" for name, ms, n in alone["folding_host_ops"]]
-    return "\n".join(lines)
-
-
-def plot(rows: list[BenchRow], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (method, context) in sorted({(r.method, r.context) for r in rows}):
-        points = sorted((r.batch, r.tok_s) for r in rows if r.method == method and r.context == context and r.tok_s)
-        if points:
-            ax.plot(*zip(*points), marker="o", label=f"{method} {context // 1024}K")
-    ax.set_xlabel("batch")
-    ax.set_ylabel("decode tokens/s")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)

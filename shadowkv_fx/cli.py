@@ -202,7 +202,9 @@ def bench(
     if not lead:
         return
     out.mkdir(parents=True, exist_ok=True)
-    text = b.table(rows, gpus=b.world_size())
+    from shadowkv_fx import bench_report
+
+    text = bench_report.table(rows, gpus=b.world_size())
     if requests:
         from shadowkv_fx import end_to_end
 
@@ -211,7 +213,7 @@ def bench(
         (out / "end_to_end.json").write_text(json.dumps([dataclasses.asdict(e) for e in whole], indent=1))
     (out / "table.txt").write_text(text + "\n")
     (out / "bench.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
-    b.plot(rows, str(out / "bench.png"))
+    bench_report.plot(rows, str(out / "bench.png"))
     console.print(text)
 
 

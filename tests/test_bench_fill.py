@@ -2,7 +2,7 @@
 import torch
 
 import shadowkv_fx
-from shadowkv_fx.bench import fill_random
+from shadowkv_fx.random_fill import fill_random
 from tests.models import left_padded, tiny_pair
 
 
