@@ -65,6 +65,10 @@ def _mapping(size: int) -> mmap.mmap:
     return buffer
 
 
+def _zero(buffer: mmap.mmap) -> None:
+    torch.frombuffer(buffer, dtype=torch.uint8).zero_()
+
+
 def _fault_in(buffer: mmap.mmap) -> None:
     """Touch one byte a page, so the kernel maps (and zeroes) every page now, not at registration."""
     torch.frombuffer(buffer, dtype=torch.uint8)[::PAGE].fill_(0)
@@ -80,9 +84,12 @@ class _Block:
         self.ptr = torch.frombuffer(self.buffer, dtype=torch.uint8).data_ptr()
         _register(self.ptr, size)
         _count(size)
-        self.fresh = True  # still as the kernel zeroed it
+        self.fresh = True  # all zeros: as the kernel mapped it, or zeroed again since its last use
+        self.cleaned = threading.Event()  # set while no thread is zeroing it
+        self.cleaned.set()
 
     def release(self) -> None:
+        self.cleaned.wait()
         _unregister(self.ptr)
         _count(-self.size)
         self.buffer.close()
@@ -122,6 +129,8 @@ class PinnedPool:
         self._lock = threading.Lock()
         self._work: "queue.SimpleQueue[_Prepared]" = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
+        self._dirty: "queue.SimpleQueue[_Block]" = queue.SimpleQueue()  # given back, to be zeroed
+        self._cleaner: threading.Thread | None = None
 
     def pooled_bytes(self) -> int:
         """Bytes this process holds for later caches: free blocks and blocks being prepared."""
@@ -136,7 +145,14 @@ class PinnedPool:
         with self._lock:
             for i, block in enumerate(self._free):
                 if block.size == size:
-                    return self._free.pop(i)
+                    block = self._free.pop(i)
+                    break
+            else:
+                block = None
+        if block is not None:
+            block.cleaned.wait()
+            return block
+        with self._lock:
             prepared = next((p for p in self._prepared if p.size == size), None)
             if prepared is not None:
                 self._prepared.remove(prepared)
@@ -186,8 +202,25 @@ class PinnedPool:
             p.ready.set()
 
     def give_back(self, block: _Block) -> None:
+        """A block whose tensors are gone: zeroed on a thread (the next cache's prefill would
+        otherwise zero it, ~0.2 s a 32K sequence on the H100 host), then free for the next take."""
+        block.cleaned.clear()
         with self._lock:
             self._free.append(block)
+            if self._cleaner is None:
+                self._cleaner = threading.Thread(target=self._clean_loop, name="shadowkv-pinned-clean", daemon=True)
+                self._cleaner.start()
+        self._dirty.put(block)
+
+    def _clean_loop(self) -> None:
+        while True:
+            block = self._dirty.get()
+            try:
+                host_copies.drain()  # the last cache's copies into it may still be landing
+                _zero(block.buffer)
+                block.fresh = True
+            finally:
+                block.cleaned.set()
 
     def trim(self, keep_bytes: int = 0) -> None:
         """Release free blocks, oldest first, until at most ``keep_bytes`` stay pooled."""
@@ -222,7 +255,7 @@ def pinned_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     block = POOL.take(registered_bytes(max(nbytes, 1)))
     raw = torch.frombuffer(block.buffer, dtype=torch.uint8)
     tensor = raw[:nbytes].view(dtype).view(shape)
-    if not block.fresh:  # a pooled block holds the last cache's values, perhaps still landing
+    if not block.fresh:  # not zeroed since its last use (the cleaner failed)
         host_copies.drain()
         tensor.zero_()
     block.fresh = False

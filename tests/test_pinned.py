@@ -140,3 +140,27 @@ def test_no_block_is_prepared_when_the_host_is_short_of_memory(fake_registration
     blocks = [pinned.pinned_zeros((20, 1024), torch.float32) for _ in range(3)]  # 80 KiB each
     assert len(fake_registration["register"]) == 3 and all(not b.any() for b in blocks)
     assert pinned.POOL.pooled_bytes() == 0
+
+
+def test_a_block_given_back_is_zeroed_on_the_cleaner_thread_before_anyone_takes_it(fake_registration, monkeypatch):
+    import threading
+
+    zeroing, done = [], []
+    real_zero = pinned._zero
+
+    def slow_zero(buffer):
+        zeroing.append(threading.get_ident())
+        threading.Event().wait(0.2)  # a take arriving meanwhile must wait for it
+        real_zero(buffer)
+        done.append(True)
+
+    monkeypatch.setattr(pinned, "_zero", slow_zero)
+    values = pinned.pinned_zeros((4, 1000), torch.float32)
+    ptr = values.data_ptr()
+    values.fill_(3.0)
+    del values
+    gc.collect()
+    again = pinned.pinned_zeros((4, 1000), torch.float32)
+    assert done, "the take waited for the cleaner"
+    assert again.data_ptr() == ptr and not again.any(), "the same block, zeroed"
+    assert zeroing and threading.get_ident() not in zeroing, "zeroed by the cleaner, not the caller"
