@@ -63,11 +63,13 @@ def _tall_svd(flat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     eigvals, eigvecs = torch.linalg.eigh(gram)
     order = eigvals.flip(0).clamp_min(0).sqrt()
     v = eigvecs.flip(1)
-    kept = min(rank, int((order > order[0] * 1e-7).sum()))  # order descends: the kept ones lead
+    r = min(rank, w)
+    # a mask, not a count: reading how many components survive would be a host sync per layer
+    inverse = torch.where(order[:r] > order[0] * 1e-7, 1 / order[:r].clamp_min(1e-300), 0.0)
     u = flat.new_zeros(t, rank, dtype=torch.float32)
     for start in range(0, t, GRAM_ROWS):
         block = flat[start : start + GRAM_ROWS].double()
-        u[start : start + GRAM_ROWS, :kept] = (block @ v[:, :kept] / order[:kept]).float()
+        u[start : start + GRAM_ROWS, :r] = (block @ v[:, :r] * inverse).float()
     return u, order.float(), v.T.float()
 
 

@@ -68,3 +68,10 @@ def drain() -> None:
         streams = list(_streams.values())
     for stream in streams:
         stream.synchronize()
+
+
+def small_to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A short host list as a device tensor without a host sync (a pageable copy would wait for
+    the stream): through page-locked memory, asynchronously."""
+    host = torch.tensor(values)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)

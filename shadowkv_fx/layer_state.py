@@ -26,7 +26,7 @@ def _value_slots(shape: tuple[int, ...], like: torch.Tensor, keep_on_device: Cal
     """Zeroed slots for the chunked values: in spare accelerator memory when ``keep_on_device``
     grants the bytes, else in pinned host memory (plain memory on a CPU model)."""
     nbytes = math.prod(shape) * like.element_size()
-    if like.device.type == "cpu" or keep_on_device(nbytes):
+    if like.device.type == "cpu" or keephost_copies.small_to_device(nbytes):
         return like.new_zeros(shape)
     check_host_memory(nbytes)
     return pinned_zeros(shape, like.dtype)
@@ -211,13 +211,13 @@ class LayerState:
         self.rope_tables = rope_tables
         self.rope_form = None
         self.fused_append = False
-        self.pad = torch.tensor(layout.pad, device=device)
-        self.outlier_valid = torch.tensor([c > 0 for c in layout.chunks], device=device)
+        self.pad = host_copies.small_to_device(layout.pad, device)
+        self.outlier_valid = host_copies.small_to_device([c > 0 for c in layout.chunks], device)
         local_lens = [n - c * chunk for n, c in zip(layout.lengths, layout.chunks)]
         local_max = max(local_lens)
         self._local_k = k_rot.new_zeros(b_size, hkv, local_max, d)
         self._local_v = v.new_zeros(b_size, hkv, local_max, dv)
-        self._local_valid = torch.arange(local_max, device=device) < torch.tensor(local_lens, device=device)[:, None]
+        self._local_valid = torch.arange(local_max, device=device) < host_copies.small_to_device(local_lens, device)[:, None]
         self.compressed = c_max > 0
         self.select_k = 0
         self._outlier_k = self._outlier_v = None
