@@ -204,12 +204,16 @@ class ServingManager:
                 continue
             self._wake.wait()
 
-    def _take_inbox(self) -> None:
+    def _drain_inbox(self):
+        """The (kind, item) pairs waiting in the inbox, taken one by one."""
         while True:
             try:
-                kind, item = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _take_inbox(self) -> None:
+        for kind, item in self._drain_inbox():
             if kind == "add":
                 self.scheduler.submit(item)
             else:
@@ -218,11 +222,7 @@ class ServingManager:
                     self._deliver([event])
 
     def _fail_inbox(self, error: BaseException) -> None:
-        while True:
-            try:
-                kind, item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for kind, item in self._drain_inbox():
             if kind == "add":
                 self._deliver([item.end(RequestStatus.FAILED, f"{type(error).__name__}: {error}")])
 
