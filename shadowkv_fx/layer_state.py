@@ -26,7 +26,7 @@ def _value_slots(shape: tuple[int, ...], like: torch.Tensor, keep_on_device: Cal
     """Zeroed slots for the chunked values: in spare accelerator memory when ``keep_on_device``
     grants the bytes, else in pinned host memory (plain memory on a CPU model)."""
     nbytes = math.prod(shape) * like.element_size()
-    if like.device.type == "cpu" or keephost_copies.small_to_device(nbytes):
+    if like.device.type == "cpu" or keep_on_device(nbytes):
         return like.new_zeros(shape)
     check_host_memory(nbytes)
     return pinned_zeros(shape, like.dtype)
