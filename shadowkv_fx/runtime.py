@@ -46,6 +46,7 @@ class ShadowKVRuntime:
         self.tp_size = getattr(model, "_tp_size", None) or 1
         self.original_forward = model.forward
         self.original_generate = model.generate
+        self.original_generate_batch = getattr(model, "generate_batch", None)
         backend = graph_backend(config, self.reports, compile_graph)
         compile_fullgraph = functools.partial(torch.compile, fullgraph=True, **(compile_kwargs or {}))
         layers = regions.decoder_layers(model) if regional else None
@@ -304,6 +305,13 @@ class ShadowKVRuntime:
                 cache.prompt_length = plan.prompt_length
             kwargs[compat.CACHE_ARG] = cache
         return self.original_generate(*args, **kwargs)
+
+    def generate_batch(self, inputs: list[list[int]], generation_config=None, **kwargs):
+        """``model.generate_batch`` of an optimized model: continuous batching over ShadowKV slots
+        (``serving.generate_batch``), where transformers' own would build a paged dense cache."""
+        from shadowkv_fx.serving.batch import generate_batch
+
+        return generate_batch(self.original_generate.__self__, inputs, generation_config, **kwargs)
 
 
 def _columns(t: torch.Tensor | None, columns: slice) -> torch.Tensor | None:
