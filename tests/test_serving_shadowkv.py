@@ -319,6 +319,10 @@ def test_a_prefilled_slot_left_out_of_a_step_or_a_dense_model_is_refused():
         ShadowKVSlots(dense, 1, MAX_LENGTH)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         ShadowKVSlots(model, 1, 10**6)
+    with pytest.raises(TypeError, match="needs max_length"):
+        ServingManager(model)
+    with pytest.raises(TypeError, match="has its own"):
+        ServingManager(slots, max_length=MAX_LENGTH)
 
 
 def test_restore_removes_generate_batch_and_deepcopy_keeps_it():
@@ -336,8 +340,8 @@ def test_restore_removes_generate_batch_and_deepcopy_keeps_it():
 def test_the_decode_step_stays_one_captured_cuda_graph_across_admissions(monkeypatch):
     from shadowkv_fx import cuda_graph
 
-    dense, model = tiny_pair("llama", peaked=True, seed=4)
-    dense, model = dense.cuda(), model.cuda()
+    _, model = no_zero_query(*tiny_pair("llama", peaked=True, seed=4))
+    model = model.cuda()
     config = dataclasses.replace(sparse_config(fold_chunks=1), value_hbm_gib=0)
     shadowkv_fx.optimize(model, config, cuda_graphs=True)
     replays = []
@@ -348,6 +352,6 @@ def test_the_decode_step_stays_one_captured_cuda_graph_across_admissions(monkeyp
     outputs = serve(slots, prompts, [12] * len(prompts), [0, 0, 6, 9, 14, 20])
     graphs = list(slots.cache.decode_graphs.values())
     assert len(graphs) == 1 and isinstance(graphs[0], cuda_graph.DecodeGraph), slots.cache.decode_graphs
-    assert len(set(map(id, replays))) == 1 and len(replays) > 40, "one graph, replayed across admissions"
+    assert len(set(map(id, replays))) == 1 and len(replays) > 20, "one graph, replayed across admissions"
     for i, p in enumerate(prompts):
         assert outputs[i].generated_tokens == alone(model, p, 12, config), f"r{i}"

@@ -1,7 +1,7 @@
 """A streaming front for the scheduler, shaped like transformers' ``ContinuousBatchingManager``.
 
 ```python
-with ServingManager(slots, tokenizer=tok) as manager:          # start() ... stop() on a thread
+with ServingManager(model, max_length=4096, tokenizer=tok) as manager:  # or ServingManager(slots, ...)
     rid = manager.add_request(ids, max_new_tokens=64, streaming=True, seed=7)
     for event in manager.stream([rid]):                          # TokenEvent(request_id, token, status, output)
         print(event.request_id, event.token)
