@@ -136,8 +136,8 @@ def fold(state: LayerState, undo: list | None = None) -> bool:
     """Fold what is due in one layer and compact its tail; True when anything was folded.
     With ``undo`` (a list), a ``FoldUndo`` that can take the fold back is appended to it.
 
-    Rows whose fold reads and writes the same places (same length, store size and count: every
-    row of an equal-length batch) fold together, in one set of batched ops: a fold costs a few
+    Rows whose fold reads and writes the same places (same length, store size and count, tails
+    from the same slot: every row of an equal-length batch) fold together, in one set of batched ops: a fold costs a few
     dozen kernel launches and one host sync per layer, not per row."""
     if not state.folds:
         return False

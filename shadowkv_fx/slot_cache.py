@@ -31,6 +31,7 @@ import torch
 from shadowkv_fx import fold, slot_state
 from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.config import ShadowKVConfig
+from shadowkv_fx.memory_report import cache_report
 from shadowkv_fx.prompt_layout import PromptLayout
 
 
@@ -114,6 +115,15 @@ class SlotCache(ShadowKVCache):
 
     def max_position(self, input_len: int) -> int:
         return max(self.row_positions()) + input_len
+
+    def memory_report(self) -> dict[str, dict[str, int]]:
+        """``ShadowKVCache.memory_report`` of the slots: the preallocated state, beside the dense
+        cache the live rows' tokens would take; ``uncompressed`` counts the live rows' prompts."""
+        live = [b for b, on in enumerate(self.live) if on]
+        uncompressed = {"prompts": sum(1 for b in live if not self.layout.chunks[b]),
+                        "min_prompt_tokens": self.config.min_sparse_prompt}
+        return cache_report([layer.state for layer in self.layers], self.layout if self.allocated else None,
+                            self.rope_tables.nbytes(), uncompressed, sum(self.row_positions()))
 
     def crop(self, max_length: int) -> None:
         raise ValueError("a running slot cache cannot be cropped: its rows are requests of their own")

@@ -218,6 +218,10 @@ def test_admissions_and_releases_never_move_the_running_state():
         scheduler.submit(new_request(model, f"r{i}", p, max_new_tokens=14, do_sample=False))
     while not slots.cache.allocated:
         scheduler.step()
+    report, state = slots.cache.memory_report(), slots.cache.layers[0].state
+    _, hkv, _, d = state.k_buf.shape
+    dense_bytes = 2 * sum(slots.cache.row_positions()) * hkv * d * state.k_buf.element_size() * len(slots.cache.layers)
+    assert report["dense"]["kv"] == dense_bytes > 0 and report["cpu"]["U"] == state.u.nbytes * len(slots.cache.layers)
     held = held_tensors(slots.cache)
     assert all(t is not None for layer in held for t in layer), "every held tensor exists from the first admission"
     before = [[t.data_ptr() for t in layer] for layer in held]
