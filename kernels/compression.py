@@ -8,6 +8,8 @@ Shapes: ``Hkv`` key-value heads, ``T`` tokens, ``C`` chunks, ``L`` chunk size, `
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -87,3 +89,32 @@ def chunk_landmarks(k_rot: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor,
     landmarks = chunks.mean(dim=2)
     cosine = torch.nn.functional.cosine_similarity(chunks, landmarks.unsqueeze(2), dim=-1)
     return landmarks, cosine.min(dim=-1).values
+
+
+class CompressedPrompt(NamedTuple):
+    """``compress_prompt``'s result (``O`` outlier chunks per head)."""
+
+    u: torch.Tensor  # [T, r] float32
+    sv: torch.Tensor  # [Hkv, r, D] float32
+    landmarks: torch.Tensor  # [Hkv, C, D] float32
+    outliers: torch.Tensor  # [Hkv, O] long, the chunks with the lowest min-cosine
+    outlier_cos: torch.Tensor  # [Hkv, O] float32, their min-cosines
+    fit_err: torch.Tensor  # 0-d float32, the share of the keys' norm the rank-r basis misses
+    outlier_k: torch.Tensor  # [Hkv, O*L, D] post-RoPE keys of the outlier chunks
+    outlier_v: torch.Tensor  # [Hkv, O*L, Dv]
+
+
+def compress_prompt(k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, rank: int, chunk_size: int,
+                    outlier_chunks: int) -> CompressedPrompt:
+    """One sequence's chunked prompt ``k_pre, k_rot: [Hkv, C*L, D]``, ``v: [Hkv, C*L, Dv]``: low-rank
+    keys, landmarks, and the outlier chunks kept dense."""
+    u, sv = low_rank_keys(k_pre, rank)
+    landmarks, min_cos = chunk_landmarks(k_rot, chunk_size)
+    outliers = torch.topk(-min_cos, outlier_chunks, dim=-1).indices
+    energy = k_pre.float().square().sum()
+    # U's columns are orthonormal, so what SV misses of the keys' energy is the fit error
+    fit_err = (1 - sv.square().sum() / energy.clamp_min(1e-30)).clamp_min(0).sqrt()
+    token_idx = chunk_tokens(outliers, chunk_size)[..., None]
+    return CompressedPrompt(u, sv, landmarks, outliers, min_cos.gather(1, outliers), fit_err,
+                            torch.gather(k_rot, 1, token_idx.expand(-1, -1, k_rot.shape[-1])),
+                            torch.gather(v, 1, token_idx.expand(-1, -1, v.shape[-1])))

@@ -28,7 +28,8 @@ REUSE = "tests/test_sparse_decode.py::test_value_reuse_changes_no_token_and_serv
 FOLD = "tests/test_fold.py::test_full_budget_and_rank_folding_equals_dense"
 FOLD_SPECULATION = "tests/test_fold.py::test_prompt_lookup_with_folding_equals_plain_greedy_at_sparse_settings"
 RIGHT_PADDED = "tests/test_equivalence.py::test_right_padded_batch_gives_the_left_padded_tokens"
-SUBSET = [EQUIVALENCE, SELECTION, REUSE, FOLD, FOLD_SPECULATION, RIGHT_PADDED]
+SLOTS = "tests/test_serving_shadowkv.py::test_full_budget_and_rank_tokens_equal_dense_generate_alone"
+SUBSET = [EQUIVALENCE, SELECTION, REUSE, FOLD, FOLD_SPECULATION, RIGHT_PADDED, SLOTS]
 
 # the tests each mutant is expected to fail, run first so that a killed mutant costs one test;
 # the rest of the subset runs after them, so a mutant that escapes its own tests can still die
@@ -45,6 +46,8 @@ FIRST = {
     "fold_undo_ignored": [FOLD_SPECULATION],
     "crop_keeps_a_rejected_draft": [FOLD_SPECULATION],
     "next_positions_off_by_one": [RIGHT_PADDED],
+    "slot_reads_older_rows": [SLOTS],
+    "slot_positions_ignore_join": [SLOTS],
 }
 
 

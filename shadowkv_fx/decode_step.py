@@ -65,14 +65,27 @@ def append_tail(state: LayerState, k_pre: torch.Tensor, v: torch.Tensor, rope_in
         if state.folds:
             state.pre_k.index_copy_(2, slots - state.local_start, k_pre.to(state.pre_k.dtype))
     if state.folds:
-        if state.writes_tables:
+        if state.writes_tables and state.row_columns is None:
             columns = state.padded_len + state.gen_count + offsets
             for table, new in zip(state.rope_tables, rope_inputs):
                 # a one-row table serves sequences whose positions agree (rope_tables.SharedRopeTables)
                 new = new[: table.shape[0]].to(table.dtype)
                 table.index_copy_(2, columns, new.expand(table.shape[0], 1, n, table.shape[3]))
+        elif state.writes_tables:
+            _write_row_columns(state, rope_inputs, offsets)
         state.gen_count.add_(n)
     state.tail_fill.add_(n)
+
+
+def _write_row_columns(state: LayerState, rope_inputs: list[torch.Tensor], offsets: torch.Tensor) -> None:
+    """The RoPE inputs of a running cache's new tokens (``[B|1, 1, n, c]`` each), each row at its
+    own columns (its positions: slots join at any step). A free row's columns run on past the
+    table: they are clamped to its last column, which a row writes again before it reads it."""
+    table = state.rope_tables[0]
+    columns = (state.row_columns[:, None] + state.gen_count + offsets).clamp(max=table.shape[2] - 1)  # [B, n]
+    rows = torch.arange(table.shape[0], device=columns.device)[:, None]
+    for table, new in zip(state.rope_tables, rope_inputs):
+        table[rows, 0, columns] = new[:, 0].to(table.dtype)
 
 
 def select(state: LayerState, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

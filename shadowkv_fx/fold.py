@@ -101,8 +101,9 @@ def chunks_due(state: LayerState, generated: int | None = None, chunks: list[int
     chunk = cfg.chunk_size
     generated = state.tail_len if generated is None else generated
     due = []
-    for n, first, c in zip(state.lengths, state.prompt_chunks, state.chunks if chunks is None else chunks):
-        dense = n + generated - c * chunk
+    for n, first, c, origin in zip(state.lengths, state.prompt_chunks, state.chunks if chunks is None else chunks,
+                                   state.tail_origin):
+        dense = n + generated - origin - c * chunk  # a slot's row generated since it joined (tail_origin)
         foldable = first and dense >= (cfg.local_chunks + cfg.fold_chunks) * chunk
         due.append(dense // chunk - cfg.local_chunks if foldable else 0)
     return due
@@ -126,7 +127,8 @@ def folded_past(state: LayerState, kept: int, chunks: list[int] | None = None) -
     if not state.folds:
         return None
     chunk = state.config.chunk_size
-    furthest = max(c * chunk - n for c, n in zip(state.chunks if chunks is None else chunks, state.lengths))
+    furthest = max(c * chunk - n + origin for c, n, origin in zip(state.chunks if chunks is None else chunks,
+                                                                 state.lengths, state.tail_origin))
     return furthest if furthest > kept else None
 
 
@@ -134,8 +136,8 @@ def fold(state: LayerState, undo: list | None = None) -> bool:
     """Fold what is due in one layer and compact its tail; True when anything was folded.
     With ``undo`` (a list), a ``FoldUndo`` that can take the fold back is appended to it.
 
-    Rows whose fold reads and writes the same places (same length, store size and count: every
-    row of an equal-length batch) fold together, in one set of batched ops: a fold costs a few
+    Rows whose fold reads and writes the same places (same length, store size and count, tails
+    from the same slot: every row of an equal-length batch) fold together, in one set of batched ops: a fold costs a few
     dozen kernel launches and one host sync per layer, not per row."""
     if not state.folds:
         return False
@@ -146,7 +148,8 @@ def fold(state: LayerState, undo: list | None = None) -> bool:
     groups: dict[tuple[int, ...], list[int]] = {}
     for b, m in enumerate(due):
         if m:
-            groups.setdefault((m, state.lengths[b], state.prompt_chunks[b], state.chunks[b]), []).append(b)
+            key = (m, state.lengths[b], state.prompt_chunks[b], state.chunks[b], state.tail_origin[b])
+            groups.setdefault(key, []).append(b)
     for (m, *_), rows in groups.items():
         _fold_rows(state, rows, m, record)
     _compact_tail(state, record)
@@ -164,8 +167,8 @@ def _slot_ranges(state: LayerState, b: int, first: int, count: int) -> list[tupl
     ranges = []
     if first < n:
         ranges.append((state.local_start + first - local_first, state.local_start + min(stop, n) - local_first))
-    if stop > n:
-        tail_first = state.tail_start - n - state.tail_shift
+    if stop > n:  # generated token g of the row sits at tail slot tail_origin + g, less the compacted slots
+        tail_first = state.tail_start - n + state.tail_origin[b] - state.tail_shift
         ranges.append((tail_first + max(first, n), tail_first + stop))
     return ranges
 
@@ -251,10 +254,20 @@ def _update_outliers(state: LayerState, r: slice | list[int], k_rot: torch.Tenso
     state.selectable[r] = selectable
 
 
+def compact(state: LayerState) -> None:
+    """Drop the leading tail slots no row reads any more, also where nothing folded (the rows of a
+    running cache join and leave at any step: ``slot_cache.SlotCache``)."""
+    shift = state.tail_shift
+    _compact_tail(state)
+    if state.tail_shift != shift:
+        state.tail_first.copy_(torch.tensor(state.tail_first_host))
+
+
 def _tail_buffers(state: LayerState) -> list[tuple[torch.Tensor, int]]:
     """The buffers holding the dense tail, each with the index of its first tail slot."""
     start = state.tail_start
-    return [(state.k_buf, start), (state.v_buf, start), (state.pre_k, start - state.local_start)]
+    buffers = [(state.k_buf, start), (state.v_buf, start), (state.pre_k, start - state.local_start)]
+    return [(buf, first) for buf, first in buffers if buf is not None]  # no pre_k: a running cache that never folds
 
 
 def _compact_tail(state: LayerState, undo: "FoldUndo | None" = None) -> None:

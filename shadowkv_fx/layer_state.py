@@ -2,12 +2,11 @@
 
 ``LayerState`` owns every field of it; no other module rebinds one. Its collaborators take it as
 a typed argument, read it and write only its tensors in place: ``decode_step.py`` (a decode
-step), ``fold.py`` (folding between steps; the host counts it changes go through the methods
-below) and ``memory_report.py`` (bytes per component).
+step), ``fold.py`` (folding between steps), ``slot_state.py`` (a prompt joining a slot of a running
+cache) and ``memory_report.py`` (bytes per component); host counts change through the methods below.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -16,20 +15,10 @@ from shadowkv_fx import host_copies
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.kernels import compression, dispatch
 from shadowkv_fx.kernels.rope_forms import detect_rope_form
-from shadowkv_fx.pinned import grown, pinned_zeros
-from shadowkv_fx.preflight import check_host_memory
+from shadowkv_fx.pinned import grown, moved
 from shadowkv_fx.prompt_layout import PromptLayout, store_chunks, tail_slots
 from shadowkv_fx.rope_tables import reserve_columns
-
-
-def _value_slots(shape: tuple[int, ...], like: torch.Tensor, keep_on_device: Callable[[int], bool]) -> torch.Tensor:
-    """Zeroed slots for the chunked values: in spare accelerator memory when ``keep_on_device``
-    grants the bytes, else in pinned host memory (plain memory on a CPU model)."""
-    nbytes = math.prod(shape) * like.element_size()
-    if like.device.type == "cpu" or keep_on_device(nbytes):
-        return like.new_zeros(shape)
-    check_host_memory(nbytes)
-    return pinned_zeros(shape, like.dtype)
+from shadowkv_fx.value_store import SlotSizes, value_slots
 
 
 class LayerState:
@@ -41,16 +30,17 @@ class LayerState:
     (``reserve_tail``, outside the step) and its fill level lives on the device (``tail_fill``).
     ``tail_len`` is the host's copy of that count, advanced by the cache once a step completes.
 
-    Held by address by a captured step, so written in place only (by the step; between steps
-    by ``fold.py``): ``k_buf``, ``v_buf``, ``key_valid``, ``pre_k``, ``tail_fill``, ``tail_first``,
-    ``gen_count``, ``u``, ``sv``, ``landmarks``, ``selectable``, ``v_chunks``, ``pad``, ``prev_idx``,
-    ``v_lookups`` and the tensors of ``rope_tables``; baked into it: ``sel_start``, ``local_start``,
-    ``tail_start``, ``select_k``, ``padded_len``, ``rope_form`` and the flags. After prefill only
-    ``reserve_tail`` rebinds any, between steps, and then returns True so the cache drops its graphs
-    (``decode_graphs.clear()``): ``_relayout`` (buffers, offsets, ``select_k``, ``prev_idx``),
-    ``_grow_store`` (the store), ``rope_tables.reserve_columns`` (the shared tables, which
-    ``SharedRopeTables.widen_for`` also swaps). No step reads the host counts (``tail_len``,
-    ``chunks``, ``tail_first_host``, ``tail_shift``, ``refreshes``) or ``fit_err``.
+    Held by address by a captured step, so written in place only (by the step; between steps by
+    ``fold.py`` and ``slot_state.py``): ``k_buf``, ``v_buf``, ``key_valid``, ``pre_k``, ``tail_fill``,
+    ``tail_first``, ``gen_count``, ``u``, ``sv``, ``landmarks``, ``selectable``, ``v_chunks``, ``pad``,
+    ``prev_idx``, ``v_lookups``, ``row_columns`` and the tensors of ``rope_tables``; baked into it:
+    ``sel_start``, ``local_start``, ``tail_start``, ``select_k``, ``padded_len``, ``rope_form`` and the
+    flags. After prefill only ``reserve_tail`` and ``commit_adoption`` rebind any, between steps, and
+    then return True so the cache drops its graphs (``decode_graphs.clear()``): ``_relayout``
+    (buffers, offsets, ``select_k``, ``prev_idx``), ``_grow_store`` (the store),
+    ``rope_tables.reserve_columns`` (the shared tables, which ``SharedRopeTables.widen_for`` also
+    swaps), the RoPE form a slot's first compressed prompt names. No step reads the host counts
+    (``tail_len``, ``chunks``, ``tail_first_host``, ``tail_shift``, ``refreshes``) or ``fit_err``.
     """
 
     def __init__(self, config: ShadowKVConfig) -> None:
@@ -120,6 +110,11 @@ class LayerState:
         # [B, Hkv, T + tail slots, D] pre-RoPE keys of every dense token, slot for slot from local_start
         self.pre_k: torch.Tensor | None = None
 
+        # Slots of a running cache (allocate_slots): rows adopt prompts prefilled alone, at any step
+        self.tail_origin: list[int] = []  # [B] tail_len when the row's prompt joined (0: prefilled together)
+        # [B] long, slots: the RoPE-table column of the row's next token, less gen_count
+        self.row_columns: torch.Tensor | None = None
+
     # Attention reads the decode buffers in place; no concatenation per step. Outliers and local
     # are written at prefill, the selected chunks by each step's rebuild and fetch, the tail as
     # tokens come.
@@ -135,19 +130,9 @@ class LayerState:
     def local_k(self) -> torch.Tensor:
         return self.k_buf[:, :, self.local_start : self.tail_start]
 
-    def add_rows(
-        self,
-        rows: list[int],
-        k_pre: torch.Tensor,
-        k_rot: torch.Tensor,
-        v: torch.Tensor,
-        group: PromptLayout,
-        layout: PromptLayout,
-        rope_tables: list[torch.Tensor],
-        writes_tables: bool,
-        tail_capacity: int,
-        keep_values_on_device: Callable[[int], bool] = lambda nbytes: False,
-    ) -> None:
+    def add_rows(self, rows: list[int], k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, group: PromptLayout,
+                 layout: PromptLayout, rope_tables: list[torch.Tensor], writes_tables: bool, tail_capacity: int,
+                 keep_values_on_device: Callable[[int], bool] = lambda nbytes: False) -> None:
         """Compress the prompts of batch rows ``rows`` into their slots.
 
         ``k_pre, k_rot, v: [len(rows), Hkv, S_g, D]`` in the group's own left-padded layout
@@ -162,7 +147,6 @@ class LayerState:
             self._allocate(layout, k_pre, k_rot, v, rope_tables, keep_values_on_device, tail_capacity)
         cfg = self.config
         chunk = cfg.chunk_size
-        d = k_pre.shape[-1]
         for i, b in enumerate(rows):
             start, n_chunks = group.pad[i], layout.chunks[b]
             t = n_chunks * chunk
@@ -173,22 +157,12 @@ class LayerState:
             if self.folds:
                 self._local_kpre[b, :, :local] = kp[:, t:]
             if n_chunks:
-                u, sv = compression.low_rank_keys(kp[:, :t], cfg.rank)
-                landmarks, min_cos = compression.chunk_landmarks(kr[:, :t], chunk)
-                outliers = torch.topk(-min_cos, cfg.outlier_chunks, dim=-1).indices
+                c = compression.compress_prompt(kp[:, :t], kr[:, :t], vb[:, :t], cfg.rank, chunk, cfg.outlier_chunks)
                 self.selectable[b, :, :n_chunks] = True
-                self.selectable[b].scatter_(1, outliers, False)
-                self.outlier_ids[b] = outliers
-                self.outlier_cos[b] = min_cos.gather(1, outliers)
-                energy = kp[:, :t].float().square().sum()
-                # U's columns are orthonormal, so what SV misses of the keys' energy is the fit error
-                self.fit_err[b] = (1 - sv.square().sum() / energy.clamp_min(1e-30)).clamp_min(0).sqrt()
-                token_idx = compression.chunk_tokens(outliers, chunk)
-                self._outlier_k[b] = torch.gather(kr, 1, token_idx[..., None].expand(-1, -1, d))
-                self._outlier_v[b] = torch.gather(vb, 1, token_idx[..., None].expand(-1, -1, d))
-                self.u[b, :t] = u
-                self.sv[b] = sv
-                self.landmarks[b, :, :n_chunks] = landmarks
+                self.selectable[b].scatter_(1, c.outliers, False)
+                self.outlier_ids[b], self.outlier_cos[b], self.fit_err[b] = c.outliers, c.outlier_cos, c.fit_err
+                self._outlier_k[b], self._outlier_v[b] = c.outlier_k, c.outlier_v
+                self.u[b, :t], self.sv[b], self.landmarks[b, :, :n_chunks] = c.u, c.sv, c.landmarks
                 self.values_copied = host_copies.copy(self.v_chunks[b, :, :n_chunks],
                                                       vb[:, :t].reshape(-1, n_chunks, chunk, vb.shape[-1]))
                 if self.rope_form is None:
@@ -202,44 +176,46 @@ class LayerState:
     def _allocate(self, layout: PromptLayout, k_pre, k_rot, v, rope_tables, keep_values_on_device,
                   tail_capacity: int) -> None:
         """Zeroed slots for every row of the batch: padding stays zero (never read: masked)."""
-        cfg = self.config
-        chunk = cfg.chunk_size
-        b_size, (hkv, d), dv = len(layout.lengths), k_pre.shape[1::2], v.shape[-1]
-        device = k_pre.device
-        c_max = layout.max_chunks
-        self._pending = set(range(b_size))
-        self.rope_tables = rope_tables
-        self.rope_form = None
-        self.fused_append = False
-        self.pad = host_copies.small_to_device(layout.pad, device)
-        self.outlier_valid = host_copies.small_to_device([c > 0 for c in layout.chunks], device)
+        chunk, device = self.config.chunk_size, k_pre.device
         local_lens = [n - c * chunk for n, c in zip(layout.lengths, layout.chunks)]
-        local_max = max(local_lens)
-        self._local_k = k_rot.new_zeros(b_size, hkv, local_max, d)
-        self._local_v = v.new_zeros(b_size, hkv, local_max, dv)
-        self._local_valid = torch.arange(local_max, device=device) < host_copies.small_to_device(local_lens, device)[:, None]
-        self.compressed = c_max > 0
-        self.select_k = 0
-        self._outlier_k = self._outlier_v = None
+        self._pending = set(range(len(layout.lengths)))
         self.lengths, self.padded_len = list(layout.lengths), layout.padded_len
         self.prompt_chunks, self.chunks = list(layout.chunks), list(layout.chunks)
+        self.pad = host_copies.small_to_device(layout.pad, device)
+        self.outlier_valid = host_copies.small_to_device([c > 0 for c in layout.chunks], device)
+        # a folding store holds every chunk a row may fold: its prompt and ``tail_capacity`` generated tokens
+        folds = layout.max_chunks and self.config.folds
+        store = store_chunks(self.lengths, tail_capacity, chunk) if folds else layout.max_chunks
+        self._allocate_rows(k_pre, k_rot, v, max(local_lens), store, rope_tables, keep_values_on_device)
+        lens = host_copies.small_to_device(local_lens, device)
+        self._local_valid = torch.arange(max(local_lens), device=device) < lens[:, None]
+
+    def _allocate_rows(self, k_pre, k_rot, v, local_max: int, store: int, rope_tables, keep_values_on_device) -> None:
+        """Zeroed tensors for ``len(self.lengths)`` rows: local windows of ``local_max`` tokens and
+        compressed stores of ``store`` chunks (0: no row is compressed)."""
+        cfg, chunk, device = self.config, self.config.chunk_size, k_pre.device
+        b_size, (hkv, d), dv = len(self.lengths), k_pre.shape[1::2], v.shape[-1]
+        self.rope_tables, self.rope_form, self.fused_append = rope_tables, None, False
+        self._local_k = k_rot.new_zeros(b_size, hkv, local_max, d)
+        self._local_v = v.new_zeros(b_size, hkv, local_max, dv)
+        self.compressed = store > 0
+        self.select_k = 0
+        self._outlier_k = self._outlier_v = None
         self.folds = self.compressed and cfg.folds
-        self.tail_first_host = [0] * b_size
+        self.tail_first_host, self.tail_origin = [0] * b_size, [0] * b_size
         if self.folds:
             self._local_kpre = k_pre.new_zeros(b_size, hkv, local_max, d)
         if not self.compressed:
             return
-        # the store holds every chunk a row may fold: its prompt and ``tail_capacity`` generated tokens
-        c_max = store_chunks(self.lengths, tail_capacity, chunk) if self.folds else c_max
-        self.select_k = cfg.select_chunks(c_max)  # again when the store grows (_grow_store)
+        self.select_k = cfg.select_chunks(store)  # again when the store grows (_grow_store)
         outlier_tokens = cfg.outlier_chunks * chunk
-        self.u = k_pre.new_zeros(b_size, c_max * chunk, cfg.rank)
+        self.u = k_pre.new_zeros(b_size, store * chunk, cfg.rank)
         self.sv = k_pre.new_zeros(b_size, hkv, cfg.rank, d)
-        self.landmarks = k_rot.new_zeros(b_size, hkv, c_max, d)
-        self.selectable = torch.zeros(b_size, hkv, c_max, dtype=torch.bool, device=device)
+        self.landmarks = k_rot.new_zeros(b_size, hkv, store, d)
+        self.selectable = torch.zeros(b_size, hkv, store, dtype=torch.bool, device=device)
         self._outlier_k = k_rot.new_zeros(b_size, hkv, outlier_tokens, d)
         self._outlier_v = v.new_zeros(b_size, hkv, outlier_tokens, dv)
-        self.v_chunks = _value_slots((b_size, hkv, c_max, chunk, dv), v, keep_values_on_device)
+        self.v_chunks = value_slots((b_size, hkv, store, chunk, dv), v, keep_values_on_device)
         self.outlier_ids = torch.zeros(b_size, hkv, cfg.outlier_chunks, dtype=torch.long, device=device)
         self.outlier_cos = torch.full((b_size, hkv, cfg.outlier_chunks), float("inf"), device=device)
         self.fit_err = torch.zeros(b_size, device=device)
@@ -249,6 +225,24 @@ class LayerState:
         if self.reuse:
             self.prev_idx = torch.full((b_size, hkv, self.select_k), -1, dtype=torch.long, device=device)
             self.v_lookups = torch.zeros(2, dtype=torch.long, device=device)
+
+    def allocate_slots(self, like: LayerState, rows: int, sizes: SlotSizes, rope_tables: list[torch.Tensor],
+                       writes_tables: bool, keep_values_on_device: Callable[[int], bool]) -> None:
+        """Empty state for the ``rows`` slots of a running cache (``slot_cache.SlotCache``), sized
+        once (``sizes``) for every prompt and generation its ``max_length`` admits: a prompt
+        prefilled alone joins a free row in place (``slot_state.adopt_row``), so admissions never
+        reallocate and a captured decode step stays valid. ``like``: one such prompt's state (dtypes,
+        devices, heads). Rows start free; no padding: a row's RoPE tables are indexed by position."""
+        self.lengths, self.padded_len, self.prompt_chunks, self.chunks = [0] * rows, 0, [0] * rows, [0] * rows
+        self.writes_tables = writes_tables
+        self._allocate_rows(like.k_buf, like.k_buf, like.v_buf, sizes.local, sizes.store, rope_tables,
+                            keep_values_on_device)
+        self.rope_form, self.fused_append = like.rope_form, like.fused_append
+        self.pad = torch.zeros(rows, dtype=torch.long, device=like.k_buf.device)
+        self.row_columns = torch.zeros_like(self.pad)
+        self.outlier_valid = torch.zeros_like(self.pad, dtype=torch.bool)
+        self._local_valid = torch.zeros(rows, sizes.local, dtype=torch.bool, device=self.pad.device)
+        self._build_buffers(sizes.tail)
 
     def _build_buffers(self, tail_capacity: int) -> None:
         self.gen_capacity = tail_capacity
@@ -273,9 +267,10 @@ class LayerState:
         if self.folds:
             self.pre_k = self._local_kpre.new_zeros(b, hkv, local_len + tail_capacity, d)
             self.pre_k[:, :, :local_len] = self._local_kpre
-            self.tail_first = torch.zeros(b, dtype=torch.long, device=self.k_buf.device)
             self.gen_count = torch.zeros((), dtype=torch.long, device=self.k_buf.device)
             self._local_kpre = None
+        if self.folds or self.row_columns is not None:  # slots: each row's tail starts where it joined
+            self.tail_first = torch.zeros(b, dtype=torch.long, device=self.k_buf.device)
         self._local_k = self._local_v = self._outlier_k = self._outlier_v = self._pending = None
         self.tail_len = 0
         self.tail_fill = torch.zeros((), dtype=torch.long, device=self.k_buf.device)
@@ -297,7 +292,7 @@ class LayerState:
         for the tokens' RoPE inputs and for the chunks they will fold into.
         """
         moved = False
-        if self.folds:
+        if self.folds and self.row_columns is None:  # slots are sized for their max_length once
             needed = self.tail_len + tokens
             if needed > self.gen_capacity:
                 self.gen_capacity = max(2 * self.gen_capacity, needed)
@@ -315,32 +310,23 @@ class LayerState:
         """New decode buffers with a ``select_k``-chunk selected region and room for ``tail_capacity``
         tail tokens; outliers, local window and tail are carried over, the selected region is
         refilled by the next step."""
-        chunk = self.config.chunk_size
         local_len = self.tail_start - self.local_start
-        sel_width = select_k * chunk
-        local_start = self.sel_start + sel_width
+        local_start = self.sel_start + select_k * self.config.chunk_size
         tail_start = local_start + local_len
         used = self.tail_len - self.tail_shift
         # the selected region survives only where it keeps its width (value reuse: prev_idx names its slots)
         kept = self.local_start if select_k == self.select_k else self.sel_start
-        key_valid = self.key_valid.new_zeros(*self.key_valid.shape[:2], tail_start)
-        key_valid[:, :, :kept] = self.key_valid[:, :, :kept]
-        key_valid[:, :, local_start:] = self.key_valid[:, :, self.local_start :]
-        for name in ("k_buf", "v_buf"):
-            old = getattr(self, name)
-            new = old.new_zeros(old.shape[0], old.shape[1], tail_start + tail_capacity, old.shape[3])
-            new[:, :, :kept] = old[:, :, :kept]
-            new[:, :, local_start : tail_start + used] = old[:, :, self.local_start : self.tail_start + used]
-            setattr(self, name, new)
+        dense = dict(kept=kept, start=self.local_start, to=local_start)
+        self.key_valid = moved(self.key_valid, tail_start, count=local_len, **dense)
+        self.k_buf = moved(self.k_buf, tail_start + tail_capacity, count=local_len + used, **dense)
+        self.v_buf = moved(self.v_buf, tail_start + tail_capacity, count=local_len + used, **dense)
         if self.pre_k is not None:
-            old = self.pre_k
-            self.pre_k = old.new_zeros(*old.shape[:2], local_len + tail_capacity, old.shape[3])
-            self.pre_k[:, :, : local_len + used] = old[:, :, : local_len + used]
-        self.key_valid, self.local_start, self.tail_start = key_valid, local_start, tail_start
+            self.pre_k = moved(self.pre_k, local_len + tail_capacity, kept=0, start=0, to=0, count=local_len + used)
+        self.local_start, self.tail_start = local_start, tail_start
         if select_k != self.select_k:
             self.select_k = select_k
             if self.reuse:
-                b, hkv = key_valid.shape[:2]
+                b, hkv = self.key_valid.shape[:2]
                 self.prev_idx = self.prev_idx.new_full((b, hkv, select_k), -1)
 
     def _grow_store(self, chunks: int) -> None:
@@ -378,8 +364,26 @@ class LayerState:
         them refreshed their basis."""
         for b in rows:
             self.chunks[b] = chunks
-            self.tail_first_host[b] = max(0, folded - self.lengths[b] - self.tail_shift)
+            self.tail_first_host[b] = max(0, self.tail_origin[b] + max(0, folded - self.lengths[b]) - self.tail_shift)
         self.refreshes += refreshes
+
+    # The host counts of slots (slot_state.adopt_row writes the tensors in place, then commits here)
+    def commit_adoption(self, b: int, other: LayerState) -> bool:
+        """Row ``b`` holds ``other``'s one prompt now, its tail starting at the current fill. True
+        when a captured step must be dropped: the first compressed prompt names the RoPE form."""
+        self.lengths[b], self.prompt_chunks[b] = other.lengths[0], other.prompt_chunks[0]
+        self.chunks[b] = other.chunks[0]
+        self.tail_origin[b], self.tail_first_host[b] = self.tail_len, self.tail_len - self.tail_shift
+        if other.rope_form is None or (self.rope_form, self.fused_append) == (other.rope_form, other.fused_append):
+            return False
+        self.rope_form, self.fused_append = other.rope_form, other.fused_append
+        return True
+
+    def park_rows(self, rows: list[int]) -> None:
+        """Slots ``rows`` hold no request: they never fold, and their tail starts at the fill, so
+        they never hold compaction back (what a step writes there is garbage nobody reads)."""
+        for b in rows:
+            self.prompt_chunks[b], self.tail_first_host[b] = 0, self.tail_len - self.tail_shift
 
     def drop_tail_slots(self, shift: int) -> None:
         """The ``shift`` leading tail slots are compacted away (their contents already moved)."""

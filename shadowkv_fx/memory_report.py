@@ -42,9 +42,10 @@ def layer_bytes(state: LayerState) -> dict[str, tuple[str, int]]:
 
 
 def cache_report(states: list[LayerState], layout: PromptLayout | None, rope_table_bytes: int,
-                 uncompressed: dict[str, int]) -> dict[str, dict[str, int]]:
+                 uncompressed: dict[str, int], tokens: int | None = None) -> dict[str, dict[str, int]]:
     """``ShadowKVCache.memory_report`` of a cache whose layers hold ``states`` for prompts laid
-    out as ``layout`` (None: nothing prefilled), with RoPE tables of ``rope_table_bytes``."""
+    out as ``layout`` (None: nothing prefilled), with RoPE tables of ``rope_table_bytes``; the
+    dense cache beside it holds ``tokens`` (default: the prompts and every row's generated ones)."""
     report: dict[str, dict[str, int]] = {"dense": {"kv": 0}}
     device = None
     for state in states:
@@ -55,8 +56,8 @@ def cache_report(states: list[LayerState], layout: PromptLayout | None, rope_tab
             part = report.setdefault(side, {})
             part[name] = part.get(name, 0) + nbytes
         b, hkv, _, d = state.local_k.shape
-        tokens = sum(layout.lengths) + b * state.tail_len
-        report["dense"]["kv"] += 2 * tokens * hkv * d * state.local_k.element_size()
+        dense = sum(layout.lengths) + b * state.tail_len if tokens is None else tokens
+        report["dense"]["kv"] += 2 * dense * hkv * d * state.local_k.element_size()
     if device is not None:
         report[device]["rope_tables"] = rope_table_bytes
     report["uncompressed"] = uncompressed

@@ -40,7 +40,8 @@ def _check_supported(model: torch.nn.Module) -> None:
 def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, compile_graph: Callable | None = None,
              compile_kwargs: dict | None = None, cuda_graphs: bool = False, validate: bool = True,
              regional: bool = True, compile_cache: str | os.PathLike | None = None) -> torch.nn.Module:
-    """Make ``model.generate`` / ``model(...)`` run ShadowKV. Modifies ``model`` in place and returns it.
+    """Make ``model.generate`` / ``model(...)`` / ``model.generate_batch`` run ShadowKV. Modifies ``model`` in place
+    and returns it.
 
     Args:
         model: an eval-mode ``transformers`` causal LM with rotary position embeddings.
@@ -71,6 +72,7 @@ def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, co
         runtime.regional.install()
     model.forward = _delegate(runtime.original_forward, runtime.forward)
     model.generate = _delegate(runtime.original_generate, runtime.generate)
+    model.generate_batch = _delegate(runtime.original_generate_batch or runtime.generate_batch, runtime.generate_batch)
     model.__deepcopy__ = functools.partial(_deepcopy_optimized, model)
     try:
         if validate and config.enabled:
@@ -84,7 +86,7 @@ def optimize(model: torch.nn.Module, config: ShadowKVConfig | None = None, *, co
     return model
 
 
-_RUNTIME_ATTRS = ("_shadowkv", "forward", "generate", "__deepcopy__")
+_RUNTIME_ATTRS = ("_shadowkv", "forward", "generate", "generate_batch", "__deepcopy__")
 
 
 def _deepcopy_optimized(model: torch.nn.Module, memo: dict) -> torch.nn.Module:
@@ -163,7 +165,7 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError("this model was not optimized by shadowkv_fx")
     if model._shadowkv.regional is not None:
         model._shadowkv.regional.remove()
-    del model.forward, model.generate, model.__deepcopy__
+    del model.forward, model.generate, model.generate_batch, model.__deepcopy__
     model._shadowkv = None
     return model
 

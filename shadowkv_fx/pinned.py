@@ -271,3 +271,12 @@ def grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     new = pinned_zeros(shape, t.dtype) if t.is_pinned() else t.new_zeros(shape)
     new.narrow(dim, 0, t.shape[dim]).copy_(t)
     return new
+
+
+def moved(t: torch.Tensor, width: int, kept: int, start: int, to: int, count: int) -> torch.Tensor:
+    """A copy of ``t [B, H, N, ...]`` with ``width`` slots along N: its first ``kept`` slots in place,
+    its ``count`` slots from ``start`` moved to ``to``, zeros elsewhere (a decode buffer re-laid out)."""
+    new = t.new_zeros(*t.shape[:2], width, *t.shape[3:])
+    new[:, :, :kept] = t[:, :, :kept]
+    new[:, :, to : to + count] = t[:, :, start : start + count]
+    return new

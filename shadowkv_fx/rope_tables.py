@@ -80,6 +80,13 @@ class SharedRopeTables:
         shared[i] = shared[i].expand(batch, -1, -1, -1).clone()
         return shared[i]
 
+    def for_slots(self, tables: list[torch.Tensor], rows: int, width: int) -> list[torch.Tensor]:
+        """A set of tables shaped like ``tables`` for the slots of a running cache (``slot_cache``):
+        ``[rows, 1, width, c]``, a row per slot and a column per position (no padding)."""
+        shared = [t.new_zeros(rows, 1, width, t.shape[-1]) for t in tables]
+        self.sets.append(shared)
+        return shared
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self.sets for t in ts)
 

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -46,6 +46,7 @@ class ShadowKVRuntime:
         self.tp_size = getattr(model, "_tp_size", None) or 1
         self.original_forward = model.forward
         self.original_generate = model.generate
+        self.original_generate_batch = getattr(model, "generate_batch", None)
         backend = graph_backend(config, self.reports, compile_graph)
         compile_fullgraph = functools.partial(torch.compile, fullgraph=True, **(compile_kwargs or {}))
         layers = regions.decoder_layers(model) if regional else None
@@ -237,6 +238,40 @@ class ShadowKVRuntime:
             outs[-1].logits = logits[:, -keep:] if keep > 0 else logits
         return outs[-1]
 
+    def prefill_pieces(self, cache: ShadowKVCache, input_ids: torch.Tensor) -> Iterator[torch.Tensor | None]:
+        """Prefill one prompt ``input_ids [1, S]`` into the empty ``cache`` as ``forward`` would, a
+        span of ``cache.prefill_chunk_size`` tokens at a time: yields None after each span but the
+        last, then the last position's logits ``[vocab]``. Nothing of this cache is active between
+        spans, so other caches may step there (continuous batching); closing the generator early,
+        or an error, rolls the cache back."""
+        if cache.layout is not None or input_ids.dim() != 2 or input_ids.shape[0] != 1 or not input_ids.shape[1]:
+            raise ValueError("prefill_pieces takes an empty ShadowKVCache and one prompt [1, S] of at least a token")
+        self.inner.check()
+        n = input_ids.shape[1]
+        self._check_length(n)
+        cache.begin_step(prompt_layout(None, input_ids.shape, input_ids.device)[0], n)
+        positions = torch.arange(n, device=input_ids.device)[None]
+        done = False
+        try:
+            cache.value_room = check_batch_fits(self.model_config, cache.layout, cache.config, self.dtype,
+                                                input_ids.device, cache.tail_capacity, self.tp_size)
+            spans = cache.prefill_spans()
+            for start, end in spans:
+                gate = cuda_graph.GATE.step() if input_ids.device.type == "cuda" else contextlib.nullcontext()
+                with gate, active_cache(cache), torch.no_grad(), recompile_limit(RECOMPILE_LIMIT):
+                    cache.begin_span((start, end))
+                    out = self.inner(input_ids=input_ids[:, start:end], position_ids=positions[:, start:end],
+                                     use_cache=False, logits_to_keep=1)
+                    cache.check_all_layers_ran()
+                if end < n:
+                    yield None
+            cache.end_step(n)
+            done = True
+        finally:
+            if not done:
+                cache.rollback()
+        yield out.logits[0, -1]
+
     def _dense(self, input_ids, attention_mask, position_ids, cache, use_cache, cache_position, **kwargs):
         if cache is not None:
             kwargs[compat.CACHE_ARG] = cache
@@ -270,6 +305,13 @@ class ShadowKVRuntime:
                 cache.prompt_length = plan.prompt_length
             kwargs[compat.CACHE_ARG] = cache
         return self.original_generate(*args, **kwargs)
+
+    def generate_batch(self, inputs: list[list[int]], generation_config=None, **kwargs):
+        """``model.generate_batch`` of an optimized model: continuous batching over ShadowKV slots
+        (``serving.generate_batch``), where transformers' own would build a paged dense cache."""
+        from shadowkv_fx.serving.batch import generate_batch
+
+        return generate_batch(self.original_generate.__self__, inputs, generation_config, **kwargs)
 
 
 def _columns(t: torch.Tensor | None, columns: slice) -> torch.Tensor | None:

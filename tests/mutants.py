@@ -4,7 +4,8 @@ tests/conftest.py). ``scripts/mutants.py`` runs a fast subset of the suite under
 it to fail: a mutant the tests do not notice is a missing test.
 
 Every mutant patches a module attribute that the code under test looks up at call time
-(``dispatch.X``, ``compression.X``, ``value_reuse.X``, ``fold.X``, ``decode_step.X``, ``LayerState.X``), so the eager path, the compiled
+(``dispatch.X``, ``compression.X``, ``value_reuse.X``, ``fold.X``, ``decode_step.X``, ``LayerState.X``,
+``slot_state.X``, ``SlotCache.X``), so the eager path, the compiled
 graph (whose ShadowKV op calls back into Python) and the Triton dispatch all see it.
 """
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Callable
 
 import torch
 
-from shadowkv_fx import decode_step, fold
+from shadowkv_fx import decode_step, fold, slot_state
 from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.kernels import compression, dispatch, value_reuse
 from shadowkv_fx.layer_state import LayerState
+from shadowkv_fx.slot_cache import SlotCache
 
 MUTANTS: dict[str, tuple[str, Callable[[], None]]] = {}
 
@@ -229,6 +231,27 @@ def next_positions_off_by_one() -> None:
             return plain(self, *args) + 1
         return positions
     _wrap(ShadowKVCache, "next_positions", make)
+
+
+@mutant("a request joining a running slot cache reads the shared tail from its first slot: older rows' tokens too")
+def slot_reads_older_rows() -> None:
+    def make(plain):
+        def adopt(state, b, other):
+            dropped = plain(state, b, other)
+            state.tail_first[b] = 0
+            return dropped
+        return adopt
+    _wrap(slot_state, "adopt_row", make)
+
+
+@mutant("a slot's positions count every step of the running cache, not those since its request joined")
+def slot_positions_ignore_join() -> None:
+    def make(plain):
+        def row_positions(self):
+            origins = self.layers[0].state.tail_origin
+            return [p + origin if live else p for p, origin, live in zip(plain(self), origins, self.live)]
+        return row_positions
+    _wrap(SlotCache, "row_positions", make)
 
 
 def apply(name: str) -> None:

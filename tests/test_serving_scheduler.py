@@ -333,4 +333,4 @@ def test_a_stopped_manager_refuses_new_requests_and_an_optimized_model_is_not_se
     optimized = tiny_pair("llama")[1]
     shadowkv_fx.optimize(optimized, shadowkv_fx.ShadowKVConfig(sparse_budget=64, rank=8, chunk_size=8))
     with pytest.raises(ValueError, match="optimized"):
-        generate_batch(optimized, [prompt_of(3, 0)], max_new_tokens=2)
+        DenseSlots(optimized, num_slots=1, max_length=16)

@@ -5,7 +5,8 @@ from shadowkv_fx.serving.dense_slots import DenseSlots
 from shadowkv_fx.serving.manager import ServingManager
 from shadowkv_fx.serving.requests import CANCELLED, GenerationOutput, RequestStatus, TokenEvent
 from shadowkv_fx.serving.scheduler import SlotScheduler
-from shadowkv_fx.serving.slots import SlotBackend
+from shadowkv_fx.serving.shadowkv_slots import ShadowKVSlots
+from shadowkv_fx.serving.slots import SlotBackend, slots_for
 
-__all__ = ["CANCELLED", "DenseSlots", "GenerationOutput", "RequestStatus", "ServingManager", "SlotBackend",
-           "SlotScheduler", "TokenEvent", "generate_batch"]
+__all__ = ["CANCELLED", "DenseSlots", "GenerationOutput", "RequestStatus", "ServingManager", "ShadowKVSlots",
+           "SlotBackend", "SlotScheduler", "TokenEvent", "generate_batch", "slots_for"]

@@ -3,8 +3,9 @@
 ``generate_batch(model_or_slots, inputs, generation_config, **kwargs)`` takes what
 ``model.generate_batch(inputs, generation_config, **kwargs)`` takes and returns the same thing: a
 dict from request id (``req_0``, ``req_1`` ... in input order) to transformers' ``GenerationOutput``.
-Given a model, it serves it with ``DenseSlots`` (sized to the longest request unless told);
-given a ``SlotBackend``, it uses that. Every request is checked before any model work, and runs in
+Given a model, it serves it with ``slots.slots_for``'s backend (``ShadowKVSlots`` for a model
+optimized by ``shadowkv_fx.optimize``, else ``DenseSlots``), sized to the longest request unless
+told; given a ``SlotBackend``, it uses that. Every request is checked before any model work, and runs in
 the calling thread; an error in a step fails the open requests, frees their slots, and is raised.
 """
 from __future__ import annotations
@@ -13,12 +14,9 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from shadowkv_fx.serving.dense_slots import DenseSlots
 from shadowkv_fx.serving.requests import GenerationOutput, check_fits, new_request
 from shadowkv_fx.serving.scheduler import SlotScheduler
-from shadowkv_fx.serving.slots import is_slot_backend
-
-DEFAULT_SLOTS = 8
+from shadowkv_fx.serving.slots import DEFAULT_SLOTS, is_slot_backend, slots_for
 
 
 def generate_batch(model_or_slots, inputs: list[list[int]], generation_config: GenerationConfig | None = None, *,
@@ -27,7 +25,7 @@ def generate_batch(model_or_slots, inputs: list[list[int]], generation_config: G
                    progress_bar: bool = False, **generation_kwargs) -> dict[str, GenerationOutput]:
     """Generate for every prompt of ``inputs`` with continuous batching.
 
-    ``num_slots`` / ``max_length`` / ``prefill_chunk`` size the ``DenseSlots`` built for a model
+    ``num_slots`` / ``max_length`` / ``prefill_chunk`` size the slots built for a model
     (defaults: ``min(len(inputs), 8)`` slots, the longest request's prompt + max_new_tokens, 512).
     ``seeds[i]`` seeds request i's sampling; by default seeds are drawn from torch's global generator
     in input order, so ``torch.manual_seed`` before the call makes it repeat.
@@ -47,9 +45,9 @@ def generate_batch(model_or_slots, inputs: list[list[int]], generation_config: G
                 for i, (ids, seed) in enumerate(zip(inputs, seeds))]
     if given_slots:
         slots = model_or_slots
-    else:  # an optimized model is refused by DenseSlots until the ShadowKV slots exist
-        slots = DenseSlots(model, num_slots or min(len(requests), DEFAULT_SLOTS),
-                           max_length or max(request.needed_length for request in requests), prefill_chunk)
+    else:
+        slots = slots_for(model, num_slots or min(len(requests), DEFAULT_SLOTS),
+                          max_length or max(request.needed_length for request in requests), prefill_chunk)
     for request in requests:  # all of them before any work
         check_fits(request, slots.max_length)
 

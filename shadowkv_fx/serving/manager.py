@@ -1,7 +1,7 @@
 """A streaming front for the scheduler, shaped like transformers' ``ContinuousBatchingManager``.
 
 ```python
-with ServingManager(slots, tokenizer=tok) as manager:          # start() ... stop() on a thread
+with ServingManager(model, max_length=4096, tokenizer=tok) as manager:  # or ServingManager(slots, ...)
     rid = manager.add_request(ids, max_new_tokens=64, streaming=True, seed=7)
     for event in manager.stream([rid]):                          # TokenEvent(request_id, token, status, output)
         print(event.request_id, event.token)
@@ -30,7 +30,7 @@ from transformers import GenerationConfig
 
 from shadowkv_fx.serving.requests import GenerationOutput, RequestStatus, TokenEvent, check_fits, new_request
 from shadowkv_fx.serving.scheduler import SlotScheduler
-from shadowkv_fx.serving.slots import SlotBackend
+from shadowkv_fx.serving.slots import DEFAULT_SLOTS, SlotBackend, is_slot_backend, slots_for
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,20 @@ _POLL_S = 0.1  # how often a blocked reader looks whether the loop is still aliv
 
 
 class ServingManager:
-    def __init__(self, backend: SlotBackend, generation_config: GenerationConfig | None = None, tokenizer=None):
-        self.backend = backend
+    def __init__(self, backend, generation_config: GenerationConfig | None = None, tokenizer=None, *,
+                 num_slots: int | None = None, max_length: int | None = None, prefill_chunk: int = 512):
+        """``backend``: a ``SlotBackend``, or a model, served by ``slots_for``'s backend (``ShadowKVSlots``
+        for a model optimized by ``shadowkv_fx.optimize``) of ``num_slots`` (default 8) slots of
+        ``max_length`` positions, which must then be given: requests arrive later."""
+        if not is_slot_backend(backend):
+            if max_length is None:
+                raise TypeError("a ServingManager of a model needs max_length: the longest prompt + max_new_tokens "
+                                "a request may take")
+            backend = slots_for(backend, num_slots or DEFAULT_SLOTS, max_length, prefill_chunk)
+        elif num_slots is not None or max_length is not None:
+            raise TypeError("num_slots and max_length size the slots a ServingManager builds for a model; "
+                            "a SlotBackend passed in has its own")
+        self.backend: SlotBackend = backend
         self.generation_config = generation_config
         self.tokenizer = tokenizer
         self.scheduler = SlotScheduler(backend, tokenizer)

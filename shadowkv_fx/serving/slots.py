@@ -26,6 +26,11 @@ generated token is never fed back, so a slot holds at most ``max_length - 1`` po
 
 ``model`` is the Hugging Face model whose ``generation_config`` supplies a request's defaults and whose
 ``_get_logits_processor`` builds its logits processors, exactly as ``generate()`` does.
+
+A backend may require every prefilled slot to take part in each decode step until it is released
+(``ShadowKVSlots`` does: its rows share one dense tail); the scheduler always decodes them all.
+``slots_for`` picks the backend for a model: ``ShadowKVSlots`` for one optimized by
+``shadowkv_fx.optimize``, else ``DenseSlots``.
 """
 from __future__ import annotations
 
@@ -33,6 +38,11 @@ from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from shadowkv_fx.serving.dense_slots import DenseSlots
+from shadowkv_fx.serving.shadowkv_slots import ShadowKVSlots
+
+DEFAULT_SLOTS = 8
 
 
 @runtime_checkable
@@ -59,3 +69,11 @@ class SlotBackend(Protocol):
 def is_slot_backend(obj) -> bool:
     return all(callable(getattr(obj, name, None)) for name in ("prefill", "decode", "release")) and all(
         hasattr(obj, name) for name in ("model", "num_slots", "max_length"))
+
+
+def slots_for(model, num_slots: int, max_length: int, prefill_chunk: int = 512) -> SlotBackend:
+    """The slot backend that serves ``model``: ShadowKV rows for a model optimized by
+    ``shadowkv_fx.optimize`` (its config), the exact dense reference otherwise."""
+    if getattr(model, "_shadowkv", None) is not None:
+        return ShadowKVSlots(model, num_slots, max_length, prefill_chunk)
+    return DenseSlots(model, num_slots, max_length, prefill_chunk)

@@ -1,0 +1,119 @@
+"""``ShadowKVSlots``: the ``SlotBackend`` of a model optimized by ``shadowkv_fx.optimize``.
+
+A request's prompt runs through the model alone, in a batch-1 ``ShadowKVCache``, the way
+``generate()`` of it alone prefills it, in pieces of ``prefill_chunk`` tokens (the others decode
+between two pieces); its compressed state then joins a free row of one running ``SlotCache`` in
+place. Each decode step runs all ``num_slots`` rows through the optimized model's forward, each
+row at its own position, so the runtime captures the step as one CUDA graph
+(``optimize(..., cuda_graphs=True)``) and replays it across admissions: no admission moves a
+buffer. ``slot_cache`` says how positions, RoPE tables, tails and folding work per row, and how
+the shared tail stays bounded over any number of steps.
+
+A row computes what ``generate()`` of its request alone computes: the same prefill and
+compression, the same chunks selected (a step selects ``select_k`` chunks per head from the
+running store, sized for ``max_length``; where the request alone would select fewer, that was
+every chunk it can select, which the larger pick holds as well), the same folds. Floats may differ
+in the last bits (batched matmuls, key order in the buffers).
+
+Unlike ``DenseSlots``, a prefilled row must take part in every decode step until it is released
+(the scheduler always does so): rows share one dense tail, written at one fill level per step, so
+a row skipped by a step would find that step's garbage token among its own. ``decode`` refuses
+such a call.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from shadowkv_fx import compat
+from shadowkv_fx.cache import ShadowKVCache
+from shadowkv_fx.config import ShadowKVConfig
+from shadowkv_fx.slot_cache import SlotCache
+
+log = logging.getLogger(__name__)
+
+
+class ShadowKVSlots:
+    """``num_slots`` ShadowKV rows of up to ``max_length`` positions each.
+
+    ``tail_capacity``: dense tail slots before the shared tail first grows (``slot_state.slot_sizes``;
+    ``max_length`` means it never moves). ``config``: the ShadowKV settings of the caches (default:
+    the model's; the compiled graph does not depend on them). Values go to pinned host memory on a
+    GPU, or up to ``config.value_hbm_gib`` GiB of device memory when that is set.
+    """
+
+    def __init__(self, model, num_slots: int, max_length: int, prefill_chunk: int = 512, *,
+                 tail_capacity: int | None = None, config: ShadowKVConfig | None = None):
+        runtime = getattr(model, "_shadowkv", None)
+        if runtime is None:
+            raise ValueError("ShadowKVSlots serves a model optimized by shadowkv_fx.optimize(model): optimize it "
+                             "first, or serve the dense model with DenseSlots")
+        config = config or runtime.config
+        if not config.enabled:
+            raise ValueError("this ShadowKVConfig has enabled=False: serve the model dense (shadowkv_fx.restore(model), "
+                             "then DenseSlots)")
+        if num_slots < 1 or max_length < 2 or prefill_chunk < 1:
+            raise ValueError(f"ShadowKVSlots needs num_slots >= 1, max_length >= 2 and prefill_chunk >= 1, got "
+                             f"{num_slots}, {max_length} and {prefill_chunk}")
+        if runtime.max_positions is not None and max_length > runtime.max_positions:
+            raise ValueError(f"max_length={max_length} is past the model's context (max_position_embeddings="
+                             f"{runtime.max_positions}): use max_length <= {runtime.max_positions}")
+        self.model = model
+        self.num_slots, self.max_length, self.prefill_chunk = num_slots, max_length, prefill_chunk
+        self.config = config
+        self.device = next(model.parameters()).device
+        on_gpu = self.device.type == "cuda" and config.value_hbm_gib is not None
+        room = int(config.value_hbm_gib * 2**30) if on_gpu else 0
+        self.cache = SlotCache(runtime.num_layers, config, num_slots, max_length, tail_capacity, room)
+        self._claimed = [False] * num_slots  # prefilling or decoding
+        self._warned_short = False
+
+    def occupied_slots(self) -> list[int]:
+        return [slot for slot, claimed in enumerate(self._claimed) if claimed]
+
+    def prefill(self, slot: int, prompt_ids: torch.Tensor) -> Iterator[torch.Tensor | None]:
+        if self._claimed[slot]:
+            raise RuntimeError(f"slot {slot} still holds a request; release it before prefilling into it")
+        n = prompt_ids.numel()
+        if not 0 < n < self.max_length:
+            raise ValueError(f"a prompt of {n} tokens does not fit a slot of max_length {self.max_length}")
+        if n < self.config.min_sparse_prompt and not self._warned_short:
+            self._warned_short = True
+            log.warning("prompts shorter than %d tokens are not compressed and decode densely (said once)",
+                        self.config.min_sparse_prompt)
+        self._claimed[slot] = True  # claimed now, so a release() mid-prefill frees it
+        alone = ShadowKVCache(len(self.cache.layers), self.config, tail_capacity=self.max_length - n,
+                              prefill_chunk_size=self.prefill_chunk)
+        alone.warn_short_prompts = False
+        pieces = self.model._shadowkv.prefill_pieces(alone, prompt_ids.to(self.device)[None])
+        try:
+            for logits in pieces:
+                if logits is None:
+                    yield None
+        finally:
+            pieces.close()  # cancelled between pieces: the batch-1 cache is rolled back and dropped
+        with torch.no_grad():
+            self.cache.adopt(slot, alone)
+        yield logits
+
+    def decode(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        for slot, (on, live) in enumerate(zip(active.tolist(), self.cache.live)):
+            if on and not live:
+                raise RuntimeError(f"decode of slot {slot}, which holds no prefilled request")
+            if live and not on:
+                raise RuntimeError(f"slot {slot} holds a prefilled request but is left out of the step: ShadowKVSlots "
+                                   "decodes every prefilled slot in each step until it is released")
+        full = [b for b, p in enumerate(self.cache.row_positions()) if self.cache.live[b] and p >= self.max_length]
+        if full:
+            raise RuntimeError(f"slot {full[0]} is full ({self.max_length} positions)")
+        with torch.no_grad():
+            out = self.model(input_ids=tokens.to(self.device)[:, None], **{compat.CACHE_ARG: self.cache},
+                             use_cache=True)
+        return out.logits[:, -1]
+
+    def release(self, slot: int) -> None:
+        self._claimed[slot] = False
+        if self.cache.live[slot]:
+            self.cache.release(slot)
