@@ -168,9 +168,9 @@ def test_a_block_given_back_is_zeroed_on_the_cleaner_thread_before_anyone_takes_
 
 def test_value_slots_ask_the_device_budget_off_the_cpu_and_go_to_the_device_when_granted():
     """The decision a GPU prefill takes (a CPU model never asks): run on the meta device."""
-    from shadowkv_fx.layer_state import _value_slots
+    from shadowkv_fx.value_store import value_slots
 
     asked = []
     like = torch.empty(0, dtype=torch.bfloat16, device="meta")
-    slots = _value_slots((2, 3, 4, 8, 16), like, lambda nbytes: asked.append(nbytes) or True)
+    slots = value_slots((2, 3, 4, 8, 16), like, lambda nbytes: asked.append(nbytes) or True)
     assert asked == [2 * 3 * 4 * 8 * 16 * 2] and slots.device.type == "meta" and slots.shape == (2, 3, 4, 8, 16)
