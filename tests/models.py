@@ -136,3 +136,18 @@ def skip_unless_kernels_run_here(kernel) -> None:
     if not torch.cuda.is_available() and type(kernel).__name__ != "InterpretedFunction":
         pytest.skip("Triton kernels were imported without TRITON_INTERPRET=1 and no GPU is present",
                     allow_module_level=True)
+
+
+# A test module that shares compiled models across its tests imports these two fixtures: they
+# replace conftest's dynamo reset before every test with one reset around the module.
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Replaces conftest's reset before every test: the shared model stays compiled across tests."""
+    yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dynamo_reset_for_the_module():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

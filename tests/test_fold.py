@@ -17,25 +17,13 @@ from shadowkv_fx import fold
 from shadowkv_fx.cache import ShadowKVCache, device_and_host_bytes
 from shadowkv_fx.compat import output_cache
 from shadowkv_fx.kernels import compression
-from tests.models import assert_close, full_rank, left_padded, tiny_pair
+from tests.models import (_dynamo_reset_for_the_module, _fresh_dynamo, assert_close, full_rank,  # noqa: F401
+                          left_padded, tiny_pair)
 
 CHUNK, LOCAL, OUTLIERS = 4, 2, 2
 GREEDY = dict(do_sample=False, pad_token_id=0)
 SPARSE = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=CHUNK, local_chunks=LOCAL,
                                     outlier_chunks=OUTLIERS, fold_chunks=1)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Replaces conftest's reset before every test: the shared model stays compiled across tests."""
-    yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _dynamo_reset_for_the_module():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @functools.cache

@@ -21,25 +21,13 @@ from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.serving import (CANCELLED, RequestStatus, ServingManager, ShadowKVSlots, SlotScheduler,
                                  generate_batch)
 from shadowkv_fx.serving.requests import new_request
-from tests.models import assert_close, cuda_only, full_rank, tiny_pair
+from tests.models import (_dynamo_reset_for_the_module, _fresh_dynamo, assert_close, cuda_only,  # noqa: F401
+                          full_rank, tiny_pair)
 
 VOCAB = 96
 CHUNK, LOCAL, OUTLIERS = 4, 2, 2
 MIN_SPARSE = (LOCAL + OUTLIERS + 1) * CHUNK
 MAX_LENGTH = 80
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Replaces conftest's reset before every test: the shared model stays compiled across tests."""
-    yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _dynamo_reset_for_the_module():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def no_zero_query(*models):
