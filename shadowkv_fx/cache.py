@@ -208,12 +208,11 @@ class ShadowKVCache(Cache):
     def end_step(self, input_len: int, replayed: bool = False) -> None:
         """Commit a step. ``replayed``: a captured graph ran it, whose capture saw every layer's op run."""
         self.check_all_layers_ran(replayed)
-        if self.phase == "prefill":
-            pinned.POOL.settle()  # the store blocks prefetched for layers whose values stayed on the GPU
         if self.phase == "decode":
             for layer in self.layers:
                 layer.state.advance(input_len)
         elif self.layout is not None:
+            pinned.POOL.settle()  # the store blocks prefetched for layers whose values stayed on the GPU
             # folding layers size their RoPE tables and store now, so the first decode step moves nothing
             for layer in self.layers:
                 if layer.state.reserve_tail(0):
