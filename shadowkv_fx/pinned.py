@@ -10,6 +10,7 @@ reads allocator-pinned memory.
 """
 from __future__ import annotations
 
+import atexit
 import math
 import mmap
 import queue
@@ -131,6 +132,20 @@ class PinnedPool:
         self._worker: threading.Thread | None = None
         self._dirty: "queue.SimpleQueue[_Block]" = queue.SimpleQueue()  # given back, to be zeroed
         self._cleaner: threading.Thread | None = None
+        self._closing = False
+
+    def close(self) -> None:
+        """Stop the two threads before the interpreter shuts down (atexit). A daemon thread caught
+        inside a torch call when Python finalizes is ended by ``pthread_exit``, whose unwinding through
+        C++ frames aborts the process ("terminate called without an active exception"); at exit the
+        work left (zeroing blocks nobody will take) is skipped."""
+        with self._lock:
+            self._closing = True
+            threads = [t for t in (self._worker, self._cleaner) if t is not None]
+        self._work.put(None)
+        self._dirty.put(None)
+        for thread in threads:
+            thread.join(timeout=60)
 
     def pooled_bytes(self) -> int:
         """Bytes this process holds for later caches: free blocks and blocks being prepared."""
@@ -180,6 +195,8 @@ class PinnedPool:
 
     def _prepare(self, size: int, count: int) -> None:
         with self._lock:
+            if self._closing:
+                return
             for _ in range(count):
                 p = _Prepared(size)
                 self._prepared.append(p)
@@ -191,8 +208,10 @@ class PinnedPool:
     def _fault_in_loop(self) -> None:
         while True:
             p = self._work.get()
+            if p is None:
+                return
             with self._lock:
-                wanted = not p.dropped
+                wanted = not p.dropped and not self._closing
             # leave the host a margin: a prepared block must never be what runs it out of memory
             available = meminfo_available()
             if wanted and (available is None or available > 2 * p.size):
@@ -204,8 +223,12 @@ class PinnedPool:
     def give_back(self, block: _Block) -> None:
         """A block whose tensors are gone: zeroed on a thread (the next cache's prefill would
         otherwise zero it, ~0.2 s a 32K sequence on the H100 host), then free for the next take."""
-        block.cleaned.clear()
         with self._lock:
+            if self._closing:  # nobody will take it again: no zeroing, no thread
+                block.fresh = False
+                self._free.append(block)
+                return
+            block.cleaned.clear()
             self._free.append(block)
             if self._cleaner is None:
                 self._cleaner = threading.Thread(target=self._clean_loop, name="shadowkv-pinned-clean", daemon=True)
@@ -215,6 +238,12 @@ class PinnedPool:
     def _clean_loop(self) -> None:
         while True:
             block = self._dirty.get()
+            if block is None:
+                return
+            if self._closing:
+                block.fresh = False
+                block.cleaned.set()
+                continue
             try:
                 host_copies.drain()  # the last cache's copies into it may still be landing
                 _zero(block.buffer)
@@ -246,6 +275,7 @@ class PinnedPool:
 
 
 POOL = PinnedPool()
+atexit.register(POOL.close)
 
 
 def pinned_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
