@@ -1,0 +1,383 @@
+"""``shadowkv-fx bench --workload``: one stream of requests served three ways, same model, same run.
+
+The stream (``make_requests``, seeded): N requests, prompt lengths uniform in [min, max] context
+rounded down to the chunk size, output lengths uniform in [min, max] output, arriving all at t=0
+(``rate`` 0, the default) or as a Poisson process of ``rate`` requests per second. Prompts are
+random token ids. Every request generates exactly its output length: eos is off (``eos_token_id``
+-1 for the continuous batchers, ``min_new_tokens`` for ``generate()``).
+
+Methods, run in this order on one model (dense first, before ``optimize`` rewrites its forward):
+
+- ``dense-cb``: transformers' own continuous batching (``model.init_continuous_batching``, what
+  ``model.generate_batch`` runs; paged attention, ``paged|<the model's attention>``), its KV cache
+  sized by transformers from free GPU memory: the most requests at once that fit.
+- ``shadowkv-cb``: ``ServingManager`` over ``ShadowKVSlots`` of ``slots`` rows (default: the
+  preflight's largest static batch at the longest prompt and output).
+- ``shadowkv-static``: the same requests in arrival order, in static batches of ``slots``; a batch
+  starts once its last request has arrived and the previous batch ended, runs ``generate()`` until
+  its longest output ends (left-padded prompts), and a row counts only its own output length.
+
+Per method: seconds from the first arrival to the last token, requests/hour, generated tokens/s,
+time to first token (arrival to first token: the token's timestamp for the batchers, the batch's
+first streamed token for static) p50 / p95. Untimed warm-up first (compiles, CUDA graph capture
+of the slots' step, transformers' ``warmup``); a static batch's CUDA graph capture is timed, as a
+server would pay it per batch.
+
+GPU commands (one H100; not yet run, so no measured numbers here). The full workload::
+
+    shadowkv-fx bench --workload --workload-requests 16 --workload-min-context 32768 \\
+        --workload-max-context 124928 --out bench_out/workload_122k
+
+A rough time budget from earlier measurements of the 8B shape (122K prefill ~11 s a sequence,
+ShadowKV decode ~38 ms a step at batch 12, dense prefill ~10 s a sequence and ~27 ms a step at
+batch 4): mean prompt ~78K, so ~7 s of prefill a request, ~110 s per method for 16 prompts;
+outputs average ~1060 tokens, the longest ~2048 steps (~80 s at ~38 ms). Static: two batches
+(12 + 4), each its prefill plus ~2048 steps, ~230 s; continuous: ~110 s of prefill plus ~80 s of
+decode, overlapping, ~150-200 s; dense at ~4 at once: ~110 s of prefill plus ~16 x 1060 / 4
+steps at ~30 ms, ~240 s. About 10-11 minutes in all with the model build and compiles: over the
+8-minute budget, so the merger's first run is the smaller one::
+
+    shadowkv-fx bench --workload --workload-requests 16 --workload-min-context 8192 \\
+        --workload-max-context 32768 --out bench_out/workload_32k
+
+(prefill ~1-2 s a request, ~25 s per method; decode as above: ~4-5 minutes in all), then the
+122K one with ``--workload-requests 12 --workload-max-output 1024`` if time allows.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+METHODS = ("dense-cb", "shadowkv-cb", "shadowkv-static")
+WARM_PROMPT = 4096  # tokens of the warm-up prompts: compiles and captures, a few seconds of prefill
+_POLL_S = 1.0  # how long a wait for a result blocks before checking that the serving loop is alive
+
+
+@dataclass
+class WorkloadRequest:
+    prompt_len: int
+    output_len: int
+    arrival_s: float  # after the stream starts
+
+
+@dataclass
+class WorkloadRow:
+    method: str
+    slots: int | None  # rows decoded together at most (dense-cb: its KV capacity over the longest request)
+    requests: int
+    total_s: float | None = None
+    requests_per_hour: float | None = None
+    tok_s: float | None = None  # generated tokens per second
+    ttft_p50_s: float | None = None
+    ttft_p95_s: float | None = None
+    max_concurrent: int | None = None  # requests holding a slot at once (from their lifespans)
+    note: str = ""
+    error: str | None = None
+    per_request: list = field(default_factory=list)  # dicts: prompt_len, output_len, generated, ttft_s, end_s
+
+
+def make_requests(n: int, min_context: int, max_context: int, min_output: int, max_output: int, chunk: int,
+                  rate: float = 0.0, seed: int = 0) -> list[WorkloadRequest]:
+    """The seeded request stream; ``rate`` > 0: Poisson arrivals at ``rate`` requests/s, else all at 0."""
+    if n < 1 or chunk < 1 or not 0 < min_context <= max_context or not 0 < min_output <= max_output or rate < 0:
+        raise ValueError(f"a workload needs n >= 1 requests, 0 < min_context <= max_context, 0 < min_output <= "
+                         f"max_output and rate >= 0 (0: all at t=0), got n={n}, contexts [{min_context}, "
+                         f"{max_context}], outputs [{min_output}, {max_output}], rate {rate}")
+    if max_context // chunk * chunk < min_context:
+        raise ValueError(f"no multiple of the chunk size {chunk} lies in [{min_context}, {max_context}]: "
+                         "widen the context range")
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        prompt = max(rng.randint(min_context, max_context) // chunk * chunk, -(-min_context // chunk) * chunk)
+        if rate > 0:
+            t += rng.expovariate(rate)
+        out.append(WorkloadRequest(prompt, rng.randint(min_output, max_output), t if rate > 0 else 0.0))
+    return out
+
+
+def make_prompts(requests: list[WorkloadRequest], vocab: int, seed: int = 0) -> list[list[int]]:
+    """Random token ids (3 and up: never the pad / bos / eos ids of the small test models)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (r.prompt_len,), generator=gen).tolist() for r in requests]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated ``q``-th percentile (numpy's default)."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def max_overlap(spans: list[tuple[float, float]]) -> int:
+    """Most of the ``(start, end)`` intervals open at one time."""
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
+    best = now = 0
+    for _, step in edges:
+        now += step
+        best = max(best, now)
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _finish_row(row: WorkloadRow, requests: list[WorkloadRequest], per_request: list[dict], t0: float) -> WorkloadRow:
+    """Fill ``row``'s totals from each request's result (``ttft_s`` and ``end_s`` relative to t0)."""
+    row.per_request = per_request
+    row.total_s = max(p["end_s"] for p in per_request)
+    row.requests_per_hour = 3600 * len(per_request) / row.total_s
+    row.tok_s = sum(p["generated"] for p in per_request) / row.total_s
+    ttfts = [p["ttft_s"] for p in per_request]
+    row.ttft_p50_s, row.ttft_p95_s = percentile(ttfts, 50), percentile(ttfts, 95)
+    return row
+
+
+def _serve(add, get_result, alive, requests: list[WorkloadRequest], prompts: list[list[int]],
+           device: torch.device) -> tuple[list[dict], list[tuple[float, float]], float]:
+    """Feed the stream to a running manager (``add(i)`` queues request i, ``get_result(timeout)`` takes
+    a finished ``GenerationOutput`` or None) at its arrival times; every request's result, the
+    lifespans, and t0 (the stream's start, ``time.perf_counter``, the clock of the outputs' timestamps)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+    outputs: dict[str, object] = {}
+    for i in order:
+        delay = t0 + requests[i].arrival_s - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        add(i)
+    while len(outputs) < len(requests):
+        result = get_result(_POLL_S)
+        if result is None:
+            if not alive():
+                raise RuntimeError(f"the serving loop stopped with {len(requests) - len(outputs)} requests unserved")
+            continue
+        if result.is_finished():
+            outputs[result.request_id] = result
+    per_request, spans = [], []
+    for i, r in enumerate(requests):
+        out = outputs[f"w{i}"]
+        if out.error is not None:
+            raise RuntimeError(f"request w{i} failed: {out.error}")
+        stamps = out.timestamps or []
+        if not stamps:
+            raise RuntimeError(f"request w{i} came back without timestamps")
+        per_request.append({"prompt_len": r.prompt_len, "output_len": r.output_len,
+                            "generated": len(out.generated_tokens), "ttft_s": stamps[0] - t0 - r.arrival_s,
+                            "end_s": max(out.lifespan[1], stamps[-1]) - t0})
+        spans.append(tuple(out.lifespan))
+    return per_request, spans, t0
+
+
+def _cb_attention(model, cb_kwargs: dict) -> dict:
+    """transformers' continuous batching switches to flash attention where it finds it, else to its
+    paged form of the model's own kernel. Without the flash_attn package, looking for it means a hub
+    download of a kernel (none offline): the switch is turned off (``auto_switch_to_flash``, or on
+    releases without it, by asking for ``paged|<kernel>`` up front, which it keeps)."""
+    import importlib.util
+
+    from transformers import ContinuousBatchingConfig
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        return cb_kwargs
+    if "auto_switch_to_flash" in getattr(ContinuousBatchingConfig, "__dataclass_fields__", {}):
+        return {"auto_switch_to_flash": False, **cb_kwargs}
+    if "paged|" not in model.config._attn_implementation:
+        model.set_attn_implementation(f"paged|{model.config._attn_implementation}")
+    return cb_kwargs
+
+
+def run_dense_cb(model, requests: list[WorkloadRequest], prompts: list[list[int]],
+                 cb_overrides: dict | None = None) -> WorkloadRow:
+    """transformers' continuous batching of the plain model (its KV cache sized by transformers
+    unless ``cb_overrides`` sets ``ContinuousBatchingConfig`` fields, e.g. ``num_blocks`` on a CPU)."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    if getattr(model, "_shadowkv", None) is not None:
+        raise ValueError("dense-cb runs the plain model: run it before shadowkv_fx.optimize, or restore() the model")
+    longest = max(r.prompt_len + r.output_len for r in requests)
+    gen_config = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=max(r.output_len for r in requests))
+    hints = WorkloadHints(max_prompt_length=max(r.prompt_len for r in requests),
+                          max_generated_length=max(r.output_len for r in requests), num_requests=len(requests))
+    original_attn, manager = model.config._attn_implementation, None
+    row = WorkloadRow("dense-cb", None, len(requests))
+    try:
+        cb_kwargs = _cb_attention(model, dict(cb_overrides or {}))
+        manager = model.init_continuous_batching(generation_config=gen_config, workload_hints=hints,
+                                                 continuous_batching_config=ContinuousBatchingConfig(**cb_kwargs))
+        manager.warmup()
+        row.note = f"transformers continuous batching, {model.config._attn_implementation}"
+        cache = getattr(manager.batch_processor, "cache", None)
+        blocks, size = getattr(cache, "num_blocks", None), getattr(cache, "block_size", None)
+        if blocks and size:
+            row.slots = blocks * size // longest
+            row.note += f", KV cache of {blocks} blocks x {size} tokens"
+        manager.start()
+
+        def add(i):
+            manager.add_request(prompts[i], request_id=f"w{i}", max_new_tokens=requests[i].output_len,
+                                record_timestamps=True, eos_token_id=-1)
+
+        per_request, spans, t0 = _serve(add, lambda timeout: manager.get_result(timeout=timeout), manager.is_running,
+                                        requests, prompts, model.device)
+    finally:
+        if manager is not None:
+            manager.stop(block=True)
+            manager.destroy()
+        if model.config._attn_implementation != original_attn:
+            model.set_attn_implementation(original_attn)
+    row.max_concurrent = max_overlap(spans)
+    return _finish_row(row, requests, per_request, t0)
+
+
+def warm_shadowkv_slots(slots, vocab: int, length: int) -> None:
+    """Untimed: one short request through ``slots`` (compiles its step, captures its CUDA graph)."""
+    from shadowkv_fx.serving import generate_batch
+
+    torch.manual_seed(0)
+    prompt = torch.randint(3, vocab, (length,)).tolist()
+    generate_batch(slots, [prompt], max_new_tokens=3, eos_token_id=-1, do_sample=False)
+
+
+def run_shadowkv_cb(model, requests: list[WorkloadRequest], prompts: list[list[int]], slots: int,
+                    prefill_chunk: int, warm_length: int) -> WorkloadRow:
+    """``ServingManager`` over ``ShadowKVSlots`` of ``slots`` rows, sized for the longest request."""
+    from shadowkv_fx.serving import ServingManager, ShadowKVSlots
+
+    longest = max(r.prompt_len + r.output_len for r in requests)
+    backend = ShadowKVSlots(model, slots, longest, prefill_chunk)
+    warm_shadowkv_slots(backend, model.config.vocab_size, warm_length)
+    row = WorkloadRow("shadowkv-cb", slots, len(requests), note=f"ShadowKVSlots, prefill pieces of {prefill_chunk}")
+    with ServingManager(backend) as manager:
+        def add(i):
+            manager.add_request(prompts[i], request_id=f"w{i}", max_new_tokens=requests[i].output_len,
+                                eos_token_id=-1, do_sample=False, record_timestamps=True)
+
+        per_request, spans, t0 = _serve(add, lambda timeout: manager.get_result(timeout=timeout),
+                                        manager.is_running, requests, prompts, model.device)
+    row.max_concurrent = max_overlap(spans)
+    return _finish_row(row, requests, per_request, t0)
+
+
+class _FirstToken:
+    """A ``generate()`` streamer that notes when the first generated token arrives."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:  # the first call hands over the prompt
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def _padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask ``[B, longest]``."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _generate(model, prompts: list[list[int]], new_tokens: int, pad: int, streamer=None) -> torch.Tensor:
+    ids, mask = _padded(prompts, pad, model.device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=pad, streamer=streamer)
+    return out[:, ids.shape[1]:]
+
+
+def run_shadowkv_static(model, requests: list[WorkloadRequest], prompts: list[list[int]], batch: int,
+                        warm_length: int) -> WorkloadRow:
+    """Static batches of ``batch`` in arrival order, each ``generate()`` to its longest output."""
+    order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+    groups = [order[k:k + batch] for k in range(0, len(order), batch)]
+    pad = model.generation_config.pad_token_id
+    pad = 0 if pad is None or pad < 0 else pad
+    warm = torch.randint(3, model.config.vocab_size, (warm_length,), generator=torch.Generator().manual_seed(0)).tolist()
+    for size in sorted({len(g) for g in groups}):  # untimed: compile each batch size's decode step
+        _generate(model, [warm] * size, 3, pad)
+    row = WorkloadRow("shadowkv-static", batch, len(requests), max_concurrent=max(len(g) for g in groups),
+                      note=f"generate() in {len(groups)} batch(es), left-padded")
+    per_request: dict[int, dict] = {}
+    _sync(model.device)
+    t0 = time.perf_counter()
+    for group in groups:
+        delay = t0 + max(requests[i].arrival_s for i in group) - time.perf_counter()
+        if delay > 0:  # a static batch starts once it is full
+            time.sleep(delay)
+        new_tokens = max(requests[i].output_len for i in group)
+        streamer = _FirstToken()
+        out = _generate(model, [prompts[i] for i in group], new_tokens, pad, streamer)
+        _sync(model.device)
+        end = time.perf_counter() - t0
+        produced = int(out.shape[1])  # every row generated this many; each counts its own length
+        if produced != new_tokens or streamer.first is None:
+            raise RuntimeError(f"generate() of a static batch gave {produced} tokens, not {new_tokens}")
+        for i in group:
+            r = requests[i]
+            per_request[i] = {"prompt_len": r.prompt_len, "output_len": r.output_len,
+                              "generated": r.output_len, "end_s": end, "ttft_s": streamer.first - t0 - r.arrival_s}
+    return _finish_row(row, requests, [per_request[i] for i in range(len(requests))], t0)
+
+
+def run_workload(model, requests: list[WorkloadRequest], config, slots: int | None = None,
+                 methods: tuple[str, ...] = METHODS, prefill_chunk: int = 4096, optimize=None,
+                 cb_overrides: dict | None = None, progress=print, seed: int = 0) -> list[WorkloadRow]:
+    """Every method of ``methods`` over ``requests`` on ``model`` (plain; ``optimize(model, config)``
+    turns it into ShadowKV after the dense method, default ``bench.ensure_optimized``). ``slots``
+    None: the preflight's largest batch at the longest prompt and output (a GPU), capped at the
+    number of requests. A method that fails gets a row with its error."""
+    from shadowkv_fx import bench
+
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown workload methods {sorted(unknown)}; known: {METHODS}")
+    prompts = make_prompts(requests, model.config.vocab_size, seed)
+    warm_length = min(WARM_PROMPT, min(r.prompt_len for r in requests))
+    rows = []
+
+    def attempt(method, fn):
+        progress(f"workload: {method}")
+        if torch.cuda.is_available():
+            bench._release_memory()
+        try:
+            rows.append(fn())
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError, ValueError) as exc:
+            rows.append(WorkloadRow(method, slots, len(requests), error=f"{type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0][:200]}"))
+        progress(f"workload: {method} done: {rows[-1].error or f'{rows[-1].tok_s:.1f} tok/s'}")
+
+    if "dense-cb" in methods:
+        attempt("dense-cb", lambda: run_dense_cb(model, requests, prompts, cb_overrides))
+    if not {"shadowkv-cb", "shadowkv-static"} & set(methods):
+        return rows
+    if getattr(model, "_shadowkv", None) is None:
+        (optimize or bench.ensure_optimized)(model, config)
+    if slots is None:
+        if model.device.type != "cuda":
+            raise ValueError("the default slots come from the GPU preflight: give slots on a CPU")
+        bench._release_memory()
+        slots = bench.largest_batch(model, max(r.prompt_len for r in requests), config,
+                                    max(r.output_len for r in requests)).largest
+    slots = max(1, min(slots, len(requests)))
+    progress(f"workload: {slots} slots")
+    if "shadowkv-cb" in methods:
+        attempt("shadowkv-cb", lambda: run_shadowkv_cb(model, requests, prompts, slots, prefill_chunk, warm_length))
+    if "shadowkv-static" in methods:
+        attempt("shadowkv-static", lambda: run_shadowkv_static(model, requests, prompts, slots, warm_length))
+    return rows
