@@ -266,9 +266,12 @@ def _workload(settings: dict, config: ShadowKVConfig, methods: list[str], out: P
             status.update(msg)
             console.log(msg)
 
+        def write(rows) -> str:
+            return workload_report.write(out, rows, requests, settings, torch.cuda.get_device_name())
+
         rows = wl.run_workload(model, requests, config, settings["slots"], tuple(methods),
-                               settings["prefill_chunk"], progress=progress, seed=settings["seed"])
-    console.print(workload_report.write(out, rows, requests, settings, torch.cuda.get_device_name()))
+                               settings["prefill_chunk"], progress=progress, seed=settings["seed"], on_row=write)
+    console.print(write(rows))
 
 
 @app.command("save-random-model")

@@ -23,28 +23,24 @@ first streamed token for static) p50 / p95. Untimed warm-up first (compiles, CUD
 of the slots' step, transformers' ``warmup``); a static batch's CUDA graph capture is timed, as a
 server would pay it per batch.
 
-GPU commands (one H100; not yet run, so no measured numbers here). The full workload::
-
-    shadowkv-fx bench --workload --workload-requests 16 --workload-min-context 32768 \\
-        --workload-max-context 124928 --out bench_out/workload_122k
-
-A rough time budget from earlier measurements of the 8B shape (122K prefill ~11 s a sequence,
-ShadowKV decode ~38 ms a step at batch 12, dense prefill ~10 s a sequence and ~27 ms a step at
-batch 4): mean prompt ~78K, so ~7 s of prefill a request, ~110 s per method for 16 prompts;
-outputs average ~1060 tokens, the longest ~2048 steps (~80 s at ~38 ms). Static: two batches
-(12 + 4), each its prefill plus ~2048 steps, ~230 s; continuous: ~110 s of prefill plus ~80 s of
-decode, overlapping, ~150-200 s; dense at ~4 at once: ~110 s of prefill plus ~16 x 1060 / 4
-steps at ~30 ms, ~240 s. About 10-11 minutes in all with the model build and compiles: over the
-8-minute budget, so the merger's first run is the smaller one::
+GPU commands (one H100, each meant to end within ~8 minutes; not run yet, so no numbers here)::
 
     shadowkv-fx bench --workload --workload-requests 16 --workload-min-context 8192 \\
-        --workload-max-context 32768 --out bench_out/workload_32k
+        --workload-max-context 32768 --workload-slots 4 --out bench_out/workload_32k
+    shadowkv-fx bench --workload --workload-requests 10 --workload-min-context 32768 \\
+        --workload-max-context 124928 --workload-max-output 1024 --workload-slots 3 \\
+        --out bench_out/workload_122k
 
-(prefill ~1-2 s a request, ~25 s per method; decode as above: ~4-5 minutes in all), then the
-122K one with ``--workload-requests 12 --workload-max-output 1024`` if time allows.
+Estimated from earlier 8B-shape measurements, not measured: ~90 s of set-up (model, compiles,
+warm-ups); a 122K prefill ~11 s a sequence (~7 s at the 78K mean), 32K ~2 s; decode steps of
+~15-40 ms. Slots are set below the preflight's (~11 at 122K) so that the stream is several times
+the slots, where continuous batching differs from static; the issue's full stream (16 requests,
+outputs to 2048, preflight slots) would take ~13 minutes, past one 10-minute command.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -128,8 +124,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _finish_row(row: WorkloadRow, requests: list[WorkloadRequest], per_request: list[dict], t0: float) -> WorkloadRow:
-    """Fill ``row``'s totals from each request's result (``ttft_s`` and ``end_s`` relative to t0)."""
+def _finish_row(row: WorkloadRow, per_request: list[dict]) -> WorkloadRow:
+    """Fill ``row``'s totals from each request's result (``ttft_s``, ``end_s``: seconds from the stream's start)."""
     row.per_request = per_request
     row.total_s = max(p["end_s"] for p in per_request)
     row.requests_per_hour = 3600 * len(per_request) / row.total_s
@@ -139,11 +135,11 @@ def _finish_row(row: WorkloadRow, requests: list[WorkloadRequest], per_request: 
     return row
 
 
-def _serve(add, get_result, alive, requests: list[WorkloadRequest], prompts: list[list[int]],
-           device: torch.device) -> tuple[list[dict], list[tuple[float, float]], float]:
+def _serve(add, get_result, alive, requests: list[WorkloadRequest],
+           device: torch.device) -> tuple[list[dict], list[tuple[float, float]]]:
     """Feed the stream to a running manager (``add(i)`` queues request i, ``get_result(timeout)`` takes
     a finished ``GenerationOutput`` or None) at its arrival times; every request's result, the
-    lifespans, and t0 (the stream's start, ``time.perf_counter``, the clock of the outputs' timestamps)."""
+    lifespans; times count from the stream's start (``time.perf_counter``, the outputs' clock)."""
     _sync(device)
     t0 = time.perf_counter()
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
@@ -173,7 +169,7 @@ def _serve(add, get_result, alive, requests: list[WorkloadRequest], prompts: lis
                             "generated": len(out.generated_tokens), "ttft_s": stamps[0] - t0 - r.arrival_s,
                             "end_s": max(out.lifespan[1], stamps[-1]) - t0})
         spans.append(tuple(out.lifespan))
-    return per_request, spans, t0
+    return per_request, spans
 
 
 def _cb_attention(model, cb_kwargs: dict) -> dict:
@@ -226,8 +222,8 @@ def run_dense_cb(model, requests: list[WorkloadRequest], prompts: list[list[int]
             manager.add_request(prompts[i], request_id=f"w{i}", max_new_tokens=requests[i].output_len,
                                 record_timestamps=True, eos_token_id=-1)
 
-        per_request, spans, t0 = _serve(add, lambda timeout: manager.get_result(timeout=timeout), manager.is_running,
-                                        requests, prompts, model.device)
+        per_request, spans = _serve(add, lambda timeout: manager.get_result(timeout=timeout), manager.is_running,
+                                        requests, model.device)
     finally:
         if manager is not None:
             manager.stop(block=True)
@@ -235,7 +231,22 @@ def run_dense_cb(model, requests: list[WorkloadRequest], prompts: list[list[int]
         if model.config._attn_implementation != original_attn:
             model.set_attn_implementation(original_attn)
     row.max_concurrent = max_overlap(spans)
-    return _finish_row(row, requests, per_request, t0)
+    return _finish_row(row, per_request)
+
+
+@contextlib.contextmanager
+def _eos_off_quietly():
+    """Drops transformers' warning, said per request, that eos -1 never stops a generation (on purpose here)."""
+    target = logging.getLogger("transformers.generation.utils")
+
+    def quiet(record: logging.LogRecord) -> bool:
+        return "should consist of positive integers" not in record.getMessage()
+
+    target.addFilter(quiet)
+    try:
+        yield
+    finally:
+        target.removeFilter(quiet)
 
 
 def warm_shadowkv_slots(slots, vocab: int, length: int) -> None:
@@ -254,17 +265,18 @@ def run_shadowkv_cb(model, requests: list[WorkloadRequest], prompts: list[list[i
 
     longest = max(r.prompt_len + r.output_len for r in requests)
     backend = ShadowKVSlots(model, slots, longest, prefill_chunk)
-    warm_shadowkv_slots(backend, model.config.vocab_size, warm_length)
     row = WorkloadRow("shadowkv-cb", slots, len(requests), note=f"ShadowKVSlots, prefill pieces of {prefill_chunk}")
-    with ServingManager(backend) as manager:
-        def add(i):
-            manager.add_request(prompts[i], request_id=f"w{i}", max_new_tokens=requests[i].output_len,
-                                eos_token_id=-1, do_sample=False, record_timestamps=True)
+    with _eos_off_quietly():
+        warm_shadowkv_slots(backend, model.config.vocab_size, warm_length)
+        with ServingManager(backend) as manager:
+            def add(i):
+                manager.add_request(prompts[i], request_id=f"w{i}", max_new_tokens=requests[i].output_len,
+                                    eos_token_id=-1, do_sample=False, record_timestamps=True)
 
-        per_request, spans, t0 = _serve(add, lambda timeout: manager.get_result(timeout=timeout),
-                                        manager.is_running, requests, prompts, model.device)
+            per_request, spans = _serve(add, lambda timeout: manager.get_result(timeout=timeout),
+                                            manager.is_running, requests, model.device)
     row.max_concurrent = max_overlap(spans)
-    return _finish_row(row, requests, per_request, t0)
+    return _finish_row(row, per_request)
 
 
 class _FirstToken:
@@ -282,23 +294,17 @@ class _FirstToken:
         pass
 
 
-def _padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask ``[B, longest]``."""
+def _generate(model, prompts: list[list[int]], new_tokens: int, pad: int, streamer=None) -> torch.Tensor:
+    """``generate()`` of the prompts left-padded to the longest; the new tokens ``[B, new_tokens]``."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
         ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _generate(model, prompts: list[list[int]], new_tokens: int, pad: int, streamer=None) -> torch.Tensor:
-    ids, mask = _padded(prompts, pad, model.device)
+    mask = torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=pad, streamer=streamer)
-    return out[:, ids.shape[1]:]
+        out = model.generate(ids.to(model.device), attention_mask=mask.long().to(model.device), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad, streamer=streamer)
+    return out[:, width:]
 
 
 def run_shadowkv_static(model, requests: list[WorkloadRequest], prompts: list[list[int]], batch: int,
@@ -332,21 +338,24 @@ def run_shadowkv_static(model, requests: list[WorkloadRequest], prompts: list[li
             r = requests[i]
             per_request[i] = {"prompt_len": r.prompt_len, "output_len": r.output_len,
                               "generated": r.output_len, "end_s": end, "ttft_s": streamer.first - t0 - r.arrival_s}
-    return _finish_row(row, requests, [per_request[i] for i in range(len(requests))], t0)
+    return _finish_row(row, [per_request[i] for i in range(len(requests))])
 
 
 def run_workload(model, requests: list[WorkloadRequest], config, slots: int | None = None,
                  methods: tuple[str, ...] = METHODS, prefill_chunk: int = 4096, optimize=None,
-                 cb_overrides: dict | None = None, progress=print, seed: int = 0) -> list[WorkloadRow]:
+                 cb_overrides: dict | None = None, progress=print, seed: int = 0, on_row=None) -> list[WorkloadRow]:
     """Every method of ``methods`` over ``requests`` on ``model`` (plain; ``optimize(model, config)``
     turns it into ShadowKV after the dense method, default ``bench.ensure_optimized``). ``slots``
     None: the preflight's largest batch at the longest prompt and output (a GPU), capped at the
-    number of requests. A method that fails gets a row with its error."""
+    number of requests. A method that fails gets a row with its error. ``on_row(rows)`` after each
+    method (the CLI writes its files there: a run cut short keeps the rows it finished)."""
     from shadowkv_fx import bench
 
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown workload methods {sorted(unknown)}; known: {METHODS}")
+    if slots is None and {"shadowkv-cb", "shadowkv-static"} & set(methods) and model.device.type != "cuda":
+        raise ValueError("the default slots come from the GPU preflight: give slots on a CPU")
     prompts = make_prompts(requests, model.config.vocab_size, seed)
     warm_length = min(WARM_PROMPT, min(r.prompt_len for r in requests))
     rows = []
@@ -357,10 +366,12 @@ def run_workload(model, requests: list[WorkloadRequest], config, slots: int | No
             bench._release_memory()
         try:
             rows.append(fn())
-        except (torch.OutOfMemoryError, MemoryError, RuntimeError, ValueError) as exc:
-            rows.append(WorkloadRow(method, slots, len(requests), error=f"{type(exc).__name__}: "
-                                    f"{str(exc).splitlines()[0][:200]}"))
+        except Exception as exc:  # noqa: BLE001 - one method's failure is its row; the others still run
+            message = (str(exc).splitlines() or [""])[0][:200]
+            rows.append(WorkloadRow(method, slots, len(requests), error=f"{type(exc).__name__}: {message}"))
         progress(f"workload: {method} done: {rows[-1].error or f'{rows[-1].tok_s:.1f} tok/s'}")
+        if on_row is not None:
+            on_row(rows)
 
     if "dense-cb" in methods:
         attempt("dense-cb", lambda: run_dense_cb(model, requests, prompts, cb_overrides))
@@ -369,11 +380,11 @@ def run_workload(model, requests: list[WorkloadRequest], config, slots: int | No
     if getattr(model, "_shadowkv", None) is None:
         (optimize or bench.ensure_optimized)(model, config)
     if slots is None:
-        if model.device.type != "cuda":
-            raise ValueError("the default slots come from the GPU preflight: give slots on a CPU")
         bench._release_memory()
+        # one row fewer than the preflight's static batch: continuous batching prefills each prompt in a
+        # batch-1 cache of its own beside the running rows, on the GPU and in pinned host memory
         slots = bench.largest_batch(model, max(r.prompt_len for r in requests), config,
-                                    max(r.output_len for r in requests)).largest
+                                    max(r.output_len for r in requests)).largest - 1
     slots = max(1, min(slots, len(requests)))
     progress(f"workload: {slots} slots")
     if "shadowkv-cb" in methods:

@@ -126,3 +126,20 @@ def test_percentile_and_overlap():
     assert wb.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == pytest.approx(4.8)
     assert wb.max_overlap([(0, 2), (1, 3), (2.5, 4), (5, 6)]) == 2
     assert wb.max_overlap([(0, 1), (1, 2)]) == 1  # one ends as the next starts
+
+
+def test_default_slots_need_the_gpu_preflight():
+    """On a CPU the slots must be given: refused before any method runs."""
+    model = tiny_pair("llama")[0]
+    with pytest.raises(ValueError, match="give slots"):
+        wb.run_workload(model, wb.make_requests(2, 24, 40, 2, 3, CHUNK), config(), progress=lambda m: None)
+
+
+def test_a_failing_method_is_its_row_and_the_rest_run(served):
+    """dense-cb refuses a model optimize() rewrote: its row says so, and the ShadowKV method after it runs."""
+    model = served[0]
+    requests = wb.make_requests(2, 24, 40, 2, 3, CHUNK, seed=5)
+    dense, cb = wb.run_workload(model, requests, config(), slots=SLOTS, methods=("dense-cb", "shadowkv-cb"),
+                                progress=lambda m: None)
+    assert dense.method == "dense-cb" and "plain model" in dense.error and dense.tok_s is None
+    assert cb.error is None and [p["generated"] for p in cb.per_request] == [r.output_len for r in requests]
