@@ -174,9 +174,11 @@ def bench(
     workload_slots: int = typer.Option(0, help="ShadowKV slots and static batch; 0: the preflight's largest batch "
                                        "at the longest prompt and output"),
     workload_prefill_chunk: int = typer.Option(4096, help="tokens per prefill piece of ShadowKV continuous batching"),
-    workload_methods: str = typer.Option("dense-cb,shadowkv-cb,shadowkv-static", help="of dense-cb, shadowkv-cb, "
-                                         "shadowkv-static"),
+    workload_methods: str = typer.Option("shadowkv-cb,shadowkv-static,dense-cb", help="of shadowkv-cb, "
+                                         "shadowkv-static, dense-cb (run in that order)"),
     workload_seed: int = 0,
+    workload_limit_s: float = typer.Option(0.0, help="a method still running after this many seconds is stopped; "
+                                           "its row bounds its tokens/s; 0: no limit"),
 ):
     """Decode throughput, ShadowKV against dense HF (eager and compiled static cache), one run.
 
@@ -205,7 +207,8 @@ def bench(
         settings = {"requests": workload_requests, "min_context": workload_min_context, "max_context":
                     workload_max_context, "min_output": workload_min_output, "max_output": workload_max_output,
                     "rate": workload_rate, "slots": workload_slots or None, "prefill_chunk": workload_prefill_chunk,
-                    "seed": workload_seed, "layers": layers, "config": dataclasses.asdict(config)}
+                    "seed": workload_seed, "limit_s": workload_limit_s or None, "layers": layers,
+                    "config": dataclasses.asdict(config)}
         _workload(settings, config, workload_methods.split(","), out, model_dir, layers)
         return
     unknown = set(methods.split(",")) - set(b.METHODS)
@@ -270,7 +273,8 @@ def _workload(settings: dict, config: ShadowKVConfig, methods: list[str], out: P
             return workload_report.write(out, rows, requests, settings, torch.cuda.get_device_name())
 
         rows = wl.run_workload(model, requests, config, settings["slots"], tuple(methods),
-                               settings["prefill_chunk"], progress=progress, seed=settings["seed"], on_row=write)
+                               settings["prefill_chunk"], progress=progress, seed=settings["seed"], on_row=write,
+                               limit_s=settings["limit_s"])
     console.print(write(rows))
 
 

@@ -6,57 +6,59 @@ rounded down to the chunk size, output lengths uniform in [min, max] output, arr
 random token ids. Every request generates exactly its output length: eos is off (``eos_token_id``
 -1 for the continuous batchers, ``min_new_tokens`` for ``generate()``).
 
-Methods, run in this order on one model (dense first, before ``optimize`` rewrites its forward):
+Methods, run in this order on one model (ShadowKV first, so a run cut short keeps its rows):
 
-- ``dense-cb``: transformers' own continuous batching (``model.init_continuous_batching``, what
-  ``model.generate_batch`` runs; paged attention, ``paged|<the model's attention>``), its KV cache
-  sized by transformers from free GPU memory: the most requests at once that fit.
-- ``shadowkv-cb``: ``ServingManager`` over ``ShadowKVSlots`` of ``slots`` rows (default: the
-  preflight's largest static batch at the longest prompt and output).
+- ``shadowkv-cb``: ``ServingManager`` over ``ShadowKVSlots`` of ``slots`` rows (default: one below
+  the preflight's largest static batch at the longest prompt and output).
 - ``shadowkv-static``: the same requests in arrival order, in static batches of ``slots``; a batch
   starts once its last request has arrived and the previous batch ended, runs ``generate()`` until
   its longest output ends (left-padded prompts), and a row counts only its own output length.
+- ``dense-cb``: the model ``restore``d, served by transformers' own continuous batching
+  (``model.init_continuous_batching``, what ``model.generate_batch`` runs), its paged KV cache
+  sized by transformers from free GPU memory: as many requests at once as fit. It switches to
+  flash attention where the flash_attn package is installed; without it, ``paged|sdpa`` gathers
+  every running request's keys and values, repeated per query head, for each layer and step.
 
 Per method: seconds from the first arrival to the last token, requests/hour, generated tokens/s,
 time to first token (arrival to first token: the token's timestamp for the batchers, the batch's
 first streamed token for static) p50 / p95. Untimed warm-up first (compiles, CUDA graph capture
 of the slots' step, transformers' ``warmup``); a static batch's CUDA graph capture is timed, as a
-server would pay it per batch.
+server would pay it per batch. ``--workload-limit-s``: a method still running then is stopped,
+and its row gives the bound that implies (tokens/s below all tokens / limit).
 
 GPU commands (one H100, each meant to end within ~8 minutes; not run yet, so no numbers here)::
 
     shadowkv-fx bench --workload --workload-requests 16 --workload-min-context 8192 \\
-        --workload-max-context 32768 --workload-slots 4 --out bench_out/workload_32k
+        --workload-max-context 32768 --workload-slots 4 --workload-limit-s 150 \\
+        --out bench_out/workload_32k
     shadowkv-fx bench --workload --workload-requests 10 --workload-min-context 32768 \\
         --workload-max-context 124928 --workload-max-output 1024 --workload-slots 3 \\
-        --out bench_out/workload_122k
+        --workload-limit-s 150 --out bench_out/workload_122k
 
 Estimated from earlier 8B-shape measurements, not measured: ~90 s of set-up (model, compiles,
-warm-ups); a 122K prefill ~11 s a sequence (~7 s at the 78K mean), 32K ~2 s; decode steps of
-~15-40 ms. Slots are set below the preflight's (~11 at 122K) so that the stream is several times
-the slots, where continuous batching differs from static; the issue's full stream (16 requests,
-outputs to 2048, preflight slots) would take ~13 minutes, past one 10-minute command.
+warm-ups); a 122K prefill ~11 s a sequence (~7 s at the 78K mean), 32K ~2 s; ShadowKV decode
+steps of ~15-40 ms; ~100-150 s for each ShadowKV method. Slots are set below the preflight's (~11
+at 122K) so that the stream is several times the slots, where continuous batching differs from
+static. Dense without flash_attn moves several times its KV cache's bytes per step (a gather, a
+per-head repeat, then attention): the limit may stop it (its row then bounds it). The issue's full stream (16 requests, outputs to 2048,
+preflight slots) would take ~13 minutes or more, past one 10-minute command.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-METHODS = ("dense-cb", "shadowkv-cb", "shadowkv-static")
+from shadowkv_fx.workload_stream import WorkloadRequest, make_prompts, make_requests, max_overlap, percentile
+
+__all__ = ["METHODS", "WorkloadRequest", "WorkloadRow", "make_prompts", "make_requests", "max_overlap", "percentile",
+           "run_workload"]
+METHODS = ("shadowkv-cb", "shadowkv-static", "dense-cb")  # the order they run in
 WARM_PROMPT = 4096  # tokens of the warm-up prompts: compiles and captures, a few seconds of prefill
 _POLL_S = 1.0  # how long a wait for a result blocks before checking that the serving loop is alive
-
-
-@dataclass
-class WorkloadRequest:
-    prompt_len: int
-    output_len: int
-    arrival_s: float  # after the stream starts
 
 
 @dataclass
@@ -75,50 +77,6 @@ class WorkloadRow:
     per_request: list = field(default_factory=list)  # dicts: prompt_len, output_len, generated, ttft_s, end_s
 
 
-def make_requests(n: int, min_context: int, max_context: int, min_output: int, max_output: int, chunk: int,
-                  rate: float = 0.0, seed: int = 0) -> list[WorkloadRequest]:
-    """The seeded request stream; ``rate`` > 0: Poisson arrivals at ``rate`` requests/s, else all at 0."""
-    if n < 1 or chunk < 1 or not 0 < min_context <= max_context or not 0 < min_output <= max_output or rate < 0:
-        raise ValueError(f"a workload needs n >= 1 requests, 0 < min_context <= max_context, 0 < min_output <= "
-                         f"max_output and rate >= 0 (0: all at t=0), got n={n}, contexts [{min_context}, "
-                         f"{max_context}], outputs [{min_output}, {max_output}], rate {rate}")
-    if max_context // chunk * chunk < min_context:
-        raise ValueError(f"no multiple of the chunk size {chunk} lies in [{min_context}, {max_context}]: "
-                         "widen the context range")
-    rng, t, out = random.Random(seed), 0.0, []
-    for _ in range(n):
-        prompt = max(rng.randint(min_context, max_context) // chunk * chunk, -(-min_context // chunk) * chunk)
-        if rate > 0:
-            t += rng.expovariate(rate)
-        out.append(WorkloadRequest(prompt, rng.randint(min_output, max_output), t if rate > 0 else 0.0))
-    return out
-
-
-def make_prompts(requests: list[WorkloadRequest], vocab: int, seed: int = 0) -> list[list[int]]:
-    """Random token ids (3 and up: never the pad / bos / eos ids of the small test models)."""
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (r.prompt_len,), generator=gen).tolist() for r in requests]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated ``q``-th percentile (numpy's default)."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def max_overlap(spans: list[tuple[float, float]]) -> int:
-    """Most of the ``(start, end)`` intervals open at one time."""
-    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
-    best = now = 0
-    for _, step in edges:
-        now += step
-        best = max(best, now)
-    return best
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -135,8 +93,20 @@ def _finish_row(row: WorkloadRow, per_request: list[dict]) -> WorkloadRow:
     return row
 
 
-def _serve(add, get_result, alive, requests: list[WorkloadRequest],
-           device: torch.device) -> tuple[list[dict], list[tuple[float, float]]]:
+class Overtime(RuntimeError):
+    """A method ran past its ``limit_s``: stopped, its row says how far it got."""
+
+
+def _over(limit_s: float | None, t0: float, requests: list[WorkloadRequest], done: int) -> None:
+    if limit_s and time.perf_counter() - t0 > limit_s:
+        # it needs longer than limit_s for the whole stream, so its tokens/s is below this
+        bound = sum(r.output_len for r in requests) / limit_s
+        raise Overtime(f"stopped after {limit_s:.0f} s, {done} of {len(requests)} requests finished: "
+                       f"tokens/s below {bound:.1f}")
+
+
+def _serve(add, get_result, alive, requests: list[WorkloadRequest], device: torch.device,
+           limit_s: float | None = None) -> tuple[list[dict], list[tuple[float, float]]]:
     """Feed the stream to a running manager (``add(i)`` queues request i, ``get_result(timeout)`` takes
     a finished ``GenerationOutput`` or None) at its arrival times; every request's result, the
     lifespans; times count from the stream's start (``time.perf_counter``, the outputs' clock)."""
@@ -150,6 +120,7 @@ def _serve(add, get_result, alive, requests: list[WorkloadRequest],
             time.sleep(delay)
         add(i)
     while len(outputs) < len(requests):
+        _over(limit_s, t0, requests, len(outputs))
         result = get_result(_POLL_S)
         if result is None:
             if not alive():
@@ -191,7 +162,7 @@ def _cb_attention(model, cb_kwargs: dict) -> dict:
 
 
 def run_dense_cb(model, requests: list[WorkloadRequest], prompts: list[list[int]],
-                 cb_overrides: dict | None = None) -> WorkloadRow:
+                 cb_overrides: dict | None = None, limit_s: float | None = None) -> WorkloadRow:
     """transformers' continuous batching of the plain model (its KV cache sized by transformers
     unless ``cb_overrides`` sets ``ContinuousBatchingConfig`` fields, e.g. ``num_blocks`` on a CPU)."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -203,7 +174,7 @@ def run_dense_cb(model, requests: list[WorkloadRequest], prompts: list[list[int]
     gen_config = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=max(r.output_len for r in requests))
     hints = WorkloadHints(max_prompt_length=max(r.prompt_len for r in requests),
                           max_generated_length=max(r.output_len for r in requests), num_requests=len(requests))
-    original_attn, manager = model.config._attn_implementation, None
+    original_attn, manager, cut = model.config._attn_implementation, None, True
     row = WorkloadRow("dense-cb", None, len(requests))
     try:
         cb_kwargs = _cb_attention(model, dict(cb_overrides or {}))
@@ -223,10 +194,11 @@ def run_dense_cb(model, requests: list[WorkloadRequest], prompts: list[list[int]
                                 record_timestamps=True, eos_token_id=-1)
 
         per_request, spans = _serve(add, lambda timeout: manager.get_result(timeout=timeout), manager.is_running,
-                                        requests, model.device)
+                                    requests, model.device, limit_s)
+        cut = False
     finally:
         if manager is not None:
-            manager.stop(block=True)
+            manager.stop(block=True, hard_stop=cut)  # after an error, what is still open is dropped
             manager.destroy()
         if model.config._attn_implementation != original_attn:
             model.set_attn_implementation(original_attn)
@@ -259,7 +231,7 @@ def warm_shadowkv_slots(slots, vocab: int, length: int) -> None:
 
 
 def run_shadowkv_cb(model, requests: list[WorkloadRequest], prompts: list[list[int]], slots: int,
-                    prefill_chunk: int, warm_length: int) -> WorkloadRow:
+                    prefill_chunk: int, warm_length: int, limit_s: float | None = None) -> WorkloadRow:
     """``ServingManager`` over ``ShadowKVSlots`` of ``slots`` rows, sized for the longest request."""
     from shadowkv_fx.serving import ServingManager, ShadowKVSlots
 
@@ -274,7 +246,7 @@ def run_shadowkv_cb(model, requests: list[WorkloadRequest], prompts: list[list[i
                                     eos_token_id=-1, do_sample=False, record_timestamps=True)
 
             per_request, spans = _serve(add, lambda timeout: manager.get_result(timeout=timeout),
-                                            manager.is_running, requests, model.device)
+                                        manager.is_running, requests, model.device, limit_s)
     row.max_concurrent = max_overlap(spans)
     return _finish_row(row, per_request)
 
@@ -308,7 +280,7 @@ def _generate(model, prompts: list[list[int]], new_tokens: int, pad: int, stream
 
 
 def run_shadowkv_static(model, requests: list[WorkloadRequest], prompts: list[list[int]], batch: int,
-                        warm_length: int) -> WorkloadRow:
+                        warm_length: int, limit_s: float | None = None) -> WorkloadRow:
     """Static batches of ``batch`` in arrival order, each ``generate()`` to its longest output."""
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
     groups = [order[k:k + batch] for k in range(0, len(order), batch)]
@@ -323,6 +295,7 @@ def run_shadowkv_static(model, requests: list[WorkloadRequest], prompts: list[li
     _sync(model.device)
     t0 = time.perf_counter()
     for group in groups:
+        _over(limit_s, t0, requests, len(per_request))
         delay = t0 + max(requests[i].arrival_s for i in group) - time.perf_counter()
         if delay > 0:  # a static batch starts once it is full
             time.sleep(delay)
@@ -343,18 +316,23 @@ def run_shadowkv_static(model, requests: list[WorkloadRequest], prompts: list[li
 
 def run_workload(model, requests: list[WorkloadRequest], config, slots: int | None = None,
                  methods: tuple[str, ...] = METHODS, prefill_chunk: int = 4096, optimize=None,
-                 cb_overrides: dict | None = None, progress=print, seed: int = 0, on_row=None) -> list[WorkloadRow]:
-    """Every method of ``methods`` over ``requests`` on ``model`` (plain; ``optimize(model, config)``
-    turns it into ShadowKV after the dense method, default ``bench.ensure_optimized``). ``slots``
-    None: the preflight's largest batch at the longest prompt and output (a GPU), capped at the
-    number of requests. A method that fails gets a row with its error. ``on_row(rows)`` after each
-    method (the CLI writes its files there: a run cut short keeps the rows it finished)."""
+                 cb_overrides: dict | None = None, progress=print, seed: int = 0, on_row=None,
+                 limit_s: float | None = None) -> list[WorkloadRow]:
+    """Every method of ``methods`` over ``requests`` on ``model``, in ``METHODS``' order: ShadowKV
+    first (``optimize(model, config)``, default ``bench.ensure_optimized``, unless it is optimized
+    already), then dense on the model ``restore``d (it ends dense). ``slots`` None: one below the
+    preflight's largest batch at the longest prompt and output (a GPU), capped at the number of
+    requests. A method that fails, or runs past ``limit_s`` seconds, gets a row with its error.
+    ``on_row(rows)`` after each method (the CLI writes its files there: a run cut short keeps the
+    rows it finished)."""
+    import shadowkv_fx
     from shadowkv_fx import bench
 
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown workload methods {sorted(unknown)}; known: {METHODS}")
-    if slots is None and {"shadowkv-cb", "shadowkv-static"} & set(methods) and model.device.type != "cuda":
+    shadowkv = [m for m in METHODS[:2] if m in methods]
+    if slots is None and shadowkv and model.device.type != "cuda":
         raise ValueError("the default slots come from the GPU preflight: give slots on a CPU")
     prompts = make_prompts(requests, model.config.vocab_size, seed)
     warm_length = min(WARM_PROMPT, min(r.prompt_len for r in requests))
@@ -373,22 +351,24 @@ def run_workload(model, requests: list[WorkloadRequest], config, slots: int | No
         if on_row is not None:
             on_row(rows)
 
-    if "dense-cb" in methods:
-        attempt("dense-cb", lambda: run_dense_cb(model, requests, prompts, cb_overrides))
-    if not {"shadowkv-cb", "shadowkv-static"} & set(methods):
-        return rows
-    if getattr(model, "_shadowkv", None) is None:
-        (optimize or bench.ensure_optimized)(model, config)
-    if slots is None:
-        bench._release_memory()
-        # one row fewer than the preflight's static batch: continuous batching prefills each prompt in a
-        # batch-1 cache of its own beside the running rows, on the GPU and in pinned host memory
-        slots = bench.largest_batch(model, max(r.prompt_len for r in requests), config,
-                                    max(r.output_len for r in requests)).largest - 1
-    slots = max(1, min(slots, len(requests)))
-    progress(f"workload: {slots} slots")
+    if shadowkv:
+        if getattr(model, "_shadowkv", None) is None:
+            (optimize or bench.ensure_optimized)(model, config)
+        if slots is None:
+            bench._release_memory()
+            # one row fewer than the preflight's static batch: continuous batching prefills each prompt in
+            # a batch-1 cache of its own beside the running rows, on the GPU and in pinned host memory
+            slots = bench.largest_batch(model, max(r.prompt_len for r in requests), config,
+                                        max(r.output_len for r in requests)).largest - 1
+        slots = max(1, min(slots, len(requests)))
+        progress(f"workload: {slots} slots")
     if "shadowkv-cb" in methods:
-        attempt("shadowkv-cb", lambda: run_shadowkv_cb(model, requests, prompts, slots, prefill_chunk, warm_length))
+        attempt("shadowkv-cb", lambda: run_shadowkv_cb(model, requests, prompts, slots, prefill_chunk, warm_length,
+                                                       limit_s))
     if "shadowkv-static" in methods:
-        attempt("shadowkv-static", lambda: run_shadowkv_static(model, requests, prompts, slots, warm_length))
+        attempt("shadowkv-static", lambda: run_shadowkv_static(model, requests, prompts, slots, warm_length, limit_s))
+    if "dense-cb" in methods:
+        if getattr(model, "_shadowkv", None) is not None:
+            shadowkv_fx.restore(model)
+        attempt("dense-cb", lambda: run_dense_cb(model, requests, prompts, cb_overrides, limit_s))
     return rows

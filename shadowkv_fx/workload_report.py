@@ -61,7 +61,8 @@ def plot(rows: list["WorkloadRow"], path: str) -> None:
     cdf.set_ylabel("fraction of requests")
     cdf.grid(alpha=0.3)
     cdf.legend(fontsize=8)
-    bars.bar([r.method for r in ok], [r.tok_s for r in ok], color=["tab:gray", "tab:blue", "tab:orange"][:len(ok)])
+    colors = {"shadowkv-cb": "tab:blue", "shadowkv-static": "tab:orange", "dense-cb": "tab:gray"}
+    bars.bar([r.method for r in ok], [r.tok_s for r in ok], color=[colors.get(r.method, "tab:green") for r in ok])
     for k, r in enumerate(ok):
         bars.annotate(f"{r.requests_per_hour:.0f} req/h", (k, r.tok_s), ha="center", va="bottom", fontsize=8)
     bars.set_ylabel("generated tokens/s")

@@ -2,6 +2,7 @@
 continuous batching, ShadowKV continuous batching and ShadowKV static batches, each request getting
 exactly its output length, with sane time-to-first-token figures and the JSON / table / plot written."""
 import json
+import re
 
 import pytest
 import torch
@@ -25,19 +26,26 @@ def config():
 CPU_CACHE = {"num_blocks": 32, "max_batch_tokens": 256}
 
 
+def optimize(model, config):
+    """ShadowKV as FX graphs (no inductor: its C++ compiles take minutes on the CPU machine)."""
+    shadowkv_fx.optimize(model, config)
+
+
 @pytest.fixture(scope="module")
 def served():
-    """One tiny model through all three methods: 5 requests, prompts 24-64 tokens, outputs 2-9."""
+    """One tiny model through all three methods: 5 requests, prompts 24-64 tokens, outputs 2-9.
+    The model ends dense (restored for dense-cb, the last method)."""
     model = tiny_pair("llama")[0]
     requests = wb.make_requests(5, 24, 64, 2, 9, CHUNK, seed=3)
-    rows = wb.run_workload(model, requests, config(), slots=SLOTS, optimize=lambda m, c: shadowkv_fx.optimize(m, c),
-                           cb_overrides=CPU_CACHE, progress=lambda msg: None)
+    rows = wb.run_workload(model, requests, config(), slots=SLOTS, optimize=optimize, cb_overrides=CPU_CACHE,
+                           progress=lambda msg: None)
     return model, requests, rows
 
 
 def test_every_method_serves_every_request_its_exact_length(served):
-    _, requests, rows = served
-    assert [r.method for r in rows] == list(wb.METHODS)
+    model, requests, rows = served
+    assert [r.method for r in rows] == ["shadowkv-cb", "shadowkv-static", "dense-cb"]
+    assert model._shadowkv is None and model.config._attn_implementation == "sdpa"  # restored, then given back
     for row in rows:
         assert row.error is None, (row.method, row.error)
         assert [p["generated"] for p in row.per_request] == [r.output_len for r in requests], row.method
@@ -75,7 +83,7 @@ def test_writes_json_table_and_plot(served, tmp_path):
               "max_concurrent", "per_request", "error"}
     for row in data["rows"]:
         assert fields <= set(row)
-    assert data["speedup_vs_static"] == pytest.approx(rows[1].tok_s / rows[2].tok_s)
+    assert data["speedup_vs_static"] == pytest.approx(rows[0].tok_s / rows[1].tok_s)
     assert (tmp_path / "workload.png").stat().st_size > 0
     assert (tmp_path / "table.txt").read_text().strip() == text
     for method in wb.METHODS:
@@ -88,7 +96,8 @@ def test_poisson_arrivals_wait_for_their_time(served):
     model = served[0]
     requests = wb.make_requests(3, 24, 40, 2, 4, CHUNK, rate=20.0, seed=1)
     assert requests[-1].arrival_s > 0
-    (row,) = wb.run_workload(model, requests, config(), slots=SLOTS, methods=("shadowkv-cb",), progress=lambda m: None)
+    (row,) = wb.run_workload(model, requests, config(), slots=SLOTS, methods=("shadowkv-cb",), optimize=optimize,
+                             progress=lambda m: None)
     assert row.error is None, row.error
     assert all(p["ttft_s"] > 0 for p in row.per_request)
     assert row.total_s > requests[-1].arrival_s
@@ -136,10 +145,29 @@ def test_default_slots_need_the_gpu_preflight():
 
 
 def test_a_failing_method_is_its_row_and_the_rest_run(served):
-    """dense-cb refuses a model optimize() rewrote: its row says so, and the ShadowKV method after it runs."""
+    """A dense-cb that cannot start (a setting transformers does not know) is a row with its error; the
+    ShadowKV method before it ran, and the model's attention is its own again."""
     model = served[0]
     requests = wb.make_requests(2, 24, 40, 2, 3, CHUNK, seed=5)
-    dense, cb = wb.run_workload(model, requests, config(), slots=SLOTS, methods=("dense-cb", "shadowkv-cb"),
-                                progress=lambda m: None)
-    assert dense.method == "dense-cb" and "plain model" in dense.error and dense.tok_s is None
+    cb, dense = wb.run_workload(model, requests, config(), slots=SLOTS, methods=("dense-cb", "shadowkv-cb"),
+                                optimize=optimize, cb_overrides={"no_such_setting": 1}, progress=lambda m: None)
+    assert dense.method == "dense-cb" and "no_such_setting" in dense.error and dense.tok_s is None
     assert cb.error is None and [p["generated"] for p in cb.per_request] == [r.output_len for r in requests]
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("method", wb.METHODS)
+def test_a_method_past_its_limit_is_stopped_with_a_bound(served, method):
+    """limit_s: a method still serving then is stopped (a batcher's open requests dropped, static between
+    batches), and its row says the tokens/s it stayed below; the model serves again afterwards."""
+    model = served[0]
+    requests = wb.make_requests(3, 24, 40, 100, 100, CHUNK, seed=2)
+    (row,) = wb.run_workload(model, requests, config(), slots=SLOTS, methods=(method,), optimize=optimize,
+                             cb_overrides=CPU_CACHE, limit_s=1e-3, progress=lambda m: None)
+    # 300 tokens in all: more than 1 ms means fewer than 300 / 1e-3 tokens/s
+    assert re.fullmatch(r"Overtime: stopped after 0 s, [0-2] of 3 requests finished: tokens/s below 300000\.0",
+                        row.error), row.error
+    assert row.tok_s is None
+    (again,) = wb.run_workload(model, requests[:1], config(), slots=SLOTS, methods=(method,), optimize=optimize,
+                               cb_overrides=CPU_CACHE, progress=lambda m: None)
+    assert again.error is None and again.per_request[0]["generated"] == 100
