@@ -260,6 +260,9 @@ def _workload(settings: dict, config: ShadowKVConfig, methods: list[str], out: P
                                     settings["rate"], settings["seed"])
         if set(methods) - set(wl.METHODS):
             raise ValueError(f"unknown workload methods {sorted(set(methods) - set(wl.METHODS))}; known: {wl.METHODS}")
+        if settings["prefill_chunk"] < 1 or (settings["slots"] or 1) < 1 or (settings["limit_s"] or 0) < 0:
+            raise ValueError("--workload-prefill-chunk and --workload-slots must be >= 1 (slots 0: the preflight's), "
+                             "--workload-limit-s >= 0 (0: no limit)")
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     settings["command"] = "shadowkv-fx " + " ".join(sys.argv[1:])

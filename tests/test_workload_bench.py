@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import typer
 
 import shadowkv_fx
 from shadowkv_fx import workload_bench as wb
@@ -171,3 +172,25 @@ def test_a_method_past_its_limit_is_stopped_with_a_bound(served, method):
     (again,) = wb.run_workload(model, requests[:1], config(), slots=SLOTS, methods=(method,), optimize=optimize,
                                cb_overrides=CPU_CACHE, progress=lambda m: None)
     assert again.error is None and again.per_request[0]["generated"] == 100
+
+
+def test_the_cli_wiring_writes_its_files_and_command(monkeypatch, tmp_path):
+    """``bench --workload``'s body on the tiny model (the 8B builder, the GPU name and inductor swapped out):
+    every method's row, and the command and settings in workload.json."""
+    from shadowkv_fx import bench, cli
+
+    model = tiny_pair("llama")[0]
+    monkeypatch.setattr(bench, "llama31_8b_random", lambda layers: model)
+    monkeypatch.setattr(bench, "ensure_optimized", optimize)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "cpu (test)")
+    monkeypatch.setattr("sys.argv", ["shadowkv-fx", "bench", "--workload"])
+    settings = {"requests": 3, "min_context": 24, "max_context": 48, "min_output": 2, "max_output": 4, "rate": 0.0,
+                "slots": 2, "prefill_chunk": 16, "seed": 0, "limit_s": None}
+    monkeypatch.setattr(wb, "run_dense_cb", lambda *a, **k: wb.WorkloadRow("dense-cb", None, 3, error="skipped"))
+    cli._workload(settings, config(), list(wb.METHODS), tmp_path, None, 2)
+    data = json.loads((tmp_path / "workload.json").read_text())
+    assert data["settings"]["command"] == "shadowkv-fx bench --workload" and data["device"] == "cpu (test)"
+    assert [r["method"] for r in data["rows"]] == list(wb.METHODS)
+    assert all(r["error"] is None for r in data["rows"][:2])
+    with pytest.raises(typer.BadParameter, match="must be >= 1"):
+        cli._workload({**settings, "prefill_chunk": 0}, config(), list(wb.METHODS), tmp_path, None, 2)
