@@ -41,7 +41,8 @@ def table(rows: list["WorkloadRow"], requests: list["WorkloadRequest"], device: 
     if ratio is not None:
         verdict = "meets" if ratio >= TARGET else "misses"
         lines.append(f"shadowkv-cb / shadowkv-static tokens/s: {ratio:.2f}x ({verdict} the {TARGET}x target)")
-    lines.append("'at once': most requests holding a slot at the same time; TTFT: arrival to first token")
+    lines.append("'at once': most requests holding a slot at the same time; TTFT: arrival to first token; "
+                 "dense-cb's slots: its KV cache's tokens over the longest request's")
     return "\n".join(lines)
 
 
