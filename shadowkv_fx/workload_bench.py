@@ -229,9 +229,8 @@ def warm_shadowkv_slots(slots, vocab: int, length: int) -> None:
     """Untimed: one short request through ``slots`` (compiles its step, captures its CUDA graph)."""
     from shadowkv_fx.serving import generate_batch
 
-    torch.manual_seed(0)
-    prompt = torch.randint(3, vocab, (length,)).tolist()
-    generate_batch(slots, [prompt], max_new_tokens=3, eos_token_id=-1, do_sample=False)
+    prompt = torch.randint(3, vocab, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+    generate_batch(slots, [prompt], max_new_tokens=3, eos_token_id=-1, do_sample=False, seeds=[0])
 
 
 def run_shadowkv_cb(model, requests: list[WorkloadRequest], prompts: list[list[int]], slots: int,
