@@ -162,6 +162,23 @@ def bench(
     cold: bool = typer.Option(False, help="instead: seconds from a fresh process's start to the first token, "
                               "cold and with a warm compile cache, for dense and both ShadowKV API forms "
                               "(first context and batch only; cold_start.json and cold_start.md in --out)"),
+    workload: bool = typer.Option(False, help="instead: a stream of requests of mixed prompt and output lengths served "
+                                  "by transformers' continuous batching, ShadowKV continuous batching and ShadowKV "
+                                  "static batches (workload.json, table.txt, workload.png in --out)"),
+    workload_requests: int = 16,
+    workload_min_context: int = 32768,
+    workload_max_context: int = 124928,
+    workload_min_output: int = 64,
+    workload_max_output: int = 2048,
+    workload_rate: float = typer.Option(0.0, help="Poisson arrivals, requests per second; 0: all at t=0"),
+    workload_slots: int = typer.Option(0, help="ShadowKV slots and static batch; 0: the preflight's largest batch "
+                                       "at the longest prompt and output"),
+    workload_prefill_chunk: int = typer.Option(4096, help="tokens per prefill piece of ShadowKV continuous batching"),
+    workload_methods: str = typer.Option("shadowkv-cb,shadowkv-static,dense-cb", help="of shadowkv-cb, "
+                                         "shadowkv-static, dense-cb (run in that order)"),
+    workload_seed: int = 0,
+    workload_limit_s: float = typer.Option(0.0, help="a method still running after this many seconds is stopped; "
+                                           "its row bounds its tokens/s; 0: no limit"),
 ):
     """Decode throughput, ShadowKV against dense HF (eager and compiled static cache), one run.
 
@@ -182,6 +199,18 @@ def bench(
         return
     if not torch.cuda.is_available():
         raise typer.BadParameter("bench measures GPU decode: no CUDA device here")
+    if workload:
+        # the same config for both ShadowKV methods: slots keep values on the GPU only up to a given
+        # size, so "as many as fit" (-1) becomes none (pinned host memory, ShadowKV's own design)
+        config = ShadowKVConfig(sparse_budget=sparse_budget, rank=rank, fold_chunks=fold_chunks or None,
+                                value_hbm_gib=max(value_hbm_gib, 0.0))
+        settings = {"requests": workload_requests, "min_context": workload_min_context, "max_context":
+                    workload_max_context, "min_output": workload_min_output, "max_output": workload_max_output,
+                    "rate": workload_rate, "slots": workload_slots or None, "prefill_chunk": workload_prefill_chunk,
+                    "seed": workload_seed, "limit_s": workload_limit_s or None, "layers": layers,
+                    "config": dataclasses.asdict(config)}
+        _workload(settings, config, workload_methods.split(","), out, model_dir, layers)
+        return
     unknown = set(methods.split(",")) - set(b.METHODS)
     if unknown:
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; known: {b.METHODS}")
@@ -215,6 +244,41 @@ def bench(
     (out / "bench.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
     bench_report.plot(rows, str(out / "bench.png"))
     console.print(text)
+
+
+def _workload(settings: dict, config: ShadowKVConfig, methods: list[str], out: Path, model_dir, layers: int) -> None:
+    """``bench --workload``: see ``workload_bench``."""
+    import sys
+
+    from shadowkv_fx import bench as b
+    from shadowkv_fx import workload_bench as wl
+    from shadowkv_fx import workload_report
+
+    try:
+        requests = wl.make_requests(settings["requests"], settings["min_context"], settings["max_context"],
+                                    settings["min_output"], settings["max_output"], config.chunk_size,
+                                    settings["rate"], settings["seed"])
+        if set(methods) - set(wl.METHODS):
+            raise ValueError(f"unknown workload methods {sorted(set(methods) - set(wl.METHODS))}; known: {wl.METHODS}")
+        if settings["prefill_chunk"] < 1 or (settings["slots"] or 1) < 1 or (settings["limit_s"] or 0) < 0:
+            raise ValueError("--workload-prefill-chunk and --workload-slots must be >= 1 (slots 0: the preflight's), "
+                             "--workload-limit-s >= 0 (0: no limit)")
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    settings["command"] = "shadowkv-fx " + " ".join(sys.argv[1:])
+    model = b.load_model(model_dir) if model_dir else b.llama31_8b_random(layers)
+    with console.status("workload") as status:
+        def progress(msg: str) -> None:
+            status.update(msg)
+            console.log(msg)
+
+        def write(rows) -> str:
+            return workload_report.write(out, rows, requests, settings, torch.cuda.get_device_name())
+
+        rows = wl.run_workload(model, requests, config, settings["slots"], tuple(methods),
+                               settings["prefill_chunk"], progress=progress, seed=settings["seed"], on_row=write,
+                               limit_s=settings["limit_s"])
+    console.print(write(rows))
 
 
 @app.command("save-random-model")
