@@ -8,7 +8,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from shadowkv_fx import decode_step, fold, pinned, preflight
+from shadowkv_fx import cache_share, decode_step, fold, pinned, preflight
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.decode_step import RopeFn
 from shadowkv_fx.layer_state import LayerState
@@ -71,7 +71,7 @@ class ShadowKVLayer(CacheLayerMixin):
         raise NotImplementedError("ShadowKV does not support beam search (num_beams > 1)")
 
 
-class ShadowKVCache(Cache):
+class ShadowKVCache(cache_share.SharedCopies, Cache):
     """Compressed KV cache for a batch of left-padded prompts.
 
     Created by the optimized model's ``forward``/``generate``; pass one explicitly as
@@ -146,6 +146,8 @@ class ShadowKVCache(Cache):
         undo = [] if self.crop_floor is not None and self.generated > self.crop_floor else None
         for layer in self.layers:
             layer.state.values_ready()  # the prefill's host copies land before a step reads them
+            if cache_share.own_store_before_fold(layer.state):  # a store shared with copies is never written
+                self.decode_graphs.clear()
             fold.fold(layer.state, undo)  # in place: a captured step stays valid
         if undo:
             self.fold_undo.append((self.generated, undo))

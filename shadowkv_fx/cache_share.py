@@ -1,0 +1,134 @@
+"""Copies of a prefilled ``ShadowKVCache`` that share its document (issue #31: compress once, ask many).
+
+transformers' prompt-reuse recipe prefills a document into a cache once, then answers each question
+on ``copy.deepcopy(cache)``. A copy of a ShadowKV cache shares, per layer, what no decode step
+writes: the compressed store (``STORE``: U, SV, landmarks, which chunks are selectable, the outliers'
+ids and min-cosines, the basis's fit error), the values (pinned host memory or spare HBM) and the
+prompts' padding (``FIXED``). It owns what a step writes: the decode buffers (outliers | selected
+chunks | local window | tail), the dense window's pre-RoPE keys, the fill counts, the value-reuse
+slots, and the RoPE tables of a folding cache (decode writes the new tokens' columns there).
+
+A fold writes the store in place. So before a fold (``own_store_before_fold``) a state whose store
+another live cache still shares takes its own copy of the shared tensors first, in the same kind of
+memory (pinned host memory stays pinned): neither the document nor any other copy ever changes
+under a copy. Only copies that generate past a fold point pay for it (``ShadowKVConfig.fold_chunks``:
+by default after 128 tokens of question and answer).
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+
+from shadowkv_fx import fold
+from shadowkv_fx.layer_state import LayerState
+from shadowkv_fx.pinned import grown
+
+# written by folds only: shared until a fold, then copied on write
+STORE = ("u", "sv", "landmarks", "selectable", "v_chunks", "outlier_ids", "outlier_cos", "fit_err")
+FIXED = ("pad", "outlier_valid")  # never written after prefill
+
+# the states that share tensors, each mapped to one set of all of them (a document and its copies)
+_PEERS: "weakref.WeakKeyDictionary[LayerState, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+
+
+def _storage(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.untyped_storage().data_ptr()
+
+
+class SharedCopies:
+    """``copy.deepcopy`` of a ``ShadowKVCache`` (mixed into it): a copy that shares the document."""
+
+    def __deepcopy__(self, memo: dict):
+        return copy_cache(self, memo)
+
+
+def copy_cache(cache, memo: dict):
+    """A copy of ``cache`` (a ``ShadowKVCache``) sharing its read-only state; see the module doc.
+
+    Every other attribute is deep-copied, so the copy steps, crops and folds on its own. Captured
+    decode steps hold the original's buffer addresses: the copy starts without any.
+    """
+    folding = any(layer.state.folds for layer in cache.layers)
+    for layer in cache.layers:
+        state = layer.state
+        state.values_ready()  # prefill's copies of the values to the host have landed before both read them
+        for t in [getattr(state, name) for name in STORE + FIXED] + ([] if folding else state.rope_tables):
+            if t is not None:
+                memo[id(t)] = t
+        memo[id(state.config)] = state.config
+    memo[id(cache.decode_graphs)] = {}
+    for layer in cache.layers:
+        state = layer.state
+        twin = LayerState(state.config)
+        memo[id(state)] = twin
+        twin.adopt({name: copy.deepcopy(value, memo) for name, value in vars(state).items()})
+        peers = _PEERS.get(state)
+        if peers is None:
+            peers = _PEERS[state] = weakref.WeakSet([state])
+        peers.add(twin)
+        _PEERS[twin] = peers
+    new = type(cache).__new__(type(cache))
+    memo[id(cache)] = new
+    new.__dict__.update(copy.deepcopy(vars(cache), memo))
+    for layer in new.layers:
+        layer._owner = weakref.ref(new)  # deepcopy keeps a weak reference as it is: the original
+    return new
+
+
+def own_store_before_fold(state: LayerState) -> bool:
+    """Before ``fold.fold(state)``: where a fold is due and another live state shares part of
+    the store, copy that part for ``state`` alone. True when a tensor moved (captured steps read
+    the old addresses)."""
+    if not state.folds or not any(fold.chunks_due(state)):
+        return False
+    others = [s for s in _PEERS.get(state, ()) if s is not state]
+    theirs = {_storage(getattr(s, name)) for s in others for name in STORE} - {None}
+    fresh = {name: grown(t, 0, t.shape[0]) for name in STORE
+             if (t := getattr(state, name)) is not None and _storage(t) in theirs}
+    state.adopt(fresh)
+    return bool(fresh)
+
+
+def _tensors(state: LayerState) -> list[tuple[str, torch.Tensor]]:
+    found = [(name, value) for name, value in vars(state).items() if isinstance(value, torch.Tensor)]
+    return found + [("rope_tables", t) for t in state.rope_tables]
+
+
+def distinct_bytes(caches: list) -> dict[str, int]:
+    """Bytes the ``ShadowKVCache``s hold together, each storage counted once.
+
+    Returns ``{"device": bytes, "host": bytes}``: ``host`` the values offloaded to host memory,
+    ``device`` all the rest, on the model's device (on a CPU model both are the same RAM, split
+    as a GPU would hold them, as ``memory_report.device_and_host_bytes`` does).
+    """
+    seen: set[int] = set()
+    total = {"device": 0, "host": 0}
+    for cache in caches:
+        for layer in cache.layers:
+            state = layer.state
+            if state.k_buf is None:
+                continue
+            on_cpu = state.k_buf.device.type == "cpu"
+            for name, t in _tensors(state):
+                storage = t.untyped_storage()
+                if storage.data_ptr() in seen:
+                    continue
+                seen.add(storage.data_ptr())
+                host = t.device.type == "cpu" and (name == "v_chunks" or not on_cpu)
+                total["host" if host else "device"] += storage.nbytes()
+    return total
+
+
+def questions_bytes(cache, questions: tuple[int, ...] = (1, 8, 32)) -> dict[int, dict[str, int]]:
+    """What a prefilled document ``cache`` and ``n`` copies of it (one per question, as the recipe
+    makes them, before they generate) hold together, for each ``n`` of ``questions``:
+    ``{n: {"device": bytes, "host": bytes}}`` (``distinct_bytes``). A copy's tail grows as it
+    generates, by at most its ``tail_capacity`` tokens of keys and values before it doubles."""
+    report = {}
+    for n in questions:
+        copies = [copy.deepcopy(cache) for _ in range(n)]
+        report[n] = distinct_bytes([cache, *copies])
+        del copies
+    return report
