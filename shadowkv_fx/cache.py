@@ -8,7 +8,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from shadowkv_fx import cache_share, decode_step, fold, pinned, preflight
+from shadowkv_fx import cache_io, cache_share, decode_step, fold, pinned, preflight
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.decode_step import RopeFn
 from shadowkv_fx.layer_state import LayerState
@@ -71,7 +71,7 @@ class ShadowKVLayer(CacheLayerMixin):
         raise NotImplementedError("ShadowKV does not support beam search (num_beams > 1)")
 
 
-class ShadowKVCache(cache_share.SharedCopies, Cache):
+class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
     """Compressed KV cache for a batch of left-padded prompts.
 
     Created by the optimized model's ``forward``/``generate``; pass one explicitly as
@@ -119,6 +119,8 @@ class ShadowKVCache(cache_share.SharedCopies, Cache):
         self.fold_undo: list[tuple[int, list[fold.FoldUndo]]] = []
         # a prompt too short to compress decodes densely: say so once, at its prefill
         self.warn_short_prompts = True
+        self.source_model = None  # weakref of the optimized model that prefilled it (save_pretrained records it)
+        self.saved_model = None  # a loaded cache's model_identity, until a forward has checked its model
 
     @property
     def is_compileable(self) -> bool:
