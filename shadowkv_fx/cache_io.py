@@ -48,11 +48,13 @@ _DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over every parameter's and buffer's name, dtype, shape and ``SAMPLE`` elements strided
-    over it: any checkpoint or fine-tune (a merged LoRA moves every element of its matrices) that
-    would give other keys gives another fingerprint, at the cost of a few KiB read per weight."""
+    """sha256 over every parameter's (and the rotary ``inv_freq``'s) name, dtype, shape and ``SAMPLE``
+    elements strided over it: any checkpoint or fine-tune (a merged LoRA moves every element of its
+    matrices) that would give other keys gives another fingerprint, at the cost of a few KiB read
+    per weight. Other buffers are left out: transformers versions add and drop some."""
     digest = hashlib.sha256()
-    named = sorted([*model.named_parameters(), *model.named_buffers()], key=lambda item: item[0])
+    rotary = [(name, b) for name, b in model.named_buffers() if name.split(".")[-1] == "inv_freq"]
+    named = sorted([*model.named_parameters(), *rotary], key=lambda item: item[0])
     for name, t in named:
         flat = t.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // SAMPLE)][:SAMPLE].contiguous().cpu()
@@ -72,9 +74,10 @@ def model_identity(model: torch.nn.Module) -> dict:
 
 def check_model(saved: dict, model: torch.nn.Module) -> None:
     """Refuse ``model`` unless it is the one a cache was saved from (``saved``: its
-    ``model_identity``), naming what differs."""
+    ``model_identity``), naming what differs. Config fields only one side has are another
+    transformers version's spelling, not another model: the fingerprint still tells."""
     mine = model_identity(model)
-    fields = sorted(set(saved["config"]) | set(mine["config"]))
+    fields = sorted(set(saved["config"]) & set(mine["config"]))
     differ = [f"{k} is {saved['config'].get(k)!r} in the cache's model, {mine['config'].get(k)!r} in this one"
               for k in fields if saved["config"].get(k) != mine["config"].get(k)]
     if saved["dtype"] != mine["dtype"]:
