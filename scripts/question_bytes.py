@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Bytes of one prefilled document and 1, 8, 32 copies of it (one per question, issue #31), at
-Llama-3.1-8B's attention shapes (bf16, 32 layers, 8 KV heads of 128) and the default ShadowKVConfig.
+"""Bytes of one prefilled document and 1, 8, 32 questions on it (issue #31), a copy each or rows of
+one batch, at Llama-3.1-8B's attention shapes (bf16, 32 layers, 8 KV heads of 128) and the default ShadowKVConfig.
 
 The cache is filled by ``random_fill.fill_random`` (sizes do not depend on the values) for a model
 of 1 and of 2 layers with a tiny vocabulary and MLP (neither shapes the cache); a layer's bytes are
@@ -37,7 +37,8 @@ def measure(layers: int, context: int, config: ShadowKVConfig) -> dict:
     model = llama31_8b_attention(layers)
     cache = ShadowKVCache(layers, config, tail_capacity=64)
     fill_random(model, cache, batch=1, context=context)
-    return {0: cache_share.distinct_bytes([cache]), **cache_share.questions_bytes(cache, QUESTIONS)}
+    return {0: cache_share.distinct_bytes([cache]), **cache_share.questions_bytes(cache, QUESTIONS),
+            **{-n: b for n, b in cache_share.questions_bytes(cache, QUESTIONS, batched=True).items()}}
 
 
 def main() -> None:
@@ -49,12 +50,13 @@ def main() -> None:
     one, two = measure(1, args.context, config), measure(2, args.context, config)
     gib = 2**30
     print(f"document of {args.context} tokens, {args.layers} layers, {config}")
-    print("questions | device GiB | host GiB | device GiB added per question")
-    for n in (0, *QUESTIONS):
+    print("questions          | device GiB | host GiB | device GiB added per question")
+    for n in (0, *QUESTIONS, *(-q for q in QUESTIONS)):
         total = {side: one[n][side] + (args.layers - 1) * (two[n][side] - one[n][side]) for side in one[n]}
         alone = {side: one[0][side] + (args.layers - 1) * (two[0][side] - one[0][side]) for side in one[0]}
-        added = (total["device"] - alone["device"]) / n / gib if n else 0.0
-        print(f"{n:9d} | {total['device'] / gib:10.3f} | {total['host'] / gib:8.3f} | {added:.4f}")
+        added = (total["device"] - alone["device"]) / abs(n) / gib if n else 0.0
+        how = "document alone" if not n else f"{abs(n)} {'in one batch' if n < 0 else 'copies'}"
+        print(f"{how:18s} | {total['device'] / gib:10.3f} | {total['host'] / gib:8.3f} | {added:.4f}")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,15 @@ prompts' padding (``FIXED``). It owns what a step writes: the decode buffers (ou
 chunks | local window | tail), the dense window's pre-RoPE keys, the fill counts, the value-reuse
 slots, and the RoPE tables of a folding cache (decode writes the new tokens' columns there).
 
+Several questions about one document may also go in one batch: ``batch_repeat_interleave(n)`` on
+(a copy of) the document's cache gives it ``n`` rows that read the one store through views of zero
+batch stride (``repeat_rows``); only what a step writes is repeated.
+
 A fold writes the store in place. So before a fold (``own_store_before_fold``) a state whose store
-another live cache still shares takes its own copy of the shared tensors first, in the same kind of
-memory (pinned host memory stays pinned): neither the document nor any other copy ever changes
-under a copy. Only copies that generate past a fold point pay for it (``ShadowKVConfig.fold_chunks``:
-by default after 128 tokens of question and answer).
+another live cache, or another row, still shares takes its own copy of the shared tensors first, in
+the same kind of memory (pinned host memory stays pinned): neither the document nor any other copy
+ever changes under a copy. Only copies that generate past a fold point pay for it
+(``ShadowKVConfig.fold_chunks``: by default after 128 tokens of question and answer).
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ from shadowkv_fx.pinned import grown
 # written by folds only: shared until a fold, then copied on write
 STORE = ("u", "sv", "landmarks", "selectable", "v_chunks", "outlier_ids", "outlier_cos", "fit_err")
 FIXED = ("pad", "outlier_valid")  # never written after prefill
+# [B, ...] tensors a step or a fold writes: a row of its own each
+ROWS = ("k_buf", "v_buf", "key_valid", "prev_idx", "tail_first", "pre_k", "row_columns", "_local_valid")
+ROW_LISTS = ("lengths", "prompt_chunks", "chunks", "tail_first_host", "tail_origin")
 
 # the states that share tensors, each mapped to one set of all of them (a document and its copies)
 _PEERS: "weakref.WeakKeyDictionary[LayerState, weakref.WeakSet]" = weakref.WeakKeyDictionary()
@@ -38,10 +45,16 @@ def _storage(t: torch.Tensor | None) -> int | None:
 
 
 class SharedCopies:
-    """``copy.deepcopy`` of a ``ShadowKVCache`` (mixed into it): a copy that shares the document."""
+    """``copy.deepcopy`` and ``batch_repeat_interleave`` of a ``ShadowKVCache`` (mixed into it):
+    copies and rows that share the document."""
 
     def __deepcopy__(self, memo: dict):
         return copy_cache(self, memo)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Make this prefilled cache of one document ``repeats`` rows, one per question, all
+        reading its one store and values (``repeat_rows``)."""
+        repeat_rows(self, repeats)
 
 
 def copy_cache(cache, memo: dict):
@@ -85,10 +98,42 @@ def own_store_before_fold(state: LayerState) -> bool:
         return False
     others = [s for s in _PEERS.get(state, ()) if s is not state]
     theirs = {_storage(getattr(s, name)) for s in others for name in STORE} - {None}
-    fresh = {name: grown(t, 0, t.shape[0]) for name in STORE
-             if (t := getattr(state, name)) is not None and _storage(t) in theirs}
+    fresh = {name: grown(t, 0, t.shape[0]) for name in STORE if (t := getattr(state, name)) is not None
+             and (_storage(t) in theirs or (t.shape[0] > 1 and t.stride(0) == 0))}  # rows sharing one row
     state.adopt(fresh)
     return bool(fresh)
+
+
+def repeat_rows(cache, repeats: int) -> None:
+    """``cache.batch_repeat_interleave(repeats)``: the prefilled one-document ``cache`` (a
+    ``ShadowKVCache``) becomes ``repeats`` rows, to be asked ``repeats`` questions of one length in
+    one batch (document + question ids ``[repeats, S]``). The store, values and padding are views
+    of the one row with a zero batch stride, on the device and on the host; the decode buffers,
+    counts and fold state are repeated (each row writes its own). The RoPE tables keep their one
+    row: every row's positions are the document's."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if cache.layout is None or len(cache.layout.lengths) != 1:
+        raise ValueError("batch_repeat_interleave takes a prefilled cache of one document: prefill each document "
+                         "into a cache of its own")
+    if cache.crop_floor is not None:
+        raise ValueError("batch_repeat_interleave cannot run inside a decode step; call it between steps")
+    if repeats == 1:
+        return
+    for layer in cache.layers:
+        state = layer.state
+        state.values_ready()
+        rows = {name: t.expand(repeats, *t.shape[1:]) for name in STORE + FIXED
+                if (t := getattr(state, name)) is not None}
+        rows.update({name: t.repeat(repeats, *[1] * (t.dim() - 1)) for name in ROWS
+                     if (t := getattr(state, name)) is not None})
+        rows.update({name: getattr(state, name) * repeats for name in ROW_LISTS})
+        state.adopt(rows)
+    layout = cache.layout
+    cache.layout = type(layout)(layout.pad * repeats, layout.lengths * repeats, layout.chunks * repeats,
+                                layout.padded_len)
+    cache.decode_graphs.clear()
+    cache.fold_undo = []
 
 
 def _tensors(state: LayerState) -> list[tuple[str, torch.Tensor]]:
@@ -121,14 +166,18 @@ def distinct_bytes(caches: list) -> dict[str, int]:
     return total
 
 
-def questions_bytes(cache, questions: tuple[int, ...] = (1, 8, 32)) -> dict[int, dict[str, int]]:
+def questions_bytes(cache, questions: tuple[int, ...] = (1, 8, 32), batched: bool = False
+                    ) -> dict[int, dict[str, int]]:
     """What a prefilled document ``cache`` and ``n`` copies of it (one per question, as the recipe
     makes them, before they generate) hold together, for each ``n`` of ``questions``:
-    ``{n: {"device": bytes, "host": bytes}}`` (``distinct_bytes``). A copy's tail grows as it
-    generates, by at most its ``tail_capacity`` tokens of keys and values before it doubles."""
+    ``{n: {"device": bytes, "host": bytes}}`` (``distinct_bytes``). ``batched``: one copy of ``n``
+    rows instead (``batch_repeat_interleave``). A copy's tail grows as it generates, by at most its
+    ``tail_capacity`` tokens of keys and values before it doubles."""
     report = {}
     for n in questions:
-        copies = [copy.deepcopy(cache) for _ in range(n)]
+        copies = [copy.deepcopy(cache) for _ in range(1 if batched else n)]
+        if batched:
+            copies[0].batch_repeat_interleave(n)
         report[n] = distinct_bytes([cache, *copies])
         del copies
     return report

@@ -1,9 +1,10 @@
 """Compress once, ask many (issue #31): transformers' prompt-reuse recipe over a ShadowKV cache.
 
 A document is prefilled into a cache once (``model(doc_ids, past_key_values=cache)``); each question
-is answered by ``generate()`` on ``copy.deepcopy(cache)`` with document + question ids. Copies share
-the document's compressed store and values (shadowkv_fx/cache_share.py); a cache is saved and
-loaded as safetensors + JSON (shadowkv_fx/cache_io.py). One compiled model serves every test here.
+is answered by ``generate()`` on ``copy.deepcopy(cache)`` with document + question ids, or several
+in one batch (``batch_repeat_interleave``). Copies and rows share the document's compressed store
+and values (shadowkv_fx/cache_share.py); a cache is saved and loaded as safetensors + JSON
+(shadowkv_fx/cache_io.py). One compiled model serves every test here.
 """
 import copy
 import functools
@@ -182,6 +183,39 @@ def test_copies_add_their_buffers_only_never_the_values():
     assert report[8]["device"] == alone["device"] + 8 * per_copy, report
     assert report[32]["device"] == alone["device"] + 32 * per_copy, report
     assert 0 < per_copy < (alone["device"] + alone["host"]) / 2, (per_copy, alone)
+
+
+def test_questions_in_one_batch_read_one_store_and_each_answer_as_dense():
+    """Three questions of one length in one batch on a copy of one document: every row reads the
+    document's store and values through a zero-stride view (the memory report counts them once),
+    and gets dense's tokens and logits for document + its question; the rows fold into a store of
+    their own and leave the document as it was."""
+    dense, model = shared()
+    doc, questions = tokens(50, 8), [tokens(6, 20 + i) for i in range(3)]
+    cache = prefill(model, doc)
+    before = snapshot(cache)
+    batch = copy.deepcopy(cache)
+    batch.batch_repeat_interleave(3)
+    for layer, rows in zip(cache.layers, batch.layers):
+        for name in cache_share.STORE + cache_share.FIXED:
+            t = getattr(rows.state, name)
+            assert t.shape[0] == 3 and t.stride(0) == 0 and t.data_ptr() == getattr(layer.state, name).data_ptr(), name
+    assert cache_share.distinct_bytes([cache, batch])["host"] == cache_share.distinct_bytes([cache])["host"]
+    assert batch.memory_report()["cpu"]["U"] == cache.memory_report()["cpu"]["U"]
+    with torch.no_grad():
+        got = model.generate(torch.cat([doc.expand(3, -1), torch.cat(questions)], dim=1), past_key_values=batch,
+                             max_new_tokens=8, min_new_tokens=8, **GREEDY)
+    for i, question in enumerate(questions):
+        want = dense_answer(dense, doc, question, 8)
+        assert torch.equal(got.sequences[i : i + 1], want.sequences), (i, got.sequences[i], want.sequences)
+        for step, (a, e) in enumerate(zip(got.logits, want.logits, strict=True)):
+            assert_close(a[i : i + 1], e, atol=2e-4, rtol=1e-4, what=f"question {i}, logits at step {step}")
+    assert batch.layers[0].state.chunks[0] > cache.layers[0].state.chunks[0], "the rows folded"
+    assert_unchanged(before, cache)
+    with pytest.raises(ValueError, match="one document"):
+        batch.batch_repeat_interleave(2)
+    with pytest.raises(ValueError, match="repeats must be an int >= 1"):
+        copy.deepcopy(cache).batch_repeat_interleave(0)
 
 
 def saved_files(folder: Path) -> set[str]:
