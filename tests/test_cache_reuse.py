@@ -96,25 +96,26 @@ def assert_unchanged(before: list[dict], cache: ShadowKVCache) -> None:
 
 
 @settings(max_examples=3, deadline=None)
-@given(total=st.integers(45, 70), split=st.integers(0, 30), questions=st.lists(st.integers(1, 12), min_size=1,
-                                                                                 max_size=3),
+@given(total=st.integers(24, 72), split=st.integers(12, 60), more=st.lists(st.integers(1, 12), max_size=2),
        new_tokens=st.integers(3, 9), seed=st.integers(0, 2**16))
-@example(total=60, split=20, questions=[1, 12, 5], new_tokens=9, seed=0)  # one-token and long questions
-@example(total=45, split=0, questions=[7], new_tokens=3, seed=1)  # the shortest document that compresses
-def test_every_answer_is_dense_generate_of_document_and_question(total, split, questions, new_tokens, seed):
-    """At full budget and rank each question, asked on a copy of one prefilled document, gets
-    dense ``generate()``'s tokens and logits for document + question, whatever the document's
-    length (``total - split``), the questions' lengths and their order; asking leaves the document's
-    stored state as it was, bit for bit (folds included: every copy here folds)."""
+@example(total=60, split=40, more=[1, 12], new_tokens=9, seed=0)  # one-token and long later questions
+@example(total=24, split=20, more=[], new_tokens=5, seed=1)  # the shortest document compressed here
+@example(total=30, split=12, more=[3], new_tokens=4, seed=2)  # a document too short to compress
+def test_every_answer_is_dense_generate_of_document_and_question(total, split, more, new_tokens, seed):
+    """At full budget and rank, a text split anywhere into document and question, and more questions
+    after it, each asked on a copy of the one prefilled document, get dense ``generate()``'s tokens
+    and logits for document + question; asking leaves the document's stored state as it was, bit
+    for bit (folds included: every copy of a compressed document here folds)."""
     dense, model = shared()
-    doc = tokens(total - split, seed)
+    text = tokens(total, seed)
+    split = min(split, total - 1)
+    doc = text[:, :split]
     cache = prefill(model, doc)
     before = snapshot(cache)
-    for i, n in enumerate(questions):
-        question = tokens(n, seed + 1 + i)
+    for question in [text[:, split:], *(tokens(n, seed + 1 + i) for i, n in enumerate(more))]:
         assert_same(ask(model, cache, doc, question, new_tokens), dense_answer(dense, doc, question, new_tokens))
     assert_unchanged(before, cache)
-    assert cache.get_seq_length() == doc.shape[1]
+    assert cache.get_seq_length() == split
 
 
 def test_a_copy_shares_the_document_and_owns_what_it_writes():
