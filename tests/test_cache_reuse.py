@@ -244,6 +244,25 @@ def test_a_saved_cache_loads_field_for_field_as_json_and_safetensors(tmp_path):
     assert loaded.layers[1].state.rope_tables is loaded.layers[0].state.rope_tables
 
 
+def test_a_cache_saved_after_it_folded_continues_as_dense(tmp_path):
+    """A copy that answered (and folded) is saved between turns; loaded, the next turn is what the
+    copy itself and dense give."""
+    dense, model = shared()
+    doc, question = tokens(50, 0), tokens(6, 10)
+    asked = copy.deepcopy(prefill(model, doc))
+    with torch.no_grad():
+        first = model.generate(torch.cat([doc, question], 1), past_key_values=asked, max_new_tokens=6,
+                               min_new_tokens=6, **GREEDY)
+    assert asked.layers[0].state.chunks[0] > asked.layers[0].state.prompt_chunks[0], "it folded"
+    asked.save_pretrained(tmp_path)
+    loaded = ShadowKVCache.from_pretrained(tmp_path, model=model)
+    turn = torch.cat([first.sequences, tokens(3, 11)], dim=1)
+    with torch.no_grad():
+        want = dense.generate(turn, max_new_tokens=5, min_new_tokens=5, **GREEDY)
+        assert_same(model.generate(turn, past_key_values=loaded, max_new_tokens=5, min_new_tokens=5, **GREEDY), want)
+        assert_same(model.generate(turn, past_key_values=asked, max_new_tokens=5, min_new_tokens=5, **GREEDY), want)
+
+
 FRESH_PROCESS = """
 import copy, json, sys, torch
 import shadowkv_fx
