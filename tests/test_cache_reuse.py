@@ -219,6 +219,21 @@ def test_questions_in_one_batch_read_one_store_and_each_answer_as_dense():
         copy.deepcopy(cache).batch_repeat_interleave(0)
 
 
+def test_the_document_cache_itself_asked_in_one_batch_folds_each_row_apart():
+    """No copy: the document's own cache becomes two rows reading one store; their first fold
+    gives them a store each (a fold writing through the shared row would mix their answers)."""
+    dense, model = shared()
+    doc, questions = tokens(47, 12), [tokens(5, 30), tokens(5, 31)]
+    cache = prefill(model, doc)
+    cache.batch_repeat_interleave(2)
+    with torch.no_grad():
+        got = model.generate(torch.cat([doc.expand(2, -1), torch.cat(questions)], dim=1), past_key_values=cache,
+                             max_new_tokens=7, min_new_tokens=7, **GREEDY)
+    assert cache.layers[0].state.u.stride(0) != 0, "the rows folded into stores of their own"
+    for i, question in enumerate(questions):
+        assert torch.equal(got.sequences[i : i + 1], dense_answer(dense, doc, question, 7).sequences), i
+
+
 def saved_files(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
