@@ -78,6 +78,8 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
     ``past_key_values=ShadowKVCache(num_layers, config)`` to keep it after generation.
     ``tail_capacity`` is how many generated tokens fit before the tail buffers grow (``generate``
     sizes it from ``max_new_tokens``; growing re-captures a CUDA-graphed decode step).
+    A prefilled document is asked many questions through ``copy.deepcopy`` or
+    ``batch_repeat_interleave`` (cache_share.py), and kept with ``save_pretrained`` (cache_io.py).
     """
 
     def __init__(self, num_layers: int, config: ShadowKVConfig | None = None, tail_capacity: int = 64,
