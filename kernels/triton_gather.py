@@ -13,13 +13,14 @@ import triton.language as tl
 
 
 @triton.jit
-def gather_chunks_kernel(src, idx, out, fetch, C, K, Hkv, s_ob, s_oh, s_ok,
+def gather_chunks_kernel(src, idx, out, fetch, C, K, Hkv, s_vb, s_ob, s_oh, s_ok,
                          ROW: tl.constexpr, BLOCK: tl.constexpr, SOME: tl.constexpr):
     i_bh = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // Hkv, i_bh % Hkv
     chunk = tl.load(idx + i_bh * K + i_k).to(tl.int64)
-    p_src = src + (i_bh * C + chunk) * ROW
+    # s_vb: 0 where the rows are one document's questions sharing its values (cache_share.repeat_rows)
+    p_src = src + i_b * s_vb + (i_h * C + chunk) * ROW
     p_out = out + i_b * s_ob + i_h * s_oh + i_k * s_ok
     if SOME:
         # a slot still holding last step's chunk keeps its values: masked off, nothing crosses PCIe
@@ -40,7 +41,7 @@ def launch_gather_value_chunks(v_chunks: torch.Tensor, idx: torch.Tensor, out: t
     k = idx.shape[-1]
     row = l * d
     gather_chunks_kernel[(b * hkv, k)](v_chunks, idx, out, idx if fetch is None else fetch.contiguous().view(torch.uint8),
-                                       c, k, hkv, out.stride(0), out.stride(1), row,
+                                       c, k, hkv, v_chunks.stride(0), out.stride(0), out.stride(1), row,
                                        ROW=row, BLOCK=min(1024, triton.next_power_of_2(row)), SOME=fetch is not None)
     return out
 
@@ -50,7 +51,8 @@ def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device:
     """Triton twin of ``naive.gather_value_chunks`` (and, with ``fetch``, of ``naive.gather_fetching``).
 
     Args:
-        v_chunks: ``[B, Hkv, C, L, D]`` contiguous (pinned host memory, or device memory).
+        v_chunks: ``[B, Hkv, C, L, D]``, each row contiguous (pinned host memory, or device memory);
+            rows may repeat one row through a zero batch stride.
         chunk_idx: ``[B, Hkv, k]`` int64 on ``device``.
         out: optional ``[B, Hkv, k*L, D]`` destination on ``device`` whose last two dims are
             contiguous (a slice of a larger buffer along dim 2 is fine).
@@ -60,8 +62,8 @@ def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device:
         ``[B, Hkv, k*L, D]`` on ``device`` (``out`` when given).
     """
     b, hkv, c, l, d = v_chunks.shape
-    if not v_chunks.is_contiguous():
-        raise ValueError("v_chunks must be contiguous")
+    if not v_chunks[0].is_contiguous():
+        raise ValueError("each row of v_chunks must be contiguous")
     k = chunk_idx.shape[-1]
     idx = chunk_idx.to(device=device, dtype=torch.int64).contiguous()
     if out is None:

@@ -8,7 +8,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from shadowkv_fx import decode_step, fold, pinned, preflight
+from shadowkv_fx import cache_io, cache_share, decode_step, fold, pinned, preflight
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.decode_step import RopeFn
 from shadowkv_fx.layer_state import LayerState
@@ -71,13 +71,15 @@ class ShadowKVLayer(CacheLayerMixin):
         raise NotImplementedError("ShadowKV does not support beam search (num_beams > 1)")
 
 
-class ShadowKVCache(Cache):
+class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
     """Compressed KV cache for a batch of left-padded prompts.
 
     Created by the optimized model's ``forward``/``generate``; pass one explicitly as
     ``past_key_values=ShadowKVCache(num_layers, config)`` to keep it after generation.
     ``tail_capacity`` is how many generated tokens fit before the tail buffers grow (``generate``
     sizes it from ``max_new_tokens``; growing re-captures a CUDA-graphed decode step).
+    A prefilled document is asked many questions through ``copy.deepcopy`` or
+    ``batch_repeat_interleave`` (cache_share.py), and kept with ``save_pretrained`` (cache_io.py).
     """
 
     def __init__(self, num_layers: int, config: ShadowKVConfig | None = None, tail_capacity: int = 64,
@@ -119,6 +121,8 @@ class ShadowKVCache(Cache):
         self.fold_undo: list[tuple[int, list[fold.FoldUndo]]] = []
         # a prompt too short to compress decodes densely: say so once, at its prefill
         self.warn_short_prompts = True
+        self.source_model = None  # weakref of the optimized model that prefilled it (save_pretrained records it)
+        self.saved_model = None  # a loaded cache's model_identity, until a forward has checked its model
 
     @property
     def is_compileable(self) -> bool:
@@ -146,6 +150,8 @@ class ShadowKVCache(Cache):
         undo = [] if self.crop_floor is not None and self.generated > self.crop_floor else None
         for layer in self.layers:
             layer.state.values_ready()  # the prefill's host copies land before a step reads them
+            if cache_share.own_store_before_fold(layer.state):  # a store shared with copies is never written
+                self.decode_graphs.clear()
             fold.fold(layer.state, undo)  # in place: a captured step stays valid
         if undo:
             self.fold_undo.append((self.generated, undo))

@@ -115,9 +115,8 @@ class LayerState:
         # [B] long, slots: the RoPE-table column of the row's next token, less gen_count
         self.row_columns: torch.Tensor | None = None
 
-    # Attention reads the decode buffers in place; no concatenation per step. Outliers and local
-    # are written at prefill, the selected chunks by each step's rebuild and fetch, the tail as
-    # tokens come.
+    # Attention reads the decode buffers in place; no concatenation per step. Outliers and local are written at
+    # prefill, the selected chunks by each step's rebuild and fetch, the tail as tokens come.
     @property
     def tail_k(self) -> torch.Tensor | None:
         return None if self.k_buf is None else self.k_buf[:, :, self.tail_start :]
@@ -339,6 +338,8 @@ class LayerState:
         select_k = self.config.select_chunks(chunks)
         if select_k != self.select_k:
             self._relayout(select_k, self.k_buf.shape[2] - self.tail_start)
+
+    def adopt(self, fields: dict) -> None: self.__dict__.update(fields)  # a copy's or a load's (cache_share, cache_io)
 
     def advance(self, tokens: int) -> None:
         """Commit a decode step's ``tokens`` new tokens (the device fill level already counts them)."""

@@ -2,6 +2,8 @@
 (``ShadowKVCache.memory_report``)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from shadowkv_fx.layer_state import LayerState
@@ -9,7 +11,9 @@ from shadowkv_fx.prompt_layout import PromptLayout
 
 
 def _size(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
+    """Bytes of ``t``'s elements; a view repeating them (a zero stride: one document's store read by
+    the rows of its questions, cache_share.repeat_rows) holds them once."""
+    return 0 if t is None else math.prod(n for n, step in zip(t.shape, t.stride()) if step) * t.element_size()
 
 
 def layer_bytes(state: LayerState) -> dict[str, tuple[str, int]]:

@@ -10,11 +10,12 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import weakref
 from typing import Callable, Iterator
 
 import torch
 
-from shadowkv_fx import compat, cuda_graph, regions
+from shadowkv_fx import cache_io, compat, cuda_graph, regions
 from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.dynamo_limits import RECOMPILE_LIMIT, recompile_limit
@@ -41,6 +42,7 @@ class ShadowKVRuntime:
         self.reports: list[PassReport] = []
         self.num_layers = model.config.num_hidden_layers
         self.model_config = model.config
+        self.model = weakref.ref(model)  # the identity a cache it prefills is saved with (cache_io)
         self.dtype = next(model.parameters()).dtype
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.tp_size = getattr(model, "_tp_size", None) or 1
@@ -93,6 +95,9 @@ class ShadowKVRuntime:
                 f"the cache is a {type(cache).__name__}; an optimized model needs a ShadowKVCache "
                 "(leave it out and one is made)"
             )
+        if cache.saved_model is not None:  # loaded without its model (from_pretrained): is this the one?
+            cache_io.check_model(cache.saved_model, self.model())
+            cache.saved_model, cache.source_model = None, self.model
         prompt = cache.prompt_length if cache.layout is None else None
         if prompt is not None and input_ids.shape[1] > prompt:
             return self._prompt_then_drafts(prompt, input_ids, attention_mask, position_ids, cache, kwargs)
@@ -114,6 +119,7 @@ class ShadowKVRuntime:
                 position_ids = None if position_ids is None else realign.to_left(position_ids)
             self._check_length(int(key_valid.sum(dim=1).max()))
             cache.begin_step(key_valid, n, realigned=realign is not None)
+            cache.source_model = self.model
             try:
                 cache.value_room = check_batch_fits(self.model_config, cache.layout, cache.config, self.dtype,
                                                     input_ids.device, cache.tail_capacity, self.tp_size)
@@ -250,6 +256,7 @@ class ShadowKVRuntime:
         n = input_ids.shape[1]
         self._check_length(n)
         cache.begin_step(prompt_layout(None, input_ids.shape, input_ids.device)[0], n)
+        cache.source_model = self.model
         positions = torch.arange(n, device=input_ids.device)[None]
         done = False
         try:

@@ -28,6 +28,19 @@ def test_value_chunk_gather_matches_reference(dtype, b, hkv, c, l, d, k):
     assert torch.equal(out, expected)
 
 
+def test_value_chunk_gather_reads_rows_that_share_one_document():
+    """Rows repeating one row through a zero batch stride (one document's questions in a batch,
+    cache_share.repeat_rows) each read the shared row's values."""
+    g = torch.Generator().manual_seed(7)
+    row = torch.randn(1, 3, 7, 4, 60, generator=g)
+    if DEVICE.type == "cuda":
+        row = row.pin_memory()
+    src = row.expand(3, -1, -1, -1, -1)
+    idx = torch.stack([torch.randperm(7, generator=g)[:5] for _ in range(9)]).view(3, 3, 5).to(DEVICE)
+    out = triton_gather.gather_value_chunks(src, idx, DEVICE)
+    assert torch.equal(out, naive.gather_value_chunks(src.contiguous(), idx, DEVICE))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b, hkv, c, l, d, k", [(1, 1, 9, 8, 16, 4), (2, 3, 17, 4, 60, 6)])
 def test_value_gather_writes_only_the_chunks_to_fetch(dtype, b, hkv, c, l, d, k):
