@@ -1,9 +1,9 @@
 """One attention layer's compressed cache: built at prefill, read at every decode step.
 
-``LayerState`` owns every field of it; no other module rebinds one. Its collaborators take it as
-a typed argument, read it and write only its tensors in place: ``decode_step.py`` (a decode
-step), ``fold.py`` (folding between steps), ``slot_state.py`` (a prompt joining a slot of a running
-cache) and ``memory_report.py`` (bytes per component); host counts change through the methods below.
+``LayerState`` owns every field of it; no other module rebinds one. Its collaborators take it as a typed
+argument, read it and write only its tensors in place: ``decode_step.py`` (a step), ``fold.py`` (folding),
+``slot_state.py`` (a prompt joining a running cache's slot), ``memory_report.py``; ``cache_share.py`` and
+``cache_io.py`` hand a copy's or a load's fields to ``adopt``. Host counts change through its methods.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ class LayerState:
     ``tail_first``, ``gen_count``, ``u``, ``sv``, ``landmarks``, ``selectable``, ``v_chunks``, ``pad``,
     ``prev_idx``, ``v_lookups``, ``row_columns`` and the tensors of ``rope_tables``; baked into it:
     ``sel_start``, ``local_start``, ``tail_start``, ``select_k``, ``padded_len``, ``rope_form`` and the
-    flags. After prefill only ``reserve_tail`` and ``commit_adoption`` rebind any, between steps, and
-    then return True so the cache drops its graphs (``decode_graphs.clear()``): ``_relayout``
+    flags. After prefill only ``reserve_tail``, ``commit_adoption`` (and ``adopt``, on a new copy) rebind any,
+    between steps, and then return True so the cache drops its graphs (``decode_graphs.clear()``): ``_relayout``
     (buffers, offsets, ``select_k``, ``prev_idx``), ``_grow_store`` (the store),
     ``rope_tables.reserve_columns`` (the shared tables, which ``SharedRopeTables.widen_for`` also
     swaps), the RoPE form a slot's first compressed prompt names. No step reads the host counts
@@ -339,7 +339,10 @@ class LayerState:
         if select_k != self.select_k:
             self._relayout(select_k, self.k_buf.shape[2] - self.tail_start)
 
-    def adopt(self, fields: dict) -> None: self.__dict__.update(fields)  # a copy's or a load's (cache_share, cache_io)
+    def adopt(self, fields: dict) -> None:  # a copy's or a load's fields: only ones __init__ declared
+        if unknown := fields.keys() - vars(self).keys():
+            raise AttributeError(f"LayerState declares no field {sorted(unknown)}")
+        self.__dict__.update(fields)
 
     def advance(self, tokens: int) -> None:
         """Commit a decode step's ``tokens`` new tokens (the device fill level already counts them)."""
@@ -361,8 +364,7 @@ class LayerState:
 
     # The host counts of folding (fold.py moves the tensors in place, then commits the counts here)
     def commit_fold(self, rows: list[int], chunks: int, folded: int, refreshes: int) -> None:
-        """``rows`` now hold ``chunks`` chunks: their first ``folded`` tokens; ``refreshes`` of
-        them refreshed their basis."""
+        """``rows`` now hold ``chunks`` chunks: their first ``folded`` tokens; ``refreshes`` refreshed a basis."""
         for b in rows:
             self.chunks[b] = chunks
             self.tail_first_host[b] = max(0, self.tail_origin[b] + max(0, folded - self.lengths[b]) - self.tail_shift)
@@ -372,8 +374,7 @@ class LayerState:
     def commit_adoption(self, b: int, other: LayerState) -> bool:
         """Row ``b`` holds ``other``'s one prompt now, its tail starting at the current fill. True
         when a captured step must be dropped: the first compressed prompt names the RoPE form."""
-        self.lengths[b], self.prompt_chunks[b] = other.lengths[0], other.prompt_chunks[0]
-        self.chunks[b] = other.chunks[0]
+        self.lengths[b], self.prompt_chunks[b], self.chunks[b] = other.lengths[0], other.prompt_chunks[0], other.chunks[0]
         self.tail_origin[b], self.tail_first_host[b] = self.tail_len, self.tail_len - self.tail_shift
         if other.rope_form is None or (self.rope_form, self.fused_append) == (other.rope_form, other.fused_append):
             return False
@@ -381,8 +382,7 @@ class LayerState:
         return True
 
     def park_rows(self, rows: list[int]) -> None:
-        """Slots ``rows`` hold no request: they never fold, and their tail starts at the fill, so
-        they never hold compaction back (what a step writes there is garbage nobody reads)."""
+        """Slots ``rows`` hold no request: never folding, their tail at the fill (never holding compaction back)."""
         for b in rows:
             self.prompt_chunks[b], self.tail_first_host[b] = 0, self.tail_len - self.tail_shift
 
