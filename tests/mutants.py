@@ -90,11 +90,11 @@ def topk_inverted() -> None:
 @mutant("chunk scores come from the first query head of each GQA group, not the max over the group")
 def score_first_head_only() -> None:
     def make(plain):
-        def score(q, landmarks, selectable, scale):
+        def score(q, landmarks, selectable, scale, *rest):
             b, hq, n, d = q.shape
             hkv = landmarks.shape[1]
             first = q.view(b, hkv, hq // hkv, n, d)[:, :, :1].expand(-1, -1, hq // hkv, -1, -1)
-            return plain(first.reshape(b, hq, n, d), landmarks, selectable, scale)
+            return plain(first.reshape(b, hq, n, d), landmarks, selectable, scale, *rest)
         return score
     _wrap(dispatch, "score_chunks", make)
 
