@@ -78,6 +78,25 @@ def values_from_wrong_chunk() -> None:
     _wrap(dispatch, "gather_value_chunks", make)
 
 
+@mutant("8-bit values are gathered without their scales: the int8 codes are read as the values")
+def dequant_scale_ignored() -> None:
+    def make(plain):
+        def gather(v_chunks, chunk_idx, device, out=None, fetch=None, scales=None):
+            return plain(v_chunks, chunk_idx, device, out, fetch, None if scales is None else torch.ones_like(scales))
+        return gather
+    _wrap(dispatch, "gather_value_chunks", make)
+
+
+@mutant("8-bit landmarks are scored without their scales: chunks compare by their codes alone")
+def landmark_scale_ignored() -> None:
+    def make(plain):
+        def score(q, landmarks, selectable, scale, landmark_scale=None):
+            ones = None if landmark_scale is None else torch.ones_like(landmark_scale)
+            return plain(q, landmarks, selectable, scale, ones)
+        return score
+    _wrap(dispatch, "score_chunks", make)
+
+
 @mutant("top-k picks the lowest-scoring selectable chunks")
 def topk_inverted() -> None:
     def make(plain):
