@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 
 import shadowkv_fx  # noqa: E402
 from shadowkv_fx.kernels import naive, quantize, triton_gather, triton_score, value_reuse  # noqa: E402
-from tests.models import assert_close, skip_unless_kernels_run_here  # noqa: E402
+from tests.models import assert_close, cuda_only, skip_unless_kernels_run_here  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 skip_unless_kernels_run_here(triton_gather.gather_chunks_kernel)
@@ -70,6 +70,10 @@ def int8_store(gen, b, hkv, c, l, d):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b, hkv, c, l, d, k", [(1, 1, 3, 8, 16, 2), (2, 3, 7, 4, 60, 5), (3, 2, 33, 8, 24, 9)])
 def test_dequantising_gather_matches_its_twin(dtype, b, hkv, c, l, d, k):
+    check_dequantising_gather(dtype, b, hkv, c, l, d, k)
+
+
+def check_dequantising_gather(dtype, b, hkv, c, l, d, k):
     """The kernel multiplies in float32 and rounds once to ``out``'s dtype, as the twin does: equal
     bits (in bf16 within one unit of the last place under the CPU interpreter, whose float32 to
     bf16 conversion truncates where a GPU rounds to nearest)."""
@@ -125,6 +129,10 @@ def nan_scratch(*size, **kwargs):
        d=st.sampled_from([16, 60]))
 @example(seed=3, b=3, hkv=2, g=4, n=1, c=37, d=60)  # GQA, an odd head dim and chunk count
 def test_int8_landmark_scores_match_their_twin(dtype, tol, seed, b, hkv, g, n, c, d):
+    check_int8_scores(b, hkv, g, n, c, d, dtype, tol, seed)
+
+
+def check_int8_scores(b, hkv, g, n, c, d, dtype, tol, seed):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hkv * g, n, d, generator=gen).to(DEVICE, dtype)
     landmarks = torch.randn(b, hkv, c, d, generator=gen) * torch.rand(b, hkv, c, 1, generator=gen) * 4
@@ -148,3 +156,15 @@ def test_score_rejects_int8_landmarks_without_float_scales():
         triton_score.score_chunks(q, codes, selectable, 0.25)
     with pytest.raises(ValueError, match="landmark_scale must be a contiguous float32"):
         triton_score.score_chunks(q, codes, selectable, 0.25, torch.ones(1, 1, 5, dtype=torch.float16, device=DEVICE))
+
+
+@cuda_only
+def test_dequantising_gather_llama8b_shapes_on_gpu():
+    """122K tokens of one KV head group (15360 chunks of 8 x 128), 256 chunks fetched, from pinned memory."""
+    check_dequantising_gather(torch.bfloat16, 1, 8, 15360, 8, 128, 256)
+
+
+@cuda_only
+@pytest.mark.parametrize("n", [1, 4])
+def test_int8_landmark_scores_llama8b_shapes_on_gpu(n):
+    check_int8_scores(4, 8, 4, n, 15360, 128, torch.bfloat16, 1e-2, seed=n)
