@@ -65,7 +65,11 @@ class ShadowKVConfig:
     landmark_bits:
         Bits per landmark element: 16 or 8 (int8, one scale per chunk and KV head, applied to the
         logits after the dot): half the bytes the scoring kernel reads each step; the selected
-        chunks may differ from the 16-bit ones where two scores are close.
+        chunks may differ from the 16-bit ones where two scores are close
+        (``evaluation.landmark_drift`` measures it). On SmolLM2-135M (float32 on a CPU), a 4K
+        needle prompt and ``sparse_budget=496``: 1.7% of the chosen chunks swapped (71% of the
+        per-head selections differed by at least one of their 62 chunks), and over 16 greedy
+        tokens of 3 RULER-style samples either knob at 8 bits left the answers unchanged.
     """
 
     sparse_budget: int = 2048
