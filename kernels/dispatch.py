@@ -28,12 +28,14 @@ def _triton(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and triton_available()
 
 
-def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor, scale: float) -> torch.Tensor:
+def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor, scale: float,
+                 landmark_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Chunk scores ``[B, Hkv, C]``; ``landmark_scale``: the landmarks are int8 codes with these scales."""
     if _triton(q):
         from shadowkv_fx.kernels import triton_score
 
-        return triton_score.score_chunks(q, landmarks, selectable, scale)
-    return naive.score_chunks(q, landmarks, selectable, scale)
+        return triton_score.score_chunks(q, landmarks, selectable, scale, landmark_scale)
+    return naive.score_chunks(q, landmarks, selectable, scale, landmark_scale)
 
 
 def top_chunks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,16 +96,18 @@ def append_rope(k_pre: torch.Tensor, v: torch.Tensor, tables: list[torch.Tensor]
 
 
 def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device: torch.device,
-                        out: torch.Tensor | None = None, fetch: torch.Tensor | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, fetch: torch.Tensor | None = None,
+                        scales: torch.Tensor | None = None) -> torch.Tensor:
     """Values of the chosen chunks into ``out``; with ``fetch``, only those chunks (``out`` holds
-    the others since an earlier step: they do not cross PCIe again)."""
+    the others since an earlier step: they do not cross PCIe again); with ``scales``, int8 codes
+    dequantised on the way."""
     if device.type == "cuda" and (v_chunks.is_pinned() or v_chunks.device.type == "cuda") and triton_available():
         from shadowkv_fx.kernels import triton_gather
 
-        return triton_gather.gather_value_chunks(v_chunks, chunk_idx, device, out, fetch)
+        return triton_gather.gather_value_chunks(v_chunks, chunk_idx, device, out, fetch, scales)
     if fetch is not None:
-        return naive.gather_fetching(v_chunks, chunk_idx, fetch, out)
-    values = naive.gather_value_chunks(v_chunks, chunk_idx, device)
+        return naive.gather_fetching(v_chunks, chunk_idx, fetch, out, scales)
+    values = naive.gather_value_chunks(v_chunks, chunk_idx, device, scales)
     return values if out is None else out.copy_(values)
 
 

@@ -15,24 +15,29 @@ from typing import Sequence
 
 import torch
 
+from shadowkv_fx.kernels.quantize import dequantize
 from shadowkv_fx.kernels.rope_forms import rotary_width
 
 
-def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor, scale: float) -> torch.Tensor:
+def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor, scale: float,
+                 landmark_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Twin of ``triton_score.score_chunks``. Chunk relevance: softmax(q . landmarks) per query head,
     summed over tokens, max over the GQA group.
 
     Args:
         q: ``[B, Hq, n, D]`` post-RoPE queries.
-        landmarks: ``[B, Hkv, C, D]``.
+        landmarks: ``[B, Hkv, C, D]`` (int8 codes with ``landmark_scale``).
         selectable: ``[B, Hkv, C]`` bool; outlier and padding chunks are False.
+        landmark_scale: optional ``[B, Hkv, C]`` float32: a chunk's logits are ``q . code`` times its
+            scale (and ``scale``), so the dot reads the 8-bit codes as they are.
     Returns:
         ``[B, Hkv, C]`` float32, ``-inf`` where not selectable.
     """
     b, hq, n, d = q.shape
     hkv = landmarks.shape[1]
     grouped = q.float().view(b, hkv, hq // hkv, n, d)
-    logits = torch.einsum("bhgnd,bhcd->bhgnc", grouped, landmarks.float()) * scale
+    logits = torch.einsum("bhgnd,bhcd->bhgnc", grouped, landmarks.float())
+    logits = logits * (scale if landmark_scale is None else landmark_scale.float()[:, :, None, None, :] * scale)
     logits = logits.masked_fill(~selectable[:, :, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     scores = probs.sum(dim=3).amax(dim=2)
@@ -112,29 +117,35 @@ def rebuild_rope_keys(u: torch.Tensor, sv: torch.Tensor, chunk_idx: torch.Tensor
     return keys.to(dtype or sv.dtype)
 
 
-def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+def gather_value_chunks(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, device: torch.device,
+                        scales: torch.Tensor | None = None) -> torch.Tensor:
     """Twin of ``triton_gather.gather_value_chunks``: values of chosen chunks, read from (host)
     memory and moved to ``device``.
 
     Args:
-        v_chunks: ``[B, Hkv, C, L, D]`` (pinned host memory when the model is on a GPU).
+        v_chunks: ``[B, Hkv, C, L, D]`` (pinned host memory when the model is on a GPU); int8
+            codes with ``scales``.
         chunk_idx: ``[B, Hkv, k]`` int64 on any device.
+        scales: optional ``[B, Hkv, C]`` float32 on ``device``: the codes are moved as int8, then
+            dequantised there (``quantize.dequantize``).
     Returns:
-        ``[B, Hkv, k*L, D]`` on ``device``.
+        ``[B, Hkv, k*L, D]`` on ``device`` (float32 when dequantised).
     """
     b, hkv, c, l, d = v_chunks.shape
     idx = chunk_idx.to(v_chunks.device)
-    picked = torch.gather(v_chunks, 2, idx[..., None, None].expand(-1, -1, -1, l, d))
-    return picked.reshape(b, hkv, -1, d).to(device, non_blocking=True)
+    picked = torch.gather(v_chunks, 2, idx[..., None, None].expand(-1, -1, -1, l, d)).to(device, non_blocking=True)
+    if scales is not None:
+        picked = dequantize(picked, torch.gather(scales, 2, idx.to(scales.device)))
+    return picked.reshape(b, hkv, -1, d)
 
 
-def gather_fetching(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, fetch: torch.Tensor, out: torch.Tensor
-                    ) -> torch.Tensor:
+def gather_fetching(v_chunks: torch.Tensor, chunk_idx: torch.Tensor, fetch: torch.Tensor, out: torch.Tensor,
+                    scales: torch.Tensor | None = None) -> torch.Tensor:
     """Twin of ``triton_gather.gather_value_chunks`` with ``fetch``: ``gather_value_chunks`` into
     ``out [B, Hkv, k*L, D]``, writing only the chunks where ``fetch`` (the others already hold
     their values)."""
     b, hkv, c, l, d = v_chunks.shape
-    values = gather_value_chunks(v_chunks, chunk_idx, out.device).view(b, hkv, -1, l, d)
+    values = gather_value_chunks(v_chunks, chunk_idx, out.device, scales).to(out.dtype).view(b, hkv, -1, l, d)
     view = out.view(b, hkv, -1, l, d) if out.is_contiguous() else out.unflatten(2, (-1, l))
     view.copy_(torch.where(fetch[..., None, None], values, view))
     return out

@@ -11,6 +11,10 @@ are the only large input, so the work is split in two kernels:
 2. ``score_reduce_kernel``: one program per (chunk block, ``b * Hkv + h``) folds the block
    statistics into each row's softmax normaliser, then turns its logits into probabilities,
    sums them over the ``n`` tokens and takes the max over the ``G`` heads.
+
+8-bit landmarks (``ShadowKVConfig.landmark_bits=8``, ``quantize.py``) halve that read: the tile
+is loaded as int8 codes, converted exactly to the queries' dtype (``|code| <= 127``) for the same
+dot, and each chunk's column of logits is multiplied by its float32 scale after it.
 """
 from __future__ import annotations
 
@@ -26,10 +30,11 @@ GPU_TILES = {"block_c": 128, "num_warps": 4}  # best of a sweep on H100 (64-256,
 
 
 @triton.jit
-def score_logits_kernel(q, lm, sel, logits, blk_max, blk_sum, scale, n, C, NB, Hkv,
+def score_logits_kernel(q, lm, lm_scale, sel, logits, blk_max, blk_sum, scale, n, C, NB, Hkv,
                         s_qb, s_qh, s_qn, s_qd, s_lb, s_lh, s_lc, s_ld,
                         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                        QUANT: tl.constexpr):
     i_c = tl.program_id(0)
     i_m = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -51,8 +56,12 @@ def score_logits_kernel(q, lm, sel, logits, blk_max, blk_sum, scale, n, C, NB, H
     b_lm = tl.load(p_lm, mask=m_d[:, None] & m_c[None, :], other=0.0)
     if UPCAST:  # the CPU interpreter computes bf16 dots wrongly; a GPU keeps the native dtype
         b_q = b_q.to(tl.float32)
-        b_lm = b_lm.to(tl.float32)
-    b_l = tl.dot(b_q, b_lm, input_precision=PRECISION) * scale
+    b_lm = b_lm.to(b_q.dtype)  # int8 codes: exact in bf16/fp16/fp32
+    if QUANT:
+        b_s = tl.load(lm_scale + i_bh * C + o_c, mask=m_c, other=0.0)
+        b_l = tl.dot(b_q, b_lm, input_precision=PRECISION) * (b_s * scale)[None, :]
+    else:
+        b_l = tl.dot(b_q, b_lm, input_precision=PRECISION) * scale
     b_sel = tl.load(sel + i_bh * C + o_c, mask=m_c, other=0) != 0
     b_l = tl.where(b_sel[None, :], b_l, float("-inf"))
     p_out = logits + (i_bh * GN + o_m[:, None]) * C + o_c[None, :]
@@ -107,7 +116,7 @@ def score_reduce_kernel(logits, blk_max, blk_sum, sel, out, n, C, NB,
 
 
 def launch_score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor, scale: float,
-                        out: torch.Tensor) -> torch.Tensor:
+                        out: torch.Tensor, landmark_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Tiles, scratch buffers, grids and launches of both kernels into ``out [B, Hkv, C]``
     (arguments checked by ``score_chunks``)."""
     b, hq, n, d = q.shape
@@ -125,10 +134,10 @@ def launch_score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: to
     blk_sum = _scratch(b, hkv, gn, nb, dtype=torch.float32, device=q.device)
     sel = selectable.contiguous().view(torch.uint8)
     score_logits_kernel[(nb, triton.cdiv(gn, block_m), b * hkv)](
-        q, landmarks, sel, logits, blk_max, blk_sum, float(scale), n, c, nb, hkv,
-        *q.stride(), *landmarks.stride(),
+        q, landmarks, sel if landmark_scale is None else landmark_scale.contiguous(), sel, logits, blk_max, blk_sum, float(scale),
+        n, c, nb, hkv, *q.stride(), *landmarks.stride(),
         G=g, D=d, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
-        UPCAST=not gpu, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=not gpu, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", QUANT=landmark_scale is not None,
         num_warps=GPU_TILES["num_warps"],
     )
     # kernel 2 holds [BLOCK_N, BLOCK_C] tiles: fewer chunks per program when many tokens score at once
@@ -142,7 +151,8 @@ def launch_score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: to
     return out
 
 
-def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor, scale: float) -> torch.Tensor:
+def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor, scale: float,
+                 landmark_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of ``naive.score_chunks``.
 
     Parameters
@@ -150,11 +160,15 @@ def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Ten
     q : torch.Tensor
         ``[B, Hq, n, D]`` post-RoPE queries (bf16, fp16 or fp32; any strides).
     landmarks : torch.Tensor
-        ``[B, Hkv, C, D]``, same dtype and device as ``q`` (any strides; read in place).
+        ``[B, Hkv, C, D]``, same dtype and device as ``q`` (any strides; read in place); int8
+        codes when ``landmark_scale`` is given.
     selectable : torch.Tensor
         ``[B, Hkv, C]`` bool; outlier and padding chunks are False.
     scale : float
         Softmax scale applied to ``q . landmark``.
+    landmark_scale : torch.Tensor, optional
+        ``[B, Hkv, C]`` float32 contiguous: the landmarks are int8 codes, landmark ``c`` being
+        ``code * landmark_scale[..., c]`` (``quantize.dequantize``).
 
     Returns
     -------
@@ -168,11 +182,18 @@ def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Ten
         raise ValueError(f"q {tuple(q.shape)} and landmarks {tuple(landmarks.shape)} do not match")
     if selectable.shape != (b, hkv, c) or selectable.dtype != torch.bool:
         raise ValueError(f"selectable must be bool {(b, hkv, c)}, got {selectable.dtype} {tuple(selectable.shape)}")
-    if q.dtype != landmarks.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    if landmark_scale is None and q.dtype != landmarks.dtype:
         raise ValueError(f"q ({q.dtype}) and landmarks ({landmarks.dtype}) must share one float dtype")
-    if q.device != landmarks.device or q.device != selectable.device:
-        raise ValueError("q, landmarks and selectable must be on one device")
+    if landmark_scale is not None and (landmarks.dtype != torch.int8 or landmark_scale.shape != (b, hkv, c)
+                                       or landmark_scale.dtype != torch.float32):
+        raise ValueError(f"landmark_scale must be a float32 {(b, hkv, c)} beside int8 landmarks, got "
+                         f"{landmark_scale.dtype} {tuple(landmark_scale.shape)} beside {landmarks.dtype}")
+    if q.device != landmarks.device or q.device != selectable.device or (
+            landmark_scale is not None and landmark_scale.device != q.device):
+        raise ValueError("q, landmarks, landmark_scale and selectable must be on one device")
     out = _scratch(b, hkv, c, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    return launch_score_chunks(q, landmarks, selectable, scale, out)
+    return launch_score_chunks(q, landmarks, selectable, scale, out, landmark_scale)

@@ -29,7 +29,9 @@ FOLD = "tests/test_fold.py::test_full_budget_and_rank_folding_equals_dense"
 FOLD_SPECULATION = "tests/test_fold.py::test_prompt_lookup_with_folding_equals_plain_greedy_at_sparse_settings"
 RIGHT_PADDED = "tests/test_equivalence.py::test_right_padded_batch_gives_the_left_padded_tokens"
 SLOTS = "tests/test_serving_shadowkv.py::test_full_budget_and_rank_tokens_equal_dense_generate_alone"
-SUBSET = [EQUIVALENCE, SELECTION, REUSE, FOLD, FOLD_SPECULATION, RIGHT_PADDED, SLOTS]
+QUANTIZED = "tests/test_quantized_store.py::test_8bit_values_are_int8_with_scales_and_logits_stay_close"
+LANDMARKS_8BIT = "tests/test_quantized_store.py::test_8bit_landmarks_select_nearly_what_16bit_ones_do"
+SUBSET = [EQUIVALENCE, SELECTION, REUSE, FOLD, FOLD_SPECULATION, RIGHT_PADDED, SLOTS, QUANTIZED, LANDMARKS_8BIT]
 
 # the tests each mutant is expected to fail, run first so that a killed mutant costs one test;
 # the rest of the subset runs after them, so a mutant that escapes its own tests can still die
@@ -48,6 +50,8 @@ FIRST = {
     "next_positions_off_by_one": [RIGHT_PADDED],
     "slot_reads_older_rows": [SLOTS],
     "slot_positions_ignore_join": [SLOTS],
+    "dequant_scale_ignored": [QUANTIZED],
+    "landmark_scale_ignored": [LANDMARKS_8BIT],
 }
 
 

@@ -152,6 +152,8 @@ def bench(
     random_fill_above: int = typer.Option(-1, help="ShadowKV points with a larger batch fill the cache from random "
                                           "K/V through the compression path instead of a prefill; -1: never"),
     fold_chunks: int = typer.Option(16, help="ShadowKV folds the generated tail every this many chunks; 0: never"),
+    value_bits: int = typer.Option(16, help="bits per stored value: 16, or 8 (int8 + per-chunk scales)"),
+    landmark_bits: int = typer.Option(16, help="bits per landmark element: 16, or 8 (int8 + per-chunk scales)"),
     breakdown: bool = typer.Option(False, help="per-kernel time of one ShadowKV decode step, and steps timed alone"),
     out: Path = typer.Option(Path("bench_out"), help="folder for bench.json, bench.png and table.txt"),
     whole_graph: bool = typer.Option(False, help="ShadowKV compiles the whole forward as one graph instead of one "
@@ -215,7 +217,8 @@ def bench(
     if unknown:
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; known: {b.METHODS}")
     config = ShadowKVConfig(sparse_budget=sparse_budget, rank=rank, fold_chunks=fold_chunks or None,
-                            value_hbm_gib=None if value_hbm_gib < 0 else value_hbm_gib)
+                            value_hbm_gib=None if value_hbm_gib < 0 else value_hbm_gib, value_bits=value_bits,
+                            landmark_bits=landmark_bits)
     model = b.load_model(model_dir) if model_dir else b.llama31_8b_random(layers)
     lead = b.is_lead_rank()
     torch.manual_seed(0)  # every tensor-parallel rank draws the same prompts

@@ -56,6 +56,20 @@ class ShadowKVConfig:
         whole-prompt MLP intermediates (~10 GiB of a Llama-3.1-8B 122K-token prefill) never exist at
         once. A graph traced for at most this many tokens (decode steps, short prompts) keeps its MLP
         as it is. ``None``: off.
+    value_bits:
+        Bits per stored value element: 16 (the model's dtype) or 8. At 8 the offloaded values are
+        int8 with one float32 scale per (chunk, KV head) (symmetric absmax, ``kernels/quantize.py``),
+        dequantised inside the gather kernel: half the PCIe bytes per fetched chunk and half the
+        host memory per sequence (the largest host-bound batch about doubles), for an error of at
+        most half a scale step per element.
+    landmark_bits:
+        Bits per landmark element: 16 or 8 (int8, one scale per chunk and KV head, applied to the
+        logits after the dot): half the bytes the scoring kernel reads each step; the selected
+        chunks may differ from the 16-bit ones where two scores are close
+        (``evaluation.landmark_drift`` measures it). On SmolLM2-135M (float32 on a CPU), a 4K
+        needle prompt and ``sparse_budget=496``: 1.7% of the chosen chunks swapped (71% of the
+        per-head selections differed by at least one of their 62 chunks), and over 16 greedy
+        tokens of 3 RULER-style samples either knob at 8 bits left the answers unchanged.
     """
 
     sparse_budget: int = 2048
@@ -70,6 +84,8 @@ class ShadowKVConfig:
     fold_chunks: int | None = 16
     fold_refresh: float = 1.5
     prefill_mlp_chunk: int | None = 8192
+    value_bits: int = 16
+    landmark_bits: int = 16
 
     def __post_init__(self) -> None:
         for name in ("sparse_budget", "rank", "chunk_size"):
@@ -91,6 +107,11 @@ class ShadowKVConfig:
         if isinstance(self.fold_refresh, bool) or not isinstance(self.fold_refresh, (int, float)) \
                 or not self.fold_refresh >= 1:
             raise ValueError(f"ShadowKVConfig.fold_refresh must be a number >= 1, got {self.fold_refresh!r}")
+        for name in ("value_bits", "landmark_bits"):
+            value = getattr(self, name)
+            if type(value) is not int or value not in (16, 8):
+                raise ValueError(f"ShadowKVConfig.{name} must be 16 (the model's dtype) or 8 (int8 with a "
+                                 f"per-chunk scale), got {value!r}")
         if self.sparse_budget % self.chunk_size:
             lower = self.sparse_budget - self.sparse_budget % self.chunk_size
             raise ValueError(

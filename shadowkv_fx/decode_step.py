@@ -90,7 +90,7 @@ def _write_row_columns(state: LayerState, rope_inputs: list[torch.Tensor], offse
 
 def select(state: LayerState, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k chunks per KV head: ``chunk_idx [B, Hkv, k]`` and whether each pick is real."""
-    scores = dispatch.score_chunks(q, state.landmarks, state.selectable, scale)
+    scores = dispatch.score_chunks(q, state.landmarks, state.selectable, scale, state.landmark_scale)
     return dispatch.top_chunks(scores, state.select_k)
 
 
@@ -111,6 +111,7 @@ def fill_selected(state: LayerState, chunk_idx: torch.Tensor, picked: torch.Tens
         state.v_lookups[1] += fetch.numel()
     dispatch.rebuild_rope_keys(state.u, state.sv, chunk_idx, chunk, state.pad, state.rope_tables, state.rope_form,
                                rope_fn, state.k_buf[:, :, region])
-    dispatch.gather_value_chunks(state.v_chunks, chunk_idx, state.v_buf.device, state.v_buf[:, :, region], fetch)
+    dispatch.gather_value_chunks(state.v_chunks, chunk_idx, state.v_buf.device, state.v_buf[:, :, region], fetch,
+                                 state.v_scale)
     # one broadcast copy (repeat_interleave would launch an index build and a gather)
     state.key_valid[:, :, region].unflatten(-1, (-1, chunk)).copy_(picked[..., None].expand(*picked.shape, chunk))

@@ -29,6 +29,7 @@ import torch
 
 from shadowkv_fx.kernels import compression
 from shadowkv_fx.layer_state import LayerState
+from shadowkv_fx.value_store import write_chunks
 
 # below this relative error a projection is exact to float32 rounding: never refresh for noise
 REFRESH_FLOOR = 1e-5
@@ -208,8 +209,9 @@ def _fold_rows(state: LayerState, rows: list[int], m: int, undo: "FoldUndo | Non
             refreshes += 1
 
     landmarks, min_cos = compression.chunk_landmarks(k_rot.reshape(n_rows * hkv, count, -1), chunk)
-    state.landmarks[r, :, c0 : c0 + m] = landmarks.view(n_rows, hkv, m, -1).to(state.landmarks.dtype)
-    state.v_chunks[r, :, c0 : c0 + m] = v.reshape(n_rows, hkv, m, chunk, dv).to(state.v_chunks.device)
+    folded = (r, slice(None), slice(c0, c0 + m))  # quantised at 8 bits, as at prefill
+    write_chunks(state.landmarks, state.landmark_scale, folded, landmarks.view(n_rows, hkv, m, -1))
+    write_chunks(state.v_chunks, state.v_scale, folded, v.reshape(n_rows, hkv, m, chunk, dv))
     state.selectable[r, :, c0 : c0 + m] = True
     if cfg.outlier_chunks:
         if undo is not None:

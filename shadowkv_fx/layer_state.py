@@ -18,7 +18,7 @@ from shadowkv_fx.kernels.rope_forms import detect_rope_form
 from shadowkv_fx.pinned import grown, moved
 from shadowkv_fx.prompt_layout import PromptLayout, store_chunks, tail_slots
 from shadowkv_fx.rope_tables import reserve_columns
-from shadowkv_fx.value_store import SlotSizes, value_slots
+from shadowkv_fx.value_store import SlotSizes, chunk_slots, write_chunks
 
 
 class LayerState:
@@ -33,7 +33,7 @@ class LayerState:
     Held by address by a captured step, so written in place only (by the step; between steps by
     ``fold.py`` and ``slot_state.py``): ``k_buf``, ``v_buf``, ``key_valid``, ``pre_k``, ``tail_fill``,
     ``tail_first``, ``gen_count``, ``u``, ``sv``, ``landmarks``, ``selectable``, ``v_chunks``, ``pad``,
-    ``prev_idx``, ``v_lookups``, ``row_columns`` and the tensors of ``rope_tables``; baked into it:
+    the scales, ``prev_idx``, ``v_lookups``, ``row_columns`` and the tensors of ``rope_tables``; baked into it:
     ``sel_start``, ``local_start``, ``tail_start``, ``select_k``, ``padded_len``, ``rope_form`` and the
     flags. After prefill only ``reserve_tail``, ``commit_adoption`` (and ``adopt``, on a new copy) rebind any,
     between steps, and then return True so the cache drops its graphs (``decode_graphs.clear()``): ``_relayout``
@@ -45,8 +45,7 @@ class LayerState:
 
     def __init__(self, config: ShadowKVConfig) -> None:
         self.config = config
-        # rows whose prompts are not compressed yet; None before the first prefill group and
-        # once the last has built the decode buffers
+        # rows whose prompts are not compressed yet; None before the first prefill group and after the last
         self._pending: set[int] | None = None
 
         # The prompts (copied from the batch's PromptLayout at prefill)
@@ -70,10 +69,12 @@ class LayerState:
         # The compressed store (C chunks of L tokens per row; grows with folds: _grow_store)
         self.u: torch.Tensor | None = None  # [B, C*L, r] low-rank key factors, one row per token
         self.sv: torch.Tensor | None = None  # [B, Hkv, r, D] diag(s) V^T per row: keys = U @ SV[h]
-        self.landmarks: torch.Tensor | None = None  # [B, Hkv, C, D] mean post-RoPE key of each chunk
+        self.landmarks: torch.Tensor | None = None  # [B, Hkv, C, D] mean post-RoPE key of each chunk (or int8)
+        self.landmark_scale: torch.Tensor | None = None  # [B, Hkv, C] float32 scales of int8 landmarks (or None)
         self.selectable: torch.Tensor | None = None  # [B, Hkv, C] bool: a chunk a step may pick (not an outlier)
-        # [B, Hkv, C, L, Dv] values of every chunk, pinned host memory or spare device memory
+        # [B, Hkv, C, L, Dv] values of every chunk (or int8), pinned host memory or spare device memory
         self.v_chunks: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None  # [B, Hkv, C] float32 (device) scales of int8 values (or None)
         self.values_copied: torch.cuda.Event | None = None  # the last prefill copy to the host, still landing
         self.outlier_ids: torch.Tensor | None = None  # [B, Hkv, O] long, the chunks kept dense as outliers
         self.outlier_cos: torch.Tensor | None = None  # [B, Hkv, O] float32, their min-cosines (fold ranks new chunks)
@@ -161,9 +162,10 @@ class LayerState:
                 self.selectable[b].scatter_(1, c.outliers, False)
                 self.outlier_ids[b], self.outlier_cos[b], self.fit_err[b] = c.outliers, c.outlier_cos, c.fit_err
                 self._outlier_k[b], self._outlier_v[b] = c.outlier_k, c.outlier_v
-                self.u[b, :t], self.sv[b], self.landmarks[b, :, :n_chunks] = c.u, c.sv, c.landmarks
-                self.values_copied = host_copies.copy(self.v_chunks[b, :, :n_chunks],
-                                                      vb[:, :t].reshape(-1, n_chunks, chunk, vb.shape[-1]))
+                self.u[b, :t], self.sv[b], stored = c.u, c.sv, (b, slice(None), slice(0, n_chunks))
+                write_chunks(self.landmarks, self.landmark_scale, stored, c.landmarks)  # quantised at 8 bits
+                values = vb[:, :t].reshape(-1, n_chunks, chunk, vb.shape[-1])
+                self.values_copied = write_chunks(self.v_chunks, self.v_scale, stored, values, side_stream=True)
                 if self.rope_form is None:
                     tables = [tb[min(b, tb.shape[0] - 1)][None, :, layout.pad[b] :] for tb in rope_tables]
                     self.rope_form = detect_rope_form(kp[None], kr[None], tables)
@@ -198,8 +200,7 @@ class LayerState:
         self._local_k = k_rot.new_zeros(b_size, hkv, local_max, d)
         self._local_v = v.new_zeros(b_size, hkv, local_max, dv)
         self.compressed = store > 0
-        self.select_k = 0
-        self._outlier_k = self._outlier_v = None
+        self.select_k, self._outlier_k, self._outlier_v = 0, None, None
         self.folds = self.compressed and cfg.folds
         self.tail_first_host, self.tail_origin = [0] * b_size, [0] * b_size
         if self.folds:
@@ -210,15 +211,15 @@ class LayerState:
         outlier_tokens = cfg.outlier_chunks * chunk
         self.u = k_pre.new_zeros(b_size, store * chunk, cfg.rank)
         self.sv = k_pre.new_zeros(b_size, hkv, cfg.rank, d)
-        self.landmarks = k_rot.new_zeros(b_size, hkv, store, d)
+        self.landmarks, self.landmark_scale = chunk_slots((b_size, hkv, store, d), k_rot, cfg.landmark_bits)
         self.selectable = torch.zeros(b_size, hkv, store, dtype=torch.bool, device=device)
         self._outlier_k = k_rot.new_zeros(b_size, hkv, outlier_tokens, d)
         self._outlier_v = v.new_zeros(b_size, hkv, outlier_tokens, dv)
-        self.v_chunks = value_slots((b_size, hkv, store, chunk, dv), v, keep_values_on_device)
+        self.v_chunks, self.v_scale = chunk_slots((b_size, hkv, store, chunk, dv), v, cfg.value_bits,
+                                                  keep_values_on_device)
         self.outlier_ids = torch.zeros(b_size, hkv, cfg.outlier_chunks, dtype=torch.long, device=device)
         self.outlier_cos = torch.full((b_size, hkv, cfg.outlier_chunks), float("inf"), device=device)
-        self.fit_err = torch.zeros(b_size, device=device)
-        self.refreshes = 0
+        self.fit_err, self.refreshes = torch.zeros(b_size, device=device), 0
         # values not in accelerator memory: a chunk chosen again keeps its slot, only new ones are fetched
         self.reuse = cfg.reuse_values and self.v_chunks.device.type != "cuda"
         if self.reuse:
@@ -271,8 +272,7 @@ class LayerState:
         if self.folds or self.row_columns is not None:  # slots: each row's tail starts where it joined
             self.tail_first = torch.zeros(b, dtype=torch.long, device=self.k_buf.device)
         self._local_k = self._local_v = self._outlier_k = self._outlier_v = self._pending = None
-        self.tail_len = 0
-        self.tail_fill = torch.zeros((), dtype=torch.long, device=self.k_buf.device)
+        self.tail_len, self.tail_fill = 0, torch.zeros((), dtype=torch.long, device=self.k_buf.device)
 
     def values_ready(self) -> None:
         """Later work on the current stream sees the values prefill copied to the host."""
@@ -332,9 +332,9 @@ class LayerState:
         """Reallocate the compressed store for ``chunks`` chunks per row (contents kept); a larger
         store may raise the top-k size, which widens the decode buffers' selected region."""
         self.u = grown(self.u, 1, chunks * self.config.chunk_size)
-        self.landmarks = grown(self.landmarks, 2, chunks)
+        self.landmarks, self.landmark_scale = (grown(t, 2, chunks) for t in (self.landmarks, self.landmark_scale))
+        self.v_chunks, self.v_scale = (grown(t, 2, chunks) for t in (self.v_chunks, self.v_scale))
         self.selectable = grown(self.selectable, 2, chunks)
-        self.v_chunks = grown(self.v_chunks, 2, chunks)
         select_k = self.config.select_chunks(chunks)
         if select_k != self.select_k:
             self._relayout(select_k, self.k_buf.shape[2] - self.tail_start)

@@ -28,13 +28,15 @@ def layer_bytes(state: LayerState) -> dict[str, tuple[str, int]]:
     if state.compressed:
         parts["U"] = (device, _size(state.u))
         parts["SV"] = (device, _size(state.sv))
-        parts["landmarks"] = (device, _size(state.landmarks))
+        parts["landmarks"] = (device, _size(state.landmarks) + _size(state.landmark_scale))  # int8 + scales at 8 bits
         parts["outliers"] = (device, state.sel_start * per_token)
         parts["selected"] = (device, (state.local_start - state.sel_start) * per_token)
         if state.v_chunks.device == k_buf.device and k_buf.device.type != "cpu":
             parts["device_V"] = (device, _size(state.v_chunks))  # spare accelerator memory
         else:
             parts["offloaded_V"] = (state.v_chunks.device.type, _size(state.v_chunks))
+        if state.v_scale is not None:  # 8-bit values: their scales stay on the device
+            parts["value_scales"] = (device, _size(state.v_scale))
     if state.reuse:
         parts["reuse_workspace"] = (device, _size(state.prev_idx))
     parts["local"] = (device, (state.tail_start - state.local_start) * per_token + _size(state.key_valid))

@@ -294,8 +294,11 @@ def pinned_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return tensor
 
 
-def grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """A copy of ``t`` with dim ``dim`` zero-extended to ``size``, in page-locked memory where ``t`` is."""
+def grown(t: torch.Tensor | None, dim: int, size: int) -> torch.Tensor | None:
+    """A copy of ``t`` with dim ``dim`` zero-extended to ``size``, in page-locked memory where ``t`` is
+    (None stays None: a store without scales)."""
+    if t is None:
+        return None
     shape = list(t.shape)
     shape[dim] = size
     new = pinned_zeros(shape, t.dtype) if t.is_pinned() else t.new_zeros(shape)

@@ -70,9 +70,12 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
     With folding the store (``U``, landmarks, values) is preallocated for the prompt and
     ``tail_capacity`` generated tokens, the dense tail only for the fold window, and the device
     also keeps the dense tokens' pre-RoPE keys, the outliers' ids and min-cosines and the RoPE
-    inputs of the generated tokens (``fold.py``).
+    inputs of the generated tokens (``fold.py``). At 8 bits (``value_bits``, ``landmark_bits``)
+    values or landmarks take one byte an element, plus a float32 scale per chunk and KV head on the
+    device.
     """
     size = torch.finfo(dtype).bits // 8
+    v_size, lm_size = (size if bits == 16 else 1 for bits in (config.value_bits, config.landmark_bits))
     chunk, c_max = config.chunk_size, layout.max_chunks
     local = max(n - c * chunk for n, c in zip(layout.lengths, layout.chunks))
     folds = bool(c_max) and config.folds
@@ -88,12 +91,13 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
     dense_tokens = local + tail + (config.outlier_chunks + select) * chunk if c_max else local + tail
     device = dense_tokens * kv_token + fold_state
     if c_max:
-        device += (c_max * chunk * config.rank + hkv * config.rank * d + hkv * c_max * d) * size + hkv * c_max
+        device += (c_max * chunk * config.rank + hkv * config.rank * d) * size + hkv * c_max * d * lm_size + hkv * c_max
+        device += 4 * hkv * c_max * ((config.value_bits == 8) + (config.landmark_bits == 8))  # the scales
         device += hkv * select * 8  # the chunk each selected slot holds (value reuse)
     rope_tables = 2 * rope_columns * d * size  # cos and sin per position, shared by the layers
     if len(set(layout.pad)) == 1:  # and by the sequences of one padded layout (rope_tables.SharedRopeTables)
         rope_tables //= len(layout.lengths)
-    return Footprint(layers * device + rope_tables, layers * hkv * c_max * chunk * d * size, layers)
+    return Footprint(layers * device + rope_tables, layers * hkv * c_max * chunk * d * v_size, layers)
 
 
 def pinned_bytes(nbytes: int) -> int:

@@ -87,5 +87,8 @@ def _adopt_store(state: LayerState, b: int, other: LayerState, chunks: int) -> N
     state.landmarks[b, :, :chunks] = other.landmarks[0, :, :chunks]
     state.selectable[b, :, :chunks] = other.selectable[0, :, :chunks]
     state.v_chunks[b, :, :chunks] = other.v_chunks[0, :, :chunks]
+    for mine, theirs in ((state.v_scale, other.v_scale), (state.landmark_scale, other.landmark_scale)):
+        if mine is not None:  # 8-bit values or landmarks
+            mine[b, :, :chunks] = theirs[0, :, :chunks]
     state.outlier_ids[b], state.outlier_cos[b], state.fit_err[b] = (
         other.outlier_ids[0], other.outlier_cos[0], other.fit_err[0])

@@ -1,4 +1,5 @@
-"""Where a compressed store's values live, and how big the slots of a running cache are."""
+"""Where a compressed store's values live (and, at 8 bits, their scales), and how big the slots of
+a running cache are."""
 from __future__ import annotations
 
 import math
@@ -6,18 +7,57 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from shadowkv_fx import host_copies
+from shadowkv_fx.kernels import quantize
 from shadowkv_fx.pinned import pinned_zeros
 from shadowkv_fx.preflight import check_host_memory
 
 
-def value_slots(shape: tuple[int, ...], like: torch.Tensor, keep_on_device: Callable[[int], bool]) -> torch.Tensor:
-    """Zeroed slots for the chunked values: in spare accelerator memory when ``keep_on_device``
-    grants the bytes, else in pinned host memory (plain memory on a CPU model)."""
-    nbytes = math.prod(shape) * like.element_size()
+def value_slots(shape: tuple[int, ...], like: torch.Tensor, keep_on_device: Callable[[int], bool],
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Zeroed slots for the chunked values (of ``dtype``, default ``like``'s): in spare accelerator
+    memory when ``keep_on_device`` grants the bytes, else in pinned host memory (plain memory on a
+    CPU model)."""
+    dtype = dtype or like.dtype
+    nbytes = math.prod(shape) * dtype.itemsize
     if like.device.type == "cpu" or keep_on_device(nbytes):
-        return like.new_zeros(shape)
+        return like.new_zeros(shape, dtype=dtype)
     check_host_memory(nbytes)
-    return pinned_zeros(shape, like.dtype)
+    return pinned_zeros(shape, dtype)
+
+
+def chunk_slots(shape: tuple[int, ...], like: torch.Tensor, bits: int,
+                keep_on_device: Callable[[int], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Zeroed per-chunk storage ``[B, Hkv, C, ...]`` and, at ``bits == 8``, its scales.
+
+    Returns ``(data, scale)``: ``data`` in ``like``'s dtype at 16 bits, int8 at 8; ``scale [B, Hkv, C]``
+    float32 on ``like``'s device (None at 16 bits). With ``keep_on_device`` the data are values
+    (``value_slots``: pinned host memory unless granted), else they stay on ``like``'s device.
+    """
+    dtype = like.dtype if bits == 16 else torch.int8
+    if keep_on_device is None:
+        data = like.new_zeros(shape, dtype=dtype)
+    else:
+        data = value_slots(shape, like, keep_on_device, dtype)
+    scale = None if bits == 16 else torch.zeros(shape[:3], dtype=torch.float32, device=like.device)
+    return data, scale
+
+
+def write_chunks(data: torch.Tensor, scale: torch.Tensor | None, index: tuple, x: torch.Tensor,
+                 side_stream: bool = False) -> torch.cuda.Event | None:
+    """``data[index] = x``, quantised first where ``scale`` is given (``scale[index]`` gets its scales).
+
+    ``index`` picks ``[rows, Hkv heads, chunks]`` (the dims ``scale`` has); ``x [..., *inner]``
+    holds those chunks' elements (``[L, D]`` a value chunk, ``[D]`` a landmark). Quantised on
+    ``x``'s device, so only int8 bytes travel. ``side_stream``: ``data[index]`` is a view, copied
+    by ``host_copies.copy`` (the returned event marks its end); else a plain indexed write.
+    """
+    if scale is not None:
+        x, scale[index] = quantize.quantize(x, data.dim() - scale.dim())
+    if side_stream:
+        return host_copies.copy(data[index], x)
+    data[index] = x.to(data.device, data.dtype)
+    return None
 
 
 class SlotSizes(NamedTuple):

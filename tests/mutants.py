@@ -78,6 +78,25 @@ def values_from_wrong_chunk() -> None:
     _wrap(dispatch, "gather_value_chunks", make)
 
 
+@mutant("8-bit values are gathered without their scales: the int8 codes are read as the values")
+def dequant_scale_ignored() -> None:
+    def make(plain):
+        def gather(v_chunks, chunk_idx, device, out=None, fetch=None, scales=None):
+            return plain(v_chunks, chunk_idx, device, out, fetch, None if scales is None else torch.ones_like(scales))
+        return gather
+    _wrap(dispatch, "gather_value_chunks", make)
+
+
+@mutant("8-bit landmarks are scored without their scales: chunks compare by their codes alone")
+def landmark_scale_ignored() -> None:
+    def make(plain):
+        def score(q, landmarks, selectable, scale, landmark_scale=None):
+            ones = None if landmark_scale is None else torch.ones_like(landmark_scale)
+            return plain(q, landmarks, selectable, scale, ones)
+        return score
+    _wrap(dispatch, "score_chunks", make)
+
+
 @mutant("top-k picks the lowest-scoring selectable chunks")
 def topk_inverted() -> None:
     def make(plain):
@@ -90,11 +109,11 @@ def topk_inverted() -> None:
 @mutant("chunk scores come from the first query head of each GQA group, not the max over the group")
 def score_first_head_only() -> None:
     def make(plain):
-        def score(q, landmarks, selectable, scale):
+        def score(q, landmarks, selectable, scale, *rest):
             b, hq, n, d = q.shape
             hkv = landmarks.shape[1]
             first = q.view(b, hkv, hq // hkv, n, d)[:, :, :1].expand(-1, -1, hq // hkv, -1, -1)
-            return plain(first.reshape(b, hq, n, d), landmarks, selectable, scale)
+            return plain(first.reshape(b, hq, n, d), landmarks, selectable, scale, *rest)
         return score
     _wrap(dispatch, "score_chunks", make)
 
