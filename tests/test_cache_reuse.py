@@ -199,7 +199,8 @@ def test_questions_in_one_batch_read_one_store_and_each_answer_as_dense():
     batch.batch_repeat_interleave(3)
     for layer, rows in zip(cache.layers, batch.layers):
         for name in cache_share.STORE + cache_share.FIXED:
-            t = getattr(rows.state, name)
+            if (t := getattr(rows.state, name)) is None:  # the scales of an 8-bit store
+                continue
             assert t.shape[0] == 3 and t.stride(0) == 0 and t.data_ptr() == getattr(layer.state, name).data_ptr(), name
     assert cache_share.distinct_bytes([cache, batch])["host"] == cache_share.distinct_bytes([cache])["host"]
     assert batch.memory_report()["cpu"]["U"] == cache.memory_report()["cpu"]["U"]
@@ -217,6 +218,28 @@ def test_questions_in_one_batch_read_one_store_and_each_answer_as_dense():
         batch.batch_repeat_interleave(2)
     with pytest.raises(ValueError, match="repeats must be an int >= 1"):
         copy.deepcopy(cache).batch_repeat_interleave(0)
+
+
+def test_an_8_bit_store_is_shared_with_its_scales_and_rows_answer_as_copies_asked_alone():
+    """Values and landmarks in 8 bits: the rows of one batch read the codes and their scales through
+    zero-stride views (the gather and the scoring take them so), and each row answers as a copy of
+    the document asked alone."""
+    _, model = shared()
+    config = full_config(model, sparse_budget=16, value_bits=8, landmark_bits=8)
+    doc, questions = tokens(60, 9), [tokens(6, 40 + i) for i in range(3)]
+    cache = prefill(model, doc, config)
+    assert cache.layers[0].state.v_scale is not None and cache.layers[0].state.landmark_scale is not None
+    alone = [ask(model, cache, doc, q, 6) for q in questions]
+    batch = copy.deepcopy(cache)
+    batch.batch_repeat_interleave(3)
+    state = batch.layers[0].state
+    assert state.v_scale.stride(0) == 0 and state.landmark_scale.stride(0) == 0
+    assert state.v_scale.data_ptr() == cache.layers[0].state.v_scale.data_ptr()
+    with torch.no_grad():
+        got = model.generate(torch.cat([doc.expand(3, -1), torch.cat(questions)], dim=1), past_key_values=batch,
+                             max_new_tokens=6, min_new_tokens=6, **GREEDY)
+    for i, want in enumerate(alone):
+        assert torch.equal(got.sequences[i : i + 1], want.sequences), (i, got.sequences[i], want.sequences)
 
 
 def test_the_document_cache_itself_asked_in_one_batch_folds_each_row_apart():

@@ -39,6 +39,14 @@ def test_value_chunk_gather_reads_rows_that_share_one_document():
     idx = torch.stack([torch.randperm(7, generator=g)[:5] for _ in range(9)]).view(3, 3, 5).to(DEVICE)
     out = triton_gather.gather_value_chunks(src, idx, DEVICE)
     assert torch.equal(out, naive.gather_value_chunks(src.contiguous(), idx, DEVICE))
+    # 8-bit values: the codes and their per-chunk scales repeat one row alike
+    codes = torch.randint(-127, 128, (1, 3, 7, 4, 60), generator=g, dtype=torch.int8)
+    scales = (torch.rand(1, 3, 7, generator=g) + 0.5).to(DEVICE)
+    if DEVICE.type == "cuda":
+        codes = codes.pin_memory()
+    codes, scales = codes.expand(3, -1, -1, -1, -1), scales.expand(3, -1, -1)
+    out = triton_gather.gather_value_chunks(codes, idx, DEVICE, scales=scales)
+    assert torch.equal(out, naive.gather_value_chunks(codes.contiguous(), idx, DEVICE, scales.contiguous()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
