@@ -128,6 +128,9 @@ def test_a_copy_shares_the_document_and_owns_what_it_writes():
     for layer, other in zip(cache.layers, twin.layers):
         mine, theirs = layer.state, other.state
         for name in cache_share.STORE + cache_share.FIXED:
+            if getattr(mine, name) is None:  # the scales of an 8-bit store
+                assert getattr(theirs, name) is None, name
+                continue
             assert getattr(theirs, name).data_ptr() == getattr(mine, name).data_ptr(), f"{name} is not shared"
         for name in ("k_buf", "v_buf", "key_valid", "pre_k", "tail_fill", "gen_count", "prev_idx", "tail_first"):
             assert getattr(theirs, name).data_ptr() != getattr(mine, name).data_ptr(), f"{name} is shared"
