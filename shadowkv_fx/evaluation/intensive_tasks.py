@@ -1,0 +1,196 @@
+"""Context-intensive task families: answers that need much of the context at once (issue #32).
+
+A 2026 study of KV offloading reports that ShadowKV loses accuracy where a task needs many
+scattered pieces of the prompt together: extracting many records into JSON, returning many
+needles, converting a table between formats, aggregating over the whole context. The needle
+tasks of :mod:`.task_text` each need one or a few spans. These families need every one of
+several spans spread over the whole prompt, so a chunk selection that drops one loses score.
+
+Each renderer is a pure function of a sample seed and a size ``n`` (filler units) that
+``tasks.make_sample`` grows to fill a token budget, like those of :mod:`.task_text`. The answer
+pieces (records, table parts) are drawn from their own random stream, so they are the same
+whatever ``n`` is, and inserted whole between filler units, never cut. Each starts with one
+short solved example (as RULER does for ``vt``/``cwe``) that shows the answer format.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from .sources import essay_paragraphs, unique_words, word_list
+from .task_text import NiahSpec
+
+__all__ = ["IntensiveSpec", "INTENSIVE_TASKS", "RENDERERS", "TABLE_COLUMNS", "RECORD_FIELDS"]
+
+CITIES = ("Lisbon", "Oslo", "Nairobi", "Quito", "Hanoi", "Perth", "Tunis", "Riga", "Cusco", "Bergen")
+RECORD_FIELDS = ("id", "name", "age")  # what extract_json asks for of each matching record
+TABLE_COLUMNS = ("id", "item", "qty", "price")
+
+
+@dataclass(frozen=True)
+class IntensiveSpec:
+    """A context-intensive task (rendered by ``RENDERERS[builder]``).
+
+    Attributes
+    ----------
+    builder:
+        Key of :data:`RENDERERS`.
+    max_new_tokens:
+        Decode budget, sized for the whole answer (every record, row or needle).
+    description:
+        One line for listings.
+    unit_guess:
+        Rough tokens per filler unit; only the first guess of the size search.
+    """
+
+    builder: str
+    max_new_tokens: int
+    description: str = ""
+    unit_guess: float = 20.0
+
+
+def _record_line(record: dict) -> str:
+    return f"Record {record['id']}: name={record['name']}; city={record['city']}; age={record['age']}."
+
+
+def _insert_in_order(units: list[str], positions: list[int], pieces: list[str]) -> list[str]:
+    """``pieces`` inserted whole before ``units[positions[i]]`` (sorted positions; equal ones allowed),
+    keeping their order."""
+    out = list(units)
+    # each insertion shifts the later gaps by one
+    for shift, (position, piece) in enumerate(zip(positions, pieces)):
+        out.insert(position + shift, piece)
+    return out
+
+
+def _records(seed: str, n: int, matches: int, target: str | None = None) -> tuple[str, list[dict], list[str]]:
+    """``matches`` records in the target city among ``n`` others, in random order.
+
+    Returns the target city, the matching records (in text order) and every record line.
+    """
+    rng = random.Random(seed)
+    city = target or rng.choice(CITIES)
+    others = [c for c in CITIES if c != city]
+    names = unique_words(rng, matches, word_list("words_nouns.txt"))
+    ids = rng.sample(range(1000, 10000), matches)
+    hits = [{"id": i, "name": w.capitalize(), "city": city, "age": rng.randint(20, 69)} for i, w in zip(ids, names)]
+    # Filler records come from their own stream (and avoid the hits' ids) so the hits stay put as n grows.
+    filler_rng = random.Random(seed + "|filler")
+    pool = word_list("words_nouns.txt")
+    used = set(ids)
+    filler = []
+    for _ in range(n):
+        rid = filler_rng.randint(1000, 9999)
+        while rid in used:
+            rid = filler_rng.randint(1000, 9999)
+        used.add(rid)
+        filler.append({"id": rid, "name": filler_rng.choice(pool).capitalize(), "city": filler_rng.choice(others),
+                       "age": filler_rng.randint(20, 69)})
+    lines = [_record_line(r) for r in filler]
+    place = random.Random(seed + "|places")
+    positions = sorted(place.randint(0, n) for _ in hits)
+    return city, hits, _insert_in_order(lines, positions, [_record_line(r) for r in hits])
+
+
+def _json_answer(records: list[dict]) -> str:
+    return json.dumps([{k: r[k] for k in RECORD_FIELDS} for r in records])
+
+
+def _extract_json_text(seed: str, n: int, matches: int) -> tuple[str, str, list[dict]]:
+    city, hits, lines = _records(seed, n, matches)
+    fields = ", ".join(RECORD_FIELDS[:-1]) + f" and {RECORD_FIELDS[-1]}"
+    ask = f"Extract every record whose city is {city} as a JSON list of objects with the fields {fields}."
+    body = f"Below is a list of personnel records. {ask}\n" + "\n".join(lines) + f"\nQuestion: {ask}"
+    return body, "Answer:", hits
+
+
+def render_extract_json(seed: str, n: int, matches: int = 4) -> tuple[str, str, list[str]]:
+    example_body, example_prefix, example_hits = _extract_json_text(seed + "|icl", 6, 2)
+    body, prefix, hits = _extract_json_text(seed, n, matches)
+    example = f"{example_body}\n{example_prefix} {_json_answer(example_hits)}\n\n"
+    return example + body, prefix, [json.dumps({k: r[k] for k in RECORD_FIELDS}) for r in hits]
+
+
+def _count_text(seed: str, n: int, count: int) -> tuple[str, str, int]:
+    city, hits, lines = _records(seed, n, count)
+    ask = f"How many records have the city {city}?"
+    body = (
+        f"Below is a list of personnel records. Count the records whose city is {city}.\n"
+        + "\n".join(lines) + f"\nQuestion: {ask} Answer with one number."
+    )
+    return body, f"Answer: The number of records with the city {city} is", len(hits)
+
+
+def render_aggregate_count(seed: str, n: int) -> tuple[str, str, list[str]]:
+    # The count is drawn per sample, so answering a constant cannot score well.
+    count = random.Random(seed + "|count").randint(2, 7)
+    example_body, example_prefix, example_count = _count_text(seed + "|icl", 8, 3)
+    body, prefix, answer = _count_text(seed, n, count)
+    return f"{example_body}\n{example_prefix} {example_count}.\n\n{body}", prefix, [str(answer)]
+
+
+def _table_rows(rng: random.Random, rows: int) -> list[list[str]]:
+    items = unique_words(rng, rows, word_list("words_nouns.txt"))
+    ids = rng.sample(range(100, 1000), rows)
+    return [[str(i), item, str(rng.randint(1, 99)), f"{rng.randint(1, 99)}.{rng.choice((0, 25, 50, 75)):02d}"]
+            for i, item in zip(ids, items)]
+
+
+def _html_part(rows: list[list[str]], part: int, parts: int) -> str:
+    header = "".join(f"<th>{c}</th>" for c in TABLE_COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f'<h3>Inventory (part {part} of {parts})</h3><table><tr>{header}</tr>{body}</table>'
+
+
+def _filler_paragraphs(seed: str, n: int) -> list[str]:
+    rng = random.Random(seed)
+    sentences: list[str] = []
+    while len(sentences) < n:
+        paragraphs = list(essay_paragraphs())
+        rng.shuffle(paragraphs)
+        for paragraph in paragraphs:
+            sentences.extend(re.split(r"(?<=[.!?])\s+", paragraph))
+    return [f"<p>{s}</p>" for s in sentences[:n]]
+
+
+def _table_text(seed: str, n: int, rows: int, parts: int) -> tuple[str, str, list[list[str]]]:
+    table = _table_rows(random.Random(seed), rows)
+    per_part = -(-rows // parts)
+    pieces = [_html_part(table[i : i + per_part], k + 1, parts) for k, i in enumerate(range(0, rows, per_part))]
+    units = _filler_paragraphs(seed + "|filler", n)
+    positions = sorted(random.Random(seed + "|places").randint(0, n) for _ in pieces)
+    units = _insert_in_order(units, positions, pieces)
+    header = "\t".join(TABLE_COLUMNS)
+    ask = (
+        f"Convert the inventory table (all {len(pieces)} parts, in order) to TSV: the header line, then one line "
+        "per row, cells separated by tabs."
+    )
+    body = f"Below is an HTML page. {ask}\n<html><body>\n" + "\n".join(units) + f"\n</body></html>\nQuestion: {ask}"
+    return body, f"Answer:\n{header}\n", table
+
+
+def render_table_convert(seed: str, n: int, rows: int = 6, parts: int = 3) -> tuple[str, str, list[str]]:
+    # HTML costs ~35 tokens a row and ~60 a part: 6 rows in 3 parts plus the example fit a 1k prompt.
+    example_body, example_prefix, example_table = _table_text(seed + "|icl", 1, 2, 2)
+    body, prefix, table = _table_text(seed, n, rows, parts)
+    example_answer = "\n".join("\t".join(row) for row in example_table)
+    return f"{example_body}\n{example_prefix}{example_answer}\n\n{body}", prefix, ["\t".join(row) for row in table]
+
+
+RENDERERS: dict[str, Callable[[str, int], tuple[str, str, list[str]]]] = {
+    "extract_json": render_extract_json,
+    "aggregate_count": render_aggregate_count,
+    "table_convert": render_table_convert,
+}
+
+INTENSIVE_TASKS: dict[str, NiahSpec | IntensiveSpec] = {
+    "extract_json": IntensiveSpec("extract_json", 112, "every record matching a city, as JSON (field F1)", 19.0),
+    "multi_needle_all": NiahSpec(
+        "essay", num_values=8, max_new_tokens=96, description="all 8 numbers of one key, each exact"
+    ),
+    "table_convert": IntensiveSpec("table_convert", 112, "an HTML table in 3 scattered parts to TSV (cell F1)", 24.0),
+    "aggregate_count": IntensiveSpec("aggregate_count", 12, "count the records of one city (exact)", 19.0),
+}
