@@ -14,7 +14,7 @@ from shadowkv_fx.evaluation.intensive_scoring import (
     needles_exact,
     table_cell_f1,
 )
-from shadowkv_fx.evaluation.intensive_tasks import INTENSIVE_TASKS, TABLE_COLUMNS
+from shadowkv_fx.evaluation.intensive_tasks import INTENSIVE_TASKS, JSON_START, TABLE_COLUMNS
 from shadowkv_fx.evaluation.scoring import score_prediction
 from shadowkv_fx.evaluation.tasks import TASKS, make_sample
 
@@ -47,15 +47,15 @@ def test_extract_json_references_are_the_matching_records_of_the_prompt(tokenize
     text = _task_part(sample)
     city = re.search(r"whose city is (\w+)", text).group(1)
     records = RECORD.findall(text)
-    assert len(records) > 40  # the haystack is records, grown to the budget
+    assert len(records) == 6  # four matches, two distractors in other cities
     wanted = [{"id": int(i), "name": n, "age": int(a)} for i, n, c, a in records if c == city]
     assert [json.loads(r) for r in sample.references] == wanted
     assert len(wanted) == 4
     lines = text.splitlines()
     rows = [i for i, line in enumerate(lines) if RECORD.match(line) and f"city={city};" in line]
-    assert rows[-1] - rows[0] > len(lines) // 3  # the matches cover the list, not one corner
+    assert rows[-1] - rows[0] > len(lines) // 4  # the matches cover the text, not one corner
     assert sample.num_tokens <= sample.prompt_budget
-    assert sample.prompt.endswith(sample.answer_prefix) and sample.answer_prefix == "Answer: ["
+    assert sample.prompt.endswith(sample.answer_prefix) and sample.answer_prefix == "Answer: " + JSON_START
 
 
 def test_aggregate_count_reference_is_the_count_in_the_prompt(tokenizer):
@@ -97,7 +97,7 @@ def test_long_prompts_fill_the_budget(tokenizer, task):
 
 def _reference_answer(task: str, references: list[str]) -> str:
     if task == "extract_json":
-        return " " + ", ".join(references) + "]"
+        return ("[" + ", ".join(references) + "]")[len(JSON_START) :]
     if task == "table_convert":
         return "\n".join(references)
     if task == "aggregate_count":
@@ -118,17 +118,17 @@ def test_reference_scores_one_and_a_wrong_digit_less(tokenizer, task):
 
 def test_json_scorer_reads_sloppy_json_field_by_field():
     refs = ['{"id": 1234, "name": "Falcon", "age": 30}', '{"id": 5678, "name": "Kettle", "age": 41}']
-    assert json_field_f1(' {"id": 1234, "name": "Falcon", "age": 30}, {"id": 5678, "name": "Kettle", "age": 41}]', refs) == 1.0
+    assert json_field_f1(' 1234, "name": "Falcon", "age": 30}, {"id": 5678, "name": "Kettle", "age": 41}]', refs) == 1.0
     # single quotes, a string number, a record cut off by the decode budget
-    sloppy = " {'id': '1234', 'name': 'Falcon', 'age': 30}, {\"id\": 5678, \"name\": \"Kettle\""
+    sloppy = " '1234', 'name': 'Falcon', 'age': 30}, {\"id\": 5678, \"name\": \"Kettle\""
     assert json_field_f1(sloppy, refs) == pytest.approx(2 * (5 / 5) * (5 / 6) / (1 + 5 / 6))
     # order does not matter; a missing record costs recall, an invented one precision
-    assert json_field_f1(' {"id": 5678, "name": "Kettle", "age": 41}]', refs) == pytest.approx(2 / 3)
-    extra = ' {"id": 1234, "name": "Falcon", "age": 30}, {"id": 5678, "name": "Kettle", "age": 41}, {"id": 1, "name": "X", "age": 2}]'
+    assert json_field_f1(' 5678, "name": "Kettle", "age": 41}]', refs) == pytest.approx(2 / 3)
+    extra = ' 1234, "name": "Falcon", "age": 30}, {"id": 5678, "name": "Kettle", "age": 41}, {"id": 1, "name": "X", "age": 2}]'
     assert json_field_f1(extra, refs) == pytest.approx(0.8)
     assert json_field_f1("I do not know.", refs) == 0.0
     # a field the question did not ask for costs nothing
-    assert json_field_f1(' {"id": 1234, "name": "Falcon", "age": 30, "city": "Oslo"}, {"id": 5678, "name": "Kettle", "age": 41}]', refs) == 1.0
+    assert json_field_f1(' 1234, "name": "Falcon", "age": 30, "city": "Oslo"}, {"id": 5678, "name": "Kettle", "age": 41}]', refs) == 1.0
 
 
 def test_table_scorer_is_cell_f1_and_tolerates_other_separators():

@@ -12,7 +12,7 @@ import json
 import re
 from typing import Callable, Sequence
 
-from .intensive_tasks import TABLE_COLUMNS
+from .intensive_tasks import JSON_START, TABLE_COLUMNS
 
 __all__ = ["INTENSIVE_METRICS", "field_f1", "json_field_f1", "table_cell_f1", "needles_exact", "count_exact",
            "parse_json_records", "parse_table_rows"]
@@ -100,9 +100,13 @@ def field_f1(predicted: Sequence[dict], reference: Sequence[dict]) -> float:
 
 
 def json_field_f1(prediction: str, references: Sequence[str]) -> float:
-    """``extract_json``: field F1 of the JSON objects in ``prediction`` against the reference objects."""
+    """``extract_json``: field F1 of the JSON objects in ``prediction`` against the reference objects.
+
+    The prompt's answer prefix ends with :data:`.intensive_tasks.JSON_START` (``[{"id":``), so the
+    generated text continues the first object: it is read after ``JSON_START``.
+    """
     reference = [{k.lower(): _norm(v) for k, v in json.loads(ref).items()} for ref in references]
-    return field_f1(parse_json_records(prediction), reference)
+    return field_f1(parse_json_records(JSON_START + prediction), reference)
 
 
 def table_cell_f1(prediction: str, references: Sequence[str]) -> float:

@@ -23,11 +23,12 @@ from typing import Callable
 from .sources import essay_paragraphs, unique_words, word_list
 from .task_text import NiahSpec
 
-__all__ = ["IntensiveSpec", "INTENSIVE_TASKS", "RENDERERS", "TABLE_COLUMNS", "RECORD_FIELDS"]
+__all__ = ["IntensiveSpec", "INTENSIVE_TASKS", "RENDERERS", "TABLE_COLUMNS", "RECORD_FIELDS", "JSON_START"]
 
 CITIES = ("Lisbon", "Oslo", "Nairobi", "Quito", "Hanoi", "Perth", "Tunis", "Riga", "Cusco", "Bergen")
 RECORD_FIELDS = ("id", "name", "age")  # what extract_json asks for of each matching record
 TABLE_COLUMNS = ("id", "item", "qty", "price")
+JSON_START = '[{"id":'  # extract_json's answer prefix ends with it: the generated text continues it
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,18 @@ def _record_line(record: dict) -> str:
     return f"Record {record['id']}: name={record['name']}; city={record['city']}; age={record['age']}."
 
 
+def _essay_sentences(seed: str, n: int) -> list[str]:
+    """``n`` sentences of the shipped essay, its paragraphs shuffled on each pass."""
+    rng = random.Random(seed)
+    sentences: list[str] = []
+    while len(sentences) < n:
+        paragraphs = list(essay_paragraphs())
+        rng.shuffle(paragraphs)
+        for paragraph in paragraphs:
+            sentences.extend(re.split(r"(?<=[.!?])\s+", paragraph))
+    return sentences[:n]
+
+
 def _spread(rng: random.Random, n: int, k: int) -> list[int]:
     """``k`` sorted insertion points in ``[0, n]``, the i-th drawn in the i-th of ``k`` equal slices:
     the pieces of an answer cover the whole context instead of bunching by chance."""
@@ -72,32 +85,24 @@ def _insert_in_order(units: list[str], positions: list[int], pieces: list[str]) 
     return out
 
 
-def _records(seed: str, n: int, matches: int, target: str | None = None) -> tuple[str, list[dict], list[str]]:
-    """``matches`` records in the target city among ``n`` others, in random order.
+def _records(seed: str, n: int, matches: int, distractors: int = 2) -> tuple[str, list[dict], list[str]]:
+    """``matches`` records in one city and ``distractors`` in others, spread over ``n`` essay sentences.
 
-    Returns the target city, the matching records (in text order) and every record line.
+    Returns the target city, the matching records (in text order) and the text units. Records sit in
+    prose rather than in a list of records: among ~100 similar records SmolLM2-135M extracted nothing
+    right at 2K (measured), so the filter is over a few salient records spread over the context.
     """
     rng = random.Random(seed)
-    city = target or rng.choice(CITIES)
+    city = rng.choice(CITIES)
     others = [c for c in CITIES if c != city]
-    names = unique_words(rng, matches, word_list("words_nouns.txt"))
-    ids = rng.sample(range(1000, 10000), matches)
-    hits = [{"id": i, "name": w.capitalize(), "city": city, "age": rng.randint(20, 69)} for i, w in zip(ids, names)]
-    # Filler records come from their own stream (and avoid the hits' ids) so the hits stay put as n grows.
-    filler_rng = random.Random(seed + "|filler")
-    pool = word_list("words_nouns.txt")
-    used = set(ids)
-    filler = []
-    for _ in range(n):
-        rid = filler_rng.randint(1000, 9999)
-        while rid in used:
-            rid = filler_rng.randint(1000, 9999)
-        used.add(rid)
-        filler.append({"id": rid, "name": filler_rng.choice(pool).capitalize(), "city": filler_rng.choice(others),
-                       "age": filler_rng.randint(20, 69)})
-    lines = [_record_line(r) for r in filler]
-    positions = _spread(random.Random(seed + "|places"), n, len(hits))
-    return city, hits, _insert_in_order(lines, positions, [_record_line(r) for r in hits])
+    names = unique_words(rng, matches + distractors, word_list("words_nouns.txt"))
+    ids = rng.sample(range(1000, 10000), matches + distractors)
+    records = [{"id": i, "name": w.capitalize(), "city": city if k < matches else rng.choice(others),
+                "age": rng.randint(20, 69)} for k, (i, w) in enumerate(zip(ids, names))]
+    random.Random(seed + "|order").shuffle(records)
+    positions = _spread(random.Random(seed + "|places"), n, len(records))
+    units = _insert_in_order(_essay_sentences(seed + "|filler", n), positions, [_record_line(r) for r in records])
+    return city, [r for r in records if r["city"] == city], units
 
 
 def _json_answer(records: list[dict]) -> str:
@@ -108,14 +113,17 @@ def _extract_json_text(seed: str, n: int, matches: int) -> tuple[str, str, list[
     city, hits, lines = _records(seed, n, matches)
     fields = ", ".join(RECORD_FIELDS[:-1]) + f" and {RECORD_FIELDS[-1]}"
     ask = f"Extract every record whose city is {city} as a JSON list of objects with the fields {fields}."
-    body = f"Below is a list of personnel records. {ask}\n" + "\n".join(lines) + f"\nQuestion: {ask}"
-    return body, "Answer: [", hits
+    body = f"Below is a text with personnel records in it. {ask}\n" + "\n".join(lines) + f"\nQuestion: {ask}"
+    # The answer starts inside the JSON, at a token boundary of the example's answer (SmolLM2 has one
+    # token for " [{": a prompt ending in " [" steers away from the object). With "Answer:" alone
+    # SmolLM2-135M wrote prose or essay sentences (measured); the scorer puts JSON_START back.
+    return body, "Answer: " + JSON_START, hits
 
 
 def render_extract_json(seed: str, n: int, matches: int = 4) -> tuple[str, str, list[str]]:
-    example_body, example_prefix, example_hits = _extract_json_text(seed + "|icl", 6, 2)
+    example_body, example_prefix, example_hits = _extract_json_text(seed + "|icl", 3, 2)
     body, prefix, hits = _extract_json_text(seed, n, matches)
-    example = f"{example_body}\n{example_prefix}{_json_answer(example_hits)[1:]}\n\n"
+    example = f"{example_body}\n{example_prefix}{_json_answer(example_hits)[len(JSON_START):]}\n\n"
     return example + body, prefix, [json.dumps({k: r[k] for k in RECORD_FIELDS}) for r in hits]
 
 
@@ -123,7 +131,7 @@ def _count_text(seed: str, n: int, count: int) -> tuple[str, str, int]:
     city, hits, lines = _records(seed, n, count)
     ask = f"How many records have the city {city}?"
     body = (
-        f"Below is a list of personnel records. Count the records whose city is {city}.\n"
+        f"Below is a text with personnel records in it. Count the records whose city is {city}.\n"
         + "\n".join(lines) + f"\nQuestion: {ask} Answer with one number."
     )
     return body, f"Answer: The number of records with the city {city} is", len(hits)
@@ -132,7 +140,7 @@ def _count_text(seed: str, n: int, count: int) -> tuple[str, str, int]:
 def render_aggregate_count(seed: str, n: int) -> tuple[str, str, list[str]]:
     # The count is drawn per sample, so answering a constant cannot score well.
     count = random.Random(seed + "|count").randint(2, 7)
-    example_body, example_prefix, example_count = _count_text(seed + "|icl", 8, 3)
+    example_body, example_prefix, example_count = _count_text(seed + "|icl", 3, 3)
     body, prefix, answer = _count_text(seed, n, count)
     return f"{example_body}\n{example_prefix} {example_count}.\n\n{body}", prefix, [str(answer)]
 
@@ -150,22 +158,13 @@ def _html_part(rows: list[list[str]], part: int, parts: int) -> str:
     return f'<h3>Inventory (part {part} of {parts})</h3><table><tr>{header}</tr>{body}</table>'
 
 
-def _filler_paragraphs(seed: str, n: int) -> list[str]:
-    rng = random.Random(seed)
-    sentences: list[str] = []
-    while len(sentences) < n:
-        paragraphs = list(essay_paragraphs())
-        rng.shuffle(paragraphs)
-        for paragraph in paragraphs:
-            sentences.extend(re.split(r"(?<=[.!?])\s+", paragraph))
-    return [f"<p>{s}</p>" for s in sentences[:n]]
 
 
 def _table_text(seed: str, n: int, rows: int, parts: int) -> tuple[str, str, list[list[str]]]:
     table = _table_rows(random.Random(seed), rows)
     per_part = -(-rows // parts)
     pieces = [_html_part(table[i : i + per_part], k + 1, parts) for k, i in enumerate(range(0, rows, per_part))]
-    units = _filler_paragraphs(seed + "|filler", n)
+    units = [f"<p>{s}</p>" for s in _essay_sentences(seed + "|filler", n)]
     positions = _spread(random.Random(seed + "|places"), n, len(pieces))
     units = _insert_in_order(units, positions, pieces)
     header = "\t".join(TABLE_COLUMNS)
@@ -192,10 +191,10 @@ RENDERERS: dict[str, Callable[[str, int], tuple[str, str, list[str]]]] = {
 }
 
 INTENSIVE_TASKS: dict[str, NiahSpec | IntensiveSpec] = {
-    "extract_json": IntensiveSpec("extract_json", 112, "every record matching a city, as JSON (field F1)", 19.0),
+    "extract_json": IntensiveSpec("extract_json", 112, "the 4 records of a city among 6 in essay text, as JSON (field F1)", 25.0),
     "multi_needle_all": NiahSpec(
         "essay", num_values=8, max_new_tokens=96, description="all 8 numbers of one key, each exact"
     ),
     "table_convert": IntensiveSpec("table_convert", 112, "an HTML table in 3 scattered parts to TSV (cell F1)", 24.0),
-    "aggregate_count": IntensiveSpec("aggregate_count", 12, "count the records of one city (exact)", 19.0),
+    "aggregate_count": IntensiveSpec("aggregate_count", 12, "count the records of one city among those in essay text (exact)", 25.0),
 }
