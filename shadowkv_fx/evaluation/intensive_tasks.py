@@ -9,8 +9,10 @@ several spans spread over the whole prompt, so a chunk selection that drops one 
 Each renderer is a pure function of a sample seed and a size ``n`` (filler units) that
 ``tasks.make_sample`` grows to fill a token budget, like those of :mod:`.task_text`. The answer
 pieces (records, table parts) are drawn from their own random stream, so they are the same
-whatever ``n`` is, and inserted whole between filler units, never cut. Each starts with one
-short solved example (as RULER does for ``vt``/``cwe``) that shows the answer format.
+whatever ``n`` is, and inserted whole between filler units, one in each equal slice of the
+context, never cut. Unlike ``vt``/``cwe`` there is no solved example: SmolLM2-135M copied the
+example's answer (measured, ``benchmarks/results/cpu_intensive_tasks``), so the answer prefix
+shows the format instead.
 """
 from __future__ import annotations
 
@@ -105,18 +107,14 @@ def _records(seed: str, n: int, matches: int, distractors: int = 2) -> tuple[str
     return city, [r for r in records if r["city"] == city], units
 
 
-def _json_answer(records: list[dict]) -> str:
-    return json.dumps([{k: r[k] for k in RECORD_FIELDS} for r in records])
-
-
 def _extract_json_text(seed: str, n: int, matches: int) -> tuple[str, str, list[dict]]:
     city, hits, lines = _records(seed, n, matches)
     fields = ", ".join(RECORD_FIELDS[:-1]) + f" and {RECORD_FIELDS[-1]}"
     ask = f"Extract every record whose city is {city} as a JSON list of objects with the fields {fields}."
     body = f"Below is a text with personnel records in it. {ask}\n" + "\n".join(lines) + f"\nQuestion: {ask}"
-    # The answer starts inside the JSON, at a token boundary of the example's answer (SmolLM2 has one
-    # token for " [{": a prompt ending in " [" steers away from the object). With "Answer:" alone
-    # SmolLM2-135M wrote prose or essay sentences (measured); the scorer puts JSON_START back.
+    # The answer starts inside the JSON, after a token boundary (SmolLM2 has one token for " [{": a
+    # prompt ending in " [" steers away from the object). With "Answer:" alone SmolLM2-135M wrote
+    # prose or essay sentences (measured); the scorer puts JSON_START back.
     return body, "Answer: " + JSON_START, hits
 
 
@@ -156,8 +154,6 @@ def _html_part(rows: list[list[str]], part: int, parts: int) -> str:
     header = "".join(f"<th>{c}</th>" for c in TABLE_COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
     return f'<h3>Inventory (part {part} of {parts})</h3><table><tr>{header}</tr>{body}</table>'
-
-
 
 
 def _table_text(seed: str, n: int, rows: int, parts: int) -> tuple[str, str, list[list[str]]]:
