@@ -8,10 +8,10 @@ measures, on the unmodified model (no ShadowKV needed):
 * ``rank_error``: ``||K - U SV|| / ||K||`` of the compressed prompt's pre-RoPE keys, with the same
   joint factorisation over heads as prefill (``kernels.compression.low_rank_keys``);
 * ``landmark_entropy``: entropy of ``softmax(q . landmarks)`` over the selectable chunks, divided
-  by its maximum ``log C`` (1 = flat: the landmarks cannot tell chunks apart), for the last
-  ``queries`` prompt queries, and ``landmark_max_over_mean`` (1 = flat); ``exact_entropy`` is the
-  same entropy of the exact attention mass per chunk, so a flat landmark score can be told from
-  attention that is itself spread out;
+  by its maximum ``log C`` (1 = flat: the landmarks cannot tell chunks apart), averaged over the
+  query heads and the last ``queries`` prompt queries, and ``landmark_max_over_mean`` (1 = flat);
+  ``exact_entropy`` is the same entropy of the exact attention mass per chunk, so a flat landmark
+  score can be told from attention that is itself spread out;
 * ``recall``: per query, the share of the ``k`` chunks holding most exact attention mass (summed
   over the KV head's query heads) that the landmark scores pick among their top ``k``, ``k`` being
   the budget's chunk count (``ShadowKVConfig.select_chunks``); ``mass_recall``: the exact mass of
