@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence
 
+from .intensive_scoring import INTENSIVE_METRICS
+
 __all__ = [
     "postprocess_prediction",
     "string_match_all",
@@ -54,13 +56,16 @@ def string_match_part(prediction: str, references: Sequence[str]) -> float:
 
 
 def metric_for_task(task: str) -> Callable[[str, Sequence[str]], float]:
-    """RULER's metric for a task name: ``string_match_part`` for QA, ``string_match_all`` otherwise.
+    """RULER's metric for a task name: ``string_match_part`` for QA, ``string_match_all`` otherwise;
+    the context-intensive families score structure (:mod:`.intensive_scoring`).
 
     Parameters
     ----------
     task:
         Task name, e.g. ``"niah_multikey_2"``, ``"vt"``, ``"qa_1"``.
     """
+    if task in INTENSIVE_METRICS:
+        return INTENSIVE_METRICS[task]
     return string_match_part if task.startswith("qa") else string_match_all
 
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from .intensive_tasks import INTENSIVE_TASKS, RENDERERS, IntensiveSpec
 from .sources import NOISE_TEXT
 from .task_text import (
     NiahSpec,
@@ -93,7 +94,7 @@ class OtherSpec:
     description: str = ""
 
 
-TASKS: dict[str, NiahSpec | OtherSpec] = {
+TASKS: dict[str, NiahSpec | OtherSpec | IntensiveSpec] = {
     "niah_single_1": NiahSpec("noise", description="one number needle in repeated noise"),
     "niah_single_2": NiahSpec("essay", description="one number needle in essay text"),
     "niah_single_3": NiahSpec("essay", value_kind="uuid", max_new_tokens=40, description="one uuid needle in essay text"),
@@ -108,6 +109,7 @@ TASKS: dict[str, NiahSpec | OtherSpec] = {
     "vt": OtherSpec("variable_tracking", 36, "follow a 4-hop chain of variable assignments"),
     "cwe": OtherSpec("common_words", 48, "10 most common words of a numbered list"),
     "fwe": OtherSpec("frequent_words", 24, "3 most frequent coded words (Zipf)"),
+    **INTENSIVE_TASKS,  # context-intensive families (issue #32): intensive_tasks.py
 }
 
 
@@ -203,6 +205,8 @@ def make_sample(
             raise ValueError(f"depth must be in [0, 1], got {depth}")
         render = functools.partial(render_niah, spec, sample_seed, depth)
         unit_guess = 20.0
+    elif isinstance(spec, IntensiveSpec):
+        depth, render, unit_guess = None, functools.partial(RENDERERS[spec.builder], sample_seed), spec.unit_guess
     elif spec.builder == "variable_tracking":
         depth, render, unit_guess = None, functools.partial(render_variable_tracking, sample_seed), 22.0
     elif spec.builder == "common_words":
