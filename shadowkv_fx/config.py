@@ -56,6 +56,13 @@ class ShadowKVConfig:
         whole-prompt MLP intermediates (~10 GiB of a Llama-3.1-8B 122K-token prefill) never exist at
         once. A graph traced for at most this many tokens (decode steps, short prompts) keeps its MLP
         as it is. ``None``: off.
+    span_neighbors:
+        Before the top-k, each chunk's score is raised to the best of its own and its selectable
+        neighbours' within ``span_neighbors`` chunks (a max-pool along the prompt), so a chunk
+        next to a strongly scoring one is chosen with it: a needle cut in two by a chunk boundary,
+        whose other half's landmark scores low, comes back whole. The budget (``select_k``) is
+        unchanged: each chosen peak spends up to ``2 * span_neighbors`` of it on neighbours. ``0``:
+        plain top-k.
     """
 
     sparse_budget: int = 2048
@@ -70,13 +77,14 @@ class ShadowKVConfig:
     fold_chunks: int | None = 16
     fold_refresh: float = 1.5
     prefill_mlp_chunk: int | None = 8192
+    span_neighbors: int = 0
 
     def __post_init__(self) -> None:
         for name in ("sparse_budget", "rank", "chunk_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ShadowKVConfig.{name} must be a positive int, got {value!r}")
-        for name in ("local_chunks", "outlier_chunks"):
+        for name in ("local_chunks", "outlier_chunks", "span_neighbors"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ShadowKVConfig.{name} must be an int >= 0, got {value!r}")
