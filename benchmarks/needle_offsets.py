@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 import shadowkv_fx
+from shadowkv_fx import decode_step
 from shadowkv_fx.demo import greedy_decode
 from shadowkv_fx.evaluation.tasks import make_sample
 
@@ -39,6 +40,30 @@ def shifted_prompts(tokenizer, sample, chunk: int, cut_at: float) -> list[tuple[
         assert (first - drop) % chunk == offset
         out.append((offset, torch.tensor([shifted]), first - drop))
     return out
+
+
+class Coverage:
+    """Counts the (decode step, layer, KV head) selections that hold every chunk with a digit of the
+    needle (selected, or an outlier: attended densely anyway)."""
+
+    def __init__(self):
+        self.covered, self.pairs = 0, 0
+        self.needed: list[int] = []
+        self.plain = decode_step.select
+        decode_step.select = self.select
+
+    def start(self, first: int, digits: int, chunk: int) -> None:
+        self.covered, self.pairs = 0, 0
+        self.needed = list(range(first // chunk, (first + digits - 1) // chunk + 1))
+
+    def select(self, state, q, scale):
+        idx, picked = self.plain(state, q, scale)
+        for h in range(idx.shape[1]):
+            chosen = set(idx[0, h][picked[0, h]].tolist())
+            dense = {c for c in self.needed if not bool(state.selectable[0, h, c])}
+            self.covered += set(self.needed) <= chosen | dense
+            self.pairs += 1
+        return idx, picked
 
 
 def answer(model, ids: torch.Tensor, new_tokens: int, cache, tokenizer) -> str:
@@ -89,17 +114,20 @@ def main() -> None:
     models = {name: model if config is None else shadowkv_fx.optimize(copy.deepcopy(model), config)
               for name, config in methods}
     right = {name: 0 for name, _ in methods}
+    coverage = Coverage()
+    n_digits = len(tokenizer(value, add_special_tokens=False).input_ids)
     done = 0
     for offset, ids, first in prompts:
         for name, config in methods:
             start = time.perf_counter()
+            coverage.start(first, n_digits, args.chunk)
             cache = DynamicCache(config=model.config) if config is None else models[name]._shadowkv.new_cache()
             got = answer(models[name], ids, args.new_tokens, cache, tokenizer)
             ok = value in got
             right[name] += ok
-            digits = f"tokens {first}..{first + len(tokenizer(value, add_special_tokens=False).input_ids) - 1}"
-            print(f"offset {offset} ({digits}) {name:28s}: {'RIGHT' if ok else 'wrong'} {got!r} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            held = f", digits' chunks held in {coverage.covered}/{coverage.pairs} (step, layer, head)" if config else ""
+            print(f"offset {offset} (tokens {first}..{first + n_digits - 1}) {name:28s}: {'RIGHT' if ok else 'wrong'} "
+                  f"{got!r}{held} ({time.perf_counter() - start:.0f} s)", flush=True)
         done += 1
     print("\nsummary: exactly-right numbers out of", done, "offsets")
     for name, _ in methods:
