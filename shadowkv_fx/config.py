@@ -70,6 +70,15 @@ class ShadowKVConfig:
         needle prompt and ``sparse_budget=496``: 1.7% of the chosen chunks swapped (71% of the
         per-head selections differed by at least one of their 62 chunks), and over 16 greedy
         tokens of 3 RULER-style samples either knob at 8 bits left the answers unchanged.
+    span_neighbors:
+        Before the top-k, each chunk's score is raised to the best of its own and its selectable
+        neighbours' within ``span_neighbors`` chunks (a max-pool along the prompt), so a chunk
+        next to a strongly scoring one is chosen with it: a needle cut in two by a chunk boundary,
+        whose other half's landmark scores low, comes back whole. The budget (``select_k``) is
+        unchanged: each chosen peak spends up to ``2 * span_neighbors`` of it on neighbours. ``0``:
+        plain top-k, the default: on SmolLM2 needles placed at every offset across a chunk boundary
+        (benchmarks/results/cpu_needle_offsets) plain top-k already returned every number dense did,
+        and ``1`` lost two digits-exact answers of 48 that plain top-k got right.
     """
 
     sparse_budget: int = 2048
@@ -86,13 +95,14 @@ class ShadowKVConfig:
     prefill_mlp_chunk: int | None = 8192
     value_bits: int = 16
     landmark_bits: int = 16
+    span_neighbors: int = 0
 
     def __post_init__(self) -> None:
         for name in ("sparse_budget", "rank", "chunk_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ShadowKVConfig.{name} must be a positive int, got {value!r}")
-        for name in ("local_chunks", "outlier_chunks"):
+        for name in ("local_chunks", "outlier_chunks", "span_neighbors"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ShadowKVConfig.{name} must be an int >= 0, got {value!r}")

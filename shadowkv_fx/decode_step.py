@@ -91,7 +91,38 @@ def _write_row_columns(state: LayerState, rope_inputs: list[torch.Tensor], offse
 def select(state: LayerState, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k chunks per KV head: ``chunk_idx [B, Hkv, k]`` and whether each pick is real."""
     scores = dispatch.score_chunks(q, state.landmarks, state.selectable, scale, state.landmark_scale)
+    if state.config.span_neighbors:
+        scores = widen_spans(scores, state.selectable, state.config.span_neighbors)
     return dispatch.top_chunks(scores, state.select_k)
+
+
+# A lifted neighbour ranks just below the chunk that lifts it, nearer ones first, so a budget that
+# runs out inside a span keeps its peak; 2**-20 is a few float32 ulps, too small to pass another chunk.
+_LIFT_STEP = 2.0**-20
+
+
+def widen_spans(scores: torch.Tensor, selectable: torch.Tensor, neighbors: int) -> torch.Tensor:
+    """Each selectable chunk's score raised to its selectable neighbours' best within ``neighbors``
+    chunks (a max-pool along the prompt), so the top-k takes a strong chunk's neighbours with it:
+    a span cut by a chunk boundary, half of it in a chunk whose landmark scores low, stays whole.
+
+    Fixed shapes and pointwise ops only (capturable in a CUDA graph). A masked chunk stays ``-inf``
+    and lifts nothing: an outlier is attended densely anyway, padding is no text.
+
+    Args:
+        scores: ``[B, Hkv, C]`` float32, ``-inf`` where not selectable.
+        selectable: ``[B, Hkv, C]`` bool.
+        neighbors: chunks on each side, >= 1.
+    Returns:
+        ``[B, Hkv, C]`` float32.
+    """
+    c = scores.shape[-1]
+    padded = torch.nn.functional.pad(scores, (neighbors, neighbors), value=float("-inf"))
+    best = scores
+    for d in range(1, neighbors + 1):
+        near = torch.maximum(padded[..., neighbors - d : neighbors - d + c], padded[..., neighbors + d : neighbors + d + c])
+        best = torch.maximum(best, near - near.abs() * (d * _LIFT_STEP))
+    return best.masked_fill(~selectable, float("-inf"))
 
 
 def fill_selected(state: LayerState, chunk_idx: torch.Tensor, picked: torch.Tensor, rope_fn: RopeFn) -> None:
