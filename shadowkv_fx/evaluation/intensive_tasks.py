@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from typing import Callable
 
-from .sources import essay_paragraphs, unique_words, word_list
+from .sources import essay_sentences, unique_words, word_list
 from .task_text import NiahSpec
 
 __all__ = ["IntensiveSpec", "INTENSIVE_TASKS", "RENDERERS", "TABLE_COLUMNS", "RECORD_FIELDS", "JSON_START"]
@@ -60,15 +59,7 @@ def _record_line(record: dict) -> str:
 
 
 def _essay_sentences(seed: str, n: int) -> list[str]:
-    """``n`` sentences of the shipped essay, its paragraphs shuffled on each pass."""
-    rng = random.Random(seed)
-    sentences: list[str] = []
-    while len(sentences) < n:
-        paragraphs = list(essay_paragraphs())
-        rng.shuffle(paragraphs)
-        for paragraph in paragraphs:
-            sentences.extend(re.split(r"(?<=[.!?])\s+", paragraph))
-    return sentences[:n]
+    return essay_sentences(random.Random(seed), n)
 
 
 def _spread(rng: random.Random, n: int, k: int) -> list[int]:

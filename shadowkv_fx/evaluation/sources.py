@@ -35,6 +35,18 @@ def essay_paragraphs() -> tuple[str, ...]:
 
 
 @functools.cache
+def essay_sentences(rng: random.Random, n: int) -> list[str]:
+    """``n`` sentences of the shipped essay; each pass over it shuffles its paragraphs, so a long
+    haystack does not repeat in lockstep."""
+    sentences: list[str] = []
+    while len(sentences) < n:
+        paragraphs = list(essay_paragraphs())
+        rng.shuffle(paragraphs)
+        for paragraph in paragraphs:
+            sentences.extend(re.split(r"(?<=[.!?])\s+", paragraph))
+    return sentences[:n]
+
+
 def essay_vocabulary() -> frozenset[str]:
     """Lower-case words of the essay; word needles avoid them so the answer is unambiguous."""
     return frozenset(re.findall(r"[a-z]+", " ".join(essay_paragraphs()).lower()))
@@ -99,15 +111,7 @@ def haystack_units(
     if kind == "noise":
         return [NOISE_TEXT] * n
     if kind == "essay":
-        # Each pass over the essay shuffles its paragraphs so long haystacks do not
-        # repeat in lockstep; sentences are the units so depths are fine-grained.
-        units: list[str] = []
-        while len(units) < n:
-            paragraphs = list(essay_paragraphs())
-            rng.shuffle(paragraphs)
-            for paragraph in paragraphs:
-                units.extend(re.split(r"(?<=[.!?])\s+", paragraph))
-        return units[:n]
+        return essay_sentences(rng, n)  # sentences are the units so depths are fine-grained
     if kind == "needles":
         # Distractor keys and values never repeat the queried ones, or the answer would be ambiguous.
         keys, values = set(keys), set(values)
