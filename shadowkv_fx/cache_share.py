@@ -95,12 +95,16 @@ def own_store_before_fold(state: LayerState) -> bool:
     """Before ``fold.fold(state)``: where a fold is due and another live state, or another row
     (``repeat_rows``), shares part of the store, copy that part for ``state``'s rows alone. True
     when a tensor moved (captured steps read the old addresses)."""
+    if not state.folds:
+        return False
     others = [s for s in _PEERS.get(state, ()) if s is not state]
+    # repeat_rows makes every store tensor rows reading one row, and this copies them all at once: U tells
+    rows_share = state.u.shape[0] > 1 and state.u.stride(0) == 0
+    # a cache nobody shares (the common case) pays two lookups per layer and step, not chunks_due
+    if not (others or rows_share) or not any(fold.chunks_due(state)):
+        return False
     store = [(name, t) for name in STORE if (t := getattr(state, name)) is not None]
     repeated = {name for name, t in store if t.shape[0] > 1 and t.stride(0) == 0}  # rows reading one row
-    # a cache nobody shares (the common case) pays a few lookups per layer and step, not chunks_due
-    if not state.folds or not (others or repeated) or not any(fold.chunks_due(state)):
-        return False
     theirs = {_storage(getattr(s, name)) for s in others for name in STORE} - {None}
     fresh = {name: grown(t, 0, t.shape[0]) for name, t in store if name in repeated or _storage(t) in theirs}
     state.adopt(fresh)
