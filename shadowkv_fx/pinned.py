@@ -224,12 +224,11 @@ class PinnedPool:
         """A block whose tensors are gone: zeroed on a thread (the next cache's prefill would
         otherwise zero it, ~0.2 s a 32K sequence on the H100 host), then free for the next take."""
         with self._lock:
+            self._free.append(block)
             if self._closing:  # nobody will take it again: no zeroing, no thread
                 block.fresh = False
-                self._free.append(block)
                 return
             block.cleaned.clear()
-            self._free.append(block)
             if self._cleaner is None:
                 self._cleaner = threading.Thread(target=self._clean_loop, name="shadowkv-pinned-clean", daemon=True)
                 self._cleaner.start()
