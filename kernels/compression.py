@@ -104,13 +104,19 @@ class CompressedPrompt(NamedTuple):
     outlier_v: torch.Tensor  # [Hkv, O*L, Dv]
 
 
+def least_agreeing_chunks(min_cos: torch.Tensor, count: int) -> torch.Tensor:
+    """``[Hkv, count]`` ids of the chunks whose keys agree least with their landmark (lowest
+    ``min_cos [Hkv, C]``): kept dense, never selected."""
+    return torch.topk(-min_cos, count, dim=-1).indices
+
+
 def compress_prompt(k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, rank: int, chunk_size: int,
                     outlier_chunks: int) -> CompressedPrompt:
     """One sequence's chunked prompt ``k_pre, k_rot: [Hkv, C*L, D]``, ``v: [Hkv, C*L, Dv]``: low-rank
     keys, landmarks, and the outlier chunks kept dense."""
     u, sv = low_rank_keys(k_pre, rank)
     landmarks, min_cos = chunk_landmarks(k_rot, chunk_size)
-    outliers = torch.topk(-min_cos, outlier_chunks, dim=-1).indices
+    outliers = least_agreeing_chunks(min_cos, outlier_chunks)
     energy = k_pre.float().square().sum()
     # U's columns are orthonormal, so what SV misses of the keys' energy is the fit error
     fit_err = (1 - sv.square().sum() / energy.clamp_min(1e-30)).clamp_min(0).sqrt()

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from ..config import ShadowKVConfig
-from ..kernels.compression import chunk_landmarks, low_rank_keys
+from ..kernels.compression import chunk_landmarks, least_agreeing_chunks, low_rank_keys
 from ..kernels.naive import score_chunks
 
 __all__ = ["layer_diagnostics", "chunk_diagnostics", "plot_diagnostics"]
@@ -93,7 +93,7 @@ def chunk_diagnostics(q_rot: torch.Tensor, k_pre: torch.Tensor, k_rot: torch.Ten
     landmarks, min_cos = chunk_landmarks(k_rot_c, size)
     selectable = torch.ones(hkv, chunks, dtype=torch.bool, device=k_pre.device)
     if config.outlier_chunks:
-        selectable.scatter_(1, torch.topk(-min_cos, config.outlier_chunks, dim=-1).indices, False)
+        selectable.scatter_(1, least_agreeing_chunks(min_cos, config.outlier_chunks), False)
     k = config.select_chunks(chunks)
     group = hq // hkv
 
