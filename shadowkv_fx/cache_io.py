@@ -238,7 +238,7 @@ def load(cls, folder: str | os.PathLike, model: torch.nn.Module | None = None,
     for s, j in tables:
         sets.extend([] for _ in range(s + 1 - len(sets)))
         sets[s].append(tensors[f"rope_tables.{s}.{j}"])
-    cache.rope_tables.sets = sets
+    of_layer: dict[int, int] = {}
     for i, (layer, host) in enumerate(zip(cache.layers, meta["layers"])):
         prefix = f"layers.{i}."
         saved = {**host, **{key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}}
@@ -249,8 +249,8 @@ def load(cls, folder: str | os.PathLike, model: torch.nn.Module | None = None,
         rope = saved.pop("rope_tables")
         layer.state.adopt({**saved, "rope_tables": [] if rope is None else sets[rope]})
         if rope is not None:
-            cache.rope_tables._of_layer[i] = rope
-    cache.rope_tables._filled = set(range(len(sets)))
+            of_layer[i] = rope
+    cache.rope_tables.restore(sets, of_layer)
     cache.layout = PromptLayout(**fields["layout"])
     for k in CACHE_FIELDS:
         setattr(cache, k, fields[k])

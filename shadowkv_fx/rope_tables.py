@@ -87,6 +87,10 @@ class SharedRopeTables:
         self.sets.append(shared)
         return shared
 
+    def restore(self, sets: list[list[torch.Tensor]], of_layer: dict[int, int]) -> None:
+        """Tables a saved cache held (cache_io.load): ``sets``, already filled, and the set each layer reads."""
+        self.sets, self._of_layer, self._filled = sets, dict(of_layer), set(range(len(sets)))
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self.sets for t in ts)
 
