@@ -205,7 +205,7 @@ def bench(
         # the same config for both ShadowKV methods: slots keep values on the GPU only up to a given
         # size, so "as many as fit" (-1) becomes none (pinned host memory, ShadowKV's own design)
         config = ShadowKVConfig(sparse_budget=sparse_budget, rank=rank, fold_chunks=fold_chunks or None,
-                                value_hbm_gib=max(value_hbm_gib, 0.0))
+                                value_hbm_gib=max(value_hbm_gib, 0.0), value_bits=value_bits, landmark_bits=landmark_bits)
         settings = {"requests": workload_requests, "min_context": workload_min_context, "max_context":
                     workload_max_context, "min_output": workload_min_output, "max_output": workload_max_output,
                     "rate": workload_rate, "slots": workload_slots or None, "prefill_chunk": workload_prefill_chunk,
