@@ -172,6 +172,7 @@ def bench(
     workload_max_context: int = 124928,
     workload_min_output: int = 64,
     workload_max_output: int = 2048,
+    workload_output_dist: str = typer.Option("uniform", help="output lengths: uniform or log-uniform in [min, max]"),
     workload_rate: float = typer.Option(0.0, help="Poisson arrivals, requests per second; 0: all at t=0"),
     workload_slots: int = typer.Option(0, help="ShadowKV slots and static batch; 0: the preflight's largest batch "
                                        "at the longest prompt and output"),
@@ -208,6 +209,7 @@ def bench(
                                 value_hbm_gib=max(value_hbm_gib, 0.0), value_bits=value_bits, landmark_bits=landmark_bits)
         settings = {"requests": workload_requests, "min_context": workload_min_context, "max_context":
                     workload_max_context, "min_output": workload_min_output, "max_output": workload_max_output,
+                    "output_dist": workload_output_dist,
                     "rate": workload_rate, "slots": workload_slots or None, "prefill_chunk": workload_prefill_chunk,
                     "seed": workload_seed, "limit_s": workload_limit_s or None, "layers": layers,
                     "config": dataclasses.asdict(config)}
@@ -260,7 +262,7 @@ def _workload(settings: dict, config: ShadowKVConfig, methods: list[str], out: P
     try:
         requests = wl.make_requests(settings["requests"], settings["min_context"], settings["max_context"],
                                     settings["min_output"], settings["max_output"], config.chunk_size,
-                                    settings["rate"], settings["seed"])
+                                    settings["rate"], settings["seed"], settings["output_dist"])
         if set(methods) - set(wl.METHODS):
             raise ValueError(f"unknown workload methods {sorted(set(methods) - set(wl.METHODS))}; known: {wl.METHODS}")
         if settings["prefill_chunk"] < 1 or (settings["slots"] or 1) < 1 or (settings["limit_s"] or 0) < 0:

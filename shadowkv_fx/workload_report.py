@@ -20,14 +20,14 @@ def speedup(rows: list["WorkloadRow"]) -> float | None:
     return None
 
 
-def table(rows: list["WorkloadRow"], requests: list["WorkloadRequest"], device: str) -> str:
+def table(rows: list["WorkloadRow"], requests: list["WorkloadRequest"], device: str, output_dist: str = "uniform") -> str:
     prompts = [r.prompt_len for r in requests]
     outputs = [r.output_len for r in requests]
     arrivals = "all at t=0" if all(r.arrival_s == 0 for r in requests) else \
         f"Poisson, last at {max(r.arrival_s for r in requests):.1f} s"
     lines = [f"workload on {device}: {len(requests)} requests, prompts {min(prompts)}-{max(prompts)} tokens "
              f"(mean {sum(prompts) / len(prompts):.0f}), outputs {min(outputs)}-{max(outputs)} "
-             f"(total {sum(outputs)}), arrivals {arrivals}",
+             f"({output_dist}, total {sum(outputs)}), arrivals {arrivals}",
              f"{'method':<17}{'slots':>6}{'at once':>8}{'total s':>9}{'req/hour':>10}{'tok/s':>9}"
              f"{'TTFT p50 s':>11}{'TTFT p95 s':>11}  note"]
     for r in rows:
@@ -78,7 +78,7 @@ def write(out: Path, rows: list["WorkloadRow"], requests: list["WorkloadRequest"
     """workload.json (settings, the stream, every row with its per-request results), table.txt and
     workload.png; returns the table."""
     out.mkdir(parents=True, exist_ok=True)
-    text = table(rows, requests, device)
+    text = table(rows, requests, device, settings.get("output_dist", "uniform"))
     (out / "workload.json").write_text(json.dumps({
         "settings": settings, "device": device, "requests": [asdict(r) for r in requests],
         "rows": [asdict(r) for r in rows], "speedup_vs_static": speedup(rows), "target": TARGET}, indent=1))

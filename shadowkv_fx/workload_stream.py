@@ -2,6 +2,7 @@
 random prompts, and the statistics its rows report."""
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -15,9 +16,19 @@ class WorkloadRequest:
     arrival_s: float  # after the stream starts
 
 
+OUTPUT_DISTRIBUTIONS = ("uniform", "log-uniform")
+
+
 def make_requests(n: int, min_context: int, max_context: int, min_output: int, max_output: int, chunk: int,
-                  rate: float = 0.0, seed: int = 0) -> list[WorkloadRequest]:
-    """The seeded request stream; ``rate`` > 0: Poisson arrivals at ``rate`` requests/s, else all at 0."""
+                  rate: float = 0.0, seed: int = 0, output_dist: str = "uniform") -> list[WorkloadRequest]:
+    """The seeded request stream; ``rate`` > 0: Poisson arrivals at ``rate`` requests/s, else all at 0.
+
+    ``output_dist``: output lengths uniform in [min, max], or log-uniform (as many requests between
+    64 and 128 tokens as between 1024 and 2048: the heavy tail of real chat outputs, where a static
+    batch waits longest for its longest row).
+    """
+    if output_dist not in OUTPUT_DISTRIBUTIONS:
+        raise ValueError(f"output_dist must be one of {OUTPUT_DISTRIBUTIONS}, got {output_dist!r}")
     if n < 1 or chunk < 1 or not 0 < min_context <= max_context or not 0 < min_output <= max_output or rate < 0:
         raise ValueError(f"a workload needs n >= 1 requests, 0 < min_context <= max_context, 0 < min_output <= "
                          f"max_output and rate >= 0 (0: all at t=0), got n={n}, contexts [{min_context}, "
@@ -30,7 +41,11 @@ def make_requests(n: int, min_context: int, max_context: int, min_output: int, m
         prompt = max(rng.randint(min_context, max_context) // chunk * chunk, -(-min_context // chunk) * chunk)
         if rate > 0:
             t += rng.expovariate(rate)
-        out.append(WorkloadRequest(prompt, rng.randint(min_output, max_output), t if rate > 0 else 0.0))
+        if output_dist == "uniform":
+            output = rng.randint(min_output, max_output)
+        else:
+            output = min(max_output, round(math.exp(rng.uniform(math.log(min_output), math.log(max_output)))))
+        out.append(WorkloadRequest(prompt, output, t if rate > 0 else 0.0))
     return out
 
 

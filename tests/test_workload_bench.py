@@ -194,3 +194,13 @@ def test_the_cli_wiring_writes_its_files_and_command(monkeypatch, tmp_path):
     assert all(r["error"] is None for r in data["rows"][:2])
     with pytest.raises(typer.BadParameter, match="must be >= 1"):
         cli._workload({**settings, "prefill_chunk": 0}, config(), list(wb.METHODS), tmp_path, None, 2)
+
+
+def test_log_uniform_outputs_are_heavy_tailed_and_in_range():
+    uniform = wb.make_requests(400, 32, 64, 64, 2048, 8, seed=1)
+    heavy = wb.make_requests(400, 32, 64, 64, 2048, 8, seed=1, output_dist="log-uniform")
+    assert all(64 <= r.output_len <= 2048 for r in heavy)
+    short = sum(r.output_len < 256 for r in heavy)  # log-uniform: 2 of the 5 octaves, ~40%; uniform: ~10%
+    assert short > 2.5 * sum(r.output_len < 256 for r in uniform)
+    with pytest.raises(ValueError, match="output_dist"):
+        wb.make_requests(4, 32, 64, 64, 2048, 8, output_dist="zipf")
