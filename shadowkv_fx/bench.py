@@ -19,7 +19,9 @@ from typing import Callable
 
 import torch
 
-from shadowkv_fx import compat
+from shadowkv_fx import bench_profile, compat
+from shadowkv_fx.bench_profile import greedy as _greedy
+from shadowkv_fx.bench_profile import sync as _sync
 from shadowkv_fx.cache import device_and_host_bytes
 from shadowkv_fx.random_fill import fill_random
 
@@ -45,6 +47,7 @@ class BenchRow:
     fill: str = "prefill"  # "random": the cache was filled by fill_random (no prefill time)
     largest_batch: int | None = None  # the largest batch of this method at this context that fits
     bound: str | None = None  # what limits that batch
+    best: str | None = None  # --batches best: this row is the fastest batch found, and what bounds it
     error: str | None = None
     breakdown: list = field(default_factory=list)
     steps_alone: dict | None = None  # --breakdown: steps timed one by one, folding steps apart
@@ -98,11 +101,6 @@ def is_lead_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 ALONE_STEPS = 64  # --breakdown: steps timed one by one after the timed ones
 
 
@@ -127,10 +125,6 @@ def timed_decode(step: Callable, prefill: Callable, steps: int, warmup: int = 3)
         token = step(token)
     _sync()
     return prefill_s, (time.perf_counter() - t0) / steps
-
-
-def _greedy(logits: torch.Tensor) -> torch.Tensor:
-    return logits[:, -1:].argmax(-1)
 
 
 def run_dense(model, ids: torch.Tensor, steps: int, compiled: bool) -> dict:
@@ -220,48 +214,6 @@ def run_shadowkv(model, ids: torch.Tensor, steps: int, config, random_fill: bool
             "cuda_graph": any(isinstance(g, DecodeGraph) for g in cache.decode_graphs.values())}
 
 
-def breakdown(fn: Callable[[], None], top: int = 15) -> list[tuple[str, float]]:
-    """GPU kernel time (ms) per kernel name over one call of ``fn``, largest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        _sync()
-    rows = [(e.key[:70], e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[1])[:top] + [("(all kernels of the step)", sum(ms for _, ms in rows))]
-
-
-def steps_alone(model, cache, token: torch.Tensor, steps: int = ALONE_STEPS) -> dict:
-    """``steps`` more decode steps, each timed alone (synchronized): the median step that folds
-    nothing, the mean step that folds (``fold.py`` runs eagerly before the captured step), and
-    where the host spends one folding step (self CPU time per op, largest first)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from shadowkv_fx import fold
-
-    plain, folding, host_ops = [], [], []
-    state = cache.layers[0].state
-    with torch.no_grad():
-        for _ in range(steps):
-            folds = state.compressed and state.folds and any(fold.chunks_due(state))
-            _sync()
-            t0 = time.perf_counter()
-            if folds and not host_ops:
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    token = _greedy(model(token, cache=cache).logits)
-                    _sync()
-                host_ops = [(e.key[:60], e.self_cpu_time_total / 1e3, e.count)
-                            for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]]
-                continue
-            token = _greedy(model(token, cache=cache).logits)
-            _sync()
-            (folding if folds else plain).append(1e3 * (time.perf_counter() - t0))
-    plain.sort()
-    return {"steps": steps, "median_ms": plain[len(plain) // 2] if plain else None,
-            "folding_steps": len(folding) + bool(host_ops),
-            "folding_mean_ms": sum(folding) / len(folding) if folding else None, "folding_host_ops": host_ops}
-
-
 def _release_memory() -> None:
     gc.collect()
     torch.cuda.empty_cache()
@@ -316,8 +268,8 @@ def _run_point(model, method: str, ids: torch.Tensor, steps: int, config, with_b
             cache = result.pop("_cache")
             if with_breakdown:
                 token = ids[:, -1:]
-                row.breakdown = breakdown(lambda: model(token, cache=cache))
-                row.steps_alone = steps_alone(model, cache, token)
+                row.breakdown = bench_profile.breakdown(lambda: model(token, cache=cache))
+                row.steps_alone = bench_profile.steps_alone(model, cache, token, ALONE_STEPS)
             del cache
         else:
             result = run_dense(model, ids, steps, compiled=method == "dense-compiled")
@@ -334,10 +286,42 @@ def _run_point(model, method: str, ids: torch.Tensor, steps: int, config, with_b
     return row
 
 
+def _fastest_batch(model, method: str, context: int, steps: int, config, with_breakdown: bool,
+                   random_fill_above: int | None, dense_peaks: dict, progress: Callable[[str], None]) -> list[BenchRow]:
+    """``--batches best``: ``batch_search.search`` up to the method's largest batch; the fastest row
+    says what bounds it (``best``)."""
+    from shadowkv_fx import batch_search
+
+    if method == "shadowkv":
+        ensure_optimized(model, config)
+        _release_memory()
+        fit = largest_batch(model, context, config, tail_capacity(steps, with_breakdown))
+        largest, bound = fit.largest, fit.bound
+    else:
+        if (method, context) not in dense_peaks:
+            dense_peaks[(method, context)] = _measure_dense_peak(model, context, steps, method)
+        largest, bound = dense_largest_batch(dense_peaks[(method, context)]), "GPU memory (KV cache + prefill activations)"
+
+    def measure(batch: int) -> BenchRow:
+        torch.manual_seed(context)
+        ids = torch.randint(0, model.config.vocab_size - 1, (batch, context), device=model.device)
+        progress(f"{method}: context {context}, batch {batch} (searching the fastest, largest {largest})")
+        row = _run_point(model, method, ids, steps, config, with_breakdown, random_fill_above, dense_peaks,
+                         measured=False)
+        progress(json.dumps({k: v for k, v in asdict(row).items() if k != "breakdown"}))
+        return row
+
+    best, rows = batch_search.search(measure, largest)
+    if best is not None:
+        best.best = batch_search.verdict(best, rows, largest, bound)
+    return sorted(rows, key=lambda r: r.batch)
+
+
 def bench(model, contexts: list[int], batches: list[int | str], methods: list[str], steps: int, config,
           progress: Callable[[str], None] = print, with_breakdown: bool = False,
           random_fill_above: int | None = None, dense_retries: int = 3) -> list[BenchRow]:
-    """Every method at every (context, batch). Batch ``"max"`` runs each method at its own
+    """Every method at every (context, batch). Batch ``"best"``: the fastest batch of each method
+    (``_fastest_batch``). Batch ``"max"`` runs each method at its own
     largest batch at that context: ShadowKV's by its preflight; dense's from its per-sequence
     peak memory at the largest smaller batch the run measured (else a one-sequence probe), one
     smaller each time it runs out of memory (``dense_retries`` times at most).
@@ -349,6 +333,10 @@ def bench(model, contexts: list[int], batches: list[int | str], methods: list[st
         for batch_spec in batches:
             for method in methods:
                 batch, retries = batch_spec, 0
+                if batch_spec == "best":
+                    rows += _fastest_batch(model, method, context, steps, config, with_breakdown, random_fill_above,
+                                           dense_peaks, progress)
+                    continue
                 if batch_spec == "max":
                     if method == "shadowkv":
                         ensure_optimized(model, config)  # its workspace counts against the room

@@ -26,6 +26,7 @@ def table(rows: list["BenchRow"], gpus: int = 1) -> str:
     for (method, context), (largest, bound) in sorted(fits.items()):
         how = "preflight" if method == "shadowkv" else "per-sequence peak of this run"
         lines.append(f"{method} largest batch at context {context}: {largest} ({how}), bound by {bound}")
+    lines += [f"{r.method} fastest batch at context {r.context}: {r.best}" for r in rows if r.best]
     if any(r.fill == "random" for r in rows):
         lines.append("prefill 'random': the cache was filled from random K/V through the same compression path")
     for r in rows:

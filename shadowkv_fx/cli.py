@@ -140,7 +140,8 @@ def main() -> None:
 @app.command()
 def bench(
     contexts: str = typer.Option("32768", help="comma-separated prompt lengths"),
-    batches: str = typer.Option("4", help="comma-separated batch sizes; 'max': each method at its own largest"),
+    batches: str = typer.Option("4", help="comma-separated batch sizes; 'max': each method at its own largest; "
+                         "'best': each method's fastest (a search up to its largest, each point a bench run)"),
     methods: str = typer.Option("dense-compiled,shadowkv", help="of dense-eager, dense-compiled, shadowkv"),
     steps: int = 16,
     layers: int = typer.Option(32, help="layers of the random Llama-3.1-8B-shaped model"),
@@ -230,7 +231,7 @@ def bench(
                 status.update(msg)
                 console.log(msg)
 
-        rows = b.bench(model, [int(c) for c in contexts.split(",")], [x if x == "max" else int(x) for x in batches.split(",")],
+        rows = b.bench(model, [int(c) for c in contexts.split(",")], [x if x in ("max", "best") else int(x) for x in batches.split(",")],
                        methods.split(","), steps, config, progress=progress, with_breakdown=breakdown,
                        random_fill_above=None if random_fill_above < 0 else random_fill_above)
     if not lead:

@@ -184,7 +184,8 @@ def test_the_cli_wiring_writes_its_files_and_command(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "ensure_optimized", optimize)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "cpu (test)")
     monkeypatch.setattr("sys.argv", ["shadowkv-fx", "bench", "--workload"])
-    settings = {"requests": 3, "min_context": 24, "max_context": 48, "min_output": 2, "max_output": 4, "rate": 0.0,
+    settings = {"requests": 3, "min_context": 24, "max_context": 48, "min_output": 2, "max_output": 4,
+                "output_dist": "log-uniform", "rate": 0.0,
                 "slots": 2, "prefill_chunk": 16, "seed": 0, "limit_s": None}
     monkeypatch.setattr(wb, "run_dense_cb", lambda *a, **k: wb.WorkloadRow("dense-cb", None, 3, error="skipped"))
     cli._workload(settings, config(), list(wb.METHODS), tmp_path, None, 2)
@@ -192,6 +193,7 @@ def test_the_cli_wiring_writes_its_files_and_command(monkeypatch, tmp_path):
     assert data["settings"]["command"] == "shadowkv-fx bench --workload" and data["device"] == "cpu (test)"
     assert [r["method"] for r in data["rows"]] == list(wb.METHODS)
     assert all(r["error"] is None for r in data["rows"][:2])
+    assert "(log-uniform, total" in (tmp_path / "table.txt").read_text()
     with pytest.raises(typer.BadParameter, match="must be >= 1"):
         cli._workload({**settings, "prefill_chunk": 0}, config(), list(wb.METHODS), tmp_path, None, 2)
 
