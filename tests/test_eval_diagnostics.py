@@ -134,3 +134,26 @@ def test_plot_writes_a_png(llama, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):
         plot_diagnostics([], tmp_path / "empty.png")
+
+
+def test_int8_landmarks_can_flip_a_near_tie_and_keep_a_clear_pick():
+    """Chunk 1's key leads chunk 0's on the queried dim by 0.0005, less than int8's half step for
+    either (their scales differ): int8 landmarks pick chunk 0 instead. A clear lead survives."""
+    d, size = 8, 4
+
+    def keys_of(first: list[float], second: list[float]) -> torch.Tensor:
+        filler = torch.zeros(d)
+        filler[0] = 0.1
+        rows = [torch.tensor(first + [0.0] * (d - 2)), torch.tensor(second + [0.0] * (d - 2))] + [filler] * 4
+        return torch.stack([r for r in rows for _ in range(size)])[None]  # [1, 6 chunks * size, d]
+
+    q = torch.zeros(1, 1, d)
+    q[0, 0, 1] = 1.0
+    config = _config(outlier_chunks=0, sparse_budget=size)
+    near = keys_of([1.0, 0.3035], [0.9, 0.3040])
+    row, = chunk_diagnostics(q, near, near, config, 1.0)
+    assert row["select_chunks"] == 1 and row["recall"] == 1.0  # the exact pick, chunk 1
+    assert row["landmark8_overlap"] == 0.0 and row["landmark8_same_set"] == 0.0
+    clear = keys_of([1.0, 0.2], [0.9, 0.3040])
+    row, = chunk_diagnostics(q, clear, clear, config, 1.0)
+    assert row["landmark8_overlap"] == 1.0 and row["landmark8_same_set"] == 1.0

@@ -15,7 +15,10 @@ measures, on the unmodified model (no ShadowKV needed):
 * ``recall``: per query, the share of the ``k`` chunks holding most exact attention mass (summed
   over the KV head's query heads) that the landmark scores pick among their top ``k``, ``k`` being
   the budget's chunk count (``ShadowKVConfig.select_chunks``); ``mass_recall``: the exact mass of
-  the picked chunks over that of the best ``k``.
+  the picked chunks over that of the best ``k``;
+* ``landmark8_overlap``: the share of those ``k`` chunks that int8 landmarks (``landmark_bits=8``)
+  pick as well, ``landmark8_same_set``: the share of queries whose whole pick is unchanged, and
+  ``landmark8_mass_recall``: ``mass_recall`` of the int8 pick.
 
 As in prefill, the last ``local_chunks`` chunks and the remainder stay dense and the
 ``outlier_chunks`` chunks whose keys agree least with their landmark are kept dense, so neither
@@ -33,6 +36,7 @@ import torch
 from ..config import ShadowKVConfig
 from ..kernels.compression import chunk_landmarks, least_agreeing_chunks, low_rank_keys
 from ..kernels.naive import score_chunks
+from ..kernels.quantize import dequantize, quantize
 
 __all__ = ["layer_diagnostics", "chunk_diagnostics", "plot_diagnostics"]
 
@@ -71,7 +75,8 @@ def chunk_diagnostics(q_rot: torch.Tensor, k_pre: torch.Tensor, k_rot: torch.Ten
     list[dict]
         One row per KV head: ``kv_head``, ``tokens``, ``chunks``, ``outliers``, ``select_chunks``,
         ``rank``, ``rank_error``, ``landmark_entropy``, ``landmark_max_over_mean``,
-        ``exact_entropy``, ``recall``, ``mass_recall``, ``queries``.
+        ``exact_entropy``, ``recall``, ``mass_recall``, ``landmark8_overlap``, ``landmark8_same_set``,
+        ``landmark8_mass_recall``, ``queries``.
     """
     hq, n, d = q_rot.shape
     hkv, t, _ = k_pre.shape
@@ -104,6 +109,11 @@ def chunk_diagnostics(q_rot: torch.Tensor, k_pre: torch.Tensor, k_rot: torch.Ten
     per_query = score_chunks(grouped.permute(2, 0, 1, 3).reshape(n, hq, 1, d), landmarks.expand(n, -1, -1, -1),
                              selectable.expand(n, -1, -1), scale)  # [n, Hkv, C]
     picked = _top_mask(per_query, k).permute(1, 0, 2)  # [Hkv, n, C]
+    # the same pick from int8 landmarks (landmark_bits=8: one scale per chunk and KV head)
+    codes, steps = quantize(landmarks, 1)
+    per_query8 = score_chunks(grouped.permute(2, 0, 1, 3).reshape(n, hq, 1, d),
+                              dequantize(codes, steps).expand(n, -1, -1, -1), selectable.expand(n, -1, -1), scale)
+    picked8 = _top_mask(per_query8, k).permute(1, 0, 2)
 
     # exact causal attention of the last n queries over the whole prompt
     k_all = k_rot.float().repeat_interleave(group, dim=0)
@@ -117,6 +127,9 @@ def chunk_diagnostics(q_rot: torch.Tensor, k_pre: torch.Tensor, k_rot: torch.Ten
 
     recall = (picked & best).sum(-1).float().mean(-1) / k
     mass_recall = ((mass * picked).sum(-1) / (mass * best).sum(-1).clamp_min(1e-30)).mean(-1)
+    overlap8 = (picked & picked8).sum(-1).float().mean(-1) / k
+    mass_recall8 = ((mass * picked8).sum(-1) / (mass * best).sum(-1).clamp_min(1e-30)).mean(-1)
+    same8 = (picked == picked8).all(-1).float().mean(-1)
     sel = selectable[:, None, None].expand_as(probs)
     flat = _normalised_entropy(probs, sel).mean(dim=(1, 2))
     max_over_mean = (probs.amax(-1) * selectable.sum(-1)[:, None, None]).mean(dim=(1, 2))
@@ -125,7 +138,8 @@ def chunk_diagnostics(q_rot: torch.Tensor, k_pre: torch.Tensor, k_rot: torch.Ten
         {"kv_head": h, "tokens": t, "chunks": chunks, "outliers": config.outlier_chunks, "select_chunks": k,
          "rank": config.rank, "rank_error": float(rank_error[h]), "landmark_entropy": float(flat[h]),
          "landmark_max_over_mean": float(max_over_mean[h]), "exact_entropy": float(exact[h]),
-         "recall": float(recall[h]), "mass_recall": float(mass_recall[h]), "queries": n}
+         "recall": float(recall[h]), "mass_recall": float(mass_recall[h]), "landmark8_overlap": float(overlap8[h]),
+         "landmark8_same_set": float(same8[h]), "landmark8_mass_recall": float(mass_recall8[h]), "queries": n}
         for h in range(hkv)
     ]
 
