@@ -154,6 +154,7 @@ def test_int8_landmarks_can_flip_a_near_tie_and_keep_a_clear_pick():
     row, = chunk_diagnostics(q, near, near, config, 1.0)
     assert row["select_chunks"] == 1 and row["recall"] == 1.0  # the exact pick, chunk 1
     assert row["landmark8_overlap"] == 0.0 and row["landmark8_same_set"] == 0.0
+    assert row["landmark8_mass_recall"] < row["mass_recall"] == pytest.approx(1.0)
     clear = keys_of([1.0, 0.2], [0.9, 0.3040])
     row, = chunk_diagnostics(q, clear, clear, config, 1.0)
     assert row["landmark8_overlap"] == 1.0 and row["landmark8_same_set"] == 1.0
