@@ -63,6 +63,9 @@ class TaskSample:
         Decode budget sized for the answer.
     answer_prefix:
         The assistant text the prompt ends with.
+    question:
+        The last line of the user's message, after the haystack (``reuse_eval`` splits the prompt
+        there into a document and a question).
     """
 
     task: str
@@ -75,6 +78,7 @@ class TaskSample:
     index: int
     max_new_tokens: int
     answer_prefix: str = ""
+    question: str = ""  # the prompt's last line before the answer: what follows the document (haystack)
 
     @property
     def prompt_budget(self) -> int:
@@ -214,9 +218,13 @@ def make_sample(
     else:
         depth, render, unit_guess = None, functools.partial(render_frequent_words, sample_seed), 2.5
 
+    questions: dict[str, str] = {}  # prompt -> its body's last line (the question after the haystack)
+
     def render_prompt(n: int) -> tuple[str, str, list[str]]:
         body, prefix, references = render(n)
-        return format_prompt(tokenizer, body, prefix), prefix, references
+        prompt = format_prompt(tokenizer, body, prefix)
+        questions[prompt] = body.rsplit("\n", 1)[-1]
+        return prompt, prefix, references
 
     prompt, prefix, references = _fit(render_prompt, tokenizer, budget, unit_guess)
     return TaskSample(
@@ -230,6 +238,7 @@ def make_sample(
         index=index,
         max_new_tokens=spec.max_new_tokens,
         answer_prefix=prefix,
+        question=questions[prompt],
     )
 
 
