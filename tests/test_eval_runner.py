@@ -112,6 +112,8 @@ def test_ablation_variants():
     assert [c.rank for c in ablation_variants("rank").values()] == [32, 64, 160]
     assert [c.chunk_size for c in ablation_variants("chunk").values()] == [4, 8, 16]
     assert [c.outlier_chunks for c in ablation_variants("outliers").values()] == [0, 48]
+    bits = ablation_variants("bits")
+    assert [(c.value_bits, c.landmark_bits) for c in bits.values()] == [(16, 16), (8, 16), (16, 8), (8, 8)]
     assert list(ablation_variants(None)) == ["shadowkv"]
     with pytest.raises(ValueError):
         ablation_variants("heads")

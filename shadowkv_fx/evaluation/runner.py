@@ -47,7 +47,8 @@ def ablation_variants(kind: str | None, base: ShadowKVConfig = ShadowKVConfig())
     ----------
     kind:
         ``None``/``""`` (just ``base``), ``"rank"`` (32/64/160), ``"chunk"`` (4/8/16) or
-        ``"outliers"`` (0 vs 48 outlier chunks).
+        ``"outliers"`` (0 vs 48 outlier chunks) or ``"bits"`` (values and landmarks in 8 bits,
+        each on and off).
     base:
         Config the ablated knob is varied from.
     """
@@ -59,7 +60,10 @@ def ablation_variants(kind: str | None, base: ShadowKVConfig = ShadowKVConfig())
         return {f"chunk={c}": replace(base, chunk_size=c) for c in (4, 8, 16)}
     if kind == "outliers":
         return {f"outliers={o}": replace(base, outlier_chunks=o) for o in (0, 48)}
-    raise ValueError(f"unknown ablation {kind!r}: use rank, chunk or outliers")
+    if kind == "bits":  # issue #26: 8-bit values and landmarks, each on and off
+        return {"16-bit": base, "values=8": replace(base, value_bits=8), "landmarks=8": replace(base, landmark_bits=8),
+                "both=8": replace(base, value_bits=8, landmark_bits=8)}
+    raise ValueError(f"unknown ablation {kind!r}: use rank, chunk, outliers or bits")
 
 
 def shadowkv_attended_tokens(config: ShadowKVConfig, context_tokens: int) -> int:
