@@ -101,6 +101,14 @@ class PrefixStore:
         with self._lock:
             return [entry.ids.tolist() for entry in self._entries.values()]
 
+    def stored(self, doc_ids) -> ShadowKVCache | None:
+        """The stored cache of exactly ``doc_ids`` itself, to inspect (never to ask: ``lookup``), or None;
+        not a use (the LRU order stays)."""
+        ids = _ids(doc_ids, "doc_ids")
+        with self._lock:
+            entry = self._entries.get(_key(ids))
+        return entry.cache if entry is not None and torch.equal(entry.ids, ids) else None
+
     def lookup(self, prompt_ids, prefix_len: int | None = None) -> tuple[int, ShadowKVCache] | None:
         """``(n, cache)``: the longest stored document that ``prompt_ids`` starts with and leaves at
         least one token after (with ``prefix_len``: only the document ``prompt_ids[:prefix_len]``),
