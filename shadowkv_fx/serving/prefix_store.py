@@ -84,17 +84,19 @@ class PrefixStore:
             raise ValueError(f"max_bytes must be an int >= 0 (bytes of device + host memory) or None, got {max_bytes!r}")
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[int, bytes], _Entry] = OrderedDict()  # least recently used first
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # put measures nbytes under it
         self._warned_large = False
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return len(self._entries)
 
     @property
     def nbytes(self) -> int:
         """Device + host bytes the stored caches hold."""
-        return sum(entry.nbytes for entry in self._entries.values())
+        with self._lock:
+            return sum(entry.nbytes for entry in self._entries.values())
 
     def documents(self) -> list[list[int]]:
         """The stored documents' token ids, least recently used first."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import torch
 
@@ -100,16 +100,14 @@ class ShadowKVSlots:
             raise ValueError(f"prefix_len={prefix_len!r} must leave a token of the {n}-token prompt on each side: "
                              f"an int, 1 <= prefix_len <= {n - 1}")
         hit = None if self.prefix_store is None else self.prefix_store.lookup(prompt_ids, prefix_len)
-        doc = prefix_len if hit is None else hit[0]
+        doc, alone = (prefix_len, None) if hit is None else (hit[0], self._checked(hit[1]))
         if (doc or n) < self.config.min_sparse_prompt and not self._warned_short:
             self._warned_short = True
             log.warning("prompts shorter than %d tokens are not compressed and decode densely (said once)",
                         self.config.min_sparse_prompt)
         self._claimed[slot] = True  # claimed now, so a release() mid-prefill frees it
         ids = prompt_ids.to(self.device)[None]
-        if hit is not None:
-            alone = self._checked(hit[1])
-        else:
+        if alone is None:
             alone = ShadowKVCache(len(self.cache.layers), self.config, prefill_chunk_size=self.prefill_chunk,
                                   tail_capacity=self.max_length - n if doc is None else self._document_tail(doc))
             alone.warn_short_prompts = False
@@ -130,7 +128,7 @@ class ShadowKVSlots:
             self.cache.adopt(slot, alone)
         yield logits
 
-    def _ask(self, alone: ShadowKVCache, ids: torch.Tensor, doc: int) -> Iterator[None]:
+    def _ask(self, alone: ShadowKVCache, ids: torch.Tensor, doc: int) -> Generator[None, None, torch.Tensor]:
         """The recipe's question: ``ids [1, n]`` past the document's ``doc`` tokens through the model on
         ``alone`` (its dense tail), ``prefill_chunk`` tokens a step; returns the last one's logits."""
         n = ids.shape[1]
@@ -143,9 +141,9 @@ class ShadowKVSlots:
         return out.logits[0, -1]
 
     def _document_tail(self, doc: int) -> int:
-        """Tail room of a stored document: a running row's, what a question decodes in before it folds
-        (longer ones fold, which copies the store for the question anyway); more would stay allocated
-        in every stored document."""
+        """Tail room of a document's cache: a running row's (with folding: what a question decodes in
+        before it folds, which copies the store for the question anyway); more would stay allocated
+        in every stored document. A longer question grows its copy's tail, never the stored one."""
         return max(1, min(self.max_length - doc, self.cache.sizes.tail))
 
     def _checked(self, stored: ShadowKVCache) -> ShadowKVCache:
