@@ -36,7 +36,20 @@ split there: at sparse settings its answer is then the recipe's for that split, 
 whole-prompt compression's (equal at full budget and rank).
 
 The store never changes a stored cache: ``lookup`` hands out a copy (``cache_share.copy_cache``:
-it shares the store and values, owns its decode buffers; a fold copies the shared part first).
+it shares the store and values, owns its decode buffers; a fold copies the shared part first), so
+no caller can ask the stored one by mistake. The copy, question in its tail, then joins a slot
+(``slot_state.adopt_row``): the row takes the tail's tokens into its own tail slots, ending at the
+running cache's one fill level, and counts them as generated, so it positions and folds them as
+the copy alone would. Where the fill is lower than the question (the first admission, or after
+compaction), every row's tail first moves up (``fold.open_tail``), in place: a captured decode
+step stays valid unless the tail must grow (then it is captured again, as when a row outgrows it).
+
+Choices: ``prefix_len`` names exactly one document (the request's own split is honoured; the
+longest stored match is only for requests that do not say); a stored document gets the tail room
+of a running row, not room for any question (that room would stay allocated in every entry; a
+longer question grows its copy's tail). ``generate_batch(prefix_lens=...)`` of an optimized model
+keeps its documents for the call (an unbounded store, unless one is passed); ``DenseSlots`` takes
+``prefix_len`` and changes nothing (exact attention does not depend on the split).
 """
 from __future__ import annotations
 
