@@ -65,7 +65,8 @@ def documents_and_questions(draw):
                 other_new=draw(st.lists(st.integers(1, 20), min_size=len(others), max_size=len(others))),
                 says=draw(st.lists(st.booleans(), min_size=n, max_size=n)),
                 arrivals=draw(st.lists(st.integers(0, 8), min_size=n + len(others), max_size=n + len(others))),
-                num_slots=draw(st.integers(1, 3)), chunk=draw(st.integers(3, 32)), fold=draw(st.sampled_from([1, None])),
+                num_slots=draw(st.integers(1, 3)), chunk=draw(st.integers(3, 32)),
+                fold=draw(st.sampled_from([1, None])),
                 seed=draw(st.integers(0, 2**16)))
 
 

@@ -53,8 +53,9 @@ def generate_batch(model_or_slots, inputs: list[list[int]], generation_config: G
     if given_slots:
         slots = model_or_slots
     else:
-        if prefix_store is None and any(n is not None for n in prefix_lens) and getattr(model, "_shadowkv", None):
-            prefix_store = PrefixStore(None)
+        optimized = getattr(model, "_shadowkv", None) is not None
+        if prefix_store is None and optimized and any(n is not None for n in prefix_lens):
+            prefix_store = PrefixStore(None)  # the call's documents, for the call
         slots = slots_for(model, num_slots or min(len(requests), DEFAULT_SLOTS),
                           max_length or max(request.needed_length for request in requests), prefill_chunk,
                           prefix_store)

@@ -94,7 +94,8 @@ class PrefixStore:
 
     def __init__(self, max_bytes: int | None):
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
-            raise ValueError(f"max_bytes must be an int >= 0 (bytes of device + host memory) or None, got {max_bytes!r}")
+            raise ValueError(f"max_bytes must be an int >= 0 (bytes of device + host memory) or None, "
+                             f"got {max_bytes!r}")
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[int, bytes], _Entry] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()  # put measures nbytes under it

@@ -151,7 +151,8 @@ class ShadowKVSlots:
         if stored.config != self.config or len(stored.layers) != len(self.cache.layers) or source not in (
                 None, self.model):
             raise ValueError("the prefix store's cache of this document was prefilled by another model or with "
-                             "another ShadowKVConfig than these slots': give each ShadowKVSlots a PrefixStore of its own")
+                             "another ShadowKVConfig than these slots': give each ShadowKVSlots a PrefixStore of "
+                             "its own")
         return stored
 
     def decode(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
