@@ -31,7 +31,8 @@ RIGHT_PADDED = "tests/test_equivalence.py::test_right_padded_batch_gives_the_lef
 SLOTS = "tests/test_serving_shadowkv.py::test_full_budget_and_rank_tokens_equal_dense_generate_alone"
 QUANTIZED = "tests/test_quantized_store.py::test_8bit_values_are_int8_with_scales_and_logits_stay_close"
 LANDMARKS_8BIT = "tests/test_quantized_store.py::test_8bit_landmarks_select_nearly_what_16bit_ones_do"
-SUBSET = [EQUIVALENCE, SELECTION, REUSE, FOLD, FOLD_SPECULATION, RIGHT_PADDED, SLOTS, QUANTIZED, LANDMARKS_8BIT]
+PREFIX = "tests/test_prefix_store.py::test_full_budget_and_rank_every_answer_is_dense_generate_of_document_and_question"
+SUBSET = [EQUIVALENCE, SELECTION, REUSE, FOLD, FOLD_SPECULATION, RIGHT_PADDED, SLOTS, QUANTIZED, LANDMARKS_8BIT, PREFIX]
 
 # the tests each mutant is expected to fail, run first so that a killed mutant costs one test;
 # the rest of the subset runs after them, so a mutant that escapes its own tests can still die
@@ -50,6 +51,7 @@ FIRST = {
     "next_positions_off_by_one": [RIGHT_PADDED],
     "slot_reads_older_rows": [SLOTS],
     "slot_positions_ignore_join": [SLOTS],
+    "slot_question_not_generated": [PREFIX],
     "dequant_scale_ignored": [QUANTIZED],
     "landmark_scale_ignored": [LANDMARKS_8BIT],
 }

@@ -21,7 +21,7 @@ prompt's columns. The tail is then compacted: slots every row has folded are dro
 tail stays within the fold window while the store grows by ``U`` rows and landmarks only.
 Buffers keep their addresses (the store is preallocated), so a captured decode step stays valid:
 this module writes the ``LayerState``'s tensors in place only, and sets its host counts through its
-methods (``commit_fold``, ``drop_tail_slots``, ``restore_fold_counts``).
+methods (``commit_fold``, ``drop_tail_slots``, ``restore_fold_counts``); ``open_tail`` undoes a compaction.
 """
 from __future__ import annotations
 
@@ -284,6 +284,23 @@ def _compact_tail(state: LayerState, undo: "FoldUndo | None" = None) -> None:
     for buf, first in _tail_buffers(state):
         buf[:, :, first : first + fill - shift] = buf[:, :, first + shift : first + fill].clone()
     state.drop_tail_slots(shift)
+
+
+def open_tail(state: LayerState, tokens: int) -> bool:
+    """Compaction undone: where fewer than ``tokens`` tail slots are filled, move every row's tail
+    up so that ``tokens`` are (``slot_state.adopt_row``: a row joins with a question in its tail,
+    and a row's tokens end at the one shared fill). True when a buffer had to grow
+    (``LayerState.reserve_tail``: the cache drops its captured steps); else all moves in place."""
+    fill = state.tail_len - state.tail_shift
+    up = tokens - fill
+    if up <= 0:
+        return False
+    grew = state.reserve_tail(up + 1)  # and the next step's token: one move, not two
+    for buf, first in _tail_buffers(state):
+        buf[:, :, first + up : first + up + fill] = buf[:, :, first : first + fill].clone()
+    state.drop_tail_slots(-up)
+    state.tail_first.copy_(torch.tensor(state.tail_first_host))
+    return grew
 
 
 class FoldUndo:

@@ -112,7 +112,7 @@ class LayerState:
         self.pre_k: torch.Tensor | None = None
 
         # Slots of a running cache (allocate_slots): rows adopt prompts prefilled alone, at any step
-        self.tail_origin: list[int] = []  # [B] tail_len when the row's prompt joined (0: prefilled together)
+        self.tail_origin: list[int] = []  # [B] tail_len at the row's prompt's end (0: prefilled together)
         # [B] long, slots: the RoPE-table column of the row's next token, less gen_count
         self.row_columns: torch.Tensor | None = None
 
@@ -371,11 +371,11 @@ class LayerState:
         self.refreshes += refreshes
 
     # The host counts of slots (slot_state.adopt_row writes the tensors in place, then commits here)
-    def commit_adoption(self, b: int, other: LayerState) -> bool:
-        """Row ``b`` holds ``other``'s one prompt now, its tail starting at the current fill. True
-        when a captured step must be dropped: the first compressed prompt names the RoPE form."""
+    def commit_adoption(self, b: int, other: LayerState, first: int) -> bool:
+        """Row ``b`` holds ``other``'s one prompt now, its tail's tokens (as generated) from slot ``first``.
+        True when a captured step must be dropped: the first compressed prompt names the RoPE form."""
         self.lengths[b], self.prompt_chunks[b], self.chunks[b] = other.lengths[0], other.prompt_chunks[0], other.chunks[0]
-        self.tail_origin[b], self.tail_first_host[b] = self.tail_len, self.tail_len - self.tail_shift
+        self.tail_origin[b], self.tail_first_host[b] = self.tail_len - other.tail_len, first
         if other.rope_form is None or (self.rope_form, self.fused_append) == (other.rope_form, other.fused_append):
             return False
         self.rope_form, self.fused_append = other.rope_form, other.fused_append
@@ -387,7 +387,7 @@ class LayerState:
             self.prompt_chunks[b], self.tail_first_host[b] = 0, self.tail_len - self.tail_shift
 
     def drop_tail_slots(self, shift: int) -> None:
-        """The ``shift`` leading tail slots are compacted away (their contents already moved)."""
+        """The ``shift`` leading tail slots are compacted away, or ``-shift`` opened (their contents already moved)."""
         fill = self.tail_len - self.tail_shift
         self.tail_first_host = [f - shift for f in self.tail_first_host]
         self.tail_shift += shift

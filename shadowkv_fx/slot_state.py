@@ -8,6 +8,7 @@ across admissions. Like ``fold.py`` this module writes the state's tensors in pl
 """
 from __future__ import annotations
 
+from shadowkv_fx import fold
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.layer_state import LayerState
 from shadowkv_fx.value_store import SlotSizes
@@ -42,17 +43,26 @@ def slot_sizes(config: ShadowKVConfig, max_length: int, tail_capacity: int | Non
 
 
 def adopt_row(state: LayerState, b: int, other: LayerState) -> bool:
-    """Row ``b`` of the running ``state`` takes ``other``'s one prompt (prefilled alone, nothing
-    generated yet): its outliers, local window, compressed store, values and RoPE inputs; its tail
-    starts at the current fill, so the tail slots before it, other rows' tokens, stay masked for
-    it (``tail_first``). True when the running cache must drop its captured steps
-    (``LayerState.commit_adoption``).
+    """Row ``b`` of the running ``state`` takes ``other``'s one prompt: its outliers, local window,
+    compressed store, values and RoPE inputs; its tail ends at the current fill, so the tail slots
+    before it, other rows' tokens, stay masked for it (``tail_first``). True when the running cache
+    must drop its captured steps (``LayerState.commit_adoption``, or a tail that had to move).
+
+    ``other`` may hold tokens past its prompt: a question asked of a stored document
+    (``serving.prefix_store``), decoded in its tail as generated tokens, perhaps partly folded. Row
+    ``b`` takes its dense tail slots into its own rows of the tail buffers, ending at the fill, and
+    counts them as generated (``tail_origin[b] = tail_len - other.tail_len``), so it positions and
+    folds them as ``other`` alone would. Where the fill is lower than that tail, every row's tail
+    moves up first (``fold.open_tail``).
     """
     n, chunks = other.lengths[0], other.chunks[0]
     local = other.tail_start - other.local_start
-    if other.tail_len or local > state.tail_start - state.local_start or (chunks and not state.compressed):
-        raise ValueError(f"a prompt of {n} tokens (local window {local}, {chunks} chunks, {other.tail_len} generated) "
+    store = 0 if state.selectable is None else state.selectable.shape[2]
+    if local > state.tail_start - state.local_start or chunks > store:
+        raise ValueError(f"a prompt of {n} tokens (local window {local}, {chunks} chunks, {other.tail_len} past it) "
                          "does not fit a slot sized for this running cache")
+    first, held = other.tail_first_host[0], other.tail_len - other.tail_shift  # its dense tail: slots [first, held)
+    moved = fold.open_tail(state, held - first)
     state.key_valid[b] = False
     outliers = other.sel_start
     for dst, src in ((state.k_buf, other.k_buf), (state.v_buf, other.v_buf), (state.key_valid, other.key_valid)):
@@ -62,12 +72,31 @@ def adopt_row(state: LayerState, b: int, other: LayerState) -> bool:
         state.pre_k[b, :, :local] = other.pre_k[0, :, :local]
     if state.compressed:
         _adopt_store(state, b, other, chunks)
-    state.row_columns[b] = n - state.tail_len  # + gen_count (= tail_len) at each step: the row's position
-    state.tail_first[b] = state.tail_len - state.tail_shift
-    if state.writes_tables:  # RoPE inputs by position (no padding here or there)
+    fill = state.tail_len - state.tail_shift
+    start = fill - (held - first)  # the row's first tail slot
+    _adopt_tail(state, b, other, first, held, start)
+    positions = n + other.tail_len
+    state.row_columns[b] = positions - state.tail_len  # + gen_count (= tail_len) at each step: the row's position
+    state.tail_first[b] = start
+    if state.writes_tables:  # RoPE inputs by position (no padding here or there); a question's if it folds
+        columns = positions if other.folds else n
         for table, own in zip(state.rope_tables, other.rope_tables):
-            table[b, :, :n] = own[0, :, :n]
-    return state.commit_adoption(b, other)
+            table[b, :, :columns] = own[0, :, :columns]
+    return state.commit_adoption(b, other, start) or moved
+
+
+def _adopt_tail(state: LayerState, b: int, other: LayerState, first: int, held: int, start: int) -> None:
+    """Row ``b``'s tail slots from ``start`` take ``other``'s dense tail slots ``[first, held)``
+    (keys, values, and pre-RoPE keys where it folds)."""
+    count = held - first
+    if not count:
+        return
+    for mine, theirs in ((state.k_buf, other.k_buf), (state.v_buf, other.v_buf)):
+        mine[b, :, state.tail_start + start : state.tail_start + start + count] = \
+            theirs[0, :, other.tail_start + first : other.tail_start + held]
+    if other.folds:
+        mine_at, theirs_at = state.tail_start - state.local_start + start, other.tail_start - other.local_start + first
+        state.pre_k[b, :, mine_at : mine_at + count] = other.pre_k[0, :, theirs_at : theirs_at + count]
 
 
 def _adopt_store(state: LayerState, b: int, other: LayerState, chunks: int) -> None:

@@ -273,6 +273,17 @@ def slot_positions_ignore_join() -> None:
     _wrap(SlotCache, "row_positions", make)
 
 
+@mutant("a row joining with a question in its tail (prefix store) counts it as prompt: positions and folds shift")
+def slot_question_not_generated() -> None:
+    def make(plain):
+        def commit(self, b, other, first):
+            dropped = plain(self, b, other, first)
+            self.tail_origin[b] = self.tail_len
+            return dropped
+        return commit
+    _wrap(LayerState, "commit_adoption", make)
+
+
 def apply(name: str) -> None:
     if name not in MUTANTS:
         raise ValueError(f"unknown mutant {name!r}; known: {', '.join(MUTANTS)}")

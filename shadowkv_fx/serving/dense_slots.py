@@ -32,7 +32,10 @@ class DenseSlots:
     def occupied_slots(self) -> list[int]:
         return [slot for slot, cache in enumerate(self._caches) if cache is not None]
 
-    def prefill(self, slot: int, prompt_ids: torch.Tensor) -> Iterator[torch.Tensor | None]:
+    def prefill(self, slot: int, prompt_ids: torch.Tensor, prefix_len: int | None = None
+                ) -> Iterator[torch.Tensor | None]:
+        """``prefix_len`` (where a document ends) changes nothing here: dense attention is exact however
+        the prompt is split, so the reference's answer is the one a prefix store must reproduce."""
         if self._caches[slot] is not None:
             raise RuntimeError(f"slot {slot} still holds a request; release it before prefilling into it")
         if not 0 < prompt_ids.numel() < self.max_length:

@@ -30,7 +30,8 @@ from transformers import GenerationConfig
 
 from shadowkv_fx.serving.requests import GenerationOutput, RequestStatus, TokenEvent, check_fits, new_request
 from shadowkv_fx.serving.scheduler import SlotScheduler
-from shadowkv_fx.serving.slots import DEFAULT_SLOTS, SlotBackend, is_slot_backend, slots_for
+from shadowkv_fx.serving.prefix_store import PrefixStore
+from shadowkv_fx.serving.slots import DEFAULT_SLOTS, SlotBackend, is_slot_backend, slots_for, takes_prefix_len
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +40,19 @@ _POLL_S = 0.1  # how often a blocked reader looks whether the loop is still aliv
 
 class ServingManager:
     def __init__(self, backend, generation_config: GenerationConfig | None = None, tokenizer=None, *,
-                 num_slots: int | None = None, max_length: int | None = None, prefill_chunk: int = 512):
+                 num_slots: int | None = None, max_length: int | None = None, prefill_chunk: int = 512,
+                 prefix_store: PrefixStore | None = None):
         """``backend``: a ``SlotBackend``, or a model, served by ``slots_for``'s backend (``ShadowKVSlots``
-        for a model optimized by ``shadowkv_fx.optimize``) of ``num_slots`` (default 8) slots of
-        ``max_length`` positions, which must then be given: requests arrive later."""
+        for a model optimized by ``shadowkv_fx.optimize``, with ``prefix_store``) of ``num_slots``
+        (default 8) slots of ``max_length`` positions, which must then be given: requests arrive later."""
         if not is_slot_backend(backend):
             if max_length is None:
                 raise TypeError("a ServingManager of a model needs max_length: the longest prompt + max_new_tokens "
                                 "a request may take")
-            backend = slots_for(backend, num_slots or DEFAULT_SLOTS, max_length, prefill_chunk)
-        elif num_slots is not None or max_length is not None:
-            raise TypeError("num_slots and max_length size the slots a ServingManager builds for a model; "
-                            "a SlotBackend passed in has its own")
+            backend = slots_for(backend, num_slots or DEFAULT_SLOTS, max_length, prefill_chunk, prefix_store)
+        elif num_slots is not None or max_length is not None or prefix_store is not None:
+            raise TypeError("num_slots, max_length and prefix_store make the slots a ServingManager builds for a "
+                            "model; a SlotBackend passed in has its own")
         self.backend: SlotBackend = backend
         self.generation_config = generation_config
         self.tokenizer = tokenizer
@@ -101,14 +103,18 @@ class ServingManager:
 
     def add_request(self, input_ids, request_id: str | None = None, generation_config: GenerationConfig | None = None,
                     seed: int | None = None, streaming: bool = False, record_timestamps: bool = False,
-                    **generation_kwargs) -> str:
+                    prefix_len: int | None = None, **generation_kwargs) -> str:
         """Queue one prompt (list of ints or 1-D tensor) and return its id (``req_0``, ``req_1`` ... unless
         given). ``generation_config`` / ``generation_kwargs`` default to the manager's, then the model's.
-        Raises ValueError / TypeError at once for a request that can never run."""
+        ``prefix_len``: where the prompt's document ends, to prefill it once for many questions
+        (``prefix_store``). Raises ValueError / TypeError at once for a request that can never run."""
         request_id = f"req_{next(self._ids)}" if request_id is None else request_id
         request = new_request(self.backend.model, request_id, input_ids, generation_config or self.generation_config,
-                              seed, streaming, record_timestamps, self.tokenizer, **generation_kwargs)
+                              seed, streaming, record_timestamps, self.tokenizer, prefix_len, **generation_kwargs)
         check_fits(request, self.backend.max_length)
+        if prefix_len is not None and not takes_prefix_len(self.backend):
+            raise TypeError(f"{type(self.backend).__name__}.prefill takes no prefix_len: leave it out, or serve the "
+                            "model with ShadowKVSlots (a prefix store) or DenseSlots")
         with self._lock:  # the loop decides to exit under the lock: a request is either refused or served
             if self.error is not None:
                 raise RuntimeError("the serving loop stopped after an error; build a new manager") from self.error

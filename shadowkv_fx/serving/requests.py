@@ -47,6 +47,7 @@ class Request:
     seed: int
     streaming: bool = False
     record_timestamps: bool = False
+    prefix_len: int | None = None  # the prompt's first prefix_len tokens are a document (serving.prefix_store)
     status: RequestStatus = RequestStatus.PENDING
     generated: list[int] = field(default_factory=list)
     slot: int | None = None
@@ -133,10 +134,16 @@ def _resolve_config(model, request_id: str, generation_config: GenerationConfig 
 
 def new_request(model, request_id: str, input_ids, generation_config: GenerationConfig | None = None,
                 seed: int | None = None, streaming: bool = False, record_timestamps: bool = False,
-                tokenizer=None, **kwargs) -> Request:
+                tokenizer=None, prefix_len: int | None = None, **kwargs) -> Request:
     """A checked request; raises ValueError / TypeError naming what to change. ``seed`` None draws
-    one from torch's global generator, so ``torch.manual_seed`` before adding makes runs repeat."""
+    one from torch's global generator, so ``torch.manual_seed`` before adding makes runs repeat.
+    ``prefix_len``: where the prompt's document ends (``serving.prefix_store``)."""
     prompt = _prompt_tensor(request_id, input_ids)
+    if prefix_len is not None and (isinstance(prefix_len, bool) or not isinstance(prefix_len, int)
+                                   or not 0 < prefix_len < prompt.numel()):
+        raise ValueError(f"request {request_id}: prefix_len={prefix_len!r} must leave a token of its "
+                         f"{prompt.numel()}-token prompt on each side of the document's end: an int, 1 <= prefix_len "
+                         f"<= {prompt.numel() - 1} (or None: no document)")
     config = _resolve_config(model, request_id, generation_config, kwargs)
     if config.max_new_tokens is not None:
         max_new_tokens = config.max_new_tokens
@@ -151,7 +158,7 @@ def new_request(model, request_id: str, input_ids, generation_config: Generation
                          "pass tokenizer= to the manager or generate_batch")
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
-    return Request(request_id, prompt, config, max_new_tokens, int(seed), streaming, record_timestamps)
+    return Request(request_id, prompt, config, max_new_tokens, int(seed), streaming, record_timestamps, prefix_len)
 
 
 def check_fits(request: Request, max_length: int) -> None:

@@ -9,7 +9,9 @@ things, always from one thread:
   there, so a long prompt never stalls them for longer than one piece) and finally yields the logits
   of the prompt's last position ``[vocab]``. The scheduler may ``close()`` it between pieces (the
   request was cancelled) and then calls ``release(slot)``: the backend must cope with a slot left
-  half-prefilled.
+  half-prefilled. A backend may take ``prefix_len`` too (``prefill(slot, prompt_ids, prefix_len=k)``,
+  for a request that says where its document ends: ``prefix_store``); the scheduler passes it only
+  for such requests, and refuses them for a backend without it (``takes_prefix_len``).
 - ``decode(tokens, active)``: one step of every active slot at once, each at its own length. Static
   shapes on purpose: ``tokens [num_slots]`` and ``active [num_slots]`` are always full width, so a
   backend can run the step as one CUDA graph whatever slots come and go; it copies them into its own
@@ -34,12 +36,14 @@ A backend may require every prefilled slot to take part in each decode step unti
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from shadowkv_fx.serving.dense_slots import DenseSlots
+from shadowkv_fx.serving.prefix_store import PrefixStore
 from shadowkv_fx.serving.shadowkv_slots import ShadowKVSlots
 
 DEFAULT_SLOTS = 8
@@ -71,9 +75,22 @@ def is_slot_backend(obj) -> bool:
         hasattr(obj, name) for name in ("model", "num_slots", "max_length"))
 
 
-def slots_for(model, num_slots: int, max_length: int, prefill_chunk: int = 512) -> SlotBackend:
+def takes_prefix_len(backend) -> bool:
+    """Whether ``backend.prefill`` takes a request's ``prefix_len`` (where its document ends)."""
+    try:
+        parameters = inspect.signature(backend.prefill).parameters
+    except (TypeError, ValueError):  # no signature to read: let the call say
+        return True
+    return "prefix_len" in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+
+
+def slots_for(model, num_slots: int, max_length: int, prefill_chunk: int = 512,
+              prefix_store: PrefixStore | None = None) -> SlotBackend:
     """The slot backend that serves ``model``: ShadowKV rows for a model optimized by
-    ``shadowkv_fx.optimize`` (its config), the exact dense reference otherwise."""
+    ``shadowkv_fx.optimize`` (its config, and ``prefix_store``), the exact dense reference otherwise."""
     if getattr(model, "_shadowkv", None) is not None:
-        return ShadowKVSlots(model, num_slots, max_length, prefill_chunk)
+        return ShadowKVSlots(model, num_slots, max_length, prefill_chunk, prefix_store=prefix_store)
+    if prefix_store is not None:
+        raise ValueError("a PrefixStore holds ShadowKV caches, and this model is served dense (DenseSlots): optimize "
+                         "it with shadowkv_fx.optimize(model), or leave prefix_store out")
     return DenseSlots(model, num_slots, max_length, prefill_chunk)
