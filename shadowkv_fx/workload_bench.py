@@ -76,6 +76,10 @@ class WorkloadRow:
     ttft_p50_s: float | None = None
     ttft_p95_s: float | None = None
     max_concurrent: int | None = None  # requests holding a slot at once (from their lifespans)
+    # the longest wait between two tokens of one request, and the median wait: what a prefill piece
+    # run between decode steps costs the running rows (per-token timestamps; static generate() has none)
+    gap_max_s: float | None = None
+    gap_p50_s: float | None = None
     note: str = ""
     error: str | None = None
     per_request: list = field(default_factory=list)  # dicts: prompt_len, output_len, generated, ttft_s, end_s
@@ -94,6 +98,11 @@ def _finish_row(row: WorkloadRow, per_request: list[dict]) -> WorkloadRow:
     row.tok_s = sum(p["generated"] for p in per_request) / row.total_s
     ttfts = [p["ttft_s"] for p in per_request]
     row.ttft_p50_s, row.ttft_p95_s = percentile(ttfts, 50), percentile(ttfts, 95)
+    gaps = [g for p in per_request for g in p.get("gaps_s", [])]
+    if gaps:
+        row.gap_max_s, row.gap_p50_s = max(gaps), percentile(gaps, 50)
+    for p in per_request:
+        p.pop("gaps_s", None)  # summarised: one float per token would swell workload.json
     return row
 
 
@@ -142,7 +151,8 @@ def _serve(add, get_result, alive, requests: list[WorkloadRequest], device: torc
             raise RuntimeError(f"request w{i} came back without timestamps")
         per_request.append({"prompt_len": r.prompt_len, "output_len": r.output_len,
                             "generated": len(out.generated_tokens), "ttft_s": stamps[0] - t0 - r.arrival_s,
-                            "end_s": max(out.lifespan[1], stamps[-1]) - t0})
+                            "end_s": max(out.lifespan[1], stamps[-1]) - t0,
+                            "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])]})
         spans.append(tuple(out.lifespan))
     return per_request, spans
 

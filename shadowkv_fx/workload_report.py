@@ -29,20 +29,22 @@ def table(rows: list["WorkloadRow"], requests: list["WorkloadRequest"], device: 
              f"(mean {sum(prompts) / len(prompts):.0f}), outputs {min(outputs)}-{max(outputs)} "
              f"({output_dist}, total {sum(outputs)}), arrivals {arrivals}",
              f"{'method':<17}{'slots':>6}{'at once':>8}{'total s':>9}{'req/hour':>10}{'tok/s':>9}"
-             f"{'TTFT p50 s':>11}{'TTFT p95 s':>11}  note"]
+             f"{'TTFT p50 s':>11}{'TTFT p95 s':>11}{'max gap s':>10}  note"]
     for r in rows:
         slots = "-" if r.slots is None else str(r.slots)
         if r.error:
             lines.append(f"{r.method:<17}{slots:>6}  {r.error}")
             continue
+        gap = "-" if r.gap_max_s is None else f"{r.gap_max_s:.2f}"
         lines.append(f"{r.method:<17}{slots:>6}{r.max_concurrent or 0:>8}{r.total_s:>9.1f}{r.requests_per_hour:>10.0f}"
-                     f"{r.tok_s:>9.1f}{r.ttft_p50_s:>11.2f}{r.ttft_p95_s:>11.2f}  {r.note}")
+                     f"{r.tok_s:>9.1f}{r.ttft_p50_s:>11.2f}{r.ttft_p95_s:>11.2f}{gap:>10}  {r.note}")
     ratio = speedup(rows)
     if ratio is not None:
         verdict = "meets" if ratio >= TARGET else "misses"
         lines.append(f"shadowkv-cb / shadowkv-static tokens/s: {ratio:.2f}x ({verdict} the {TARGET}x target)")
     lines.append("'at once': most requests holding a slot at the same time; TTFT: arrival to first token; "
-                 "dense-cb's slots: its KV cache's tokens over the longest request's")
+                 "max gap: the longest wait between two tokens of one request (a prefill piece run between "
+                 "decode steps; '-': no per-token times); dense-cb's slots: its KV cache's tokens over the longest request's")
     return "\n".join(lines)
 
 

@@ -64,6 +64,16 @@ def test_ttft_is_measured_from_arrival_and_ordered(served):
         assert row.total_s == max(p["end_s"] for p in row.per_request)
 
 
+def test_gaps_between_tokens_are_summarised_where_tokens_are_timed(served):
+    _, requests, rows = served
+    by = {r.method: r for r in rows}
+    for method in ("shadowkv-cb", "dense-cb"):  # per-token timestamps: the longest wait between two tokens
+        row = by[method]
+        assert 0 < row.gap_p50_s <= row.gap_max_s < row.total_s, method
+        assert all("gaps_s" not in p for p in row.per_request)
+    assert by["shadowkv-static"].gap_max_s is None  # generate() streams no per-token times here
+
+
 def test_slots_bound_the_requests_served_at_once(served):
     _, requests, rows = served
     by = {r.method: r for r in rows}
