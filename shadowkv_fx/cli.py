@@ -181,6 +181,17 @@ def bench(
     workload_methods: str = typer.Option("shadowkv-cb,shadowkv-static,dense-cb", help="of shadowkv-cb, "
                                          "shadowkv-static, dense-cb (run in that order)"),
     workload_seed: int = 0,
+    reuse: bool = typer.Option(False, help="with --workload: many questions about a few documents of "
+                               "--workload-max-context tokens, ShadowKV's prefix store against transformers' "
+                               "deepcopy recipe (reuse.json, table.txt in --out)"),
+    reuse_documents: int = 8,
+    reuse_questions: int = typer.Option(8, help="questions per document, arriving round-robin over the documents"),
+    reuse_question_min: int = 32,
+    reuse_question_max: int = 64,
+    reuse_output: int = typer.Option(256, help="tokens generated per question"),
+    reuse_store_gib: float = typer.Option(0.0, help="the prefix store's bound in GiB of device + host memory; 0: none"),
+    reuse_dense_hold_gib: float = typer.Option(0.0, help="GiB of GPU memory dense fills with held documents' KV; "
+                                               "0: free memory less one copy and a prefill's working set"),
     workload_limit_s: float = typer.Option(0.0, help="a method still running after this many seconds is stopped; "
                                            "its row bounds its tokens/s; 0: no limit"),
 ):
@@ -214,7 +225,14 @@ def bench(
                     "rate": workload_rate, "slots": workload_slots or None, "prefill_chunk": workload_prefill_chunk,
                     "seed": workload_seed, "limit_s": workload_limit_s or None, "layers": layers,
                     "config": dataclasses.asdict(config)}
-        _workload(settings, config, workload_methods.split(","), out, model_dir, layers)
+        if reuse:
+            settings.update(documents=reuse_documents, questions=reuse_questions, question_min=reuse_question_min,
+                            question_max=reuse_question_max, output=reuse_output,
+                            store_bytes=int(reuse_store_gib * 2**30) or None, slots=workload_slots or 8,
+                            hold_bytes=int(reuse_dense_hold_gib * 2**30) or None)
+            _workload_reuse(settings, config, out, model_dir, layers)
+        else:
+            _workload(settings, config, workload_methods.split(","), out, model_dir, layers)
         return
     unknown = set(methods.split(",")) - set(b.METHODS)
     if unknown:
@@ -285,6 +303,36 @@ def _workload(settings: dict, config: ShadowKVConfig, methods: list[str], out: P
                                settings["prefill_chunk"], progress=progress, seed=settings["seed"], on_row=write,
                                limit_s=settings["limit_s"])
     console.print(write(rows))
+
+
+def _workload_reuse(settings: dict, config: ShadowKVConfig, out: Path, model_dir, layers: int) -> None:
+    """``bench --workload --reuse``: see ``workload_reuse``."""
+    import sys
+
+    from shadowkv_fx import bench as b
+    from shadowkv_fx import workload_reuse as wr
+
+    try:
+        stream = wr.make_reuse_stream(settings["documents"], settings["questions"], settings["question_min"],
+                                      settings["question_max"], settings["output"], settings["seed"])
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    settings["command"] = "shadowkv-fx " + " ".join(sys.argv[1:])
+    model = b.load_model(model_dir) if model_dir else b.llama31_8b_random(layers)
+    with console.status("reuse") as status:
+        def progress(msg: str) -> None:
+            status.update(msg)
+            console.log(msg)
+
+        rows = wr.run_reuse(model, stream, settings["max_context"], config, settings["slots"],
+                            settings["prefill_chunk"], settings["store_bytes"], settings["hold_bytes"], progress=progress,
+                            seed=settings["seed"], limit_s=settings["limit_s"])
+    text = wr.table(rows, stream, settings["max_context"], torch.cuda.get_device_name())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reuse.json").write_text(json.dumps({"settings": settings, "stream": [dataclasses.asdict(r) for r in stream],
+                                                "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    (out / "table.txt").write_text(text + "\n")
+    console.print(text)
 
 
 @app.command("save-random-model")

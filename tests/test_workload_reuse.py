@@ -1,0 +1,89 @@
+"""``bench --workload --reuse`` at a tiny scale on the CPU: questions about a few documents, ShadowKV's
+prefix store against transformers' deepcopy recipe, every request served its exact length, documents
+prefilled once (ShadowKV) or again when dropped (dense)."""
+import pytest
+
+import shadowkv_fx
+from shadowkv_fx import workload_reuse as wr
+from tests.models import _dynamo_reset_for_the_module, _fresh_dynamo, tiny_pair  # noqa: F401
+
+CHUNK = 4
+CONTEXT = 40
+
+
+def config():
+    return shadowkv_fx.ShadowKVConfig(sparse_budget=2 * CHUNK, rank=6, chunk_size=CHUNK, local_chunks=2,
+                                      outlier_chunks=2)
+
+
+def one_document_bytes(model) -> int:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * CONTEXT * 4  # float32
+
+
+@pytest.fixture(scope="module")
+def served():
+    model = tiny_pair("llama")[0]
+    stream = wr.make_reuse_stream(2, 3, 2, 5, 3, seed=1)
+    # dense holds one document: round-robin arrivals find the other one dropped every time
+    rows = wr.run_reuse(model, stream, CONTEXT, config(), slots=2, prefill_chunk=16,
+                        hold_bytes=one_document_bytes(model) + 64, optimize=lambda m, c: shadowkv_fx.optimize(m, c),
+                        progress=lambda msg: None)
+    return model, stream, rows
+
+
+def test_stream_is_round_robin_over_documents_and_seeded():
+    stream = wr.make_reuse_stream(3, 2, 4, 9, 7, seed=5)
+    assert [(r.document, r.question) for r in stream] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+    assert stream == wr.make_reuse_stream(3, 2, 4, 9, 7, seed=5) != wr.make_reuse_stream(3, 2, 4, 9, 7, seed=6)
+    assert all(4 <= r.question_len <= 9 and r.output_len == 7 for r in stream)
+    docs, prompts = wr.make_reuse_prompts(stream, 20, 50)
+    assert len(docs) == 3 and all(p[:20] == docs[r.document] for p, r in zip(prompts, stream))
+    with pytest.raises(ValueError, match="q_min <= q_max"):
+        wr.make_reuse_stream(2, 2, 9, 4, 7)
+
+
+def test_every_request_gets_its_length_and_documents_are_prefilled_as_held(served):
+    model, stream, rows = served
+    by = {r.method: r for r in rows}
+    assert list(by) == ["shadowkv-reuse", "dense-reuse"] and model._shadowkv is None  # restored for dense
+    for row in rows:
+        assert row.error is None, (row.method, row.error)
+        assert [p["generated"] for p in row.per_request] == [r.output_len for r in stream], row.method
+        assert 0 < row.ttft_first_p50_s and 0 < row.ttft_later_p50_s <= row.total_s
+    assert by["shadowkv-reuse"].document_prefills == 2 and by["shadowkv-reuse"].documents_held == 2
+    assert by["shadowkv-reuse"].device_bytes > 0
+    assert by["dense-reuse"].document_prefills == len(stream) and by["dense-reuse"].documents_held == 1
+
+
+def test_table_says_both_rows_and_the_ratio(served):
+    _, stream, rows = served
+    text = wr.table(rows, stream, CONTEXT, "cpu")
+    assert "2 documents of 40 tokens, 3 questions each" in text
+    assert "shadowkv-reuse" in text and "dense-reuse" in text and "tokens/s:" in text
+
+
+def test_the_cli_wiring_writes_its_files(monkeypatch, tmp_path):
+    """``bench --workload --reuse``'s body on the tiny model (the 8B builder and the GPU name swapped out,
+    dense's hold bound given): both rows and the settings in reuse.json."""
+    import json
+
+    import torch
+
+    from shadowkv_fx import bench, cli
+
+    model = tiny_pair("llama")[0]
+    monkeypatch.setattr(bench, "llama31_8b_random", lambda layers: model)
+    monkeypatch.setattr(bench, "ensure_optimized", lambda m, c: shadowkv_fx.optimize(m, c))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "cpu (test)")
+    monkeypatch.setattr("sys.argv", ["shadowkv-fx", "bench", "--workload", "--reuse"])
+    settings = {"max_context": CONTEXT, "prefill_chunk": 16, "seed": 0, "limit_s": None, "documents": 2, "questions": 2,
+                "question_min": 2, "question_max": 4, "output": 3, "store_bytes": None, "slots": 2,
+                "hold_bytes": 10**9}
+    cli._workload_reuse(settings, config(), tmp_path, None, 2)
+    data = json.loads((tmp_path / "reuse.json").read_text())
+    assert [r["method"] for r in data["rows"]] == list(wr.METHODS) and all(r["error"] is None for r in data["rows"])
+    assert data["settings"]["command"] == "shadowkv-fx bench --workload --reuse" and len(data["stream"]) == 4
+    assert data["rows"][1]["document_prefills"] == 2  # dense held both documents: each prefilled once
+    assert "shadowkv-reuse / dense-reuse tokens/s" in (tmp_path / "table.txt").read_text()
