@@ -272,9 +272,6 @@ def bench(
 
 def _workload(settings: dict, config: ShadowKVConfig, methods: list[str], out: Path, model_dir, layers: int) -> None:
     """``bench --workload``: see ``workload_bench``."""
-    import sys
-
-    from shadowkv_fx import bench as b
     from shadowkv_fx import workload_bench as wl
     from shadowkv_fx import workload_report
 
@@ -289,12 +286,9 @@ def _workload(settings: dict, config: ShadowKVConfig, methods: list[str], out: P
                              "--workload-limit-s >= 0 (0: no limit)")
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    settings["command"] = "shadowkv-fx " + " ".join(sys.argv[1:])
-    model = b.load_model(model_dir) if model_dir else b.llama31_8b_random(layers)
+    model = _workload_model(settings, model_dir, layers)
     with console.status("workload") as status:
-        def progress(msg: str) -> None:
-            status.update(msg)
-            console.log(msg)
+        progress = _logger(status)
 
         def write(rows) -> str:
             return workload_report.write(out, rows, requests, settings, torch.cuda.get_device_name())
@@ -305,11 +299,26 @@ def _workload(settings: dict, config: ShadowKVConfig, methods: list[str], out: P
     console.print(write(rows))
 
 
-def _workload_reuse(settings: dict, config: ShadowKVConfig, out: Path, model_dir, layers: int) -> None:
-    """``bench --workload --reuse``: see ``workload_reuse``."""
+def _workload_model(settings: dict, model_dir, layers: int):
+    """The model a workload runs on; its command line goes into ``settings`` first."""
     import sys
 
     from shadowkv_fx import bench as b
+
+    settings["command"] = "shadowkv-fx " + " ".join(sys.argv[1:])
+    return b.load_model(model_dir) if model_dir else b.llama31_8b_random(layers)
+
+
+def _logger(status):
+    """A progress callback that shows ``msg`` in the status line and logs it."""
+    def progress(msg: str) -> None:
+        status.update(msg)
+        console.log(msg)
+    return progress
+
+
+def _workload_reuse(settings: dict, config: ShadowKVConfig, out: Path, model_dir, layers: int) -> None:
+    """``bench --workload --reuse``: see ``workload_reuse``."""
     from shadowkv_fx import workload_reuse as wr
 
     try:
@@ -317,16 +326,11 @@ def _workload_reuse(settings: dict, config: ShadowKVConfig, out: Path, model_dir
                                       settings["question_max"], settings["output"], settings["seed"])
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    settings["command"] = "shadowkv-fx " + " ".join(sys.argv[1:])
-    model = b.load_model(model_dir) if model_dir else b.llama31_8b_random(layers)
+    model = _workload_model(settings, model_dir, layers)
     with console.status("reuse") as status:
-        def progress(msg: str) -> None:
-            status.update(msg)
-            console.log(msg)
-
         rows = wr.run_reuse(model, stream, settings["max_context"], config, settings["slots"],
-                            settings["prefill_chunk"], settings["store_bytes"], settings["hold_bytes"], progress=progress,
-                            seed=settings["seed"], limit_s=settings["limit_s"])
+                            settings["prefill_chunk"], settings["store_bytes"], settings["hold_bytes"],
+                            progress=_logger(status), seed=settings["seed"], limit_s=settings["limit_s"])
     text = wr.table(rows, stream, settings["max_context"], torch.cuda.get_device_name())
     out.mkdir(parents=True, exist_ok=True)
     (out / "reuse.json").write_text(json.dumps({"settings": settings, "stream": [dataclasses.asdict(r) for r in stream],

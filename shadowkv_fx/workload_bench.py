@@ -327,6 +327,22 @@ def run_shadowkv_static(model, requests: list[WorkloadRequest], prompts: list[li
     return _finish_row(row, [per_request[i] for i in range(len(requests))])
 
 
+def run_method(label: str, method: str, fn, failed, progress):
+    """``fn()``'s row, or ``failed(error)``'s when it raises: one method's failure is its row, and the
+    others still run (on a GPU with the last one's cached memory given back first)."""
+    from shadowkv_fx import bench
+
+    progress(f"{label}: {method}")
+    if torch.cuda.is_available():
+        bench._release_memory()
+    try:
+        row = fn()
+    except Exception as exc:  # noqa: BLE001
+        row = failed(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
+    progress(f"{label}: {method} done: {row.error or f'{row.tok_s:.1f} tok/s'}")
+    return row
+
+
 def run_workload(model, requests: list[WorkloadRequest], config, slots: int | None = None,
                  methods: tuple[str, ...] = METHODS, prefill_chunk: int = 4096, optimize=None,
                  cb_overrides: dict | None = None, progress=print, seed: int = 0, on_row=None,
@@ -352,15 +368,8 @@ def run_workload(model, requests: list[WorkloadRequest], config, slots: int | No
     rows = []
 
     def attempt(method, fn):
-        progress(f"workload: {method}")
-        if torch.cuda.is_available():
-            bench._release_memory()
-        try:
-            rows.append(fn())
-        except Exception as exc:  # noqa: BLE001 - one method's failure is its row; the others still run
-            message = (str(exc).splitlines() or [""])[0][:200]
-            rows.append(WorkloadRow(method, slots, len(requests), error=f"{type(exc).__name__}: {message}"))
-        progress(f"workload: {method} done: {rows[-1].error or f'{rows[-1].tok_s:.1f} tok/s'}")
+        rows.append(run_method("workload", method, fn,
+                               lambda error: WorkloadRow(method, slots, len(requests), error=error), progress))
         if on_row is not None:
             on_row(rows)
 

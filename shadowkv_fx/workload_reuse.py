@@ -196,6 +196,7 @@ def run_reuse(model, stream: list[ReuseRequest], context: int, config, slots: in
     ``dense_hold_bytes``). A method that fails or runs past ``limit_s`` gets a row with its error."""
     import shadowkv_fx
     from shadowkv_fx import bench
+    from shadowkv_fx.workload_bench import run_method
 
     if unknown := set(methods) - set(METHODS):
         raise ValueError(f"unknown reuse methods {sorted(unknown)}; known: {METHODS}")
@@ -205,15 +206,7 @@ def run_reuse(model, stream: list[ReuseRequest], context: int, config, slots: in
     rows: list[ReuseRow] = []
 
     def attempt(method, fn):
-        progress(f"reuse: {method}")
-        if torch.cuda.is_available():
-            bench._release_memory()
-        try:
-            rows.append(fn())
-        except Exception as exc:  # noqa: BLE001 - one method's failure is its row; the other still runs
-            message = (str(exc).splitlines() or [""])[0][:200]
-            rows.append(ReuseRow(method, len(stream), error=f"{type(exc).__name__}: {message}"))
-        progress(f"reuse: {method} done: {rows[-1].error or f'{rows[-1].tok_s:.1f} tok/s'}")
+        rows.append(run_method("reuse", method, fn, lambda error: ReuseRow(method, len(stream), error=error), progress))
 
     if "shadowkv-reuse" in methods:
         if getattr(model, "_shadowkv", None) is None:

@@ -22,28 +22,8 @@ from shadowkv_fx.serving import (DenseSlots, PrefixStore, RequestStatus, Serving
 from shadowkv_fx.serving.requests import new_request
 from tests.models import _dynamo_reset_for_the_module, _fresh_dynamo  # noqa: F401
 from tests.test_cache_reuse import assert_unchanged, snapshot
-from tests.test_serving_shadowkv import (MAX_LENGTH, alone, full_config, held_tensors, prompt_of, shared,
+from tests.test_serving_shadowkv import (MAX_LENGTH, alone, full_config, held_tensors, prompt_of, serve, shared,
                                          sparse_config)
-
-
-def serve(slots, prompts, max_new, arrivals, prefix_lens):
-    """Run the scheduler over ``slots``, request i submitted at step ``arrivals[i]`` saying its
-    document ends at ``prefix_lens[i]`` (None: it does not say); outputs by index."""
-    model = slots.model
-    scheduler = SlotScheduler(slots)
-    requests = [new_request(model, f"r{i}", p, max_new_tokens=m, do_sample=False, prefix_len=k)
-                for i, (p, m, k) in enumerate(zip(prompts, max_new, prefix_lens))]
-    pending = sorted(zip(arrivals, range(len(requests))))
-    outputs, step = {}, 0
-    while pending or scheduler.has_work:
-        while pending and pending[0][0] <= step:
-            scheduler.submit(requests[pending.pop(0)[1]])
-        for event in scheduler.step():
-            if event.output is not None:
-                outputs[int(event.request_id[1:])] = event.output
-        step += 1
-    assert slots.occupied_slots() == [] and not any(slots.cache.live)
-    return outputs
 
 
 def prefilled(model, doc, config) -> ShadowKVCache:

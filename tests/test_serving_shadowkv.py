@@ -83,12 +83,14 @@ def alone(model, prompt, max_new_tokens, config=None):
     return _alone[key]
 
 
-def serve(slots, prompts, max_new, arrivals):
-    """Run the scheduler over ``slots``, each request submitted at its arrival step; outputs by index."""
+def serve(slots, prompts, max_new, arrivals, prefix_lens=None):
+    """Run the scheduler over ``slots``, request i submitted at step ``arrivals[i]`` (saying its
+    document ends at ``prefix_lens[i]``; None: it does not say); outputs by index."""
     model = slots.model
     scheduler = SlotScheduler(slots)
-    requests = [new_request(model, f"r{i}", p, max_new_tokens=m, do_sample=False)
-                for i, (p, m) in enumerate(zip(prompts, max_new))]
+    prefix_lens = prefix_lens or [None] * len(prompts)
+    requests = [new_request(model, f"r{i}", p, max_new_tokens=m, do_sample=False, prefix_len=k)
+                for i, (p, m, k) in enumerate(zip(prompts, max_new, prefix_lens))]
     pending = sorted(zip(arrivals, range(len(requests))))
     outputs, step = {}, 0
     while pending or scheduler.has_work:
