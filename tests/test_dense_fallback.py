@@ -1,0 +1,174 @@
+"""Dense fallback (issue #32): layers listed in ``dense_layers``, or whose prompt keys the basis fits
+worse than ``dense_fallback_error``, decode densely; their bytes are counted."""
+import dataclasses
+
+import pytest
+import torch
+
+import shadowkv_fx
+from shadowkv_fx import preflight
+from shadowkv_fx.compat import output_cache
+from shadowkv_fx.prompt_layout import PromptLayout
+from shadowkv_fx.slot_cache import SlotCache
+from tests.models import _dynamo_reset_for_the_module, _fresh_dynamo, assert_close, full_rank, left_padded, tiny_pair  # noqa: F401
+
+# one chunk of budget and rank 2: far from dense on a peaked model
+TINY = shadowkv_fx.ShadowKVConfig(sparse_budget=4, rank=2, chunk_size=4, local_chunks=2, outlier_chunks=2,
+                                  fold_chunks=2)
+LENGTHS = [120, 77]
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def pair():
+    dense, model = tiny_pair("llama", seed=3, peaked=True)
+    shadowkv_fx.optimize(model, TINY)
+    ids, mask = left_padded(2, LENGTHS, 96, seed=3)
+    with torch.no_grad():
+        expected = dense.generate(ids, attention_mask=mask, **_args())
+    return model, ids, mask, expected
+
+
+def _args() -> dict:
+    return dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, output_logits=True,
+                return_dict_in_generate=True, pad_token_id=0)
+
+
+def _run(model, ids, mask, config):
+    cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, tail_capacity=NEW)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, past_key_values=cache, **_args())
+
+
+def _assert_dense(actual, expected):
+    assert torch.equal(actual.sequences, expected.sequences)
+    for step, (a, e) in enumerate(zip(actual.logits, expected.logits)):
+        assert_close(a, e, atol=2e-4, rtol=1e-4, what=f"logits at step {step}")
+
+
+def test_plain_shadowkv_differs_from_dense_at_this_budget(pair):
+    model, ids, mask, expected = pair
+    plain = _run(model, ids, mask, TINY)
+    differs = not torch.equal(plain.sequences, expected.sequences) or any(
+        not torch.allclose(a, e, atol=1e-2) for a, e in zip(plain.logits, expected.logits))
+    assert differs, "the budget is not tight enough for the tests below to tell dense from sparse"
+
+
+def test_every_layer_listed_dense_generates_what_dense_does(pair):
+    model, ids, mask, expected = pair
+    out = _run(model, ids, mask, dataclasses.replace(TINY, dense_layers=(0, 1)))
+    _assert_dense(out, expected)
+    cache = output_cache(out)
+    for layer in cache.layers:
+        assert not layer.state.compressed and layer.state.u is None, "a listed layer keeps no compressed store"
+    assert cache.rope_tables.nbytes() == 0, "dense layers read no RoPE tables"
+
+
+def test_a_bound_of_zero_keeps_every_prompt_dense(pair):
+    model, ids, mask, expected = pair
+    out = _run(model, ids, mask, dataclasses.replace(TINY, dense_fallback_error=0.0))
+    _assert_dense(out, expected)
+    cache = output_cache(out)
+    for layer in cache.layers:
+        assert layer.state.prompt_chunks == [0, 0] and not layer.state.outlier_valid.any()
+    assert cache.memory_report()["uncompressed"]["dense_fallback_layers"] == 2
+
+
+def test_a_bound_no_fit_exceeds_changes_nothing(pair):
+    model, ids, mask, _ = pair
+    plain = _run(model, ids, mask, TINY)
+    loose = _run(model, ids, mask, dataclasses.replace(TINY, dense_fallback_error=1.0))
+    assert torch.equal(loose.sequences, plain.sequences)
+    for a, e in zip(loose.logits, plain.logits):
+        assert torch.equal(a, e)
+    assert "dense_fallback_layers" not in output_cache(loose).memory_report()["uncompressed"]
+
+
+def test_a_bound_between_the_rows_errors_keeps_only_the_worse_row_dense(pair):
+    model, ids, mask, _ = pair
+    errors = output_cache(_run(model, ids, mask, TINY)).layers[0].state.fit_err.tolist()
+    assert errors[0] != errors[1]
+    bound = sum(errors) / 2
+    state = output_cache(_run(model, ids, mask, dataclasses.replace(TINY, dense_fallback_error=bound))).layers[0].state
+    worse = errors.index(max(errors))
+    assert state.compressed and state.prompt_chunks[worse] == 0 and state.prompt_chunks[1 - worse] > 0
+    n = LENGTHS[worse]
+    assert state.tail_start - state.local_start >= n, "the dense row's whole prompt is in the local window"
+    assert int(state.key_valid[worse, 0, state.local_start : state.tail_start].sum()) == n
+    assert not state.key_valid[worse, :, : state.local_start].any(), "no outlier or selected slot of it is read"
+
+
+def test_a_dense_first_layer_leaves_the_rope_tables_to_a_folding_one():
+    """Full budget and rank: the compressed layer equals dense while it folds generated tokens, so
+    their RoPE columns must be written although layer 0, which writes them otherwise, is dense."""
+    dense, model = tiny_pair("llama", seed=4, peaked=True)
+    cfg = dataclasses.replace(TINY, sparse_budget=4096, rank=full_rank(model), dense_layers=(0,))
+    shadowkv_fx.optimize(model, cfg)
+    ids, mask = left_padded(1, [61], 96, seed=4)
+    args = {**_args(), "max_new_tokens": 24, "min_new_tokens": 24}
+    with torch.no_grad():
+        expected = dense.generate(ids, attention_mask=mask, **args)
+        out = model.generate(ids, attention_mask=mask, **args)
+    cache = output_cache(out)
+    assert cache.layers[1].state.folds and cache.layers[1].state.chunks[0] > cache.layers[1].state.prompt_chunks[0], \
+        "layer 1 must have folded generated tokens for this test to mean anything"
+    assert cache.layers[1].state.writes_tables and not cache.layers[0].state.folds
+    _assert_dense(out, expected)
+
+
+def test_memory_report_counts_a_dense_layer(pair):
+    model, ids, mask, _ = pair
+    cache = output_cache(_run(model, ids, mask, dataclasses.replace(TINY, dense_layers=(1,))))
+    plain = output_cache(_run(model, ids, mask, TINY)).memory_report()["cpu"]
+    report = cache.memory_report()
+    hkv, d, elt, batch, n = model.config.num_key_value_heads, model.config.head_dim, 4, 2, max(LENGTHS)
+    # independently: the whole padded-to-longest prompt, K and V, plus a validity flag per slot
+    assert report["cpu"]["dense_fallback"] == batch * hkv * n * (2 * d * elt + 1)
+    assert report["cpu"]["local"] == plain["local"] // 2, "the compressed layer's local window is as before"
+    assert report["cpu"]["U"] == plain["U"] // 2, "only layer 0 keeps a store"
+    assert report["uncompressed"]["dense_fallback_layers"] == 1
+
+
+def test_preflight_counts_dense_layers_exactly():
+    layout = PromptLayout([0], [1000], [1000 // 8 - 4], 1000)
+    cfg = shadowkv_fx.ShadowKVConfig(sparse_budget=64, rank=16, outlier_chunks=4)
+    hkv, d, tail, kv_token = 2, 16, 32, 2 * 2 * 16 * 2
+    one = preflight.state_footprint(1, hkv, d, torch.float16, layout, cfg, tail)
+    two = preflight.state_footprint(2, hkv, d, torch.float16, layout, dataclasses.replace(cfg, dense_layers=(1,)), tail)
+    assert two.device == one.device + (1000 + tail) * kv_token
+    assert two.values == one.values and two.layers == 1
+    whole = preflight.state_footprint(2, hkv, d, torch.float16, layout, dataclasses.replace(cfg, dense_layers=(0, 1)),
+                                      tail)
+    assert (whole.device, whole.values) == (2 * (1000 + tail) * kv_token, 0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dense_layers=(-1,)), "distinct layer indices >= 0"),
+    (dict(dense_layers=(1, 1)), "distinct layer indices >= 0"),
+    (dict(dense_layers=("7",)), "distinct layer indices >= 0"),
+    (dict(dense_layers=7), "tuple of distinct"),
+    (dict(dense_fallback_error=-0.1), r"in \[0, 1\]"),
+    (dict(dense_fallback_error=1.5), r"in \[0, 1\]"),
+    (dict(dense_fallback_error=True), r"in \[0, 1\]"),
+    (dict(dense_fallback_error="0.3"), r"in \[0, 1\]"),
+])
+def test_bad_knobs_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        shadowkv_fx.ShadowKVConfig(**kwargs)
+
+
+def test_a_saved_list_reads_back_as_the_same_config():
+    cfg = shadowkv_fx.ShadowKVConfig(dense_layers=(8, 7))
+    assert cfg.dense_layers == (7, 8)
+    assert shadowkv_fx.ShadowKVConfig.from_options({**cfg.to_dict(), "dense_layers": [7, 8]}) == cfg
+
+
+def test_a_layer_the_model_lacks_is_named():
+    with pytest.raises(ValueError, match=r"names layers \[2\] but the model has 2"):
+        shadowkv_fx.ShadowKVCache(2, shadowkv_fx.ShadowKVConfig(dense_layers=(1, 2)))
+
+
+@pytest.mark.parametrize("kwargs", [dict(dense_layers=(0,)), dict(dense_fallback_error=0.2)])
+def test_slots_refuse_dense_fallback(kwargs):
+    with pytest.raises(ValueError, match="dense_layers=\\(\\), dense_fallback_error=None"):
+        SlotCache(2, shadowkv_fx.ShadowKVConfig(**kwargs), num_slots=2, max_length=64)
