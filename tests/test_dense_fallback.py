@@ -10,7 +10,8 @@ from shadowkv_fx import preflight
 from shadowkv_fx.compat import output_cache
 from shadowkv_fx.prompt_layout import PromptLayout
 from shadowkv_fx.slot_cache import SlotCache
-from tests.models import _dynamo_reset_for_the_module, _fresh_dynamo, assert_close, full_rank, left_padded, tiny_pair  # noqa: F401
+from tests.models import (_dynamo_reset_for_the_module, _fresh_dynamo, assert_close, full_rank,  # noqa: F401
+                          left_padded, tiny_pair)
 
 # one chunk of budget and rank 2: far from dense on a peaked model
 TINY = shadowkv_fx.ShadowKVConfig(sparse_budget=4, rank=2, chunk_size=4, local_chunks=2, outlier_chunks=2,
