@@ -189,4 +189,5 @@ class ShadowKVConfig:
         return cls(**options)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON's types: ``dense_layers`` as a list (``from_options`` reads it back as the tuple)."""
+        return {**asdict(self), "dense_layers": list(self.dense_layers)}
