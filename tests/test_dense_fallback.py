@@ -1,5 +1,6 @@
 """Dense fallback (issue #32): layers listed in ``dense_layers``, or whose prompt keys the basis fits
 worse than ``dense_fallback_error``, decode densely; their bytes are counted."""
+import copy
 import dataclasses
 
 import pytest
@@ -173,3 +174,49 @@ def test_a_layer_the_model_lacks_is_named():
 def test_slots_refuse_dense_fallback(kwargs):
     with pytest.raises(ValueError, match="dense_layers=\\(\\), dense_fallback_error=None"):
         SlotCache(2, shadowkv_fx.ShadowKVConfig(**kwargs), num_slots=2, max_length=64)
+
+
+def test_a_cache_with_a_dense_layer_is_saved_loaded_and_copied(tmp_path):
+    """Full budget and rank (layer 1 equals dense, folding): a document prefilled once with layer 0
+    dense, saved, loaded and asked on a copy answers as the dense model does."""
+    dense, model = tiny_pair("llama", seed=6, peaked=True)
+    cfg = dataclasses.replace(TINY, sparse_budget=4096, rank=full_rank(model), dense_layers=(0,))
+    shadowkv_fx.optimize(model, cfg)
+    g = torch.Generator().manual_seed(6)
+    doc, question = (torch.randint(3, 96, (1, n), generator=g) for n in (70, 9))  # the question crosses a fold point
+    cache = shadowkv_fx.ShadowKVCache(2, cfg, tail_capacity=NEW)
+    with torch.no_grad():
+        model(doc, past_key_values=cache)
+    cache.save_pretrained(tmp_path)
+    loaded = shadowkv_fx.ShadowKVCache.from_pretrained(tmp_path, model=model)
+    assert not loaded.layers[0].state.compressed and loaded.layers[1].state.compressed
+    prompt = torch.cat([doc, question], dim=1)
+    args = {**_args(), "max_new_tokens": 16, "min_new_tokens": 16}
+    with torch.no_grad():
+        expected = dense.generate(prompt, **args)
+        for source in (cache, loaded):
+            _assert_dense(model.generate(prompt, past_key_values=copy.deepcopy(source), **args), expected)
+
+
+@pytest.mark.parametrize("dense_first", [True, False])
+def test_speculation_splits_its_steps_where_the_folding_layers_fold(pair, dense_first):
+    """Prompt lookup verifies drafts in one step, split where one token at a time would fold: with
+    layer 0 dense (it never folds) the split points are the folding layer's, so speculation changes
+    no token or logit. ``local_chunks=0`` folds the step's own drafts."""
+    model = pair[0]
+    cfg = dataclasses.replace(TINY, sparse_budget=16, rank=8, local_chunks=0, fold_chunks=1,
+                              dense_layers=(0,) if dense_first else (1,))
+    words = torch.randint(3, 96, (1, 25), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([words, words], 1)  # repeats give prompt lookup drafts to verify
+    mask = torch.ones_like(ids)
+    args = {**_args(), "max_new_tokens": 24, "min_new_tokens": 24}
+    with torch.no_grad():
+        plain = model.generate(ids, attention_mask=mask, past_key_values=shadowkv_fx.ShadowKVCache(2, cfg, 24),
+                               **args)
+        spec = model.generate(ids, attention_mask=mask, past_key_values=shadowkv_fx.ShadowKVCache(2, cfg, 24),
+                              prompt_lookup_num_tokens=6, **args)
+    folding = output_cache(spec).layers[1 if dense_first else 0].state
+    assert folding.chunks[0] > folding.prompt_chunks[0], "it folded"
+    assert torch.equal(spec.sequences, plain.sequences)
+    for step, (a, e) in enumerate(zip(spec.logits, plain.logits)):
+        assert_close(a, e, atol=2e-4, rtol=1e-4, what=f"logits at step {step}")
