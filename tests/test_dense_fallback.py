@@ -13,6 +13,7 @@ from shadowkv_fx.prompt_layout import PromptLayout
 from shadowkv_fx.slot_cache import SlotCache
 from tests.models import (_dynamo_reset_for_the_module, _fresh_dynamo, assert_close, full_rank,  # noqa: F401
                           left_padded, tiny_pair)
+from tests.test_decode_step_static import HOST_SYNC_OPS, record_decode_ops
 
 # one chunk of budget and rank 2: far from dense on a peaked model
 TINY = shadowkv_fx.ShadowKVConfig(sparse_budget=4, rank=2, chunk_size=4, local_chunks=2, outlier_chunks=2,
@@ -220,3 +221,24 @@ def test_speculation_splits_its_steps_where_the_folding_layers_fold(pair, dense_
     assert torch.equal(spec.sequences, plain.sequences)
     for step, (a, e) in enumerate(zip(spec.logits, plain.logits)):
         assert_close(a, e, atol=2e-4, rtol=1e-4, what=f"logits at step {step}")
+
+
+def test_decode_steps_with_dense_layers_never_sync_and_keep_their_buffers(pair, monkeypatch):
+    """A decode step stays capturable (tests/test_decode_step_static.py's checks): layer 1 listed
+    dense, layer 0 with one row over the bound and the other compressed."""
+    model, ids, mask, _ = pair
+    errors = output_cache(_run(model, ids, mask, TINY)).layers[0].state.fit_err.tolist()
+    cfg = dataclasses.replace(TINY, dense_layers=(1,), dense_fallback_error=sum(errors) / 2)
+    cache = shadowkv_fx.ShadowKVCache(2, cfg, tail_capacity=8)
+    with torch.no_grad():
+        token = model(ids, attention_mask=mask, cache=cache).logits[:, -1:].argmax(-1)
+    states = [layer.state for layer in cache.layers]
+    assert states[0].compressed and 0 in states[0].prompt_chunks and not states[1].compressed
+    addresses = [t.data_ptr() for s in states for t in (s.k_buf, s.v_buf, s.key_valid, s.tail_fill)]
+    seen = record_decode_ops(monkeypatch)
+    with torch.no_grad():
+        for _ in range(3):
+            token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+    assert seen, "the decode op ran"
+    assert not HOST_SYNC_OPS & set(seen), sorted(HOST_SYNC_OPS & set(seen))
+    assert addresses == [t.data_ptr() for s in states for t in (s.k_buf, s.v_buf, s.key_valid, s.tail_fill)]
