@@ -350,25 +350,26 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
         start, end = self.prefill_span
         out = dense_prefill(q, k_rot, v, self.group_layout, scale, start)
         if end == self.group_layout.padded_len:
-            self.compress_group(layer_idx, k_pre, k_rot, v, tables)
+            self.compress_group(layer_idx, k_pre, k_rot, v, tables, dense_fallback.low_recall_rows(
+                self.config, layer_idx, q, k_rot, self.group_layout, self.group_rows, scale))
         return out
 
     def compress_group(self, layer_idx: int, k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor,
-                       rope_tables: list[torch.Tensor]) -> None:
+                       rope_tables: list[torch.Tensor], keep_dense: frozenset[int] = frozenset()) -> None:
         """Compress one layer's whole prompt K/V of the current group of rows into their slots.
 
-        ``k_pre, k_rot, v: [rows, Hkv, S_g, D]`` in the group's layout; ``rope_tables`` the RoPE
-        inputs per position the keys were rotated with (``[rows|1, 1, S_g, c]``).
+        ``k_pre, k_rot, v: [rows, Hkv, S_g, D]`` in the group's layout; ``rope_tables`` the RoPE inputs per
+        position the keys were rotated with (``[rows|1, 1, S_g, c]``); ``keep_dense``: batch rows kept dense.
         """
         if self.value_room is None:
             self.value_room = self._plan_value_room(k_pre, v)
-        group, layout = (dense_fallback.layer_layout(self.config, layer_idx, x) for x in (self.group_layout, self.layout))
+        group, layout = dense_fallback.layer_layouts(self.config, layer_idx, self.group_layout, self.layout)
         # this group's rows of the layer's RoPE inputs, in the batch's shared tables (a dense layer reads none:
         # it never rebuilds or folds, so the first layer that may writes the generated tokens' columns)
         shared, writes = self.rope_tables.for_layer(layer_idx, rope_tables, self.group_rows, self.group_layout,
                                                     self.layout) if layout is self.layout else ([], False)
         self.layers[layer_idx].state.add_rows(self.group_rows, k_pre, k_rot, v, group, layout, shared, writes,
-                                              self.tail_capacity, self._keep_values_on_device)
+                                              self.tail_capacity, self._keep_values_on_device, keep_dense)
 
     def value_hit_rate(self) -> float | None:
         """Share of chosen value chunks served from the previous step's copy on the device, over
@@ -392,8 +393,7 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
         {"prompts": n, "min_prompt_tokens": m}}``: on a GPU model ``"cuda"`` holds the compressed
         state and ``"cpu"`` the values offloaded to pinned host memory (``offloaded_V``); on a CPU
         model everything is under ``"cpu"``, one RAM. ``uncompressed`` counts the prompts shorter
-        than ``m`` tokens, which are not compressed and decode densely. A layer keeping a prompt dense
-        (``dense_layers``, ``dense_fallback_error``) reports it as ``dense_fallback`` (memory_report.cache_report).
+        than ``m`` tokens, which are not compressed and decode densely; layers keeping prompts dense: cache_report.
         """
         return cache_report([layer.state for layer in self.layers], self.layout, self.rope_tables.nbytes(),
                             {"prompts": self.dense_prompts, "min_prompt_tokens": self.config.min_sparse_prompt})

@@ -89,7 +89,14 @@ class ShadowKVConfig:
         the share of the keys' norm it misses, in [0, 1]) above this bound is kept dense in that
         layer instead of compressed: measured per layer and prompt at prefill, at the cost of one
         device read per layer and prompt. Decided per row, so the cost is data dependent: the
-        preflight cannot count it (its message says so). ``None``: off.
+        preflight cannot count it (its message says so). ``None``: off. On SmolLM2 this error was
+        1e-2 to 3.2e-2 per layer and did not single out the layers whose selection recalls least.
+    dense_fallback_recall:
+        A prompt whose landmark selection, scored at prefill with its last 16 queries, recalls less
+        than this share of the exact attention mass of the budget's best chunks (the mean over KV
+        heads and queries, ``dense_fallback.selection_recall``, the diagnostics' ``mass_recall``) is
+        kept dense in that layer. Costs ``Hq * 16 * T`` attention logits per layer and prompt at
+        prefill; data dependent like ``dense_fallback_error``. ``None``: off.
     """
 
     sparse_budget: int = 2048
@@ -109,6 +116,7 @@ class ShadowKVConfig:
     span_neighbors: int = 0
     dense_layers: tuple[int, ...] = ()
     dense_fallback_error: float | None = None
+    dense_fallback_recall: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("sparse_budget", "rank", "chunk_size"):
@@ -141,11 +149,12 @@ class ShadowKVConfig:
             raise ValueError(f"ShadowKVConfig.dense_layers must be a tuple of distinct layer indices >= 0, "
                              f"e.g. (7, 8), got {layers!r}")
         object.__setattr__(self, "dense_layers", tuple(sorted(layers)))  # a saved config's list reads back equal
-        bound = self.dense_fallback_error
-        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
-                                  or not 0 <= bound <= 1):
-            raise ValueError(f"ShadowKVConfig.dense_fallback_error must be None (off) or a relative fit error "
-                             f"in [0, 1], e.g. 0.3, got {bound!r}")
+        for name, what in (("dense_fallback_error", "a relative fit error"), ("dense_fallback_recall", "a recall")):
+            bound = getattr(self, name)
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
+                                      or not 0 <= bound <= 1):
+                raise ValueError(f"ShadowKVConfig.{name} must be None (off) or {what} in [0, 1], e.g. 0.3, "
+                                 f"got {bound!r}")
         if self.sparse_budget % self.chunk_size:
             lower = self.sparse_budget - self.sparse_budget % self.chunk_size
             raise ValueError(

@@ -23,9 +23,13 @@ from __future__ import annotations
 import torch
 
 from shadowkv_fx.config import ShadowKVConfig
-from shadowkv_fx.kernels import compression
+from shadowkv_fx.kernels import compression, naive
 from shadowkv_fx.pinned import grown
 from shadowkv_fx.prompt_layout import PromptLayout
+
+# prompt queries (the last ones) whose attention ``dense_fallback_recall`` measures, as the diagnostics
+# that found SmolLM2's worst layers did (benchmarks/results/cpu_intensive_tasks)
+RECALL_QUERIES = 16
 
 
 def check_layers(config: ShadowKVConfig, num_layers: int) -> None:
@@ -36,21 +40,70 @@ def check_layers(config: ShadowKVConfig, num_layers: int) -> None:
                          f"(0 to {num_layers - 1}): drop them")
 
 
-def layer_layout(config: ShadowKVConfig, layer_idx: int, layout: PromptLayout) -> PromptLayout:
-    """The layout layer ``layer_idx`` compresses: ``layout`` itself, or for a dense layer every
-    prompt uncompressed (``chunks`` 0), so its state is built as a short prompt's is."""
+def layer_layouts(config: ShadowKVConfig, layer_idx: int, *layouts: PromptLayout) -> tuple[PromptLayout, ...]:
+    """The layouts layer ``layer_idx`` compresses: ``layouts`` themselves, or for a listed dense layer
+    every prompt uncompressed (``chunks`` 0), so its state is built as a short prompt's is."""
     if layer_idx not in config.dense_layers:
-        return layout
-    return PromptLayout(layout.pad, layout.lengths, [0] * len(layout.lengths), layout.padded_len)
+        return layouts
+    return tuple(PromptLayout(x.pad, x.lengths, [0] * len(x.lengths), x.padded_len) for x in layouts)
 
 
-def compressed(config: ShadowKVConfig, k_pre: torch.Tensor, k_rot: torch.Tensor,
-               v: torch.Tensor) -> compression.CompressedPrompt | None:
-    """One prompt's chunked keys and values (``[Hkv, C*L, D]``) compressed, or None where the basis
-    fits its keys with a relative error above ``dense_fallback_error``: the prompt stays dense."""
+def compressed(config: ShadowKVConfig, k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor,
+               tokens: int) -> compression.CompressedPrompt | None:
+    """The first ``tokens`` (whole chunks) of one prompt's keys and values (``[Hkv, T, D]``) compressed,
+    or None where the basis fits those keys with a relative error above ``dense_fallback_error``: the
+    prompt stays dense."""
+    k_pre, k_rot, v = k_pre[:, :tokens], k_rot[:, :tokens], v[:, :tokens]
     c = compression.compress_prompt(k_pre, k_rot, v, config.rank, config.chunk_size, config.outlier_chunks)
     bound = config.dense_fallback_error
     return None if bound is not None and float(c.fit_err) > bound else c
+
+
+def low_recall_rows(config: ShadowKVConfig, layer_idx: int, q: torch.Tensor, k_rot: torch.Tensor,
+                    group: PromptLayout, rows: list[int], scale: float) -> frozenset[int]:
+    """Batch rows ``rows`` (laid out as ``group``) whose landmark selection in layer ``layer_idx`` recalls
+    less exact attention mass than ``dense_fallback_recall`` (``selection_recall`` of the prompt's last
+    ``RECALL_QUERIES`` queries), so their prompt is kept dense there (a listed dense layer measures
+    nothing). ``q [rows, Hq, n, D]`` post-RoPE queries of the prompts' last ``n`` columns; ``k_rot [rows,
+    Hkv, S, D]`` the whole prompts' keys."""
+    bound = config.dense_fallback_recall
+    if bound is None or layer_idx in config.dense_layers:
+        return frozenset()
+    dense = set()
+    for i, b in enumerate(rows):
+        n = min(RECALL_QUERIES, q.shape[2], group.lengths[i])
+        if group.chunks[i] and selection_recall(config, q[i, :, q.shape[2] - n :], k_rot[i, :, group.pad[i] :],
+                                                scale) < bound:
+            dense.add(b)
+    return frozenset(dense)
+
+
+def selection_recall(config: ShadowKVConfig, q: torch.Tensor, k_rot: torch.Tensor, scale: float) -> float:
+    """How well one prompt's landmarks choose its chunks, as ``evaluation.diagnostics`` measures it
+    (``mass_recall``): for each of the prompt's last queries ``q [Hq, n, D]`` (post-RoPE), the exact
+    attention mass (over the prompt's keys ``k_rot [Hkv, T, D]``, causal, summed over a KV head's
+    query heads) of the budget's chunks a decode step's scoring (``kernels.naive.score_chunks``) picks,
+    over that of the best chunks of the budget; outliers and the local window are not selectable, as
+    in prefill. The mean over KV heads and queries, in [0, 1]. One KV head at a time: ``Hq/Hkv * n * T``
+    floats of attention at once."""
+    size, (hkv, t, d), n = config.chunk_size, k_rot.shape, q.shape[1]
+    chunks = t // size - config.local_chunks
+    span, group, k = chunks * size, q.shape[0] // hkv, config.select_chunks(chunks)
+    landmarks, min_cos = compression.chunk_landmarks(k_rot[:, :span].float(), size)
+    selectable = torch.ones(hkv, chunks, dtype=torch.bool, device=k_rot.device)
+    selectable.scatter_(1, compression.least_agreeing_chunks(min_cos, config.outlier_chunks), False)
+    grouped = q.float().view(hkv, group, n, d)
+    scores = naive.score_chunks(grouped.permute(2, 0, 1, 3).reshape(n, hkv * group, 1, d),
+                                landmarks.expand(n, -1, -1, -1), selectable.expand(n, -1, -1), scale)  # [n, Hkv, C]
+    future = torch.arange(t, device=k_rot.device) > torch.arange(t - n, t, device=k_rot.device)[:, None]  # [n, T]
+    total = 0.0
+    for h in range(hkv):
+        weights = torch.softmax((grouped[h] @ k_rot[h].float().T * scale).masked_fill(future, float("-inf")), -1)
+        mass = weights[..., :span].reshape(group, n, chunks, size).sum(dim=(0, 3)).masked_fill(~selectable[h], 0.0)
+        picked = mass.gather(1, scores[:, h].topk(k, dim=-1).indices).sum(-1)
+        best = mass.topk(k, dim=-1).values.sum(-1)
+        total += float((picked / best.clamp_min(1e-30)).mean())
+    return total / hkv
 
 
 def widened_local(state, b: int, tokens: int) -> tuple[torch.Tensor | None, ...]:

@@ -75,7 +75,7 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
     device.
     """
     dense = sum(1 for i in config.dense_layers if i < layers)
-    if dense:  # kept whole, as prompts too short to compress are (dense_fallback.layer_layout)
+    if dense:  # kept whole, as prompts too short to compress are (dense_fallback.layer_layouts)
         plain = replace(config, dense_layers=())
         rest = state_footprint(layers - dense, hkv, d, dtype, layout, plain, tail_capacity) if dense < layers \
             else Footprint(0, 0)
@@ -268,7 +268,9 @@ def check_batch_fits(model_config, layout: PromptLayout, config: ShadowKVConfig,
 
 def _fallback_note(config: ShadowKVConfig) -> str:
     """What the count above leaves out: prompts ``dense_fallback_error`` keeps dense are known only at prefill."""
-    if config.dense_fallback_error is None:
+    bounds = [f"{name}={getattr(config, name)}" for name in ("dense_fallback_error", "dense_fallback_recall")
+              if getattr(config, name) is not None]
+    if not bounds:
         return ""
-    return (f" (not counted: dense_fallback_error={config.dense_fallback_error} may keep a sequence's prompt "
-            "dense in any layer, its whole K/V on the GPU; dense_layers are counted)")
+    return (f" (not counted: {' and '.join(bounds)} may keep a sequence's prompt dense in any layer, its whole "
+            "K/V on the GPU; dense_layers are counted)")

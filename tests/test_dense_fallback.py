@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import shadowkv_fx
-from shadowkv_fx import preflight
+from shadowkv_fx import dense_fallback, preflight
 from shadowkv_fx.compat import output_cache
+from shadowkv_fx.evaluation.diagnostics import chunk_diagnostics
 from shadowkv_fx.prompt_layout import PromptLayout
 from shadowkv_fx.slot_cache import SlotCache
 from tests.models import (_dynamo_reset_for_the_module, _fresh_dynamo, assert_close, full_rank,  # noqa: F401
@@ -145,6 +146,50 @@ def test_preflight_counts_dense_layers_exactly():
     assert (whole.device, whole.values) == (2 * (1000 + tail) * kv_token, 0)
 
 
+def test_selection_recall_is_the_diagnostics_mass_recall():
+    """The prefill measure ``dense_fallback_recall`` reads is the number the diagnostics report
+    (independent code: evaluation/diagnostics.py), averaged over KV heads."""
+    g = torch.Generator().manual_seed(0)
+    hkv, group, t, d, n = 2, 3, 203, 8, 16
+    cfg = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=4, chunk_size=4, local_chunks=2, outlier_chunks=3)
+    k_rot = torch.randn(hkv, t, d, generator=g)
+    k_rot[:, 40:44] += 3 * torch.randn(hkv, 1, d, generator=g)  # a chunk some queries favour
+    q = torch.randn(hkv * group, n, d, generator=g) * 2
+    rows = chunk_diagnostics(q, k_rot, k_rot, cfg, 0.35)
+    expected = sum(r["mass_recall"] for r in rows) / hkv
+    assert 0.05 < expected < 0.999, "a selection neither perfect nor empty"
+    assert dense_fallback.selection_recall(cfg, q, k_rot, 0.35) == pytest.approx(expected, rel=1e-5)
+
+
+def test_low_recall_rows_keeps_the_rows_under_the_bound():
+    g = torch.Generator().manual_seed(1)
+    cfg = shadowkv_fx.ShadowKVConfig(sparse_budget=8, rank=4, chunk_size=4, local_chunks=2, outlier_chunks=2)
+    lengths, hq, hkv, d = [90, 70], 4, 2, 8
+    k_rot, q = torch.randn(2, hkv, 90, d, generator=g), torch.randn(2, hq, 90, d, generator=g) * 3
+    group = PromptLayout([0, 20], lengths, [90 // 4 - 2, 70 // 4 - 2], 90)
+    recalls = [dense_fallback.selection_recall(cfg, q[i, :, -16:], k_rot[i, :, group.pad[i]:], 0.3) for i in (0, 1)]
+    assert recalls[0] != recalls[1]
+    between = dataclasses.replace(cfg, dense_fallback_recall=sum(recalls) / 2)
+    rows = [5, 9]  # batch rows of the group's two
+    assert dense_fallback.low_recall_rows(between, 0, q, k_rot, group, rows, 0.3) == {rows[recalls.index(min(recalls))]}
+    assert dense_fallback.low_recall_rows(dataclasses.replace(between, dense_layers=(0,)), 0, q, k_rot, group, rows,
+                                          0.3) == set(), "a listed dense layer is dense anyway"
+    assert dense_fallback.low_recall_rows(cfg, 0, q, k_rot, group, rows, 0.3) == set(), "off by default"
+
+
+def test_a_recall_bound_of_one_keeps_every_prompt_dense_and_zero_none(pair):
+    model, ids, mask, expected = pair
+    strict = _run(model, ids, mask, dataclasses.replace(TINY, dense_fallback_recall=1.0))
+    for layer in output_cache(strict).layers:
+        assert layer.state.prompt_chunks == [0, 0], "at one chunk of budget no selection recalls all the mass"
+    _assert_dense(strict, expected)
+    plain = _run(model, ids, mask, TINY)
+    loose = _run(model, ids, mask, dataclasses.replace(TINY, dense_fallback_recall=0.0))
+    assert torch.equal(loose.sequences, plain.sequences)
+    for a, e in zip(loose.logits, plain.logits):
+        assert torch.equal(a, e)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dense_layers=(-1,)), "distinct layer indices >= 0"),
     (dict(dense_layers=(1, 1)), "distinct layer indices >= 0"),
@@ -154,6 +199,7 @@ def test_preflight_counts_dense_layers_exactly():
     (dict(dense_fallback_error=1.5), r"in \[0, 1\]"),
     (dict(dense_fallback_error=True), r"in \[0, 1\]"),
     (dict(dense_fallback_error="0.3"), r"in \[0, 1\]"),
+    (dict(dense_fallback_recall=1.01), r"dense_fallback_recall must be None \(off\) or a recall in \[0, 1\]"),
 ])
 def test_bad_knobs_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -171,9 +217,10 @@ def test_a_layer_the_model_lacks_is_named():
         shadowkv_fx.ShadowKVCache(2, shadowkv_fx.ShadowKVConfig(dense_layers=(1, 2)))
 
 
-@pytest.mark.parametrize("kwargs", [dict(dense_layers=(0,)), dict(dense_fallback_error=0.2)])
+@pytest.mark.parametrize("kwargs", [dict(dense_layers=(0,)), dict(dense_fallback_error=0.2),
+                                    dict(dense_fallback_recall=0.8)])
 def test_slots_refuse_dense_fallback(kwargs):
-    with pytest.raises(ValueError, match="dense_layers=\\(\\), dense_fallback_error=None"):
+    with pytest.raises(ValueError, match="dense_layers=\\(\\), dense_fallback_error=None, dense_fallback_recall=None"):
         SlotCache(2, shadowkv_fx.ShadowKVConfig(**kwargs), num_slots=2, max_length=64)
 
 
