@@ -1,22 +1,25 @@
-"""Dense fallback: a layer (``ShadowKVConfig.dense_layers``) or a layer's prompt whose keys the
-low-rank basis fits badly (``ShadowKVConfig.dense_fallback_error``) is kept whole on the device and
-attended densely, through the path a prompt too short to compress already takes (``prompt_chunks[b]
-== 0``: the whole prompt in the local window, no selection, no fold).
+"""Dense fallback: a layer (``ShadowKVConfig.dense_layers``), or a layer's prompt whose prefill
+measurement is out of bounds (``dense_fallback_error``: the low-rank key fit; ``dense_fallback_recall``:
+the landmark selection's recall of exact attention mass), is kept whole on the device and attended
+densely, through the path a prompt too short to compress already takes (``prompt_chunks[b] == 0``: the
+whole prompt in the local window, no selection, no fold).
 
 Why that path: the decode step, the CUDA graph and the compiled decoder layer stay as they are; a
 layer's state only differs in its buffer widths and flags, which the ShadowKV op reads at run time
 (one compiled region serves every layer; no new graph shape reaches it).
 
-Why per row for the measured bound: the fit error is a property of one prompt's keys in one layer,
-and prefill compresses a batch a group of rows at a time (``prefill_rows``), so when a later group's
-prompt fails the bound the earlier rows are already compressed and their dense keys gone. A failing
-row is kept dense on its own (its layer's local window widens to hold it, prefill-only buffers, before
-the decode buffers are built); the other rows stay compressed. Listed layers are dense for every row,
-decided before anything is allocated, so such a layer keeps no compressed store at all.
+Why per row for the measured bounds: a measurement is a property of one prompt in one layer, and
+prefill compresses a batch a group of rows at a time (``prefill_rows``), so when a later group's
+prompt fails a bound the earlier rows are already compressed and their dense keys gone. A failing row
+is kept dense on its own (its layer's local window widens to hold it, in prefill-only buffers, before
+the decode buffers are built); the other rows stay compressed, and the layer keeps its store. Listed
+layers are dense for every row, decided before anything is allocated, so they keep no store at all.
 
-Why ``fit_err``: prefill computes it anyway (``kernels/compression.compress_prompt``), so the
-measurement costs one device read per layer and prompt. Landmark flatness and recall against exact
-attention (``evaluation/diagnostics.py``) need the decode queries, which prefill does not have.
+The measurements: ``fit_err`` is free (``kernels/compression.compress_prompt`` computes it), but on
+SmolLM2-135M it was 1e-2 to 3.2e-2 in every layer but the first and did not single out the layers the
+diagnostics found selecting worst (7, 8, 17, 18, 26: benchmarks/results/cpu_intensive_tasks).
+``selection_recall`` is that diagnostic itself, on the prompt's last ``RECALL_QUERIES`` queries, at
+``Hq * RECALL_QUERIES * T`` logits per layer and prompt: a small share of the prefill's attention.
 """
 from __future__ import annotations
 
