@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--dense-layers", default="", help="ShadowKVConfig.dense_layers, e.g. 7,8,17,18,26")
     parser.add_argument("--dense-fallback-error", type=float, default=None,
                         help="ShadowKVConfig.dense_fallback_error (relative key fit error bound)")
+    parser.add_argument("--dense-fallback-recall", type=float, default=None,
+                        help="ShadowKVConfig.dense_fallback_recall (prefill selection recall bound)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = shadowkv_fx.load_smollm2()
@@ -104,7 +106,8 @@ def main() -> None:
           f"outliers {args.outliers}, local {args.local}", flush=True)
     t_min = min(p[1].shape[1] for p in prompts)
     dense_layers = tuple(int(i) for i in args.dense_layers.split(",") if i)
-    print(f"dense_layers {dense_layers}, dense_fallback_error {args.dense_fallback_error}", flush=True)
+    print(f"dense_layers {dense_layers}, dense_fallback_error {args.dense_fallback_error}, "
+          f"dense_fallback_recall {args.dense_fallback_recall}", flush=True)
     methods: list[tuple[str, object]] = []
     for frac in (int(f) for f in args.fractions.split(",")):
         budget = max(args.chunk, t_min // frac // args.chunk * args.chunk)
@@ -112,7 +115,8 @@ def main() -> None:
             config = shadowkv_fx.ShadowKVConfig(sparse_budget=budget, rank=args.rank, chunk_size=args.chunk,
                                                 local_chunks=args.local, outlier_chunks=args.outliers,
                                                 span_neighbors=span, dense_layers=dense_layers,
-                                                dense_fallback_error=args.dense_fallback_error)
+                                                dense_fallback_error=args.dense_fallback_error,
+                                                dense_fallback_recall=args.dense_fallback_recall)
             methods.append((f"1/{frac} ({budget} tok) span={span}", config))
     if not args.no_dense:
         methods.append(("dense", None))  # last: the team found it right; the sparse rows are the question
