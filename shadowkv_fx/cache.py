@@ -359,17 +359,18 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
         """Compress one layer's whole prompt K/V of the current group of rows into their slots.
 
         ``k_pre, k_rot, v: [rows, Hkv, S_g, D]`` in the group's layout; ``rope_tables`` the RoPE inputs per
-        position the keys were rotated with (``[rows|1, 1, S_g, c]``); ``keep_dense``: batch rows kept dense.
-        """
+        position the keys were rotated with (``[rows|1, 1, S_g, c]``); ``keep_dense``: batch rows kept dense."""
         if self.value_room is None:
             self.value_room = self._plan_value_room(k_pre, v)
-        group, layout = dense_fallback.layer_layouts(self.config, layer_idx, self.group_layout, self.layout)
-        # this group's rows of the layer's RoPE inputs, in the batch's shared tables (a dense layer reads none:
-        # it never rebuilds or folds, so the first layer that may writes the generated tokens' columns)
+        group, layout = dense_fallback.layer_layouts(self.config, layer_idx, self.group_rows, keep_dense,
+                                                     self.group_layout, self.layout)
+        # this group's rows of the layer's RoPE inputs, in the batch's shared tables (a layer without a store reads
+        # none: it never rebuilds or folds, so the first layer that may writes the generated tokens' columns)
+        reads = dense_fallback.reads_tables(self.layers[layer_idx].state, layout, self.layout)
         shared, writes = self.rope_tables.for_layer(layer_idx, rope_tables, self.group_rows, self.group_layout,
-                                                    self.layout) if layout is self.layout else ([], False)
+                                                    self.layout) if reads else ([], False)
         self.layers[layer_idx].state.add_rows(self.group_rows, k_pre, k_rot, v, group, layout, shared, writes,
-                                              self.tail_capacity, self._keep_values_on_device, keep_dense)
+                                              self.tail_capacity, self._keep_values_on_device)
 
     def value_hit_rate(self) -> float | None:
         """Share of chosen value chunks served from the previous step's copy on the device, over

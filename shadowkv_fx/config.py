@@ -89,14 +89,18 @@ class ShadowKVConfig:
         the share of the keys' norm it misses, in [0, 1]) above this bound is kept dense in that
         layer instead of compressed: measured per layer and prompt at prefill, at the cost of one
         device read per layer and prompt. Decided per row, so the cost is data dependent: the
-        preflight cannot count it (its message says so). ``None``: off. On SmolLM2 this error was
-        1e-2 to 3.2e-2 per layer and did not single out the layers whose selection recalls least.
+        preflight cannot count it (its message says so). The layer's compressed store, sized before
+        the fit is known, stays allocated (and counted) even where every prompt falls back. ``None``:
+        off. On SmolLM2-135M this error was 1e-2 to 3.2e-2 per layer (2.6e-3 in layer 0) and did not
+        single out the layers whose selection recalls least.
     dense_fallback_recall:
         A prompt whose landmark selection, scored at prefill with its last 16 queries, recalls less
         than this share of the exact attention mass of the budget's best chunks (the mean over KV
         heads and queries, ``dense_fallback.selection_recall``, the diagnostics' ``mass_recall``) is
         kept dense in that layer. Costs ``Hq * 16 * T`` attention logits per layer and prompt at
-        prefill; data dependent like ``dense_fallback_error``. ``None``: off.
+        prefill; data dependent like ``dense_fallback_error``, but measured before the layer's state
+        is sized, so a layer whose every prompt falls back keeps no store when the batch is prefilled
+        in one group (one prompt, or ``prefill_rows=None``). ``None``: off.
     """
 
     sparse_budget: int = 2048

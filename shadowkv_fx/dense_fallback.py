@@ -43,12 +43,26 @@ def check_layers(config: ShadowKVConfig, num_layers: int) -> None:
                          f"(0 to {num_layers - 1}): drop them")
 
 
-def layer_layouts(config: ShadowKVConfig, layer_idx: int, *layouts: PromptLayout) -> tuple[PromptLayout, ...]:
-    """The layouts layer ``layer_idx`` compresses: ``layouts`` themselves, or for a listed dense layer
-    every prompt uncompressed (``chunks`` 0), so its state is built as a short prompt's is."""
-    if layer_idx not in config.dense_layers:
-        return layouts
-    return tuple(PromptLayout(x.pad, x.lengths, [0] * len(x.lengths), x.padded_len) for x in layouts)
+def layer_layouts(config: ShadowKVConfig, layer_idx: int, rows: list[int], dense: frozenset[int],
+                  group: PromptLayout, layout: PromptLayout) -> tuple[PromptLayout, PromptLayout]:
+    """The group's and the batch's layouts (``group`` holds batch rows ``rows``) as layer ``layer_idx``
+    compresses them: a listed dense layer leaves every prompt uncompressed (``chunks`` 0), so its state
+    is built as a short prompt's is; another leaves the batch rows ``dense`` uncompressed."""
+    if layer_idx in config.dense_layers:
+        dense = frozenset(range(len(layout.lengths)))
+    if not dense:
+        return group, layout
+    return (PromptLayout(group.pad, group.lengths, [0 if b in dense else c for b, c in zip(rows, group.chunks)],
+                         group.padded_len),
+            PromptLayout(layout.pad, layout.lengths, [0 if b in dense else c for b, c in enumerate(layout.chunks)],
+                         layout.padded_len))
+
+
+def reads_tables(state, layout: PromptLayout, batch: PromptLayout) -> bool:
+    """Whether a layer's ``state`` (a LayerState) reads the batch's shared RoPE tables: it keeps a store
+    (sized by the first group of rows, from the layer's ``layout``), or no layer does (``batch``)."""
+    has_store = state.compressed if state.lengths else layout.max_chunks > 0  # lengths: set by the first group
+    return has_store or not batch.max_chunks
 
 
 def compressed(config: ShadowKVConfig, k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor,

@@ -132,25 +132,25 @@ class LayerState:
 
     def add_rows(self, rows: list[int], k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, group: PromptLayout,
                  layout: PromptLayout, rope_tables: list[torch.Tensor], writes_tables: bool, tail_capacity: int,
-                 keep_values_on_device: Callable[[int], bool] = lambda nbytes: False, keep_dense=()) -> None:
+                 keep_values_on_device: Callable[[int], bool] = lambda nbytes: False) -> None:
         """Compress the prompts of batch rows ``rows`` into their slots.
 
         ``k_pre, k_rot, v: [len(rows), Hkv, S_g, D]`` in the group's own left-padded layout (``group``);
         ``layout`` is the whole batch's. Prefill may run the batch a group of rows at a time (one group's
         dense K/V on the device): slots are allocated as the first group arrives, buffers built after the last.
         ``rope_tables``: the batch's per-position tables ``[B or 1, 1, S, c]`` (filled by the cache);
-        ``writes_tables``: this layer is the first of those reading them; ``keep_dense``: rows kept dense.
+        ``writes_tables``: this layer is the first of those reading them. A row whose slot was sized for chunks
+        that ``layout`` now leaves uncompressed, or whose keys fail ``dense_fallback_error``, is kept dense.
         """
         self.writes_tables = writes_tables
         if self._pending is None:
             self._allocate(layout, k_pre, k_rot, v, rope_tables, keep_values_on_device, tail_capacity)
-        cfg = self.config
-        chunk = cfg.chunk_size
+        cfg, chunk = self.config, self.config.chunk_size
         for i, b in enumerate(rows):
             n_chunks, (kp, kr, vb) = layout.chunks[b], (x[i, :, group.pad[i] :] for x in (k_pre, k_rot, v))
             t = n_chunks * chunk
-            c = None if b in keep_dense or not n_chunks else dense_fallback.compressed(cfg, kp, kr, vb, t)
-            if n_chunks and c is None:  # kept dense (dense_fallback.py): the whole prompt in the local window
+            c = dense_fallback.compressed(cfg, kp, kr, vb, t) if n_chunks else None
+            if self.prompt_chunks[b] and c is None:  # kept dense (dense_fallback.py): the whole prompt, local
                 n_chunks = t = self.prompt_chunks[b] = self.chunks[b] = 0
                 self._local_k, self._local_v, self._local_kpre, self._local_valid = dense_fallback.widened_local(
                     self, b, kr.shape[1])

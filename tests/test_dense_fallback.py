@@ -102,11 +102,20 @@ def test_a_bound_between_the_rows_errors_keeps_only_the_worse_row_dense(pair):
     assert not state.key_valid[worse, :, : state.local_start].any(), "no outlier or selected slot of it is read"
 
 
-def test_a_dense_first_layer_leaves_the_rope_tables_to_a_folding_one():
+@pytest.mark.parametrize("how", ["listed", "measured"])
+def test_a_dense_first_layer_leaves_the_rope_tables_to_a_folding_one(how, monkeypatch):
     """Full budget and rank: the compressed layer equals dense while it folds generated tokens, so
-    their RoPE columns must be written although layer 0, which writes them otherwise, is dense."""
+    their RoPE columns must be written although layer 0, which writes them otherwise, is dense: listed
+    in ``dense_layers``, or (one prompt, so decided before its state is sized) measured below
+    ``dense_fallback_recall`` (the measurement stubbed to fail in layer 0 only)."""
     dense, model = tiny_pair("llama", seed=4, peaked=True)
-    cfg = dataclasses.replace(TINY, sparse_budget=4096, rank=full_rank(model), dense_layers=(0,))
+    cfg = dataclasses.replace(TINY, sparse_budget=4096, rank=full_rank(model))
+    if how == "listed":
+        cfg = dataclasses.replace(cfg, dense_layers=(0,))
+    else:
+        cfg = dataclasses.replace(cfg, dense_fallback_recall=0.5)
+        monkeypatch.setattr(dense_fallback, "low_recall_rows", lambda config, layer_idx, q, k_rot, group, rows,
+                            scale: frozenset(rows) if layer_idx == 0 else frozenset())
     shadowkv_fx.optimize(model, cfg)
     ids, mask = left_padded(1, [61], 96, seed=4)
     args = {**_args(), "max_new_tokens": 24, "min_new_tokens": 24}
@@ -116,7 +125,8 @@ def test_a_dense_first_layer_leaves_the_rope_tables_to_a_folding_one():
     cache = output_cache(out)
     assert cache.layers[1].state.folds and cache.layers[1].state.chunks[0] > cache.layers[1].state.prompt_chunks[0], \
         "layer 1 must have folded generated tokens for this test to mean anything"
-    assert cache.layers[1].state.writes_tables and not cache.layers[0].state.folds
+    assert not cache.layers[0].state.compressed and cache.layers[0].state.u is None, "layer 0 keeps no store"
+    assert cache.layers[1].state.writes_tables
     _assert_dense(out, expected)
 
 
@@ -177,11 +187,15 @@ def test_low_recall_rows_keeps_the_rows_under_the_bound():
     assert dense_fallback.low_recall_rows(cfg, 0, q, k_rot, group, rows, 0.3) == set(), "off by default"
 
 
-def test_a_recall_bound_of_one_keeps_every_prompt_dense_and_zero_none(pair):
+@pytest.mark.parametrize("prefill_rows", [1, None])
+def test_a_recall_bound_of_one_keeps_every_prompt_dense_and_zero_none(pair, prefill_rows):
+    """One row at a time (the default), the second row's slot is sized before it is measured: the
+    layer keeps its store; the whole batch at once, the layer is built without one."""
     model, ids, mask, expected = pair
-    strict = _run(model, ids, mask, dataclasses.replace(TINY, dense_fallback_recall=1.0))
+    strict = _run(model, ids, mask, dataclasses.replace(TINY, dense_fallback_recall=1.0, prefill_rows=prefill_rows))
     for layer in output_cache(strict).layers:
         assert layer.state.prompt_chunks == [0, 0], "at one chunk of budget no selection recalls all the mass"
+        assert layer.state.compressed == (prefill_rows == 1)
     _assert_dense(strict, expected)
     plain = _run(model, ids, mask, TINY)
     loose = _run(model, ids, mask, dataclasses.replace(TINY, dense_fallback_recall=0.0))
