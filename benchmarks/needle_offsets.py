@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 import shadowkv_fx
-from shadowkv_fx import decode_step
+from shadowkv_fx import decode_step, dense_fallback
 from shadowkv_fx.memory_report import device_and_host_bytes
 from shadowkv_fx.demo import greedy_decode
 from shadowkv_fx.evaluation.tasks import make_sample
@@ -65,6 +65,20 @@ class Coverage:
             self.covered += set(self.needed) <= chosen | dense
             self.pairs += 1
         return idx, picked
+
+
+class Recalls:
+    """Records the selection recall ``dense_fallback_recall`` measures at prefill, layer by layer
+    (measured only where that bound is set)."""
+
+    def __init__(self):
+        self.seen: list[float] = []
+        self.plain = dense_fallback.selection_recall
+        dense_fallback.selection_recall = self.measure
+
+    def measure(self, *args):
+        self.seen.append(self.plain(*args))
+        return self.seen[-1]
 
 
 def answer(model, ids: torch.Tensor, new_tokens: int, cache, tokenizer) -> str:
@@ -126,12 +140,14 @@ def main() -> None:
               for name, config in methods}
     right = {name: 0 for name, _ in methods}
     coverage = Coverage()
+    recalls = Recalls()
     n_digits = len(tokenizer(value, add_special_tokens=False).input_ids)
     done = 0
     for offset, ids, first in prompts:
         for name, config in methods:
             start = time.perf_counter()
             coverage.start(first, n_digits, args.chunk)
+            recalls.seen = []
             cache = DynamicCache(config=model.config) if config is None else models[name]._shadowkv.new_cache()
             got = answer(models[name], ids, args.new_tokens, cache, tokenizer)
             ok = value in got
@@ -143,6 +159,8 @@ def main() -> None:
                 errors = [round(1000 * float(layer.state.fit_err[0]), 1) if layer.state.prompt_chunks[0] else None
                           for layer in cache.layers]
                 print(f"  fit_err per layer x1000 (None: kept dense): {errors}")
+                if recalls.seen:
+                    print(f"  prefill selection recall per layer: {[round(r, 3) for r in recalls.seen]}")
                 report = cache.memory_report()
                 device, host = device_and_host_bytes(report)
                 print(f"  bytes: state {device} (dense_fallback {report['cpu'].get('dense_fallback', 0)}), "
