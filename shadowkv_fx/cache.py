@@ -394,7 +394,7 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
         {"prompts": n, "min_prompt_tokens": m}}``: on a GPU model ``"cuda"`` holds the compressed
         state and ``"cpu"`` the values offloaded to pinned host memory (``offloaded_V``); on a CPU
         model everything is under ``"cpu"``, one RAM. ``uncompressed`` counts the prompts shorter
-        than ``m`` tokens, which are not compressed and decode densely; layers keeping prompts dense: cache_report.
+        than ``m`` tokens, which are not compressed and decode densely (dense_fallback layers: ``cache_report``).
         """
         return cache_report([layer.state for layer in self.layers], self.layout, self.rope_tables.nbytes(),
                             {"prompts": self.dense_prompts, "min_prompt_tokens": self.config.min_sparse_prompt})

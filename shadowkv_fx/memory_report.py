@@ -54,8 +54,8 @@ def cache_report(states: list[LayerState], layout: PromptLayout | None, rope_tab
     out as ``layout`` (None: nothing prefilled), with RoPE tables of ``rope_table_bytes``; the
     dense cache beside it holds ``tokens`` (default: the prompts and every row's generated ones).
 
-    A layer holding a prompt dense that ``layout`` compresses (``dense_layers``, ``dense_fallback_error``)
-    reports its local region (the whole prompts, and the other rows' local windows beside them) as
+    A layer holding a prompt dense that ``layout`` compresses (``dense_layers``, ``dense_fallback_error``,
+    ``dense_fallback_recall``) reports its local region (the whole prompts, and the other rows' local windows beside them) as
     ``dense_fallback``, and ``uncompressed["dense_fallback_layers"]`` counts such layers."""
     report: dict[str, dict[str, int]] = {"dense": {"kv": 0}}
     device = None

@@ -109,7 +109,7 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
 
 def dense_layer_bytes(hkv: int, d: int, dtype: torch.dtype, layout: PromptLayout, config: ShadowKVConfig,
                       tail_capacity: int) -> int:
-    """Device bytes of one sequence's layer kept dense (``dense_layers``, or over ``dense_fallback_error``):
+    """Device bytes of one sequence's layer kept dense (``dense_layers``, or failing a measured bound):
     a short prompt's state (the whole prompt and the generated tail), less the RoPE tables, which
     such a layer does not read."""
     whole = PromptLayout(layout.pad, layout.lengths, [0] * len(layout.lengths), layout.padded_len)
@@ -267,7 +267,7 @@ def check_batch_fits(model_config, layout: PromptLayout, config: ShadowKVConfig,
 
 
 def _fallback_note(config: ShadowKVConfig) -> str:
-    """What the count above leaves out: prompts ``dense_fallback_error`` keeps dense are known only at prefill."""
+    """What the count above leaves out: prompts the measured bounds keep dense are known only at prefill."""
     bounds = [f"{name}={getattr(config, name)}" for name in ("dense_fallback_error", "dense_fallback_recall")
               if getattr(config, name) is not None]
     if not bounds:
