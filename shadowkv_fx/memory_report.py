@@ -55,8 +55,8 @@ def cache_report(states: list[LayerState], layout: PromptLayout | None, rope_tab
     dense cache beside it holds ``tokens`` (default: the prompts and every row's generated ones).
 
     A layer holding a prompt dense that ``layout`` compresses (``dense_layers``, ``dense_fallback_error``,
-    ``dense_fallback_recall``) reports its local region (the whole prompts, and the other rows' local windows beside them) as
-    ``dense_fallback``, and ``uncompressed["dense_fallback_layers"]`` counts such layers."""
+    ``dense_fallback_recall``) reports its local region (the whole prompts, and the other rows' local
+    windows beside them) as ``dense_fallback``; ``uncompressed["dense_fallback_layers"]`` counts such layers."""
     report: dict[str, dict[str, int]] = {"dense": {"kv": 0}}
     device = None
     fallen = set(dense_fallback.fallen_back(states, layout))
