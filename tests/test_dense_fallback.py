@@ -303,3 +303,29 @@ def test_decode_steps_with_dense_layers_never_sync_and_keep_their_buffers(pair, 
     assert seen, "the decode op ran"
     assert not HOST_SYNC_OPS & set(seen), sorted(HOST_SYNC_OPS & set(seen))
     assert addresses == [t.data_ptr() for s in states for t in (s.k_buf, s.v_buf, s.key_valid, s.tail_fill)]
+
+
+def test_a_listed_layer_changes_no_other_layer_and_holds_the_exact_keys():
+    """Prefill attention is exact whatever is cached, so the layers left compressed hold what plain
+    ShadowKV holds, tensor for tensor, and the listed layer holds the dense model's keys and values."""
+    dense, model = tiny_pair("llama", layers=3, seed=7, peaked=True)
+    shadowkv_fx.optimize(model, TINY)
+    ids, mask = left_padded(2, LENGTHS, 96, seed=7)
+    caches = []
+    for cfg in (TINY, dataclasses.replace(TINY, dense_layers=(1,))):
+        caches.append(shadowkv_fx.ShadowKVCache(3, cfg, tail_capacity=NEW))
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=caches[-1])
+    plain, mixed = ([layer.state for layer in c.layers] for c in caches)
+    for i in (0, 2):
+        for name in ("u", "sv", "landmarks", "selectable", "k_buf", "v_buf", "key_valid"):
+            assert torch.equal(getattr(mixed[i], name), getattr(plain[i], name)), (i, name)
+    with torch.no_grad():
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # as generate gives a left-padded row
+        exact = dense(ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values.layers[1]
+    state = mixed[1]
+    for b, n in enumerate(LENGTHS):
+        width = ids.shape[1]
+        local = slice(state.local_start, state.local_start + n)
+        assert_close(state.k_buf[b, :, local], exact.keys[b, :, width - n :], atol=1e-5, what=f"keys of row {b}")
+        assert_close(state.v_buf[b, :, local], exact.values[b, :, width - n :], atol=1e-5, what=f"values of row {b}")
