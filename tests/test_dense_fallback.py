@@ -329,3 +329,23 @@ def test_a_listed_layer_changes_no_other_layer_and_holds_the_exact_keys():
         local = slice(state.local_start, state.local_start + n)
         assert_close(state.k_buf[b, :, local], exact.keys[b, :, width - n :], atol=1e-5, what=f"keys of row {b}")
         assert_close(state.v_buf[b, :, local], exact.values[b, :, width - n :], atol=1e-5, what=f"values of row {b}")
+
+
+def test_preflight_says_what_the_measured_bounds_leave_uncounted(monkeypatch):
+    """A batch that does not fit names the bounds it could not count (their prompts are measured at
+    prefill); listed layers are in the count, so they add no note."""
+    import transformers
+
+    model_config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                            num_attention_heads=4, num_key_value_heads=2)
+    monkeypatch.setattr(preflight, "device_memory", lambda device: (2**30, 80 * 2**30))
+    monkeypatch.setattr(preflight, "expandable_segments", lambda: True)
+    layout = PromptLayout([0] * 64, [8000] * 64, [8000 // 8 - 4] * 64, 8000)
+    for cfg, note in ((shadowkv_fx.ShadowKVConfig(dense_layers=(1,)), None),
+                      (shadowkv_fx.ShadowKVConfig(dense_fallback_recall=0.8), "dense_fallback_recall=0.8 may keep"),
+                      (shadowkv_fx.ShadowKVConfig(dense_fallback_error=0.02, dense_fallback_recall=0.8),
+                       "dense_fallback_error=0.02 and dense_fallback_recall=0.8 may keep")):
+        with pytest.raises(MemoryError) as err:
+            preflight.check_batch_fits(model_config, layout, cfg, torch.float16, torch.device("cuda"), 64)
+        assert "compressed ShadowKV state needs" in str(err.value)
+        assert (note in str(err.value)) if note else "not counted" not in str(err.value)
