@@ -19,7 +19,8 @@ import torch
 from transformers import DynamicCache
 
 import shadowkv_fx
-from shadowkv_fx import decode_step
+from shadowkv_fx import decode_step, dense_fallback
+from shadowkv_fx.memory_report import device_and_host_bytes
 from shadowkv_fx.demo import greedy_decode
 from shadowkv_fx.evaluation.tasks import make_sample
 
@@ -66,6 +67,20 @@ class Coverage:
         return idx, picked
 
 
+class Recalls:
+    """Records the selection recall ``dense_fallback_recall`` measures at prefill, layer by layer
+    (measured only where that bound is set)."""
+
+    def __init__(self):
+        self.seen: list[float] = []
+        self.plain = dense_fallback.selection_recall
+        dense_fallback.selection_recall = self.measure
+
+    def measure(self, *args):
+        self.seen.append(self.plain(*args))
+        return self.seen[-1]
+
+
 def answer(model, ids: torch.Tensor, new_tokens: int, cache, tokenizer) -> str:
     tokens, _, _ = greedy_decode(model, ids, new_tokens, cache)
     return tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
@@ -88,6 +103,11 @@ def main() -> None:
     parser.add_argument("--offsets", default="2,3,4,5,6,7,0,1",
                         help="first digit's offsets in its chunk, in run order (a boundary cuts 2..7 at chunk 8)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense reference (a CPU's time)")
+    parser.add_argument("--dense-layers", default="", help="ShadowKVConfig.dense_layers, e.g. 7,8,17,18,26")
+    parser.add_argument("--dense-fallback-error", type=float, default=None,
+                        help="ShadowKVConfig.dense_fallback_error (relative key fit error bound)")
+    parser.add_argument("--dense-fallback-recall", type=float, default=None,
+                        help="ShadowKVConfig.dense_fallback_recall (prefill selection recall bound)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = shadowkv_fx.load_smollm2()
@@ -99,13 +119,18 @@ def main() -> None:
           f"{max(p[1].shape[1] for p in prompts)} tokens, chunk {args.chunk}, rank {args.rank}, "
           f"outliers {args.outliers}, local {args.local}", flush=True)
     t_min = min(p[1].shape[1] for p in prompts)
+    dense_layers = tuple(int(i) for i in args.dense_layers.split(",") if i)
+    print(f"dense_layers {dense_layers}, dense_fallback_error {args.dense_fallback_error}, "
+          f"dense_fallback_recall {args.dense_fallback_recall}", flush=True)
     methods: list[tuple[str, object]] = []
     for frac in (int(f) for f in args.fractions.split(",")):
         budget = max(args.chunk, t_min // frac // args.chunk * args.chunk)
         for span in (int(s) for s in args.spans.split(",")):
             config = shadowkv_fx.ShadowKVConfig(sparse_budget=budget, rank=args.rank, chunk_size=args.chunk,
                                                 local_chunks=args.local, outlier_chunks=args.outliers,
-                                                span_neighbors=span)
+                                                span_neighbors=span, dense_layers=dense_layers,
+                                                dense_fallback_error=args.dense_fallback_error,
+                                                dense_fallback_recall=args.dense_fallback_recall)
             methods.append((f"1/{frac} ({budget} tok) span={span}", config))
     if not args.no_dense:
         methods.append(("dense", None))  # last: the team found it right; the sparse rows are the question
@@ -115,12 +140,14 @@ def main() -> None:
               for name, config in methods}
     right = {name: 0 for name, _ in methods}
     coverage = Coverage()
+    recalls = Recalls()
     n_digits = len(tokenizer(value, add_special_tokens=False).input_ids)
     done = 0
     for offset, ids, first in prompts:
         for name, config in methods:
             start = time.perf_counter()
             coverage.start(first, n_digits, args.chunk)
+            recalls.seen = []
             cache = DynamicCache(config=model.config) if config is None else models[name]._shadowkv.new_cache()
             got = answer(models[name], ids, args.new_tokens, cache, tokenizer)
             ok = value in got
@@ -128,6 +155,17 @@ def main() -> None:
             held = f", digits' chunks held in {coverage.covered}/{coverage.pairs} (step, layer, head)" if config else ""
             print(f"offset {offset} (tokens {first}..{first + n_digits - 1}) {name:28s}: {'RIGHT' if ok else 'wrong'} "
                   f"{got!r}{held} ({time.perf_counter() - start:.0f} s)", flush=True)
+            if config is not None and done == 0:  # once per method: what the fallback measured and costs
+                errors = [round(1000 * float(layer.state.fit_err[0]), 1) if layer.state.prompt_chunks[0] else None
+                          for layer in cache.layers]
+                print(f"  fit_err per layer x1000 (None: kept dense): {errors}")
+                if recalls.seen:
+                    print(f"  prefill selection recall per layer: {[round(r, 3) for r in recalls.seen]}")
+                report = cache.memory_report()
+                device, host = device_and_host_bytes(report)
+                print(f"  bytes: state {device} (dense_fallback {report['cpu'].get('dense_fallback', 0)}), "
+                      f"values {host}, dense KV {report['dense']['kv']}; "
+                      f"dense_fallback_layers {report['uncompressed'].get('dense_fallback_layers', 0)}", flush=True)
         done += 1
     print("\nsummary: exactly-right numbers out of", done, "offsets")
     for name, _ in methods:

@@ -8,7 +8,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from shadowkv_fx import cache_io, cache_share, decode_step, fold, pinned, preflight
+from shadowkv_fx import cache_io, cache_share, decode_step, dense_fallback, fold, pinned, preflight
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.decode_step import RopeFn
 from shadowkv_fx.layer_state import LayerState
@@ -89,6 +89,7 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
         if prefill_chunk_size is not None and prefill_chunk_size < 1:
             raise ValueError(f"prefill_chunk_size must be >= 1 or None, got {prefill_chunk_size}")
         self.config = config or ShadowKVConfig()
+        dense_fallback.check_layers(self.config, num_layers)
         super().__init__(layers=[ShadowKVLayer(self, self.config) for _ in range(num_layers)])
         self.tail_capacity = tail_capacity
         # prompts longer than this go through the model in pieces; all of it is compressed at the end
@@ -233,8 +234,10 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
     def next_fold_point(self, input_len: int) -> int | None:
         """Where a decode step of ``input_len`` tokens must be split so that every token sees the
         state one-token-at-a-time decoding gives it (``fold.next_fold_point``); None: nowhere.
-        Every layer folds alike (the rule reads token counts only): the first one answers."""
-        return fold.next_fold_point(self.layers[0].state, input_len)
+        Layers whose rows compressed alike fold alike (the rule reads token counts only): one of each answers."""
+        points = [fold.next_fold_point(s, input_len) for s in dense_fallback.fold_schedules(
+            layer.state for layer in self.layers)]
+        return min((p for p in points if p is not None), default=None)
 
     @contextlib.contextmanager
     def croppable_from(self, generated: int):
@@ -347,23 +350,27 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
         start, end = self.prefill_span
         out = dense_prefill(q, k_rot, v, self.group_layout, scale, start)
         if end == self.group_layout.padded_len:
-            self.compress_group(layer_idx, k_pre, k_rot, v, tables)
+            self.compress_group(layer_idx, k_pre, k_rot, v, tables, dense_fallback.low_recall_rows(
+                self.config, layer_idx, q, k_rot, self.group_layout, self.group_rows, scale))
         return out
 
     def compress_group(self, layer_idx: int, k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor,
-                       rope_tables: list[torch.Tensor]) -> None:
+                       rope_tables: list[torch.Tensor], keep_dense: frozenset[int] = frozenset()) -> None:
         """Compress one layer's whole prompt K/V of the current group of rows into their slots.
 
-        ``k_pre, k_rot, v: [rows, Hkv, S_g, D]`` in the group's layout; ``rope_tables`` the RoPE
-        inputs per position the keys were rotated with (``[rows|1, 1, S_g, c]``).
-        """
+        ``k_pre, k_rot, v: [rows, Hkv, S_g, D]`` in the group's layout; ``rope_tables`` the RoPE inputs per
+        position the keys were rotated with (``[rows|1, 1, S_g, c]``); ``keep_dense``: batch rows kept dense."""
         if self.value_room is None:
             self.value_room = self._plan_value_room(k_pre, v)
-        # this group's rows of the layer's RoPE inputs, in the batch's shared tables
+        group, layout = dense_fallback.layer_layouts(self.config, layer_idx, self.group_rows, keep_dense,
+                                                     self.group_layout, self.layout)
+        # this group's rows of the layer's RoPE inputs, in the batch's shared tables (a layer without a store reads
+        # none: it never rebuilds or folds, so the first layer that may writes the generated tokens' columns)
+        reads = dense_fallback.reads_tables(self.layers[layer_idx].state, layout, self.layout)
         shared, writes = self.rope_tables.for_layer(layer_idx, rope_tables, self.group_rows, self.group_layout,
-                                                    self.layout)
-        self.layers[layer_idx].state.add_rows(self.group_rows, k_pre, k_rot, v, self.group_layout, self.layout,
-                                              shared, writes, self.tail_capacity, self._keep_values_on_device)
+                                                    self.layout) if reads else ([], False)
+        self.layers[layer_idx].state.add_rows(self.group_rows, k_pre, k_rot, v, group, layout, shared, writes,
+                                              self.tail_capacity, self._keep_values_on_device)
 
     def value_hit_rate(self) -> float | None:
         """Share of chosen value chunks served from the previous step's copy on the device, over
@@ -387,7 +394,7 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
         {"prompts": n, "min_prompt_tokens": m}}``: on a GPU model ``"cuda"`` holds the compressed
         state and ``"cpu"`` the values offloaded to pinned host memory (``offloaded_V``); on a CPU
         model everything is under ``"cpu"``, one RAM. ``uncompressed`` counts the prompts shorter
-        than ``m`` tokens, which are not compressed and decode densely.
+        than ``m`` tokens, which are not compressed and decode densely (dense_fallback layers: ``cache_report``).
         """
         return cache_report([layer.state for layer in self.layers], self.layout, self.rope_tables.nbytes(),
                             {"prompts": self.dense_prompts, "min_prompt_tokens": self.config.min_sparse_prompt})

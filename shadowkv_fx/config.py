@@ -79,6 +79,28 @@ class ShadowKVConfig:
         plain top-k, the default: on SmolLM2 needles placed at every offset across a chunk boundary
         (benchmarks/results/cpu_needle_offsets) plain top-k already returned every number dense did,
         and ``1`` lost two digits-exact answers of 48 that plain top-k got right.
+    dense_layers:
+        Layer indices whose prompt K/V is kept whole on the device and attended densely, as a prompt
+        too short to compress is (``dense_fallback.py``): a safeguard for layers known to select
+        badly. Each costs that layer's dense KV of the prompt and generated tokens (counted by the
+        preflight and by ``memory_report()`` as ``dense_fallback``). ``()``: none.
+    dense_fallback_error:
+        A prompt whose pre-RoPE keys the rank-``rank`` basis fits with a relative error (``fit_err``,
+        the share of the keys' norm it misses, in [0, 1]) above this bound is kept dense in that
+        layer instead of compressed: measured per layer and prompt at prefill, at the cost of one
+        device read per layer and prompt. Decided per row, so the cost is data dependent: the
+        preflight cannot count it (its message says so). The layer's compressed store, sized before
+        the fit is known, stays allocated (and counted) even where every prompt falls back. ``None``:
+        off. On SmolLM2-135M this error was 1e-2 to 3.2e-2 per layer (2.6e-3 in layer 0) and did not
+        single out the layers whose selection recalls least.
+    dense_fallback_recall:
+        A prompt whose landmark selection, scored at prefill with its last 16 queries, recalls less
+        than this share of the exact attention mass of the budget's best chunks (the mean over KV
+        heads and queries, ``dense_fallback.selection_recall``, the diagnostics' ``mass_recall``) is
+        kept dense in that layer. Costs ``Hq * 16 * T`` attention logits per layer and prompt at
+        prefill; data dependent like ``dense_fallback_error``, but measured before the layer's state
+        is sized, so a layer whose every prompt falls back keeps no store when the batch is prefilled
+        in one group (one prompt, or ``prefill_rows=None``). ``None``: off.
     """
 
     sparse_budget: int = 2048
@@ -96,6 +118,9 @@ class ShadowKVConfig:
     value_bits: int = 16
     landmark_bits: int = 16
     span_neighbors: int = 0
+    dense_layers: tuple[int, ...] = ()
+    dense_fallback_error: float | None = None
+    dense_fallback_recall: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("sparse_budget", "rank", "chunk_size"):
@@ -122,6 +147,18 @@ class ShadowKVConfig:
             if type(value) is not int or value not in (16, 8):
                 raise ValueError(f"ShadowKVConfig.{name} must be 16 (the model's dtype) or 8 (int8 with a "
                                  f"per-chunk scale), got {value!r}")
+        layers = self.dense_layers
+        if not isinstance(layers, (tuple, list)) or any(type(i) is not int or i < 0 for i in layers) \
+                or len(set(layers)) != len(layers):
+            raise ValueError(f"ShadowKVConfig.dense_layers must be a tuple of distinct layer indices >= 0, "
+                             f"e.g. (7, 8), got {layers!r}")
+        object.__setattr__(self, "dense_layers", tuple(sorted(layers)))  # a saved config's list reads back equal
+        for name, what in (("dense_fallback_error", "a relative fit error"), ("dense_fallback_recall", "a recall")):
+            bound = getattr(self, name)
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
+                                      or not 0 <= bound <= 1):
+                raise ValueError(f"ShadowKVConfig.{name} must be None (off) or {what} in [0, 1], e.g. 0.3, "
+                                 f"got {bound!r}")
         if self.sparse_budget % self.chunk_size:
             lower = self.sparse_budget - self.sparse_budget % self.chunk_size
             raise ValueError(
@@ -165,4 +202,5 @@ class ShadowKVConfig:
         return cls(**options)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON's types: ``dense_layers`` as a list (``from_options`` reads it back as the tuple)."""
+        return {**asdict(self), "dense_layers": list(self.dense_layers)}

@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
-from shadowkv_fx import host_copies
+from shadowkv_fx import dense_fallback, host_copies
 from shadowkv_fx.config import ShadowKVConfig
-from shadowkv_fx.kernels import compression, dispatch
+from shadowkv_fx.kernels import dispatch
 from shadowkv_fx.kernels.rope_forms import detect_rope_form
 from shadowkv_fx.pinned import grown, moved
 from shadowkv_fx.prompt_layout import PromptLayout, store_chunks, tail_slots
@@ -135,29 +135,30 @@ class LayerState:
                  keep_values_on_device: Callable[[int], bool] = lambda nbytes: False) -> None:
         """Compress the prompts of batch rows ``rows`` into their slots.
 
-        ``k_pre, k_rot, v: [len(rows), Hkv, S_g, D]`` in the group's own left-padded layout
-        (``group``); ``layout`` is the whole batch's. Prefill may run the batch a group of rows at
-        a time, so only one group's dense K/V is ever on the device; the slots are allocated when
-        the first group arrives, the decode buffers built when the last has.
+        ``k_pre, k_rot, v: [len(rows), Hkv, S_g, D]`` in the group's own left-padded layout (``group``);
+        ``layout`` is the whole batch's. Prefill may run the batch a group of rows at a time (one group's
+        dense K/V on the device): slots are allocated as the first group arrives, buffers built after the last.
         ``rope_tables``: the batch's per-position tables ``[B or 1, 1, S, c]`` (filled by the cache);
-        ``writes_tables``: this layer is the first of those reading them.
+        ``writes_tables``: this layer is the first of those reading them. A row whose slot was sized for chunks
+        that ``layout`` now leaves uncompressed, or whose keys fail ``dense_fallback_error``, is kept dense.
         """
         self.writes_tables = writes_tables
         if self._pending is None:
             self._allocate(layout, k_pre, k_rot, v, rope_tables, keep_values_on_device, tail_capacity)
-        cfg = self.config
-        chunk = cfg.chunk_size
+        cfg, chunk = self.config, self.config.chunk_size
         for i, b in enumerate(rows):
-            start, n_chunks = group.pad[i], layout.chunks[b]
+            n_chunks, (kp, kr, vb) = layout.chunks[b], (x[i, :, group.pad[i] :] for x in (k_pre, k_rot, v))
             t = n_chunks * chunk
-            kp, kr, vb = (x[i, :, start:] for x in (k_pre, k_rot, v))
+            c = dense_fallback.compressed(cfg, kp, kr, vb, t) if n_chunks else None
+            if self.prompt_chunks[b] and c is None:  # kept dense (dense_fallback.py): the whole prompt, local
+                n_chunks = t = self.prompt_chunks[b] = self.chunks[b] = 0
+                self._local_k, self._local_v, self._local_kpre, self._local_valid = dense_fallback.widened_local(
+                    self, b, kr.shape[1])
             local = kr.shape[1] - t
-            self._local_k[b, :, :local] = kr[:, t:]
-            self._local_v[b, :, :local] = vb[:, t:]
+            self._local_k[b, :, :local], self._local_v[b, :, :local] = kr[:, t:], vb[:, t:]
             if self.folds:
                 self._local_kpre[b, :, :local] = kp[:, t:]
             if n_chunks:
-                c = compression.compress_prompt(kp[:, :t], kr[:, :t], vb[:, :t], cfg.rank, chunk, cfg.outlier_chunks)
                 self.selectable[b, :, :n_chunks] = True
                 self.selectable[b].scatter_(1, c.outliers, False)
                 self.outlier_ids[b], self.outlier_cos[b], self.fit_err[b] = c.outliers, c.outlier_cos, c.fit_err
@@ -209,8 +210,7 @@ class LayerState:
             return
         self.select_k = cfg.select_chunks(store)  # again when the store grows (_grow_store)
         outlier_tokens = cfg.outlier_chunks * chunk
-        self.u = k_pre.new_zeros(b_size, store * chunk, cfg.rank)
-        self.sv = k_pre.new_zeros(b_size, hkv, cfg.rank, d)
+        self.u, self.sv = k_pre.new_zeros(b_size, store * chunk, cfg.rank), k_pre.new_zeros(b_size, hkv, cfg.rank, d)
         self.landmarks, self.landmark_scale = chunk_slots((b_size, hkv, store, d), k_rot, cfg.landmark_bits)
         self.selectable = torch.zeros(b_size, hkv, store, dtype=torch.bool, device=device)
         self._outlier_k = k_rot.new_zeros(b_size, hkv, outlier_tokens, d)

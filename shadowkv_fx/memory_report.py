@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from shadowkv_fx import dense_fallback
 from shadowkv_fx.layer_state import LayerState
 from shadowkv_fx.prompt_layout import PromptLayout
 
@@ -51,14 +52,22 @@ def cache_report(states: list[LayerState], layout: PromptLayout | None, rope_tab
                  uncompressed: dict[str, int], tokens: int | None = None) -> dict[str, dict[str, int]]:
     """``ShadowKVCache.memory_report`` of a cache whose layers hold ``states`` for prompts laid
     out as ``layout`` (None: nothing prefilled), with RoPE tables of ``rope_table_bytes``; the
-    dense cache beside it holds ``tokens`` (default: the prompts and every row's generated ones)."""
+    dense cache beside it holds ``tokens`` (default: the prompts and every row's generated ones).
+
+    A layer holding a prompt dense that ``layout`` compresses (``dense_layers``, ``dense_fallback_error``,
+    ``dense_fallback_recall``) reports its local region (the whole prompts, and the other rows' local
+    windows beside them) as ``dense_fallback``; ``uncompressed["dense_fallback_layers"]`` counts such layers."""
     report: dict[str, dict[str, int]] = {"dense": {"kv": 0}}
     device = None
-    for state in states:
+    fallen = set(dense_fallback.fallen_back(states, layout))
+    for i, state in enumerate(states):
         if layout is None or state.tail_k is None:
             continue
         device = state.k_buf.device.type
-        for name, (side, nbytes) in layer_bytes(state).items():
+        parts = layer_bytes(state)
+        if i in fallen:  # the local region holds whole prompts there: what the dense fallback costs
+            parts["dense_fallback"] = parts.pop("local")
+        for name, (side, nbytes) in parts.items():
             part = report.setdefault(side, {})
             part[name] = part.get(name, 0) + nbytes
         b, hkv, _, d = state.local_k.shape
@@ -66,7 +75,7 @@ def cache_report(states: list[LayerState], layout: PromptLayout | None, rope_tab
         report["dense"]["kv"] += 2 * dense * hkv * d * state.local_k.element_size()
     if device is not None:
         report[device]["rope_tables"] = rope_table_bytes
-    report["uncompressed"] = uncompressed
+    report["uncompressed"] = {**uncompressed, "dense_fallback_layers": len(fallen)} if fallen else uncompressed
     return report
 
 

@@ -6,7 +6,7 @@ that does, instead of failing half-way through prefill (or worse, swapping the h
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -74,6 +74,13 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
     values or landmarks take one byte an element, plus a float32 scale per chunk and KV head on the
     device.
     """
+    dense = sum(1 for i in config.dense_layers if i < layers)
+    if dense:  # kept whole, as prompts too short to compress are (dense_fallback.layer_layouts)
+        plain = replace(config, dense_layers=())
+        rest = state_footprint(layers - dense, hkv, d, dtype, layout, plain, tail_capacity) if dense < layers \
+            else Footprint(0, 0)
+        return Footprint(rest.device + dense * dense_layer_bytes(hkv, d, dtype, layout, plain, tail_capacity),
+                         rest.values, rest.layers)
     size = torch.finfo(dtype).bits // 8
     v_size, lm_size = (size if bits == 16 else 1 for bits in (config.value_bits, config.landmark_bits))
     chunk, c_max = config.chunk_size, layout.max_chunks
@@ -98,6 +105,16 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
     if len(set(layout.pad)) == 1:  # and by the sequences of one padded layout (rope_tables.SharedRopeTables)
         rope_tables //= len(layout.lengths)
     return Footprint(layers * device + rope_tables, layers * hkv * c_max * chunk * d * v_size, layers)
+
+
+def dense_layer_bytes(hkv: int, d: int, dtype: torch.dtype, layout: PromptLayout, config: ShadowKVConfig,
+                      tail_capacity: int) -> int:
+    """Device bytes of one sequence's layer kept dense (``dense_layers``, or failing a measured bound):
+    a short prompt's state (the whole prompt and the generated tail), less the RoPE tables, which
+    such a layer does not read."""
+    whole = PromptLayout(layout.pad, layout.lengths, [0] * len(layout.lengths), layout.padded_len)
+    one, none = (state_footprint(n, hkv, d, dtype, whole, config, tail_capacity).device for n in (1, 0))
+    return one - none
 
 
 def pinned_bytes(nbytes: int) -> int:
@@ -240,10 +257,20 @@ def check_batch_fits(model_config, layout: PromptLayout, config: ShadowKVConfig,
             f"this batch's compressed ShadowKV state needs {per_seq.device * batch / 2**30:.1f} GiB of GPU memory "
             f"({per_seq.device / 2**30:.2f} GiB per sequence) but {fit.room / 2**30:.1f} GiB is free beyond "
             f"the share kept for prefill and decode work: the largest batch of these prompts "
-            f"that fits is {fit.by_device}; use a smaller batch or shorter prompts{hint}"
+            f"that fits is {fit.by_device}; use a smaller batch or shorter prompts{hint}{_fallback_note(config)}"
         )
     raise MemoryError(
         f"offloading this batch's values needs more pinned host memory than is available "
         f"({per_seq.values / 2**30:.2f} GiB per sequence, {_host_available() / 2**30:.1f} GiB available): the "
         f"largest batch of these prompts that fits is {fit.by_host}; use a smaller batch or shorter prompts{hint}"
     )
+
+
+def _fallback_note(config: ShadowKVConfig) -> str:
+    """What the count above leaves out: prompts the measured bounds keep dense are known only at prefill."""
+    bounds = [f"{name}={getattr(config, name)}" for name in ("dense_fallback_error", "dense_fallback_recall")
+              if getattr(config, name) is not None]
+    if not bounds:
+        return ""
+    return (f" (not counted: {' and '.join(bounds)} may keep a sequence's prompt dense in any layer, its whole "
+            "K/V on the GPU; dense_layers are counted)")

@@ -42,6 +42,10 @@ class SlotCache(ShadowKVCache):
 
     def __init__(self, num_layers: int, config: ShadowKVConfig, num_slots: int, max_length: int,
                  tail_capacity: int | None = None, value_room: int = 0) -> None:
+        if config.dense_layers or (config.dense_fallback_error, config.dense_fallback_recall) != (None, None):
+            raise ValueError("continuous batching sizes each slot's local window once, for prompts too short to "
+                             "compress, not for whole prompts kept dense: serve with ShadowKVConfig(dense_layers=(), "
+                             "dense_fallback_error=None, dense_fallback_recall=None)")
         self.sizes = slot_state.slot_sizes(config, max_length, tail_capacity)
         super().__init__(num_layers, config, self.sizes.tail)
         self.num_slots, self.max_length = num_slots, max_length
