@@ -205,6 +205,9 @@ def bench(
     if cold:
         from shadowkv_fx import cold_start
 
+        if not batches.split(",")[0].isdigit():
+            raise typer.BadParameter(f"--cold times one batch size: give a number to --batches, not {batches!r}")
+
         rows = cold_start.measure(list(cold_start.FORMS), int(contexts.split(",")[0]),
                                   int(batches.split(",")[0]), "llama-8b", layers)
         out.mkdir(parents=True, exist_ok=True)

@@ -100,3 +100,8 @@ def test_demo_bytes_per_sequence_split_device_and_host_as_the_cache_reports(toke
     assert shadowkv.host_bytes > 0 and 0 < shadowkv.device_bytes
     on_gpu = what_it_means(results, "cuda")
     assert len(on_gpu) == 1 and "same RAM" not in on_gpu[0] and f"{shadowkv.device_bytes / 2**20:.1f} MiB" in on_gpu[0]
+
+
+def test_bench_cold_refuses_a_batch_it_cannot_time_before_any_work():
+    result = CliRunner().invoke(app, ["bench", "--cold", "--batches", "best"], terminal_width=400)
+    assert result.exit_code == 2 and "give a number to --batches" in result.output
