@@ -90,7 +90,7 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
             raise ValueError(f"prefill_chunk_size must be >= 1 or None, got {prefill_chunk_size}")
         self.config = config or ShadowKVConfig()
         dense_fallback.check_layers(self.config, num_layers)
-        super().__init__(layers=[ShadowKVLayer(self, self.config) for _ in range(num_layers)])
+        super().__init__(layers=[ShadowKVLayer(self, self.config.for_layer(i)) for i in range(num_layers)])
         self.tail_capacity = tail_capacity
         # prompts longer than this go through the model in pieces; all of it is compressed at the end
         self.prefill_chunk_size = prefill_chunk_size
@@ -351,7 +351,7 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
         out = dense_prefill(q, k_rot, v, self.group_layout, scale, start)
         if end == self.group_layout.padded_len:
             self.compress_group(layer_idx, k_pre, k_rot, v, tables, dense_fallback.low_recall_rows(
-                self.config, layer_idx, q, k_rot, self.group_layout, self.group_rows, scale))
+                self.config.for_layer(layer_idx), layer_idx, q, k_rot, self.group_layout, self.group_rows, scale))
         return out
 
     def compress_group(self, layer_idx: int, k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor,

@@ -1,7 +1,7 @@
 """User-facing configuration."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,11 @@ class ShadowKVConfig:
         prefill; data dependent like ``dense_fallback_error``, but measured before the layer's state
         is sized, so a layer whose every prompt falls back keeps no store when the batch is prefilled
         in one group (one prompt, or ``prefill_rows=None``). ``None``: off.
+    layer_budgets:
+        One ``sparse_budget`` per layer (tokens, multiples of ``chunk_size``), replacing
+        ``sparse_budget`` layer by layer: more chunks where the landmark selection misses attention,
+        fewer where it does not, at the same total (``evaluation.layer_budgets.allocate`` measures a
+        prompt and splits a total). ``None``: every layer gets ``sparse_budget``.
     """
 
     sparse_budget: int = 2048
@@ -121,6 +126,7 @@ class ShadowKVConfig:
     dense_layers: tuple[int, ...] = ()
     dense_fallback_error: float | None = None
     dense_fallback_recall: float | None = None
+    layer_budgets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("sparse_budget", "rank", "chunk_size"):
@@ -159,6 +165,14 @@ class ShadowKVConfig:
                                       or not 0 <= bound <= 1):
                 raise ValueError(f"ShadowKVConfig.{name} must be None (off) or {what} in [0, 1], e.g. 0.3, "
                                  f"got {bound!r}")
+        budgets = self.layer_budgets
+        if budgets is not None:
+            if not isinstance(budgets, (tuple, list)) or not budgets or any(
+                    type(b) is not int or b < self.chunk_size or b % self.chunk_size for b in budgets):
+                raise ValueError(f"ShadowKVConfig.layer_budgets must be None or one sparse budget per layer, each a "
+                                 f"positive multiple of chunk_size={self.chunk_size} (e.g. from "
+                                 f"shadowkv_fx.evaluation.layer_budgets.allocate), got {budgets!r}")
+            object.__setattr__(self, "layer_budgets", tuple(budgets))
         if self.sparse_budget % self.chunk_size:
             lower = self.sparse_budget - self.sparse_budget % self.chunk_size
             raise ValueError(
@@ -201,6 +215,13 @@ class ShadowKVConfig:
             raise ValueError(f"unknown ShadowKV option(s) {unknown}; known: {sorted(known)}")
         return cls(**options)
 
+    def for_layer(self, index: int) -> "ShadowKVConfig":
+        """The config layer ``index`` runs with: its own ``sparse_budget`` where ``layer_budgets`` gives one."""
+        if self.layer_budgets is None:
+            return self
+        return replace(self, sparse_budget=self.layer_budgets[index], layer_budgets=None)
+
     def to_dict(self) -> dict:
-        """JSON's types: ``dense_layers`` as a list (``from_options`` reads it back as the tuple)."""
-        return {**asdict(self), "dense_layers": list(self.dense_layers)}
+        """JSON's types: tuples as lists (``from_options`` reads them back as tuples)."""
+        budgets = None if self.layer_budgets is None else list(self.layer_budgets)
+        return {**asdict(self), "dense_layers": list(self.dense_layers), "layer_budgets": budgets}

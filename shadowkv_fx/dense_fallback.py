@@ -36,7 +36,11 @@ RECALL_QUERIES = 16
 
 
 def check_layers(config: ShadowKVConfig, num_layers: int) -> None:
-    """``ValueError`` naming the fix when ``dense_layers`` names a layer the model does not have."""
+    """``ValueError`` naming the fix when ``dense_layers`` names a layer the model does not have, or
+    ``layer_budgets`` does not give one budget per layer."""
+    if config.layer_budgets is not None and len(config.layer_budgets) != num_layers:
+        raise ValueError(f"ShadowKVConfig.layer_budgets gives {len(config.layer_budgets)} budgets for a model of "
+                         f"{num_layers} layers: give one per layer")
     missing = [i for i in config.dense_layers if i >= num_layers]
     if missing:
         raise ValueError(f"ShadowKVConfig.dense_layers names layers {missing} but the model has {num_layers} "

@@ -74,6 +74,14 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
     values or landmarks take one byte an element, plus a float32 scale per chunk and KV head on the
     device.
     """
+    if config.layer_budgets is not None:  # each layer's own budget: one layer at a time, the RoPE tables once
+        plain = replace(config, layer_budgets=None, dense_layers=())
+        shared = state_footprint(0, hkv, d, dtype, layout, plain, tail_capacity).device
+        parts = [state_footprint(1, hkv, d, dtype, layout, replace(plain, sparse_budget=config.layer_budgets[i]),
+                                 tail_capacity) for i in range(layers) if i not in config.dense_layers]
+        dense = (layers - len(parts)) * dense_layer_bytes(hkv, d, dtype, layout, plain, tail_capacity)
+        return Footprint(sum(p.device - shared for p in parts) + shared + dense, sum(p.values for p in parts),
+                         len(parts))
     dense = sum(1 for i in config.dense_layers if i < layers)
     if dense:  # kept whole, as prompts too short to compress are (dense_fallback.layer_layouts)
         plain = replace(config, dense_layers=())
