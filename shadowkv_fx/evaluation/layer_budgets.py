@@ -71,9 +71,14 @@ def split_total(curves: dict[int, dict[int, float]], total_chunks: int) -> list[
     return [levels[layer][at[layer]] for layer in layers]
 
 
-def allocate(model, input_ids: torch.Tensor, config: ShadowKVConfig, grid=GRID, queries: int = 16) -> tuple[int, ...]:
+def allocate(model, prompts: torch.Tensor | list[torch.Tensor], config: ShadowKVConfig, grid=GRID,
+             queries: int = 16) -> tuple[int, ...]:
     """Per-layer ``sparse_budget``s (tokens) for ``ShadowKVConfig.layer_budgets``: the uniform
-    ``config.sparse_budget`` times the number of layers, split by measured recall (``split_total``)."""
-    curves = recall_curves(model, input_ids, config, grid, queries)
+    ``config.sparse_budget`` times the number of layers, split by measured recall (``split_total``)
+    averaged over ``prompts`` (each ``[1, T]``: prompts like the ones to be served)."""
+    measured = [recall_curves(model, ids, config, grid, queries) for ids in (
+        prompts if isinstance(prompts, (list, tuple)) else [prompts])]
+    curves = {layer: {k: sum(c[layer][k] for c in measured) / len(measured) for k in measured[0][layer]}
+              for layer in measured[0]}
     chunks = split_total(curves, config.budget_chunks * len(curves))
     return tuple(c * config.chunk_size for c in chunks)
