@@ -59,14 +59,19 @@ def record_decode_ops(monkeypatch) -> list[str]:
     return seen
 
 
-def test_decode_op_never_reads_the_host_count_or_syncs(model, monkeypatch):
-    token, cache = prefill(model, [90, 61])
+def assert_decode_steps_never_sync(model, token, cache, monkeypatch, steps: int = 3):
+    """Run ``steps`` greedy decode steps and check the decode op made no host-syncing call."""
     seen = record_decode_ops(monkeypatch)
     with torch.no_grad():
-        for _ in range(3):
+        for _ in range(steps):
             token = model(token, cache=cache).logits[:, -1:].argmax(-1)
     assert seen, "the decode op ran"
     assert not HOST_SYNC_OPS & set(seen), sorted(HOST_SYNC_OPS & set(seen))
+
+
+def test_decode_op_never_reads_the_host_count_or_syncs(model, monkeypatch):
+    token, cache = prefill(model, [90, 61])
+    assert_decode_steps_never_sync(model, token, cache, monkeypatch)
 
 
 def test_decode_buffers_keep_their_addresses_until_the_tail_must_grow(model):

@@ -14,7 +14,7 @@ from shadowkv_fx.prompt_layout import PromptLayout
 from shadowkv_fx.slot_cache import SlotCache
 from tests.models import (_dynamo_reset_for_the_module, _fresh_dynamo, assert_close, full_rank,  # noqa: F401
                           left_padded, tiny_pair)
-from tests.test_decode_step_static import HOST_SYNC_OPS, record_decode_ops
+from tests.test_decode_step_static import assert_decode_steps_never_sync
 
 # one chunk of budget and rank 2: far from dense on a peaked model
 TINY = shadowkv_fx.ShadowKVConfig(sparse_budget=4, rank=2, chunk_size=4, local_chunks=2, outlier_chunks=2,
@@ -296,12 +296,7 @@ def test_decode_steps_with_dense_layers_never_sync_and_keep_their_buffers(pair, 
     states = [layer.state for layer in cache.layers]
     assert states[0].compressed and 0 in states[0].prompt_chunks and not states[1].compressed
     addresses = [t.data_ptr() for s in states for t in (s.k_buf, s.v_buf, s.key_valid, s.tail_fill)]
-    seen = record_decode_ops(monkeypatch)
-    with torch.no_grad():
-        for _ in range(3):
-            token = model(token, cache=cache).logits[:, -1:].argmax(-1)
-    assert seen, "the decode op ran"
-    assert not HOST_SYNC_OPS & set(seen), sorted(HOST_SYNC_OPS & set(seen))
+    assert_decode_steps_never_sync(model, token, cache, monkeypatch)
     assert addresses == [t.data_ptr() for s in states for t in (s.k_buf, s.v_buf, s.key_valid, s.tail_fill)]
 
 
