@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from shadowkv_fx import ShadowKVConfig, load_smollm2
-from shadowkv_fx.evaluation.budgets import resolve_budget
+from shadowkv_fx.evaluation.budgets import resolve_budget, with_budget
 from shadowkv_fx.evaluation.diagnostics import layer_diagnostics
-from shadowkv_fx.evaluation.tasks import make_sample
+from shadowkv_fx.evaluation.tasks import make_sample, parse_length, prompt_ids
 
 
 def main() -> None:
@@ -36,11 +36,10 @@ def main() -> None:
         for length in args.lengths.split(","):
             for index in range(args.samples):
                 sample = make_sample(task, tokenizer, length, index=index)
-                ids = tokenizer(sample.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+                ids = prompt_ids(tokenizer, sample.prompt)
                 for budget in args.budgets.split(","):
-                    chunk = ShadowKVConfig().chunk_size  # the suite's rule: the budget of the nominal length, whole chunks
-                    tokens = resolve_budget(budget, int(length.rstrip("k")) * 1024) // chunk * chunk
-                    config = ShadowKVConfig(sparse_budget=tokens)
+                    # the suite's rule: the budget of the nominal length, in whole chunks
+                    config = with_budget(ShadowKVConfig(), resolve_budget(budget, parse_length(length)))
                     start = time.perf_counter()
                     found = layer_diagnostics(model, ids, config, queries=args.queries)
                     for r in found:

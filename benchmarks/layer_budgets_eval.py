@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 from shadowkv_fx import ShadowKVConfig, load_smollm2
-from shadowkv_fx.evaluation.budgets import resolve_budget
+from shadowkv_fx.evaluation.budgets import resolve_budget, with_budget
 from shadowkv_fx.evaluation.layer_budgets import allocate
 from shadowkv_fx.evaluation.runner import run_eval
-from shadowkv_fx.evaluation.tasks import make_sample, parse_length
+from shadowkv_fx.evaluation.tasks import make_sample, parse_length, prompt_ids
 
 
 def main() -> None:
@@ -33,10 +33,10 @@ def main() -> None:
     model, tokenizer = load_smollm2()
     tasks = args.tasks.split(",")
     base = ShadowKVConfig()
-    tokens = resolve_budget(args.budget, parse_length(args.length)) // base.chunk_size * base.chunk_size
-    uniform = dataclasses.replace(base, sparse_budget=tokens)
-    calibration = [tokenizer(make_sample(t, tokenizer, args.length, index=args.calibration_index).prompt,
-                             add_special_tokens=False, return_tensors="pt")["input_ids"] for t in tasks]
+    uniform = with_budget(base, resolve_budget(args.budget, parse_length(args.length)))
+    tokens = uniform.sparse_budget
+    calibration = [prompt_ids(tokenizer, make_sample(t, tokenizer, args.length, index=args.calibration_index).prompt)
+                   for t in tasks]
     budgets = allocate(model, calibration, uniform)
     print(f"uniform {tokens} tokens x {len(budgets)} layers = {tokens * len(budgets)}; per layer: {list(budgets)} "
           f"(sum {sum(budgets)})", flush=True)

@@ -7,9 +7,10 @@ resolved ``sparse_budget``.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from fractions import Fraction
 
-__all__ = ["budget_key", "parse_budget", "resolve_budget"]
+__all__ = ["budget_key", "parse_budget", "resolve_budget", "with_budget"]
 
 
 def parse_budget(spec: int | str) -> int | Fraction:
@@ -40,6 +41,12 @@ def resolve_budget(spec: int | str, length: int) -> int:
     """
     budget = parse_budget(spec)
     return budget if isinstance(budget, int) else int(budget * length)
+
+
+def with_budget(config, budget: int):
+    """``config`` (a ``ShadowKVConfig``) at ``budget`` tokens, rounded down to whole chunks (at least
+    one): rounding rather than refusing lets one budget list fit every chunk size."""
+    return replace(config, sparse_budget=max(config.chunk_size, budget - budget % config.chunk_size))
 
 
 def budget_key(spec: int | str) -> int | str:

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from .budgets import resolve_budget
+from .budgets import resolve_budget, with_budget
 from .scoring import score_prediction
-from .tasks import TaskSample, make_samples
+from .tasks import TaskSample, make_samples, parse_length
 
 
 def split_at_question(tokenizer, sample: TaskSample) -> tuple[torch.Tensor, int]:
@@ -72,9 +71,8 @@ def run(model_factory, tokenizer, tasks: list[str], lengths: list[str], samples:
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     for length in lengths:
-        nominal = int(length.rstrip("k")) * 1024 if length.endswith("k") else int(length)
-        tokens = resolve_budget(budget, nominal) // base.chunk_size * base.chunk_size
-        config = dataclasses.replace(base, sparse_budget=tokens)
+        config = with_budget(base, resolve_budget(budget, parse_length(length)))
+        tokens = config.sparse_budget
         model = optimize(model_factory(), config)
         for task in tasks:
             for sample in make_samples(task, tokenizer, length, samples):

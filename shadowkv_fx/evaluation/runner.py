@@ -19,11 +19,11 @@ import torch
 
 from ..config import ShadowKVConfig
 from .baselines import sink_local_generate, sink_local_window_for_budget
-from .budgets import budget_key, parse_budget, resolve_budget
+from .budgets import budget_key, parse_budget, resolve_budget, with_budget
 from .quest import QuestAttention, quest_generate
 from .results import print_results_table
 from .scoring import score_prediction
-from .tasks import TASKS, TaskSample, make_samples, parse_length
+from .tasks import TASKS, TaskSample, make_samples, parse_length, prompt_ids
 
 __all__ = [
     "DEFAULT_TASKS",
@@ -78,11 +78,6 @@ def shadowkv_attended_tokens(config: ShadowKVConfig, context_tokens: int) -> int
     return min(context_tokens, config.sparse_budget + config.outlier_chunks * config.chunk_size + local)
 
 
-def _with_budget(config: ShadowKVConfig, budget: int) -> ShadowKVConfig:
-    # A budget must be whole chunks; round down rather than reject so one budget list fits every chunk size.
-    return replace(config, sparse_budget=max(config.chunk_size, budget - budget % config.chunk_size))
-
-
 def default_optimize(model, config: ShadowKVConfig, cuda_graphs: bool = False):
     """``shadowkv_fx.optimize``, what ``run_eval`` applies unless given another ``optimize_fn``."""
     import shadowkv_fx
@@ -96,9 +91,8 @@ def _dense_generate(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
 
 @torch.no_grad()
 def _generate(model, tokenizer, sample: TaskSample, max_new_tokens: int, generate_fn: Callable = _dense_generate) -> str:
-    encoded = tokenizer(sample.prompt, add_special_tokens=False, return_tensors="pt")
     device = next(model.parameters()).device
-    input_ids = encoded["input_ids"].to(device)
+    input_ids = prompt_ids(tokenizer, sample.prompt).to(device)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id)
     kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output = generate_fn(model, input_ids, **kwargs)
@@ -132,7 +126,7 @@ def _plan_runs(methods, variants, budgets, samples) -> list[_Run]:
             else:
                 groups = [(resolve_budget(spec, n), [s for s in samples if s.target_length == n]) for n in lengths]
             for tokens, subset in groups:
-                out.append(_Run(method, variant, f"{name} b={key}", key, _with_budget(template, tokens), subset))
+                out.append(_Run(method, variant, f"{name} b={key}", key, with_budget(template, tokens), subset))
         return out
 
     runs = [_Run("dense", None, "dense", None, None, samples)] if "dense" in methods else []

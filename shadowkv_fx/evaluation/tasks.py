@@ -145,6 +145,12 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def prompt_ids(tokenizer, text: str):
+    """``[1, S]`` ids of a prompt as the runner feeds it (no extra special tokens: the chat template
+    already holds them)."""
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
 def _fit(render: Callable[[int], tuple], tokenizer, budget: int, unit_guess: float) -> tuple:
     """Largest ``n`` whose rendered prompt stays within ``budget`` tokens (binary search).
 
