@@ -124,20 +124,28 @@ def run_shadowkv_reuse(model, stream: list[ReuseRequest], docs: list[list[int]],
                                  for p, r in zip(per_request, stream)])
 
 
+def document_kv_bytes(model, context: int) -> int:
+    """Dense KV cache bytes of one ``context``-token document (keys and values, every layer)."""
+    from shadowkv_fx.preflight import head_shape
+
+    _, kv_heads, head_dim = head_shape(model.config)
+    return 2 * model.config.num_hidden_layers * kv_heads * head_dim * context * next(model.parameters()).element_size()
+
+
 def dense_hold_bytes(model, context: int, margin: float = 2**30) -> int:
     """Bytes of GPU memory dense may fill with held documents: free memory less one more document's
     KV (the copy a question runs on) and a prefill's working set (its MLP activations)."""
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_doc = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * \
-        next(model.parameters()).element_size()
-    work = 3 * context * cfg.intermediate_size * next(model.parameters()).element_size()
+    work = 3 * context * model.config.intermediate_size * next(model.parameters()).element_size()
     free, _ = torch.cuda.mem_get_info()
-    return max(0, int(free - per_doc - work - margin))
+    return max(0, int(free - document_kv_bytes(model, context) - work - margin))
 
 
 def _kv_bytes(cache) -> int:
     return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+
+
+def _held_bytes(held: dict) -> int:
+    return sum(_kv_bytes(c) for c in held.values())
 
 
 def run_dense_reuse(model, stream: list[ReuseRequest], docs: list[list[int]], prompts: list[list[int]],
@@ -167,12 +175,12 @@ def run_dense_reuse(model, stream: list[ReuseRequest], docs: list[list[int]], pr
                 model(input_ids=doc, **{compat.CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
                 row.document_prefills += 1
             size = _kv_bytes(cache)
-            while held and sum(_kv_bytes(c) for c in held.values()) + size > hold_bytes:
+            while held and _held_bytes(held) + size > hold_bytes:
                 held.popitem(last=False)
             if size <= hold_bytes:
                 held[r.document] = cache
             row.documents_held = max(row.documents_held, len(held))
-            most_bytes = max(most_bytes, sum(_kv_bytes(c) for c in held.values()))
+            most_bytes = max(most_bytes, _held_bytes(held))
             ids = torch.tensor([prompt], device=device)
             streamer = _FirstToken()
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **{compat.CACHE_ARG: copy.deepcopy(cache)},

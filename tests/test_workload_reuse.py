@@ -16,19 +16,13 @@ def config():
                                       outlier_chunks=2)
 
 
-def one_document_bytes(model) -> int:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * CONTEXT * 4  # float32
-
-
 @pytest.fixture(scope="module")
 def served():
     model = tiny_pair("llama")[0]
     stream = wr.make_reuse_stream(2, 3, 2, 5, 3, seed=1)
     # dense holds one document: round-robin arrivals find the other one dropped every time
     rows = wr.run_reuse(model, stream, CONTEXT, config(), slots=2, prefill_chunk=16,
-                        hold_bytes=one_document_bytes(model) + 64, optimize=lambda m, c: shadowkv_fx.optimize(m, c),
+                        hold_bytes=wr.document_kv_bytes(model, CONTEXT) + 64, optimize=lambda m, c: shadowkv_fx.optimize(m, c),
                         progress=lambda msg: None)
     return model, stream, rows
 

@@ -106,13 +106,13 @@ def chunk_diagnostics(q_rot: torch.Tensor, k_pre: torch.Tensor, k_rot: torch.Ten
     grouped = q_rot.float().view(hkv, group, n, d)
     logits = torch.einsum("hgnd,hcd->hgnc", grouped, landmarks) * scale
     probs = torch.softmax(logits.masked_fill(~selectable[:, None, None], float("-inf")), dim=-1)
-    per_query = score_chunks(grouped.permute(2, 0, 1, 3).reshape(n, hq, 1, d), landmarks.expand(n, -1, -1, -1),
-                             selectable.expand(n, -1, -1), scale)  # [n, Hkv, C]
+    one_query = grouped.permute(2, 0, 1, 3).reshape(n, hq, 1, d)  # each query scored as a decode step scores it
+    per_query = score_chunks(one_query, landmarks.expand(n, -1, -1, -1), selectable.expand(n, -1, -1), scale)  # [n, Hkv, C]
     picked = _top_mask(per_query, k).permute(1, 0, 2)  # [Hkv, n, C]
     # the same pick from int8 landmarks (landmark_bits=8: one scale per chunk and KV head)
     codes, steps = quantize(landmarks, 1)
-    per_query8 = score_chunks(grouped.permute(2, 0, 1, 3).reshape(n, hq, 1, d),
-                              dequantize(codes, steps).expand(n, -1, -1, -1), selectable.expand(n, -1, -1), scale)
+    per_query8 = score_chunks(one_query, dequantize(codes, steps).expand(n, -1, -1, -1), selectable.expand(n, -1, -1),
+                              scale)
     picked8 = _top_mask(per_query8, k).permute(1, 0, 2)
 
     # exact causal attention of the last n queries over the whole prompt

@@ -16,6 +16,7 @@ budget's, since the total is never exceeded.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 
@@ -32,8 +33,7 @@ def recall_curves(model, input_ids: torch.Tensor, config: ShadowKVConfig, grid=G
     one dense prefill per budget of ``grid`` (times ``config.budget_chunks``, at least one chunk)."""
     curves: dict[int, dict[int, float]] = defaultdict(dict)
     for chunks in sorted({max(1, round(f * config.budget_chunks)) for f in grid}):
-        budget = ShadowKVConfig(**{**config.to_dict(), "sparse_budget": chunks * config.chunk_size,
-                                   "layer_budgets": None, "dense_layers": ()})
+        budget = replace(config, sparse_budget=chunks * config.chunk_size, layer_budgets=None, dense_layers=())
         rows = layer_diagnostics(model, input_ids, budget, queries=queries)
         for layer in {r["layer"] for r in rows}:
             mine = [r["mass_recall"] for r in rows if r["layer"] == layer]
