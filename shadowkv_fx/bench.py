@@ -26,6 +26,7 @@ from shadowkv_fx.cache import device_and_host_bytes
 from shadowkv_fx.random_fill import fill_random
 
 METHODS = ("dense-eager", "dense-compiled", "shadowkv")
+DENSE_BOUND = "GPU memory (KV cache + prefill activations)"  # what limits a dense method's batch
 
 
 @dataclass
@@ -277,12 +278,39 @@ def _run_point(model, method: str, ids: torch.Tensor, steps: int, config, with_b
             if measured:
                 dense_peaks[(method, context)] = max(peak, dense_peaks.get((method, context), 0.0))
             row.largest_batch = dense_largest_batch(dense_peaks.get((method, context), peak))
-            row.bound = "GPU memory (KV cache + prefill activations)"
+            row.bound = DENSE_BOUND
         for key, value in result.items():
             setattr(row, key, value)
     except (torch.OutOfMemoryError, MemoryError) as exc:
         row.error = f"out of memory: {str(exc).splitlines()[0][:160]}"
     row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def _largest(model, method: str, context: int, steps: int, config, with_breakdown: bool,
+             dense_peaks: dict) -> tuple[int, str]:
+    """The method's largest batch at ``context`` and what bounds it: ShadowKV's by its preflight
+    (after optimizing: its workspace counts against the room), dense's from its per-sequence peak
+    (``dense_peaks``, measured by a one-sequence probe where no smaller batch of the run was)."""
+    if method == "shadowkv":
+        ensure_optimized(model, config)
+        _release_memory()
+        fit = largest_batch(model, context, config, tail_capacity(steps, with_breakdown))
+        return fit.largest, fit.bound
+    if (method, context) not in dense_peaks:
+        dense_peaks[(method, context)] = _measure_dense_peak(model, context, steps, method)
+    return dense_largest_batch(dense_peaks[(method, context)]), DENSE_BOUND
+
+
+def _point(model, method: str, context: int, batch: int, steps: int, config, with_breakdown: bool,
+           random_fill_above: int | None, dense_peaks: dict, measured: bool, progress: Callable[[str], None],
+           note: str = "") -> BenchRow:
+    """One bench point on the run's prompts for ``context`` (every method and batch draws the same), logged."""
+    torch.manual_seed(context)
+    ids = torch.randint(0, model.config.vocab_size - 1, (batch, context), device=model.device)
+    progress(f"{method}: context {context}, batch {batch}{note}")
+    row = _run_point(model, method, ids, steps, config, with_breakdown, random_fill_above, dense_peaks, measured)
+    progress(json.dumps({k: v for k, v in asdict(row).items() if k != "breakdown"}))
     return row
 
 
@@ -292,24 +320,11 @@ def _fastest_batch(model, method: str, context: int, steps: int, config, with_br
     says what bounds it (``best``)."""
     from shadowkv_fx import batch_search
 
-    if method == "shadowkv":
-        ensure_optimized(model, config)
-        _release_memory()
-        fit = largest_batch(model, context, config, tail_capacity(steps, with_breakdown))
-        largest, bound = fit.largest, fit.bound
-    else:
-        if (method, context) not in dense_peaks:
-            dense_peaks[(method, context)] = _measure_dense_peak(model, context, steps, method)
-        largest, bound = dense_largest_batch(dense_peaks[(method, context)]), "GPU memory (KV cache + prefill activations)"
+    largest, bound = _largest(model, method, context, steps, config, with_breakdown, dense_peaks)
 
     def measure(batch: int) -> BenchRow:
-        torch.manual_seed(context)
-        ids = torch.randint(0, model.config.vocab_size - 1, (batch, context), device=model.device)
-        progress(f"{method}: context {context}, batch {batch} (searching the fastest, largest {largest})")
-        row = _run_point(model, method, ids, steps, config, with_breakdown, random_fill_above, dense_peaks,
-                         measured=False)
-        progress(json.dumps({k: v for k, v in asdict(row).items() if k != "breakdown"}))
-        return row
+        return _point(model, method, context, batch, steps, config, with_breakdown, random_fill_above, dense_peaks,
+                      False, progress, f" (searching the fastest, largest {largest})")
 
     best, rows = batch_search.search(measure, largest)
     if best is not None:
@@ -338,23 +353,12 @@ def bench(model, contexts: list[int], batches: list[int | str], methods: list[st
                                            dense_peaks, progress)
                     continue
                 if batch_spec == "max":
-                    if method == "shadowkv":
-                        ensure_optimized(model, config)  # its workspace counts against the room
-                        _release_memory()
-                        batch = largest_batch(model, context, config, tail_capacity(steps, with_breakdown)).largest
-                    else:
-                        retries = dense_retries
-                        if (method, context) not in dense_peaks:
-                            dense_peaks[(method, context)] = _measure_dense_peak(model, context, steps, method)
-                        batch = dense_largest_batch(dense_peaks[(method, context)])
+                    batch = _largest(model, method, context, steps, config, with_breakdown, dense_peaks)[0]
+                    retries = 0 if method == "shadowkv" else dense_retries
                 while True:
-                    torch.manual_seed(context)  # every method and batch draws the same prompts
-                    ids = torch.randint(0, model.config.vocab_size - 1, (batch, context), device=model.device)
-                    progress(f"{method}: context {context}, batch {batch}" + (" (its largest)" if batch_spec == "max" else ""))
-                    row = _run_point(model, method, ids, steps, config, with_breakdown, random_fill_above, dense_peaks,
-                                     measured=batch_spec != "max")
+                    row = _point(model, method, context, batch, steps, config, with_breakdown, random_fill_above,
+                                 dense_peaks, batch_spec != "max", progress, " (its largest)" if batch_spec == "max" else "")
                     rows.append(row)
-                    progress(json.dumps({k: v for k, v in asdict(row).items() if k != "breakdown"}))
                     if not (row.error and retries and batch > 1):
                         break
                     retries, batch = retries - 1, batch - 1
