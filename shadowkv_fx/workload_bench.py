@@ -151,7 +151,7 @@ def _serve(add, get_result, alive, requests: list[WorkloadRequest], device: torc
             raise RuntimeError(f"request w{i} came back without timestamps")
         per_request.append({"prompt_len": r.prompt_len, "output_len": r.output_len,
                             "generated": len(out.generated_tokens), "ttft_s": stamps[0] - t0 - r.arrival_s,
-                            "end_s": max(out.lifespan[1], stamps[-1]) - t0,
+                            "start_s": out.lifespan[0] - t0, "end_s": max(out.lifespan[1], stamps[-1]) - t0,
                             "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])]})
         spans.append(tuple(out.lifespan))
     return per_request, spans

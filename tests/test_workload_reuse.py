@@ -46,6 +46,9 @@ def test_every_request_gets_its_length_and_documents_are_prefilled_as_held(serve
         assert row.error is None, (row.method, row.error)
         assert [p["generated"] for p in row.per_request] == [r.output_len for r in stream], row.method
         assert 0 < row.ttft_first_p50_s and 0 < row.ttft_later_p50_s <= row.total_s
+        # served: from its slot (or turn) to its first token, so never longer than from its arrival
+        assert 0 < row.served_later_p50_s <= row.ttft_later_p50_s and row.served_later_p95_s <= row.ttft_later_p95_s
+        assert all(0 <= p["start_s"] <= p["ttft_s"] + 1e-9 for p in row.per_request), row.method
     assert by["shadowkv-reuse"].document_prefills == 2 and by["shadowkv-reuse"].documents_held == 2
     assert by["shadowkv-reuse"].device_bytes > 0
     assert by["dense-reuse"].document_prefills == len(stream) and by["dense-reuse"].documents_held == 1
