@@ -23,7 +23,7 @@ from shadowkv_fx import bench_profile, compat
 from shadowkv_fx.bench_profile import greedy as _greedy
 from shadowkv_fx.bench_profile import sync as _sync
 from shadowkv_fx.cache import device_and_host_bytes
-from shadowkv_fx.random_fill import fill_random
+from shadowkv_fx.random_fill import FillAbove, fill_random, fill_replicated
 
 METHODS = ("dense-eager", "dense-compiled", "shadowkv")
 DENSE_BOUND = "GPU memory (KV cache + prefill activations)"  # what limits a dense method's batch
@@ -45,7 +45,7 @@ class BenchRow:
     v_hit_rate: float | None = None
     peak_gib: float | None = None
     cuda_graph: bool | None = None  # ShadowKV: its decode steps replayed a captured graph
-    fill: str = "prefill"  # "random": the cache was filled by fill_random (no prefill time)
+    fill: str = "prefill"  # "random" / "replicate": by fill_random / fill_replicated (no batch prefill time)
     largest_batch: int | None = None  # the largest batch of this method at this context that fits
     bound: str | None = None  # what limits that batch
     best: str | None = None  # --batches best: this row is the fastest batch found, and what bounds it
@@ -177,15 +177,16 @@ def ensure_optimized(model, config) -> None:
         shadowkv_fx.optimize(model, config, compile_graph=inductor_graph, cuda_graphs=True, regional=REGIONAL)
 
 
-def run_shadowkv(model, ids: torch.Tensor, steps: int, config, random_fill: bool = False, alone: bool = True) -> dict:
-    """``random_fill``: the cache is filled by ``fill_random`` (prefill time then not reported);
+def run_shadowkv(model, ids: torch.Tensor, steps: int, config, fill: str = "prefill", alone: bool = True) -> dict:
+    """``fill``: "prefill" (``ids`` through the model), "random" (``fill_random``) or "replicate"
+    (``fill_replicated`` of ``ids``' first row); a batch's prefill time is reported for "prefill" only.
     ``alone``: the cache also has room for the steps ``steps_alone`` times."""
     import shadowkv_fx
     from shadowkv_fx.cuda_graph import DecodeGraph
 
     batch, context = ids.shape
     ensure_optimized(model, config)
-    if not random_fill:
+    if fill == "prefill":  # a replicated fill's one prefill is not timed: it warms nothing first
         # compile this prompt shape's graphs, so the timed prefill is warm: the batch goes through
         # the model ``prefill_rows`` sequences at a time, so that many compile every graph it runs
         warm = ids[: config.prefill_rows or len(ids)]
@@ -195,9 +196,11 @@ def run_shadowkv(model, ids: torch.Tensor, steps: int, config, random_fill: bool
 
     def prefill():
         with torch.no_grad():
-            if random_fill:
+            if fill == "random":
                 fill_random(model, cache, batch, context)
                 return ids[:, -1:]
+            if fill == "replicate":
+                return fill_replicated(model, cache, ids[:1], batch)
             return _greedy(model(ids, cache=cache, logits_to_keep=1).logits)
 
     def step(token):
@@ -205,7 +208,7 @@ def run_shadowkv(model, ids: torch.Tensor, steps: int, config, random_fill: bool
             return _greedy(model(token, cache=cache).logits)
 
     prefill_s, per_step = timed_decode(step, prefill, steps)
-    prefill_s = None if random_fill else prefill_s
+    prefill_s = prefill_s if fill == "prefill" else None
     report = cache.memory_report()
     gpu, host = device_and_host_bytes(report)
     device_v, host_v = report.get("cuda", {}).get("device_V", 0), host
@@ -251,7 +254,7 @@ def _measure_dense_peak(model, context: int, steps: int, method: str) -> float:
 
 
 def _run_point(model, method: str, ids: torch.Tensor, steps: int, config, with_breakdown: bool,
-               random_fill_above: int | None, dense_peaks: dict, measured: bool) -> BenchRow:
+               fill: FillAbove, dense_peaks: dict, measured: bool) -> BenchRow:
     """One method at ``ids``' batch and context. ``measured``: a given batch, whose per-sequence
     peak then sizes that dense method's largest batch."""
     batch, context = ids.shape
@@ -263,9 +266,8 @@ def _run_point(model, method: str, ids: torch.Tensor, steps: int, config, with_b
             ensure_optimized(model, config)
             fit = largest_batch(model, context, config, tail_capacity(steps, with_breakdown))
             row.largest_batch, row.bound = fit.largest, fit.bound
-            random_fill = random_fill_above is not None and batch > random_fill_above
-            row.fill = "random" if random_fill else "prefill"
-            result = run_shadowkv(model, ids, steps, config, random_fill, with_breakdown)
+            row.fill = fill.for_batch(batch)
+            result = run_shadowkv(model, ids, steps, config, row.fill, with_breakdown)
             cache = result.pop("_cache")
             if with_breakdown:
                 token = ids[:, -1:]
@@ -303,19 +305,19 @@ def _largest(model, method: str, context: int, steps: int, config, with_breakdow
 
 
 def _point(model, method: str, context: int, batch: int, steps: int, config, with_breakdown: bool,
-           random_fill_above: int | None, dense_peaks: dict, measured: bool, progress: Callable[[str], None],
+           fill: FillAbove, dense_peaks: dict, measured: bool, progress: Callable[[str], None],
            note: str = "") -> BenchRow:
     """One bench point on the run's prompts for ``context`` (every method and batch draws the same), logged."""
     torch.manual_seed(context)
     ids = torch.randint(0, model.config.vocab_size - 1, (batch, context), device=model.device)
     progress(f"{method}: context {context}, batch {batch}{note}")
-    row = _run_point(model, method, ids, steps, config, with_breakdown, random_fill_above, dense_peaks, measured)
+    row = _run_point(model, method, ids, steps, config, with_breakdown, fill, dense_peaks, measured)
     progress(json.dumps({k: v for k, v in asdict(row).items() if k != "breakdown"}))
     return row
 
 
 def _fastest_batch(model, method: str, context: int, steps: int, config, with_breakdown: bool,
-                   random_fill_above: int | None, dense_peaks: dict, progress: Callable[[str], None]) -> list[BenchRow]:
+                   fill: FillAbove, dense_peaks: dict, progress: Callable[[str], None]) -> list[BenchRow]:
     """``--batches best``: ``batch_search.search`` up to the method's largest batch; the fastest row
     says what bounds it (``best``)."""
     from shadowkv_fx import batch_search
@@ -323,7 +325,7 @@ def _fastest_batch(model, method: str, context: int, steps: int, config, with_br
     largest, bound = _largest(model, method, context, steps, config, with_breakdown, dense_peaks)
 
     def measure(batch: int) -> BenchRow:
-        return _point(model, method, context, batch, steps, config, with_breakdown, random_fill_above, dense_peaks,
+        return _point(model, method, context, batch, steps, config, with_breakdown, fill, dense_peaks,
                       False, progress, f" (searching the fastest, largest {largest})")
 
     best, rows = batch_search.search(measure, largest)
@@ -334,14 +336,16 @@ def _fastest_batch(model, method: str, context: int, steps: int, config, with_br
 
 def bench(model, contexts: list[int], batches: list[int | str], methods: list[str], steps: int, config,
           progress: Callable[[str], None] = print, with_breakdown: bool = False,
-          random_fill_above: int | None = None, dense_retries: int = 3) -> list[BenchRow]:
+          random_fill_above: int | None = None, dense_retries: int = 3, fill: str = "random") -> list[BenchRow]:
     """Every method at every (context, batch). Batch ``"best"``: the fastest batch of each method
     (``_fastest_batch``). Batch ``"max"`` runs each method at its own
     largest batch at that context: ShadowKV's by its preflight; dense's from its per-sequence
     peak memory at the largest smaller batch the run measured (else a one-sequence probe), one
     smaller each time it runs out of memory (``dense_retries`` times at most).
-    ShadowKV points with a batch above ``random_fill_above`` fill the cache from random K/V
-    (``fill_random``) instead of a prefill."""
+    ShadowKV points with a batch above ``random_fill_above`` fill the cache without a prefill per
+    sequence: ``fill`` "random" from random K/V (``fill_random``), "replicate" from one real
+    prefill of the first prompt compressed into every row (``fill_replicated``)."""
+    fill_above = FillAbove(random_fill_above, fill)
     rows = []
     dense_peaks: dict[tuple[str, int], float] = {}  # (method, context) -> per-sequence peak bytes
     for context in contexts:
@@ -349,14 +353,14 @@ def bench(model, contexts: list[int], batches: list[int | str], methods: list[st
             for method in methods:
                 batch, retries = batch_spec, 0
                 if batch_spec == "best":
-                    rows += _fastest_batch(model, method, context, steps, config, with_breakdown, random_fill_above,
+                    rows += _fastest_batch(model, method, context, steps, config, with_breakdown, fill_above,
                                            dense_peaks, progress)
                     continue
                 if batch_spec == "max":
                     batch = _largest(model, method, context, steps, config, with_breakdown, dense_peaks)[0]
                     retries = 0 if method == "shadowkv" else dense_retries
                 while True:
-                    row = _point(model, method, context, batch, steps, config, with_breakdown, random_fill_above,
+                    row = _point(model, method, context, batch, steps, config, with_breakdown, fill_above,
                                  dense_peaks, batch_spec != "max", progress, " (its largest)" if batch_spec == "max" else "")
                     rows.append(row)
                     if not (row.error and retries and batch > 1):

@@ -17,7 +17,7 @@ def table(rows: list["BenchRow"], gpus: int = 1) -> str:
         if r.error:
             lines.append(f"{r.method:<16}{r.context:>8}{r.batch:>6}  {r.error}")
             continue
-        prefill = "random" if r.prefill_s is None else f"{r.prefill_s:.2f}"
+        prefill = r.fill if r.prefill_s is None else f"{r.prefill_s:.2f}"
         lines.append(f"{r.method:<16}{r.context:>8}{r.batch:>6}{r.tok_s:>9.1f}{r.step_ms:>9.2f}{prefill:>10}"
                      f"{r.gpu_gib_per_seq:>12.3f}{'-' if r.state_gib_per_seq is None else f'{r.state_gib_per_seq:.3f}':>14}"
                      f"{r.host_gib_per_seq:>13.3f}{r.v_on_gpu:>9.0%}"
@@ -29,6 +29,9 @@ def table(rows: list["BenchRow"], gpus: int = 1) -> str:
     lines += [f"{r.method} fastest batch at context {r.context}: {r.best}" for r in rows if r.best]
     if any(r.fill == "random" for r in rows):
         lines.append("prefill 'random': the cache was filled from random K/V through the same compression path")
+    if any(r.fill == "replicate" for r in rows):
+        lines.append("prefill 'replicate': one real prefill of the first prompt, its K/V compressed into every row "
+                     "(a real prefill's state and value hits; its time is one sequence's, not the batch's)")
     for r in rows:
         if r.breakdown:
             lines.append(f"\nbreakdown of one ShadowKV decode step (no CUDA graph), context {r.context}, batch {r.batch}:")

@@ -152,6 +152,9 @@ def bench(
     value_hbm_gib: float = typer.Option(-1.0, help="GiB of values kept on the GPU; -1: as many as fit; 0: none"),
     random_fill_above: int = typer.Option(-1, help="ShadowKV points with a larger batch fill the cache from random "
                                           "K/V through the compression path instead of a prefill; -1: never"),
+    fill: str = typer.Option("random", help="how points above --random-fill-above fill the cache: 'random' K/V, or "
+                             "'replicate': one real prefill of the first prompt compressed into every row (a real "
+                             "prefill's chunk picks and value hits for the cost of one sequence)"),
     fold_chunks: int = typer.Option(16, help="ShadowKV folds the generated tail every this many chunks; 0: never"),
     value_bits: int = typer.Option(16, help="bits per stored value: 16, or 8 (int8 + per-chunk scales)"),
     landmark_bits: int = typer.Option(16, help="bits per landmark element: 16, or 8 (int8 + per-chunk scales)"),
@@ -254,7 +257,7 @@ def bench(
 
         rows = b.bench(model, [int(c) for c in contexts.split(",")], [x if x in ("max", "best") else int(x) for x in batches.split(",")],
                        methods.split(","), steps, config, progress=progress, with_breakdown=breakdown,
-                       random_fill_above=None if random_fill_above < 0 else random_fill_above)
+                       random_fill_above=None if random_fill_above < 0 else random_fill_above, fill=fill)
     if not lead:
         return
     out.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ def test_bench_best_marks_the_fastest_row_and_the_table_says_why(monkeypatch):
 
     measure = one_peak(12, 0.35)
 
-    def run_point(model, method, ids, steps, config, with_breakdown, random_fill_above, dense_peaks, measured):
+    def run_point(model, method, ids, steps, config, with_breakdown, fill, dense_peaks, measured):
         fake = measure(ids.shape[0])
         return bench.BenchRow(method, ids.shape[1], ids.shape[0], steps, tok_s=fake.tok_s, step_ms=1.0, prefill_s=1.0,
                               gpu_gib_per_seq=1.0, state_gib_per_seq=1.0, host_gib_per_seq=1.0, v_on_gpu=fake.v_on_gpu,
