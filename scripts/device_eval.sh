@@ -5,7 +5,8 @@
 #   stage      carry .devcarry/gguf.part.aa and .devcarry/site
 #   run OUT COMMON_JSON JOB_JSON...   carry .devcarry/gguf.part.ab; each job (say, one method, or
 #       one budget at some lengths) runs as its own process on the shared GPU, with eval_command's
-#       arguments from COMMON_JSON updated by its JOB_JSON; results land in OUT/jobN/.
+#       arguments from COMMON_JSON updated by its JOB_JSON; results land in OUT/jobN/. EVAL_TIMEOUT=S
+#       stops each job after S seconds (its results.partial.json then comes back).
 # Plots are drawn afterwards from the JSON (the device has no matplotlib).
 set -euo pipefail
 SITE=/tmp/devsite
@@ -24,7 +25,7 @@ run)
     i=0
     for job in "$@"; do  # one process per job: JSON merged over the common arguments
         i=$((i + 1))
-        python3 -c 'import json, sys; from shadowkv_fx.evaluation.commands import eval_command
+        timeout "${EVAL_TIMEOUT:-0}" python3 -c 'import json, sys; from shadowkv_fx.evaluation.commands import eval_command
 eval_command(**{**json.loads(sys.argv[2]), **json.loads(sys.argv[3]), "out_dir": sys.argv[1], "device": "cuda", "plots": False})' \
             "$out/job$i" "$common" "$job" > "$out/job$i.log" 2>&1 &
     done
