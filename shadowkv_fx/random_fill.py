@@ -99,7 +99,9 @@ def fill_replicated(model, cache, ids: torch.Tensor, batch: int) -> torch.Tensor
     scratch.compress_group = keep
     with torch.no_grad():
         logits = model(ids, cache=scratch, logits_to_keep=1).logits
-    del scratch
+    # scratch -> keep -> compress -> scratch is a cycle: break it so the scratch's state and its values
+    # in spare HBM go now, before the batch's fit check counts free memory, not at some later gc
+    del scratch.compress_group, compress, keep, scratch
     device = ids.device
     cache.begin_step(torch.ones(batch, context, dtype=torch.bool, device=device), context)
     cache.value_room = check_batch_fits(model.config, cache.layout, cache.config, kept[0][0].dtype, device,

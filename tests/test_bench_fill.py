@@ -1,4 +1,7 @@
 """``bench.fill_random``: a cache filled from random K/V is shaped like a real prefill's and decodes."""
+import weakref
+from unittest import mock
+
 import pytest
 import torch
 
@@ -54,7 +57,16 @@ def test_replicated_fill_decodes_as_a_real_prefill_of_copies_of_the_prompt():
     with torch.no_grad():
         real_next = model(prompt.expand(batch, -1), cache=prefilled, logits_to_keep=1).logits[:, -1].argmax(-1, True)
     filled = shadowkv_fx.ShadowKVCache(layers, config, tail_capacity=8)
-    token = fill_replicated(model, filled, prompt, batch)
+    scratches = []
+    real_init = shadowkv_fx.ShadowKVCache.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        scratches.append(weakref.ref(self))
+
+    with mock.patch.object(shadowkv_fx.ShadowKVCache, "__init__", init):
+        token = fill_replicated(model, filled, prompt, batch)
+    assert len(scratches) == 1 and scratches[0]() is None, "the scratch cache (its state, its values) outlived the fill"
 
     assert token.tolist() == real_next.tolist() and filled.get_seq_length() == context
     assert filled.memory_report() == prefilled.memory_report()
