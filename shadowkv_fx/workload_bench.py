@@ -107,15 +107,23 @@ def _finish_row(row: WorkloadRow, per_request: list[dict]) -> WorkloadRow:
 
 
 class Overtime(RuntimeError):
-    """A method ran past its ``limit_s``: stopped, its row says how far it got."""
+    """A method ran past its ``limit_s``: stopped, its row says how far it got and keeps the
+    ``finished`` requests' records (where the time went, for the part that ran)."""
+
+    def __init__(self, message: str, finished: list[dict] | None = None):
+        super().__init__(message)
+        self.finished = finished or []
 
 
-def _over(limit_s: float | None, t0: float, requests: list[WorkloadRequest], done: int) -> None:
+def _over(limit_s: float | None, t0: float, requests: list[WorkloadRequest], finished) -> None:
+    """Raise ``Overtime`` past ``limit_s``; ``finished``: the finished requests' records, or a
+    function that builds them (called only then)."""
     if limit_s and time.perf_counter() - t0 > limit_s:
+        records = list(finished() if callable(finished) else finished)
         # it needs longer than limit_s for the whole stream, so its tokens/s is below this
         bound = sum(r.output_len for r in requests) / limit_s
-        raise Overtime(f"stopped after {limit_s:.0f} s, {done} of {len(requests)} requests finished: "
-                       f"tokens/s below {bound:.1f}")
+        raise Overtime(f"stopped after {limit_s:.0f} s, {len(records)} of {len(requests)} requests finished: "
+                       f"tokens/s below {bound:.1f}", records)
 
 
 def _serve(add, get_result, alive, requests: list[WorkloadRequest], device: torch.device,
@@ -132,8 +140,22 @@ def _serve(add, get_result, alive, requests: list[WorkloadRequest], device: torc
         if delay > 0:
             time.sleep(delay)
         add(i)
+    def record(i: int) -> dict:
+        r, out = requests[i], outputs[f"w{i}"]
+        stamps = out.timestamps or []
+        if out.error is not None:
+            raise RuntimeError(f"request w{i} failed: {out.error}")
+        if not stamps:
+            raise RuntimeError(f"request w{i} came back without timestamps")
+        return {"prompt_len": r.prompt_len, "output_len": r.output_len, "generated": len(out.generated_tokens),
+                "ttft_s": stamps[0] - t0 - r.arrival_s, "start_s": out.lifespan[0] - t0,
+                "end_s": max(out.lifespan[1], stamps[-1]) - t0, "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])]}
+
+    def finished() -> list[dict]:
+        return [{"request": i, **record(i)} for i in range(len(requests)) if f"w{i}" in outputs]
+
     while len(outputs) < len(requests):
-        _over(limit_s, t0, requests, len(outputs))
+        _over(limit_s, t0, requests, finished)
         result = get_result(_POLL_S)
         if result is None:
             if not alive():
@@ -141,20 +163,8 @@ def _serve(add, get_result, alive, requests: list[WorkloadRequest], device: torc
             continue
         if result.is_finished():
             outputs[result.request_id] = result
-    per_request, spans = [], []
-    for i, r in enumerate(requests):
-        out = outputs[f"w{i}"]
-        if out.error is not None:
-            raise RuntimeError(f"request w{i} failed: {out.error}")
-        stamps = out.timestamps or []
-        if not stamps:
-            raise RuntimeError(f"request w{i} came back without timestamps")
-        per_request.append({"prompt_len": r.prompt_len, "output_len": r.output_len,
-                            "generated": len(out.generated_tokens), "ttft_s": stamps[0] - t0 - r.arrival_s,
-                            "start_s": out.lifespan[0] - t0, "end_s": max(out.lifespan[1], stamps[-1]) - t0,
-                            "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])]})
-        spans.append(tuple(out.lifespan))
-    return per_request, spans
+    per_request = [record(i) for i in range(len(requests))]
+    return per_request, [tuple(outputs[f"w{i}"].lifespan) for i in range(len(requests))]
 
 
 def _cb_attention(model, cb_kwargs: dict) -> dict:
@@ -308,7 +318,7 @@ def run_shadowkv_static(model, requests: list[WorkloadRequest], prompts: list[li
     _sync(model.device)
     t0 = time.perf_counter()
     for group in groups:
-        _over(limit_s, t0, requests, len(per_request))
+        _over(limit_s, t0, requests, [{"request": i, **p} for i, p in per_request.items()])
         delay = t0 + max(requests[i].arrival_s for i in group) - time.perf_counter()
         if delay > 0:  # a static batch starts once it is full
             time.sleep(delay)
@@ -339,6 +349,10 @@ def run_method(label: str, method: str, fn, failed, progress):
         row = fn()
     except Exception as exc:  # noqa: BLE001
         row = failed(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
+        if isinstance(exc, Overtime):
+            row.per_request = exc.finished  # what finished before the limit, each with its times
+            for p in row.per_request:
+                p.pop("gaps_s", None)
     progress(f"{label}: {method} done: {row.error or f'{row.tok_s:.1f} tok/s'}")
     return row
 

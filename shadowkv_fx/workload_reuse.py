@@ -106,7 +106,7 @@ def run_shadowkv_reuse(model, stream: list[ReuseRequest], docs: list[list[int]],
     """Continuous batching of an optimized ``model`` with a ``PrefixStore`` of ``store_bytes``."""
     from shadowkv_fx import cache_share
     from shadowkv_fx.serving import PrefixStore, ServingManager, ShadowKVSlots
-    from shadowkv_fx.workload_bench import _eos_off_quietly, _serve, warm_shadowkv_slots
+    from shadowkv_fx.workload_bench import Overtime, _eos_off_quietly, _serve, warm_shadowkv_slots
 
     longest = max(len(p) + r.output_len for p, r in zip(prompts, stream))
     store = PrefixStore(store_bytes)
@@ -122,8 +122,13 @@ def run_shadowkv_reuse(model, stream: list[ReuseRequest], docs: list[list[int]],
                                     prefix_len=len(docs[stream[i].document]), eos_token_id=-1, do_sample=False,
                                     record_timestamps=True)
 
-            per_request, _ = _serve(add, lambda timeout: manager.get_result(timeout=timeout), manager.is_running,
-                                    timed, model.device, limit_s)
+            try:
+                per_request, _ = _serve(add, lambda timeout: manager.get_result(timeout=timeout), manager.is_running,
+                                        timed, model.device, limit_s)
+            except Overtime as over:  # its finished requests say which question of which document they were
+                for p in over.finished:
+                    p.update(document=stream[p["request"]].document, question=stream[p["request"]].question)
+                raise
     held = cache_share.distinct_bytes([store.stored(d) for d in store.documents()])
     row.document_prefills, row.documents_held = store.misses - misses, len(store)
     row.device_bytes, row.host_bytes = held["device"], held["host"]
@@ -174,7 +179,7 @@ def run_dense_reuse(model, stream: list[ReuseRequest], docs: list[list[int]], pr
     t0 = time.perf_counter()
     with torch.no_grad():
         for r, prompt in zip(stream, prompts):
-            _over(limit_s, t0, timed, len(per_request))
+            _over(limit_s, t0, timed, per_request)
             start = time.perf_counter() - t0
             cache = held.pop(r.document, None)
             if cache is None:
@@ -196,7 +201,8 @@ def run_dense_reuse(model, stream: list[ReuseRequest], docs: list[list[int]], pr
                                  eos_token_id=None, pad_token_id=0, streamer=streamer)
             _sync(device)
             end = time.perf_counter() - t0
-            per_request.append({"document": r.document, "question": r.question, "prompt_len": len(prompt),
+            per_request.append({"request": len(per_request), "document": r.document, "question": r.question,
+                                "prompt_len": len(prompt),
                                 "generated": int(out.shape[1] - ids.shape[1]), "ttft_s": streamer.first - t0,
                                 "start_s": start, "end_s": end})
             del cache

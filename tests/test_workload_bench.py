@@ -179,6 +179,9 @@ def test_a_method_past_its_limit_is_stopped_with_a_bound(served, method):
     assert re.fullmatch(r"Overtime: stopped after 0 s, [0-2] of 3 requests finished: tokens/s below 300000\.0",
                         row.error), row.error
     assert row.tok_s is None
+    # what finished before the limit stays, with its times (where the time went)
+    assert len(row.per_request) == int(re.search(r"(\d) of 3", row.error).group(1))
+    assert all({"request", "ttft_s", "end_s"} <= set(p) and "gaps_s" not in p for p in row.per_request)
     (again,) = wb.run_workload(model, requests[:1], config(), slots=SLOTS, methods=(method,), optimize=optimize,
                                cb_overrides=CPU_CACHE, progress=lambda m: None)
     assert again.error is None and again.per_request[0]["generated"] == 100

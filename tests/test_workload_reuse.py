@@ -84,3 +84,27 @@ def test_the_cli_wiring_writes_its_files(monkeypatch, tmp_path):
     assert data["settings"]["command"] == "shadowkv-fx bench --workload --reuse" and len(data["stream"]) == 4
     assert data["rows"][1]["document_prefills"] == 2  # dense held both documents: each prefilled once
     assert "shadowkv-reuse / dense-reuse tokens/s" in (tmp_path / "table.txt").read_text()
+
+
+def test_an_overtime_row_keeps_the_finished_questions(served, monkeypatch):
+    """Past limit_s a method is stopped; its row keeps each finished question's times, with its document
+    and question number, so a run cut short still says where its time went. (The clock is made to run
+    out once two questions have finished, so there are records to keep.)"""
+    from shadowkv_fx import workload_bench as wb
+
+    def over(limit_s, t0, requests, finished):
+        records = list(finished() if callable(finished) else finished)
+        if len(records) >= 2:
+            raise wb.Overtime(f"stopped after 0 s, {len(records)} of {len(requests)} requests finished", records)
+
+    monkeypatch.setattr(wb, "_over", over)
+    model, stream, _ = served
+    rows = wr.run_reuse(model, stream, CONTEXT, config(), slots=2, prefill_chunk=16, hold_bytes=10**9,
+                        optimize=lambda m, c: shadowkv_fx.optimize(m, c), progress=lambda msg: None, limit_s=1.0)
+    for row in rows:
+        assert row.error.startswith("Overtime: stopped after 0 s") and row.tok_s is None, row.method
+        assert len(row.per_request) >= 2, row.method
+        for p in row.per_request:
+            r = stream[p["request"]]
+            assert (p["document"], p["question"]) == (r.document, r.question), row.method
+            assert 0 <= p["ttft_s"] <= p["end_s"] and p["generated"] == r.output_len and "gaps_s" not in p
