@@ -6,6 +6,9 @@ and query ``i`` of ``n`` sees tail slot ``t`` iff ``first[b] <= t <= fill - n + 
 new tokens; slots before ``first`` were folded into the compressed store),
 with ``fill`` read on the device so the step can be captured as a CUDA graph.
 
+The query count ``n`` is a run-time argument, not a compile-time one: a step of a new ``n`` (a
+question asked of a stored document, draft tokens) would otherwise compile both kernels again, a
+second or more each on an H100, in the middle of serving (Triton still specialises ``n == 1``).
 The ``G * n`` query rows of one KV head form one tile that shares every K/V tile read (``tl.dot``,
 fp32 accumulation, online softmax in fp32). When ``B * Hkv`` programs cannot fill the GPU, keys are
 split across several programs and a second small kernel merges their partial (max, sum, acc).
@@ -28,10 +31,10 @@ H100_SMS = 132  # the target's SM count, used when no CUDA device can be asked (
 @triton.jit
 def decode_split_kernel(
     q, k, v, valid, fill_ptr, first_ptr, out, part_m, part_l, part_acc,
-    Hkv, N, tail_start, split_len, n_splits,
+    Hkv, N, tail_start, split_len, n_splits, NQ,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_mb, s_mh, s_ob, s_oh, s_on,
     qk_scale,
-    G: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     SINGLE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_FIRST: tl.constexpr,
 ):
@@ -104,8 +107,8 @@ def decode_split_kernel(
 
 @triton.jit
 def decode_combine_kernel(
-    part_m, part_l, part_acc, out, Hkv, n_splits, s_ob, s_oh, s_on,
-    G: tl.constexpr, NQ: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    part_m, part_l, part_acc, out, Hkv, n_splits, NQ, s_ob, s_oh, s_on,
+    G: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
     i_b = i_bh // Hkv
@@ -181,19 +184,19 @@ def launch_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.T
     decode_split_kernel[(b * hkv, num_splits)](
         q, k_buf, v_buf, key_valid, tail_fill, tail_fill if tail_first is None else tail_first.contiguous(), out,
         part_m, part_l, part_acc,
-        hkv, keys, tail_start, split_len, num_splits,
+        hkv, keys, tail_start, split_len, num_splits, n,
         q.stride(0), q.stride(1), q.stride(2), k_buf.stride(0), k_buf.stride(1), k_buf.stride(2),
         v_buf.stride(0), v_buf.stride(1), v_buf.stride(2), key_valid.stride(0), key_valid.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         scale * LOG2E,  # exp2 below: fold log2(e) into the scale once
-        G=group, NQ=n, D=d, DV=dv, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        G=group, D=d, DV=dv, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_dv,
         SINGLE=single, UPCAST=not on_gpu, PRECISION=precision, HAS_FIRST=tail_first is not None,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if not single:
         decode_combine_kernel[(b * hkv,)](
-            part_m, part_l, part_acc, out, hkv, num_splits, out.stride(0), out.stride(1), out.stride(2),
-            G=group, NQ=n, DV=dv, BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4,
+            part_m, part_l, part_acc, out, hkv, num_splits, n, out.stride(0), out.stride(1), out.stride(2),
+            G=group, DV=dv, BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4,
         )
     return out
 

@@ -63,7 +63,7 @@ def run_and_compare(args, tail_start, tol, scale, num_splits=None, what=""):
 @pytest.mark.parametrize("tol", TOLERANCES, ids=["fp32", "bf16"])
 @given(
     b=st.sampled_from([1, 3]), hkv=st.sampled_from([1, 2]), g=st.sampled_from([1, 2, 4]),
-    n=st.sampled_from([1, 2, 4]), d=st.sampled_from([16, 64]), prefix=st.integers(0, 300),
+    n=st.sampled_from([1, 2, 3, 4, 7]), d=st.sampled_from([16, 64]), prefix=st.integers(0, 300),
     cap=st.integers(5, 40), fill_frac=st.floats(0, 1), num_splits=st.sampled_from([None, 1, 2, 5]),
     q_strided=st.booleans(), seed=st.integers(0, 2**31 - 1),
 )
@@ -154,3 +154,24 @@ def test_llama_shapes_and_cuda_graph_replay(b):
         graph.replay()
         expected = naive.decode_attention(q, k, v, valid, LLAMA_PREFIX, fill, d ** -0.5)
         assert_close(out, expected, atol=atol, rtol=rtol, what=f"B={b} fill={level}")
+
+
+@cuda_only
+def test_a_new_query_count_compiles_nothing_new():
+    """Questions of 33..64 tokens (a prefix-store hit asks its question as one multi-token step) share a
+    few compiled kernels: the query count is a run-time argument, so it is not one compile per count
+    (seconds each, mid-serving). Triton still specialises on divisibility by 16 and the tile height."""
+    hkv, g, d, cap = 8, 4, 128, 96
+    dtype, atol, rtol = TOLERANCES[1]
+
+    def compiled() -> int:
+        return sum(len(cache[0]) for cache in tda.decode_split_kernel.device_caches.values())
+
+    before = None
+    for n in range(33, 65):
+        q, k, v, valid, fill, _, _ = make_inputs(n, 2, hkv, g, n, d, LLAMA_PREFIX, cap, cap, dtype, invalid_heads=0.1)
+        got = tda.decode_attention(q, k, v, valid, LLAMA_PREFIX, fill, d ** -0.5)
+        assert_close(got, naive.decode_attention(q, k, v, valid, LLAMA_PREFIX, fill, d ** -0.5), atol=atol, rtol=rtol,
+                     what=f"n={n}")
+        before = compiled() if before is None else before
+    assert compiled() - before <= 3, f"{compiled() - before} more compiled decode kernels for 31 more query counts"
