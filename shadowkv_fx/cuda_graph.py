@@ -129,10 +129,19 @@ class CaptureGate:
 GATE = CaptureGate()
 
 
+_CAPTURED = [0]  # decode steps captured by this process: a serving bench reports how often it re-captured
+
+
+def captures() -> int:
+    """Decode steps captured as CUDA graphs by this process so far (every cache, every thread)."""
+    return _CAPTURED[0]
+
+
 class DecodeGraph:
     """One captured decode step: static inputs, the graph, and the outputs it writes."""
 
     def __init__(self, step: Callable[..., Any], input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+        _CAPTURED[0] += 1
         self.input_ids = input_ids.clone()
         self.position_ids = position_ids.clone()
         self.graph = torch.cuda.CUDAGraph()

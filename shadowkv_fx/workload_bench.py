@@ -108,11 +108,13 @@ def _finish_row(row: WorkloadRow, per_request: list[dict]) -> WorkloadRow:
 
 class Overtime(RuntimeError):
     """A method ran past its ``limit_s``: stopped, its row says how far it got and keeps the
-    ``finished`` requests' records (where the time went, for the part that ran)."""
+    ``finished`` requests' records (where the time went, for the part that ran) and any ``details``
+    (row fields) the method adds on its way out."""
 
     def __init__(self, message: str, finished: list[dict] | None = None):
         super().__init__(message)
         self.finished = finished or []
+        self.details: dict = {}
 
 
 def _over(limit_s: float | None, t0: float, requests: list[WorkloadRequest], finished) -> None:
@@ -353,6 +355,8 @@ def run_method(label: str, method: str, fn, failed, progress):
             row.per_request = exc.finished  # what finished before the limit, each with its times
             for p in row.per_request:
                 p.pop("gaps_s", None)
+            for name, value in exc.details.items():
+                setattr(row, name, value)
     progress(f"{label}: {method} done: {row.error or f'{row.tok_s:.1f} tok/s'}")
     return row
 

@@ -60,6 +60,10 @@ class ReuseRow:
     documents_held: int | None = None  # most documents' states held at once
     device_bytes: int | None = None  # holding the documents (ShadowKV: the store; dense: the KV caches held)
     host_bytes: int | None = None
+    # ShadowKV: the serving loop's host seconds per admission phase (ShadowKVSlots.host_seconds) and the
+    # decode steps captured as CUDA graphs during the run (each drop of a captured step costs one)
+    host_seconds: dict = field(default_factory=dict)
+    captures: int | None = None
     note: str = ""
     error: str | None = None
     per_request: list = field(default_factory=list)  # dicts: document, question, ttft_s, end_s, generated
@@ -108,6 +112,8 @@ def run_shadowkv_reuse(model, stream: list[ReuseRequest], docs: list[list[int]],
     from shadowkv_fx.serving import PrefixStore, ServingManager, ShadowKVSlots
     from shadowkv_fx.workload_bench import Overtime, _eos_off_quietly, _serve, warm_shadowkv_slots
 
+    from shadowkv_fx import cuda_graph
+
     longest = max(len(p) + r.output_len for p, r in zip(prompts, stream))
     store = PrefixStore(store_bytes)
     backend = ShadowKVSlots(model, slots, longest, prefill_chunk, prefix_store=store)
@@ -116,6 +122,8 @@ def run_shadowkv_reuse(model, stream: list[ReuseRequest], docs: list[list[int]],
     with _eos_off_quietly():
         warm_shadowkv_slots(backend, model.config.vocab_size, min(4096, len(docs[0])))
         misses = store.misses  # the warm-up's prompt looked the store up too
+        backend.host_seconds.clear()
+        captured = cuda_graph.captures()
         with ServingManager(backend) as manager:
             def add(i):
                 manager.add_request(prompts[i], request_id=f"w{i}", max_new_tokens=stream[i].output_len,
@@ -128,7 +136,9 @@ def run_shadowkv_reuse(model, stream: list[ReuseRequest], docs: list[list[int]],
             except Overtime as over:  # its finished requests say which question of which document they were
                 for p in over.finished:
                     p.update(document=stream[p["request"]].document, question=stream[p["request"]].question)
+                over.details.update(host_seconds=dict(backend.host_seconds), captures=cuda_graph.captures() - captured)
                 raise
+    row.host_seconds, row.captures = dict(backend.host_seconds), cuda_graph.captures() - captured
     held = cache_share.distinct_bytes([store.stored(d) for d in store.documents()])
     row.document_prefills, row.documents_held = store.misses - misses, len(store)
     row.device_bytes, row.host_bytes = held["device"], held["host"]
@@ -259,6 +269,10 @@ def table(rows: list[ReuseRow], stream: list[ReuseRequest], context: int, device
         lines.append(f"{r.method:<16}{r.total_s:>9.1f}{r.tok_s:>8.1f}{r.ttft_first_p50_s:>13.2f}{r.ttft_first_p95_s:>7.2f}"
                      f"{later[0]:>15}{later[1]:>7}{later[2]:>17}{later[3]:>7}{r.document_prefills:>13}{r.documents_held:>10}"
                      f"{r.device_bytes / 2**30:>11.2f}{r.host_bytes / 2**30:>9.2f}  {r.note}")
+    for r in rows:
+        if r.host_seconds:
+            phases = ", ".join(f"{phase} {s:.1f} s" for phase, s in sorted(r.host_seconds.items()))
+            lines.append(f"{r.method}: serving loop's host time in admissions: {phases}; decode steps captured: {r.captures}")
     ok = {r.method: r for r in rows if not r.error}
     if len(ok) == 2:
         lines.append(f"shadowkv-reuse / dense-reuse tokens/s: {ok['shadowkv-reuse'].tok_s / ok['dense-reuse'].tok_s:.2f}x")

@@ -52,6 +52,11 @@ def test_every_request_gets_its_length_and_documents_are_prefilled_as_held(serve
     assert by["shadowkv-reuse"].document_prefills == 2 and by["shadowkv-reuse"].documents_held == 2
     assert by["shadowkv-reuse"].device_bytes > 0
     assert by["dense-reuse"].document_prefills == len(stream) and by["dense-reuse"].documents_held == 1
+    # where the serving loop's time went: every admission phase ran (2 documents prefilled, 6 questions
+    # asked of copies, 6 rows adopted), none of it measured as zero; no CUDA graph on the CPU
+    phases = by["shadowkv-reuse"].host_seconds
+    assert set(phases) == {"lookup", "document", "question", "adopt"} and all(s > 0 for s in phases.values()), phases
+    assert by["shadowkv-reuse"].captures == 0
 
 
 def test_table_says_both_rows_and_the_ratio(served):
@@ -101,6 +106,7 @@ def test_an_overtime_row_keeps_the_finished_questions(served, monkeypatch):
     model, stream, _ = served
     rows = wr.run_reuse(model, stream, CONTEXT, config(), slots=2, prefill_chunk=16, hold_bytes=10**9,
                         optimize=lambda m, c: shadowkv_fx.optimize(m, c), progress=lambda msg: None, limit_s=1.0)
+    assert set(rows[0].host_seconds) >= {"document", "question", "adopt"}  # kept past the limit too
     for row in rows:
         assert row.error.startswith("Overtime: stopped after 0 s") and row.tok_s is None, row.method
         assert len(row.per_request) >= 2, row.method

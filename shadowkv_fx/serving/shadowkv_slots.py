@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
+from collections import Counter
 from collections.abc import Generator, Iterator
 
 import torch
@@ -82,6 +84,10 @@ class ShadowKVSlots:
         self._claimed = [False] * num_slots  # prefilling or decoding
         self._warned_short = False
         self.prefix_store = prefix_store
+        # host seconds the serving loop spent per admission phase (no device sync: the loop's own
+        # time, which every running row waits for): "lookup" (a stored document's copy), "document"
+        # (prefill pieces), "question" (a question's steps on the copy), "adopt" (the row joining a slot)
+        self.host_seconds: Counter[str] = Counter()
 
     def occupied_slots(self) -> list[int]:
         return [slot for slot, claimed in enumerate(self._claimed) if claimed]
@@ -99,7 +105,9 @@ class ShadowKVSlots:
                                        or not 0 < prefix_len < n):
             raise ValueError(f"prefix_len={prefix_len!r} must leave a token of the {n}-token prompt on each side: "
                              f"an int, 1 <= prefix_len <= {n - 1}")
+        start = time.perf_counter()
         hit = None if self.prefix_store is None else self.prefix_store.lookup(prompt_ids, prefix_len)
+        self.host_seconds["lookup"] += time.perf_counter() - start
         doc, alone = (prefix_len, None) if hit is None else (hit[0], self._checked(hit[1]))
         if (doc or n) < self.config.min_sparse_prompt and not self._warned_short:
             self._warned_short = True
@@ -113,9 +121,13 @@ class ShadowKVSlots:
             alone.warn_short_prompts = False
             pieces = self.model._shadowkv.prefill_pieces(alone, ids[:, :doc])
             try:
-                for logits in pieces:
-                    if logits is None:
-                        yield None
+                while True:
+                    start = time.perf_counter()
+                    logits = next(pieces)  # None after each piece but the last, then the last one's logits
+                    self.host_seconds["document"] += time.perf_counter() - start
+                    if logits is not None:
+                        break
+                    yield None
             finally:
                 pieces.close()  # cancelled between pieces: the batch-1 cache is rolled back and dropped
             if doc is not None:
@@ -124,8 +136,10 @@ class ShadowKVSlots:
                 yield None  # the document's last piece ran in this step: the question's first runs in the next
         if doc is not None:
             logits = yield from self._ask(alone, ids, doc)
+        start = time.perf_counter()
         with torch.no_grad():
             self.cache.adopt(slot, alone)
+        self.host_seconds["adopt"] += time.perf_counter() - start
         yield logits
 
     def _ask(self, alone: ShadowKVCache, ids: torch.Tensor, doc: int) -> Generator[None, None, torch.Tensor]:
@@ -135,9 +149,11 @@ class ShadowKVSlots:
         for start in range(doc, n, self.prefill_chunk):
             if start > doc:
                 yield None
+            began = time.perf_counter()
             with torch.no_grad():  # per call, not across the yield: grad mode is the caller's between pieces
                 out = self.model(input_ids=ids[:, start : start + self.prefill_chunk],
                                  **{compat.CACHE_ARG: alone}, use_cache=True, logits_to_keep=1)
+            self.host_seconds["question"] += time.perf_counter() - began
         return out.logits[0, -1]
 
     def _document_tail(self, doc: int) -> int:
