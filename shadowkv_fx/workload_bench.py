@@ -26,26 +26,9 @@ of the slots' step, transformers' ``warmup``); a static batch's CUDA graph captu
 server would pay it per batch. ``--workload-limit-s``: a method still running then is stopped,
 and its row gives the bound that implies (tokens/s below all tokens / limit).
 
-GPU commands (one H100; not run yet, so no measured numbers here)::
-
-    shadowkv-fx bench --workload --workload-requests 16 --workload-min-context 8192 \\
-        --workload-max-context 32768 --workload-slots 4 --workload-limit-s 180 \\
-        --out bench_out/workload_32k
-    shadowkv-fx bench --workload --workload-requests 8 --workload-min-context 32768 \\
-        --workload-max-context 124928 --workload-max-output 1024 --workload-slots 3 \\
-        --workload-limit-s 180 --out bench_out/workload_122k
-
-Their time, estimated from earlier 8B-shape rows (benchmarks/RESULTS.md), not measured: ~90 s of
-set-up (model, compiles, warm-ups); ShadowKV prefill with values offloaded ~2 s a 20K prompt
-(32K x 4: 14.6 s) and ~10 s a 78K one (122K x 12: 19 s a sequence), decode ~16-20 ms a step at
-batch 3-4. First command: shadowkv-cb ~110 s (prefill, then ~16 x 1056 / 4 steps), static ~140 s
-(4 batches, each its prefill and its longest output, ~1650 steps); second: ~105 s and ~125 s.
-Dense without flash_attn moves several times its KV cache's bytes per step (a gather, a per-head
-repeat, then attention): the limit may stop it (its row then bounds it). So ~8-9 minutes each at
-most. The slots are set low so that the stream is several times the slots (where continuous
-batching differs from static) within that time; the issue's full stream (16 requests of 32K-122K,
-outputs to 2048, default slots: 122K's largest batch was 16 on the H100, so one or two static
-batches) would take ~13 minutes or more, past one 10-minute call.
+Measured on an H100 (16 requests of 8K-32K prompts, 4 slots; commands and numbers):
+``benchmarks/results/h100_workload_32k_{log,uniform}/`` and ``benchmarks/RESULTS.md``. A stream of
+122K prompts with dense-cb does not fit a 10-minute device call.
 """
 from __future__ import annotations
 
