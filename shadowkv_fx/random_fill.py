@@ -46,25 +46,38 @@ def fill_random(model, cache, batch: int, context: int, seed: int = 0) -> None:
     Decode cost does not depend on the values in the cache, so large-batch points need not pay a
     real prefill per sequence. RoPE is the Llama rotate-half form at the model's own tables.
     """
-    from shadowkv_fx.preflight import check_batch_fits
-
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    tp_size = getattr(model, "_tp_size", None) or 1
-    kv_heads = cfg.num_key_value_heads // tp_size
+    kv_heads = cfg.num_key_value_heads // (getattr(model, "_tp_size", None) or 1)
     device, dtype = model.device, next(model.parameters()).dtype
     gen = torch.Generator(device=device).manual_seed(seed)
-    cache.begin_step(torch.ones(batch, context, dtype=torch.bool, device=device), context)
-    cache.value_room = check_batch_fits(cfg, cache.layout, cache.config, dtype, device, cache.tail_capacity, tp_size)
     positions = torch.arange(context, device=device)[None]
-    cos, sin = (t[:, None].to(dtype) for t in model.model.rotary_emb(torch.empty(1, dtype=dtype, device=device), positions))
+    tables = [t[:, None].to(dtype) for t in model.model.rotary_emb(torch.empty(1, dtype=dtype, device=device), positions)]
+
+    def random_kv(rows: list[int], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (len(rows), kv_heads, context, head_dim)
+        return tuple(torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in range(2))
+
+    _compress_rows(model, cache, batch, context, dtype, tables, random_kv)
+
+
+def _compress_rows(model, cache, batch: int, context: int, dtype: torch.dtype, tables: list[torch.Tensor],
+                   kv) -> None:
+    """Fill ``cache`` with ``batch`` prompts of ``context`` tokens through the prefill's compression
+    path, group by group, from ``kv(rows, layer) -> (k_pre, v)`` rotated by the rotate-half
+    ``tables`` (cos, sin)."""
+    from shadowkv_fx.preflight import check_batch_fits
+
+    device = tables[0].device
+    cache.begin_step(torch.ones(batch, context, dtype=torch.bool, device=device), context)
+    cache.value_room = check_batch_fits(model.config, cache.layout, cache.config, dtype, device, cache.tail_capacity,
+                                        getattr(model, "_tp_size", None) or 1)
+    cos, sin = tables
     for rows in cache.prefill_groups():
         cache.begin_group(rows, 0)
         for layer in range(len(cache.layers)):
-            shape = (len(rows), kv_heads, context, head_dim)
-            k_pre = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-            v = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-            cache.compress_group(layer, k_pre, _rotate_half_rope(k_pre, cos, sin), v, [cos, sin])
+            k_pre, v = kv(rows, layer)
+            cache.compress_group(layer, k_pre, _rotate_half_rope(k_pre, cos, sin), v, tables)
     cache.touched = set(range(len(cache.layers)))
     cache.end_step(context)
 
@@ -72,11 +85,11 @@ def fill_random(model, cache, batch: int, context: int, seed: int = 0) -> None:
 def fill_replicated(model, cache, ids: torch.Tensor, batch: int) -> torch.Tensor:
     """Fill ``cache`` as a real prefill of ``batch`` copies of the one prompt ``ids [1, S]`` would,
     for the cost of one: the prompt goes through the model once, into a scratch cache whose
-    ``compress_group`` also keeps each layer's pre-RoPE keys and values in pinned host memory; each group of ``cache``'s rows is then compressed from them (keys rotated by
-    the model's rotate-half tables, as the prefill rotated them). Returns the prompt's next token for
+    ``compress_group`` also keeps each layer's pre-RoPE keys and values in pinned host memory; each
+    group of ``cache``'s rows is then compressed from them (keys rotated by the model's rotate-half
+    tables, as the prefill rotated them). Returns the prompt's next token for
     every row ``[batch, 1]``. Prefill time is that of one sequence and is not a batch's."""
     from shadowkv_fx.cache import ShadowKVCache
-    from shadowkv_fx.preflight import check_batch_fits
 
     if ids.dim() != 2 or ids.shape[0] != 1:
         raise ValueError(f"fill_replicated takes one prompt [1, S], got shape {tuple(ids.shape)}")
@@ -101,17 +114,11 @@ def fill_replicated(model, cache, ids: torch.Tensor, batch: int) -> torch.Tensor
         logits = model(ids, cache=scratch, logits_to_keep=1).logits
     # scratch -> keep -> compress -> scratch is a cycle: break it so the scratch's state and its values
     # in spare HBM go now, before the batch's fit check counts free memory, not at some later gc
-    del scratch.compress_group, compress, keep, scratch
-    device = ids.device
-    cache.begin_step(torch.ones(batch, context, dtype=torch.bool, device=device), context)
-    cache.value_room = check_batch_fits(model.config, cache.layout, cache.config, kept[0][0].dtype, device,
-                                        cache.tail_capacity, getattr(model, "_tp_size", None) or 1)
-    cos, sin = tables
-    for rows in cache.prefill_groups():
-        cache.begin_group(rows, 0)
-        for layer in range(len(cache.layers)):
-            k_pre, v = (t.to(device, non_blocking=True).expand(len(rows), -1, -1, -1) for t in kept[layer])
-            cache.compress_group(layer, k_pre, _rotate_half_rope(k_pre, cos, sin), v, tables)
-    cache.touched = set(range(len(cache.layers)))
-    cache.end_step(context)
+    del scratch.compress_group
+    scratch = compress = keep = None  # noqa: F841 (dropping the references is the point)
+
+    def recorded_kv(rows: list[int], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t.to(ids.device, non_blocking=True).expand(len(rows), -1, -1, -1) for t in kept[layer])
+
+    _compress_rows(model, cache, batch, context, kept[0][0].dtype, tables, recorded_kv)
     return logits[:, -1].argmax(-1, keepdim=True).expand(batch, 1)
