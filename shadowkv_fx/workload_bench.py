@@ -125,6 +125,7 @@ def _serve(add, get_result, alive, requests: list[WorkloadRequest], device: torc
         if delay > 0:
             time.sleep(delay)
         add(i)
+
     def record(i: int) -> dict:
         r, out = requests[i], outputs[f"w{i}"]
         stamps = out.timestamps or []

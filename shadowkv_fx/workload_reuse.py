@@ -108,11 +108,9 @@ def run_shadowkv_reuse(model, stream: list[ReuseRequest], docs: list[list[int]],
                        slots: int, prefill_chunk: int, store_bytes: int | None = None,
                        limit_s: float | None = None) -> ReuseRow:
     """Continuous batching of an optimized ``model`` with a ``PrefixStore`` of ``store_bytes``."""
-    from shadowkv_fx import cache_share
+    from shadowkv_fx import cache_share, cuda_graph
     from shadowkv_fx.serving import PrefixStore, ServingManager, ShadowKVSlots
     from shadowkv_fx.workload_bench import Overtime, _eos_off_quietly, _serve, warm_shadowkv_slots
-
-    from shadowkv_fx import cuda_graph
 
     longest = max(len(p) + r.output_len for p, r in zip(prompts, stream))
     store = PrefixStore(store_bytes)
