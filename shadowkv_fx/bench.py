@@ -319,7 +319,8 @@ def _point(model, method: str, context: int, batch: int, steps: int, config, wit
 def _fastest_batch(model, method: str, context: int, steps: int, config, with_breakdown: bool,
                    fill: FillAbove, dense_peaks: dict, progress: Callable[[str], None]) -> list[BenchRow]:
     """``--batches best``: ``batch_search.search`` up to the method's largest batch; the fastest row
-    says what bounds it (``best``)."""
+    says what bounds it (``best``). Where the search's points skipped the prefill (``fill``), the
+    fastest batch is measured once more with a real one (its prefill time, a real prompt per row)."""
     from shadowkv_fx import batch_search
 
     largest, bound = _largest(model, method, context, steps, config, with_breakdown, dense_peaks)
@@ -331,7 +332,10 @@ def _fastest_batch(model, method: str, context: int, steps: int, config, with_br
     best, rows = batch_search.search(measure, largest)
     if best is not None:
         best.best = batch_search.verdict(best, rows, largest, bound)
-    return sorted(rows, key=lambda r: r.batch)
+        if best.fill != "prefill":
+            rows.append(_point(model, method, context, best.batch, steps, config, with_breakdown, FillAbove(),
+                               dense_peaks, False, progress, " (the fastest found, with a real prefill)"))
+    return sorted(rows, key=lambda r: (r.batch, r.fill != "prefill"))
 
 
 def bench(model, contexts: list[int], batches: list[int | str], methods: list[str], steps: int, config,

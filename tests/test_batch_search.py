@@ -96,3 +96,38 @@ def test_bench_best_marks_the_fastest_row_and_the_table_says_why(monkeypatch):
     (best,) = [r for r in rows if r.best]
     assert best.batch == 12 and "spare HBM" in best.best
     assert "shadowkv fastest batch at context 64: batch 12" in bench_report.table(rows)
+
+
+def test_a_search_on_skipped_prefills_measures_the_fastest_batch_again_with_a_real_one(monkeypatch):
+    """--fill random/replicate spares the search a prefill per point; the fastest batch then gets one
+    real-prefill row of its own (the row a user's real prompts would see), after the search's rows."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from shadowkv_fx import bench
+
+    measure, fills = one_peak(12, 0.35), []
+
+    def run_point(model, method, ids, steps, config, with_breakdown, fill, dense_peaks, measured):
+        fake, kind = measure(ids.shape[0]), fill.for_batch(ids.shape[0])
+        fills.append((ids.shape[0], kind))
+        return bench.BenchRow(method, ids.shape[1], ids.shape[0], steps, tok_s=fake.tok_s, step_ms=1.0,
+                              prefill_s=1.0 if kind == "prefill" else None, gpu_gib_per_seq=1.0, state_gib_per_seq=1.0,
+                              host_gib_per_seq=1.0, v_on_gpu=fake.v_on_gpu, v_hit_rate=0.7, peak_gib=1.0,
+                              fill=kind, breakdown=fake.breakdown)
+
+    monkeypatch.setattr(bench, "_run_point", run_point)
+    monkeypatch.setattr(bench, "ensure_optimized", lambda model, config: None)
+    monkeypatch.setattr(bench, "_release_memory", lambda: None)
+    monkeypatch.setattr(bench, "largest_batch", lambda *a: SimpleNamespace(largest=25, bound="GPU memory"))
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=50), device=torch.device("cpu"))
+    rows = bench.bench(model, [64], ["best"], ["shadowkv"], 4, None, progress=lambda m: None, random_fill_above=0,
+                       fill="replicate")
+    assert fills[-1] == (12, "prefill") and all(kind == "replicate" for _, kind in fills[:-1])
+    twelve = [r for r in rows if r.batch == 12]
+    assert [r.fill for r in twelve] == ["prefill", "replicate"] and twelve[1].best and not twelve[0].best
+    # a search that prefilled every point measures nothing again
+    fills.clear()
+    bench.bench(model, [64], ["best"], ["shadowkv"], 4, None, progress=lambda m: None)
+    assert all(kind == "prefill" for _, kind in fills) and len(fills) == len({b for b, _ in fills})
