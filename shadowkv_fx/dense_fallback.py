@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 
 from shadowkv_fx.config import ShadowKVConfig
-from shadowkv_fx.kernels import compression, naive
+from shadowkv_fx import selection_mass
+from shadowkv_fx.kernels import compression
 from shadowkv_fx.pinned import grown
 from shadowkv_fx.prompt_layout import PromptLayout
 
@@ -101,30 +102,15 @@ def low_recall_rows(config: ShadowKVConfig, layer_idx: int, q: torch.Tensor, k_r
 
 def selection_recall(config: ShadowKVConfig, q: torch.Tensor, k_rot: torch.Tensor, scale: float) -> float:
     """How well one prompt's landmarks choose its chunks, as ``evaluation.diagnostics`` measures it
-    (``mass_recall``): for each of the prompt's last queries ``q [Hq, n, D]`` (post-RoPE), the exact
-    attention mass (over the prompt's keys ``k_rot [Hkv, T, D]``, causal, summed over a KV head's
-    query heads) of the budget's chunks a decode step's scoring (``kernels.naive.score_chunks``) picks,
-    over that of the best chunks of the budget; outliers and the local window are not selectable, as
-    in prefill. The mean over KV heads and queries, in [0, 1]. One KV head at a time: ``Hq/Hkv * n * T``
-    floats of attention at once."""
-    size, (hkv, t, d), n = config.chunk_size, k_rot.shape, q.shape[1]
-    chunks = t // size - config.local_chunks
-    span, group, k = chunks * size, q.shape[0] // hkv, config.select_chunks(chunks)
-    landmarks, min_cos = compression.chunk_landmarks(k_rot[:, :span].float(), size)
-    selectable = torch.ones(hkv, chunks, dtype=torch.bool, device=k_rot.device)
-    selectable.scatter_(1, compression.least_agreeing_chunks(min_cos, config.outlier_chunks), False)
-    grouped = q.float().view(hkv, group, n, d)
-    scores = naive.score_chunks(grouped.permute(2, 0, 1, 3).reshape(n, hkv * group, 1, d),
-                                landmarks.expand(n, -1, -1, -1), selectable.expand(n, -1, -1), scale)  # [n, Hkv, C]
-    future = torch.arange(t, device=k_rot.device) > torch.arange(t - n, t, device=k_rot.device)[:, None]  # [n, T]
-    total = 0.0
-    for h in range(hkv):
-        weights = torch.softmax((grouped[h] @ k_rot[h].float().T * scale).masked_fill(future, float("-inf")), -1)
-        mass = weights[..., :span].reshape(group, n, chunks, size).sum(dim=(0, 3)).masked_fill(~selectable[h], 0.0)
-        picked = mass.gather(1, scores[:, h].topk(k, dim=-1).indices).sum(-1)
-        best = mass.topk(k, dim=-1).values.sum(-1)
-        total += float((picked / best.clamp_min(1e-30)).mean())
-    return total / hkv
+    (``mass_recall``, ``selection_mass``): for each of the prompt's last queries ``q [Hq, n, D]``
+    (post-RoPE), the exact attention mass (over the prompt's keys ``k_rot [Hkv, T, D]``, causal,
+    summed over a KV head's query heads) of the budget's chunks a decode step picks, over that of the
+    best chunks of the budget. The mean over KV heads and queries, in [0, 1]."""
+    landmarks, selectable = selection_mass.prefill_selection(k_rot, config)
+    k = config.select_chunks(selectable.shape[1])
+    mass = selection_mass.chunk_mass(q, k_rot, selectable, config.chunk_size, scale)
+    picked = selection_mass.picked_chunks(q, landmarks, selectable, k, scale)
+    return float(selection_mass.mass_recall(mass, picked, selection_mass.best_chunks(mass, selectable, k)).mean())
 
 
 def widened_local(state, b: int, tokens: int) -> tuple[torch.Tensor | None, ...]:

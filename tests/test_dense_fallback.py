@@ -158,7 +158,7 @@ def test_preflight_counts_dense_layers_exactly():
 
 def test_selection_recall_is_the_diagnostics_mass_recall():
     """The prefill measure ``dense_fallback_recall`` reads is the number the diagnostics report
-    (independent code: evaluation/diagnostics.py), averaged over KV heads."""
+    (both from selection_mass: one pick, one exact mass), averaged over KV heads."""
     g = torch.Generator().manual_seed(0)
     hkv, group, t, d, n = 2, 3, 203, 8, 16
     cfg = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=4, chunk_size=4, local_chunks=2, outlier_chunks=3)

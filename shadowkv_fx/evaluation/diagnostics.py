@@ -34,9 +34,9 @@ from typing import Sequence
 import torch
 
 from ..config import ShadowKVConfig
-from ..kernels.compression import chunk_landmarks, least_agreeing_chunks, low_rank_keys
-from ..kernels.naive import score_chunks
+from ..kernels.compression import low_rank_keys
 from ..kernels.quantize import dequantize, quantize
+from ..selection_mass import best_chunks, chunk_mass, mass_recall, picked_chunks, prefill_selection
 
 __all__ = ["layer_diagnostics", "chunk_diagnostics", "plot_diagnostics"]
 
@@ -47,11 +47,6 @@ def _normalised_entropy(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
     return entropy / max(math.log(max(int(mask.sum(-1).max()), 2)), 1e-30)
-
-
-def _top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` highest entries of ``scores [..., C]``."""
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
 
 
 @torch.no_grad()
@@ -88,47 +83,27 @@ def chunk_diagnostics(q_rot: torch.Tensor, k_pre: torch.Tensor, k_rot: torch.Ten
     if chunks <= config.outlier_chunks:
         raise ValueError(f"a {t}-token prompt has {max(chunks, 0)} compressible chunks of {size}, not more than "
                          f"outlier_chunks={config.outlier_chunks}: use a longer prompt or fewer outlier/local chunks")
-    span = chunks * size
-    k_pre_c, k_rot_c = k_pre[:, :span].float(), k_rot[:, :span].float()
-
+    k_pre_c = k_pre[:, : chunks * size].float()
     u, sv = low_rank_keys(k_pre_c, config.rank)
     rebuilt = torch.einsum("tr,hrd->htd", u, sv)
     rank_error = (k_pre_c - rebuilt).flatten(1).norm(dim=1) / k_pre_c.flatten(1).norm(dim=1).clamp_min(1e-30)
 
-    landmarks, min_cos = chunk_landmarks(k_rot_c, size)
-    selectable = torch.ones(hkv, chunks, dtype=torch.bool, device=k_pre.device)
-    if config.outlier_chunks:
-        selectable.scatter_(1, least_agreeing_chunks(min_cos, config.outlier_chunks), False)
+    landmarks, selectable = prefill_selection(k_rot, config)
     k = config.select_chunks(chunks)
-    group = hq // hkv
-
     # landmark probabilities per query head and query: [Hkv, G, n, C]; a decode step scores one query
-    grouped = q_rot.float().view(hkv, group, n, d)
-    logits = torch.einsum("hgnd,hcd->hgnc", grouped, landmarks) * scale
+    logits = torch.einsum("hgnd,hcd->hgnc", q_rot.float().view(hkv, hq // hkv, n, d), landmarks) * scale
     probs = torch.softmax(logits.masked_fill(~selectable[:, None, None], float("-inf")), dim=-1)
-    one_query = grouped.permute(2, 0, 1, 3).reshape(n, hq, 1, d)  # each query scored as a decode step scores it
-    per_query = score_chunks(one_query, landmarks.expand(n, -1, -1, -1), selectable.expand(n, -1, -1), scale)  # [n, Hkv, C]
-    picked = _top_mask(per_query, k).permute(1, 0, 2)  # [Hkv, n, C]
+    picked = picked_chunks(q_rot, landmarks, selectable, k, scale)  # [Hkv, n, C]
     # the same pick from int8 landmarks (landmark_bits=8: one scale per chunk and KV head)
     codes, steps = quantize(landmarks, 1)
-    per_query8 = score_chunks(one_query, dequantize(codes, steps).expand(n, -1, -1, -1), selectable.expand(n, -1, -1),
-                              scale)
-    picked8 = _top_mask(per_query8, k).permute(1, 0, 2)
+    picked8 = picked_chunks(q_rot, dequantize(codes, steps), selectable, k, scale)
 
-    # exact causal attention of the last n queries over the whole prompt
-    k_all = k_rot.float().repeat_interleave(group, dim=0)
-    weights = torch.einsum("hnd,htd->hnt", q_rot.float(), k_all) * scale
-    positions = torch.arange(t, device=k_pre.device)
-    causal = positions[None, :] > positions[t - n :, None]
-    weights = torch.softmax(weights.masked_fill(causal, float("-inf")), dim=-1)
-    mass = weights[..., :span].reshape(hkv, group, n, chunks, size).sum(dim=(1, 4))  # [Hkv, n, C]
-    mass = mass.masked_fill(~selectable[:, None], 0.0)
-    best = _top_mask(mass.masked_fill(~selectable[:, None], -1.0), k)
+    mass = chunk_mass(q_rot, k_rot, selectable, size, scale)  # exact causal attention of the last n queries
+    best = best_chunks(mass, selectable, k)
 
     recall = (picked & best).sum(-1).float().mean(-1) / k
-    mass_recall = ((mass * picked).sum(-1) / (mass * best).sum(-1).clamp_min(1e-30)).mean(-1)
     overlap8 = (picked & picked8).sum(-1).float().mean(-1) / k
-    mass_recall8 = ((mass * picked8).sum(-1) / (mass * best).sum(-1).clamp_min(1e-30)).mean(-1)
+    recall_mass, recall_mass8 = mass_recall(mass, picked, best), mass_recall(mass, picked8, best)
     same8 = (picked == picked8).all(-1).float().mean(-1)
     sel = selectable[:, None, None].expand_as(probs)
     flat = _normalised_entropy(probs, sel).mean(dim=(1, 2))
@@ -138,8 +113,8 @@ def chunk_diagnostics(q_rot: torch.Tensor, k_pre: torch.Tensor, k_rot: torch.Ten
         {"kv_head": h, "tokens": t, "chunks": chunks, "outliers": config.outlier_chunks, "select_chunks": k,
          "rank": config.rank, "rank_error": float(rank_error[h]), "landmark_entropy": float(flat[h]),
          "landmark_max_over_mean": float(max_over_mean[h]), "exact_entropy": float(exact[h]),
-         "recall": float(recall[h]), "mass_recall": float(mass_recall[h]), "landmark8_overlap": float(overlap8[h]),
-         "landmark8_same_set": float(same8[h]), "landmark8_mass_recall": float(mass_recall8[h]), "queries": n}
+         "recall": float(recall[h]), "mass_recall": float(recall_mass[h]), "landmark8_overlap": float(overlap8[h]),
+         "landmark8_same_set": float(same8[h]), "landmark8_mass_recall": float(recall_mass8[h]), "queries": n}
         for h in range(hkv)
     ]
 
