@@ -351,7 +351,7 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
         out = dense_prefill(q, k_rot, v, self.group_layout, scale, start)
         if end == self.group_layout.padded_len:
             self.compress_group(layer_idx, k_pre, k_rot, v, tables, dense_fallback.low_recall_rows(
-                self.config.for_layer(layer_idx), layer_idx, q, k_rot, self.group_layout, self.group_rows, scale))
+                state.config, layer_idx, q, k_rot, self.group_layout, self.group_rows, scale))
         return out
 
     def compress_group(self, layer_idx: int, k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor,
