@@ -31,7 +31,7 @@ from transformers import GenerationConfig
 from shadowkv_fx.serving.requests import GenerationOutput, RequestStatus, TokenEvent, check_fits, new_request
 from shadowkv_fx.serving.scheduler import SlotScheduler
 from shadowkv_fx.serving.prefix_store import PrefixStore
-from shadowkv_fx.serving.slots import DEFAULT_SLOTS, SlotBackend, is_slot_backend, slots_for, takes_prefix_len
+from shadowkv_fx.serving.slots import DEFAULT_SLOTS, SlotBackend, check_takes_prefix_len, is_slot_backend, slots_for
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,7 @@ class ServingManager:
         request = new_request(self.backend.model, request_id, input_ids, generation_config or self.generation_config,
                               seed, streaming, record_timestamps, self.tokenizer, prefix_len, **generation_kwargs)
         check_fits(request, self.backend.max_length)
-        if prefix_len is not None and not takes_prefix_len(self.backend):
-            raise TypeError(f"{type(self.backend).__name__}.prefill takes no prefix_len: leave it out, or serve the "
-                            "model with ShadowKVSlots (a prefix store) or DenseSlots")
+        check_takes_prefix_len(self.backend, request)
         with self._lock:  # the loop decides to exit under the lock: a request is either refused or served
             if self.error is not None:
                 raise RuntimeError("the serving loop stopped after an error; build a new manager") from self.error

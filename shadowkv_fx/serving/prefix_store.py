@@ -78,6 +78,15 @@ def _key(ids: torch.Tensor) -> tuple[int, bytes]:
     return ids.numel(), hashlib.blake2b(ids.numpy().tobytes(), digest_size=16).digest()
 
 
+def check_prefix_len(prefix_len, tokens: int, who: str = "") -> None:
+    """``ValueError`` unless ``prefix_len`` is None (no document) or an int that leaves a token of the
+    ``tokens``-token prompt on each side of the document's end; ``who`` starts the message."""
+    if prefix_len is not None and (isinstance(prefix_len, bool) or not isinstance(prefix_len, int)
+                                   or not 0 < prefix_len < tokens):
+        raise ValueError(f"{who}prefix_len={prefix_len!r} must leave a token of the {tokens}-token prompt on each side "
+                         f"of the document's end: an int, 1 <= prefix_len <= {tokens - 1} (or None: no document)")
+
+
 def _ids(token_ids, what: str) -> torch.Tensor:
     ids = torch.as_tensor(token_ids).detach().cpu()
     if ids.dim() == 2 and ids.shape[0] == 1:
@@ -131,9 +140,7 @@ class PrefixStore:
         its length and a copy of its cache to ask the rest on (``copy.deepcopy``: the stored one
         never changes); None when there is none. A hit makes the entry the most recently used."""
         prompt = _ids(prompt_ids, "prompt_ids")
-        if prefix_len is not None and not 0 < prefix_len < prompt.numel():
-            raise ValueError(f"prefix_len={prefix_len} must leave a token of the {prompt.numel()}-token prompt on "
-                             f"each side: 1 <= prefix_len <= {prompt.numel() - 1}")
+        check_prefix_len(prefix_len, prompt.numel())
         with self._lock:
             lengths = {n for n, _ in self._entries} if prefix_len is None else {prefix_len}
             for n in sorted((n for n in lengths if n < prompt.numel()), reverse=True):

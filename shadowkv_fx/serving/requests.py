@@ -19,6 +19,8 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
+from shadowkv_fx.serving.prefix_store import check_prefix_len
+
 __all__ = ["CANCELLED", "GenerationOutput", "Request", "RequestStatus", "TokenEvent", "check_fits", "new_request"]
 
 CANCELLED = "cancelled"
@@ -139,11 +141,7 @@ def new_request(model, request_id: str, input_ids, generation_config: Generation
     one from torch's global generator, so ``torch.manual_seed`` before adding makes runs repeat.
     ``prefix_len``: where the prompt's document ends (``serving.prefix_store``)."""
     prompt = _prompt_tensor(request_id, input_ids)
-    if prefix_len is not None and (isinstance(prefix_len, bool) or not isinstance(prefix_len, int)
-                                   or not 0 < prefix_len < prompt.numel()):
-        raise ValueError(f"request {request_id}: prefix_len={prefix_len!r} must leave a token of its "
-                         f"{prompt.numel()}-token prompt on each side of the document's end: an int, 1 <= prefix_len "
-                         f"<= {prompt.numel() - 1} (or None: no document)")
+    check_prefix_len(prefix_len, prompt.numel(), f"request {request_id}: ")
     config = _resolve_config(model, request_id, generation_config, kwargs)
     if config.max_new_tokens is not None:
         max_new_tokens = config.max_new_tokens

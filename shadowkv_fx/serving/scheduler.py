@@ -28,7 +28,7 @@ import torch
 
 from shadowkv_fx.serving.requests import CANCELLED, Request, RequestStatus, TokenEvent, check_fits
 from shadowkv_fx.serving.sampling import TokenChooser
-from shadowkv_fx.serving.slots import SlotBackend, takes_prefix_len
+from shadowkv_fx.serving.slots import SlotBackend, check_takes_prefix_len
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,7 @@ class SlotScheduler:
     def submit(self, request: Request) -> None:
         """Queue a checked request (``requests.new_request``); refuse one that can never fit a slot."""
         check_fits(request, self.backend.max_length)
-        if request.prefix_len is not None and not takes_prefix_len(self.backend):
-            raise TypeError(f"request {request.request_id} says where its document ends (prefix_len), but "
-                            f"{type(self.backend).__name__}.prefill takes no prefix_len: leave it out, or serve it "
-                            "with ShadowKVSlots (a prefix store) or DenseSlots")
+        check_takes_prefix_len(self.backend, request)
         if request.request_id in self._live:
             raise ValueError(f"request id {request.request_id!r} is already waiting or running; pick another id")
         self._live[request.request_id] = request

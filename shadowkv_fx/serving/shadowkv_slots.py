@@ -37,7 +37,7 @@ import torch
 from shadowkv_fx import compat
 from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.config import ShadowKVConfig
-from shadowkv_fx.serving.prefix_store import PrefixStore
+from shadowkv_fx.serving.prefix_store import PrefixStore, check_prefix_len
 from shadowkv_fx.slot_cache import SlotCache
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,7 @@ class ShadowKVSlots:
         n = prompt_ids.numel()
         if not 0 < n < self.max_length:
             raise ValueError(f"a prompt of {n} tokens does not fit a slot of max_length {self.max_length}")
-        if prefix_len is not None and (isinstance(prefix_len, bool) or not isinstance(prefix_len, int)
-                                       or not 0 < prefix_len < n):
-            raise ValueError(f"prefix_len={prefix_len!r} must leave a token of the {n}-token prompt on each side: "
-                             f"an int, 1 <= prefix_len <= {n - 1}")
+        check_prefix_len(prefix_len, n)
         start = time.perf_counter()
         hit = None if self.prefix_store is None else self.prefix_store.lookup(prompt_ids, prefix_len)
         self.host_seconds["lookup"] += time.perf_counter() - start

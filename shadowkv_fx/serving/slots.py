@@ -84,6 +84,15 @@ def takes_prefix_len(backend) -> bool:
     return "prefix_len" in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values())
 
 
+def check_takes_prefix_len(backend, request) -> None:
+    """``TypeError`` for a request that says where its document ends (``prefix_len``) when ``backend``
+    cannot take it, naming the backends that can."""
+    if request.prefix_len is not None and not takes_prefix_len(backend):
+        raise TypeError(f"request {request.request_id} says where its document ends (prefix_len), but "
+                        f"{type(backend).__name__}.prefill takes no prefix_len: leave it out, or serve it with "
+                        "ShadowKVSlots (a prefix store) or DenseSlots")
+
+
 def slots_for(model, num_slots: int, max_length: int, prefill_chunk: int = 512,
               prefix_store: PrefixStore | None = None) -> SlotBackend:
     """The slot backend that serves ``model``: ShadowKV rows for a model optimized by
