@@ -91,18 +91,17 @@ def run(model_factory, tokenizer, tasks: list[str], lengths: list[str], samples:
 
 def table(records: list[dict]) -> str:
     """Mean score x100 per task and length, fresh against reused, and over everything."""
+    def line(cells: str, rs: list[dict]) -> str:  # cells: "task | length"
+        fresh, reused = (100 * sum(r[way]["score"] for r in rs) / len(rs) for way in ("fresh", "reused"))
+        return f"| {cells} | {len(rs)} | {fresh:.1f} | {reused:.1f} | {reused - fresh:+.1f} |"
+
     lines = ["| task | length | samples | fresh | reused | reused - fresh |", "|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         groups.setdefault((r["task"], r["length"]), []).append(r)
-    for (task, length), rs in sorted(groups.items()):
-        fresh = 100 * sum(r["fresh"]["score"] for r in rs) / len(rs)
-        reused = 100 * sum(r["reused"]["score"] for r in rs) / len(rs)
-        lines.append(f"| {task} | {length} | {len(rs)} | {fresh:.1f} | {reused:.1f} | {reused - fresh:+.1f} |")
+    lines += [line(f"{task} | {length}", rs) for (task, length), rs in sorted(groups.items())]
     if records:
-        fresh = 100 * sum(r["fresh"]["score"] for r in records) / len(records)
-        reused = 100 * sum(r["reused"]["score"] for r in records) / len(records)
-        lines.append(f"| all | | {len(records)} | {fresh:.1f} | {reused:.1f} | {reused - fresh:+.1f} |")
+        lines.append(line("all |", records))
     return "\n".join(lines)
 
 
