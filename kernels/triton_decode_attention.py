@@ -7,8 +7,8 @@ new tokens; slots before ``first`` were folded into the compressed store),
 with ``fill`` read on the device so the step can be captured as a CUDA graph.
 
 The query count ``n`` is a run-time argument, not a compile-time one: a step of a new ``n`` (a
-question asked of a stored document, draft tokens) would otherwise compile both kernels again, a
-second or more each on an H100, in the middle of serving (Triton still specialises ``n == 1``).
+question asked of a stored document, draft tokens) would otherwise compile both kernels again in the
+middle of serving (Triton still specialises ``n == 1``).
 The ``G * n`` query rows of one KV head form one tile that shares every K/V tile read (``tl.dot``,
 fp32 accumulation, online softmax in fp32). When ``B * Hkv`` programs cannot fill the GPU, keys are
 split across several programs and a second small kernel merges their partial (max, sum, acc).
