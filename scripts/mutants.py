@@ -52,6 +52,7 @@ FIRST = {
     "slot_reads_older_rows": [SLOTS],
     "slot_positions_ignore_join": [SLOTS],
     "slot_question_not_generated": [PREFIX],
+    "earlier_tokens_see_the_next": [FOLD_SPECULATION],
     "dequant_scale_ignored": [QUANTIZED],
     "landmark_scale_ignored": [LANDMARKS_8BIT],
 }

@@ -284,6 +284,19 @@ def slot_question_not_generated() -> None:
     _wrap(LayerState, "commit_adoption", make)
 
 
+@mutant("several tokens in one forward: each token before the newest also sees the tail slot after its own")
+def earlier_tokens_see_the_next() -> None:
+    def make(plain):
+        def attend(state, q, *rest):
+            state.tail_fill.add_(1)
+            try:
+                return plain(state, q, *rest)
+            finally:
+                state.tail_fill.sub_(1)
+        return attend
+    _wrap(decode_step, "attend_earlier", make)
+
+
 def apply(name: str) -> None:
     if name not in MUTANTS:
         raise ValueError(f"unknown mutant {name!r}; known: {', '.join(MUTANTS)}")
