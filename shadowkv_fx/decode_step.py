@@ -12,11 +12,10 @@ from typing import Callable
 import torch
 
 from shadowkv_fx.kernels import dispatch, value_reuse
-from shadowkv_fx.kernels.grouped_attention import grouped_masked_attention
 from shadowkv_fx.layer_state import LayerState
 
 RopeFn = Callable[..., torch.Tensor]
-# bytes of K/V buffer copies ``attend_earlier`` holds at once (a group of tokens)
+# bytes of rebuilt keys, values and logits ``attend_earlier`` holds at once (a group of tokens)
 _GROUP_BYTES = 256 * 2**20
 
 
@@ -43,19 +42,25 @@ def attend_earlier(state: LayerState, q: torch.Tensor, rope_fn: RopeFn, scale: f
 
     One at a time was a score, a top-k, a rebuild, a gather and an attention per token and layer:
     a 56-token question asked of a stored 122K document took 1.6 s of the serving loop on the H100
-    (``workload_reuse``), every running row waiting. Here a row's tokens become the rows of a
-    batch that reads the row's store through zero-stride views (as ``cache_share.repeat_rows``
-    does), each with a copy of the row's K/V buffer whose selected region it fills; the state is
-    not written. Tokens go ``_GROUP_BYTES`` of buffer copies at a time.
+    (``workload_reuse``), every running row waiting. Here a row's tokens become the rows of a batch
+    that scores and rebuilds from the row's store through zero-stride views (as
+    ``cache_share.repeat_rows`` does) into keys and values of their own; they attend those and the
+    row's buffer (outliers, local window, tail), one softmax over both. The state is not written.
+    Tokens go ``_GROUP_BYTES`` of rebuilt keys and values at a time.
     """
-    b_size, _, m, _ = q.shape
-    chunk = state.config.chunk_size
+    b_size, hq, m, d = q.shape
+    hkv, keys, dv = state.v_buf.shape[1], state.k_buf.shape[2], state.v_buf.shape[3]
+    group_heads, chunk = hq // hkv, state.config.chunk_size
+    selected = state.select_k * chunk
     region = slice(state.sel_start, state.local_start)
-    per_token = 2 * state.k_buf[0].numel() * state.k_buf.element_size()
+    per_token = hkv * selected * (d + dv) * state.k_buf.element_size() + 4 * hq * (keys + selected)
     group = max(1, min(m, _GROUP_BYTES // per_token))
-    tail_slots = torch.arange(state.k_buf.shape[2] - state.tail_start, device=q.device)
-    out = q.new_empty(*q.shape[:3], state.v_buf.shape[3])
+    tail_slots = torch.arange(keys - state.tail_start, device=q.device)
+    out = q.new_empty(b_size, hq, m, dv)
     for b in range(b_size):
+        # the buffer's keys each token may see: its selected region holds the newest token's picks
+        buffer_ok = state.key_valid[b].clone()
+        buffer_ok[:, region] = False
         for first in range(0, m, group):
             rows = min(group, m - first)
 
@@ -68,22 +73,30 @@ def attend_earlier(state: LayerState, q: torch.Tensor, rope_fn: RopeFn, scale: f
             if state.config.span_neighbors:
                 scores = widen_spans(scores, selectable, state.config.span_neighbors)
             chunk_idx, picked = dispatch.top_chunks(scores, state.select_k)
-            k_rows, v_rows = each(state.k_buf).clone(), each(state.v_buf).clone()
+            k_sel = state.k_buf.new_empty(rows, hkv, selected, d)
+            v_sel = state.v_buf.new_empty(rows, hkv, selected, dv)
             tables = [t if t.shape[0] == 1 else t[b : b + 1] for t in state.rope_tables]
             dispatch.rebuild_rope_keys(each(state.u), each(state.sv), chunk_idx, chunk, each(state.pad), tables,
-                                       state.rope_form, rope_fn, k_rows[:, :, region])
-            dispatch.gather_value_chunks(each(state.v_chunks), chunk_idx, q.device, v_rows[:, :, region], None,
-                                         each(state.v_scale))
-            prefix = each(state.key_valid).bool().clone()  # the picks go in below, not into the state
-            prefix[:, :, region].unflatten(-1, (-1, chunk)).copy_(picked[..., None].expand(*picked.shape, chunk))
+                                       state.rope_form, rope_fn, k_sel)
+            dispatch.gather_value_chunks(each(state.v_chunks), chunk_idx, q.device, v_sel, None, each(state.v_scale))
             # token first + r has m - first - r tokens after it: it sees the tail up to fill - 1 - that
             own_slot = state.tail_fill - 1 - (m - first - torch.arange(rows, device=q.device))
             seen = tail_slots <= own_slot[:, None]
             if state.tail_first is not None:
                 seen &= tail_slots >= state.tail_first[b]
-            allowed = torch.cat([prefix, seen[:, None].expand(rows, prefix.shape[1], -1)], dim=-1)[:, :, None]
-            attended = grouped_masked_attention(q_rows, k_rows, v_rows, allowed, scale)  # [rows, Hq, 1, Dv]
-            out[b, :, first : first + rows] = attended[:, :, 0].transpose(0, 1)
+            allowed = torch.cat([buffer_ok.expand(rows, -1, -1), seen[:, None].expand(rows, hkv, -1),
+                                 picked.repeat_interleave(chunk, dim=-1)], dim=-1)  # [rows, Hkv, keys + selected]
+            # [rows, Hkv, G, D]: the G query heads of each KV head
+            q_grouped = q_rows.view(rows, hkv, group_heads, d)
+            on_buffer = torch.matmul(q_grouped.transpose(0, 1).reshape(hkv, rows * group_heads, d),
+                                     state.k_buf[b].transpose(1, 2)).view(hkv, rows, group_heads, keys).transpose(0, 1)
+            on_selected = torch.matmul(q_grouped, k_sel.transpose(2, 3))
+            logits = torch.cat([on_buffer, on_selected], dim=-1).float() * scale
+            weights = logits.masked_fill(~allowed[:, :, None], float("-inf")).softmax(-1).to(state.v_buf.dtype)
+            from_buffer = torch.matmul(weights[..., :keys].transpose(0, 1).reshape(hkv, rows * group_heads, keys),
+                                       state.v_buf[b]).view(hkv, rows, group_heads, dv).transpose(0, 1)
+            attended = from_buffer + torch.matmul(weights[..., keys:], v_sel)  # [rows, Hkv, G, Dv]
+            out[b, :, first : first + rows] = attended.reshape(rows, hq, dv).transpose(0, 1)
     return out
 
 

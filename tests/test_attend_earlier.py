@@ -18,7 +18,9 @@ CASES = {
     "spans": {"span_neighbors": 1},
     "8-bit": {"value_bits": 8, "landmark_bits": 8},
     "folding": {"fold_chunks": 1},
+    "picks past a row": {"sparse_budget": 64},  # 16 picks; the 60-token row has 11 chunks to select
 }
+LENGTHS = {"picks past a row": [150, 60]}
 BEFORE = {"folding": 12}  # tokens decoded first: a fold then hides row 0's first tail slots (tail_first)
 
 
@@ -34,15 +36,18 @@ def test_tokens_at_once_equal_tokens_one_at_a_time(case, group_bytes, monkeypatc
     _, model = tiny_pair("llama", seed=3, peaked=True)
     config = dataclasses.replace(SPARSE, **CASES[case])
     shadowkv_fx.optimize(model, config)
-    ids, mask = left_padded(2, [150, 117], 96, seed=3)
+    ids, mask = left_padded(2, LENGTHS.get(case, [150, 117]), 96, seed=3)
     cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-    assert cache.layers[0].state.compressed
+    state = cache.layers[0].state
+    assert state.compressed
+    if case in LENGTHS:
+        assert int(state.selectable[1, 0].sum()) < state.select_k, "row 1 has fewer chunks than a step picks"
     for step in range(BEFORE.get(case, 0)):
         forward(model, cache, torch.full((2, 1), 7 + step))
     if case in BEFORE:
-        assert cache.layers[0].state.tail_first.any(), "the case folds before the tokens come"
+        assert state.tail_first.any(), "the case folds before the tokens come"
     twin = copy.deepcopy(cache)
     new = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(3))
     at_once = forward(model, cache, new)
