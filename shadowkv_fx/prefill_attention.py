@@ -4,6 +4,7 @@ compresses each layer once a group's whole prompt has passed."""
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from shadowkv_fx.prompt_layout import PromptLayout
 
@@ -47,8 +48,11 @@ def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Pro
         if first == pad:
             attended = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
         else:
-            # a later piece of the prompt: SDPA's is_causal aligns top-left, the piece sits bottom-right
-            mask = torch.arange(pad, end, device=q.device) <= torch.arange(first, end, device=q.device)[:, None]
+            # a later piece of the prompt: SDPA's is_causal aligns top-left, the piece sits bottom-right.
+            # A lower-right causal bias runs flash attention as it is; an explicit [piece, prompt]
+            # mask went to a masked kernel reading a float mask that size (a 122K prompt in pieces of
+            # 4096 prefilled in 22.5 s in the H100 serving run, against 10.8 s in one piece)
+            mask = causal_lower_right(qb.shape[2], kb.shape[2])
             attended = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
         out[b : b + 1, :, first - start :] = attended
     return out
