@@ -137,6 +137,17 @@ def main() -> None:
     app()
 
 
+def _bench_config(sparse_budget: int, rank: int, fold_chunks: int, value_hbm_gib: float | None, value_bits: int,
+                  landmark_bits: int, chunk_size: int, span_neighbors: int) -> ShadowKVConfig:
+    """The bench's ShadowKV settings; a chunk size other than the default keeps the default outlier
+    and local windows' tokens, so a finer chunk changes the landmarks, not what is attended densely."""
+    base = ShadowKVConfig()
+    dense_tokens = {name: getattr(base, name) * base.chunk_size // chunk_size for name in ("outlier_chunks", "local_chunks")}
+    return ShadowKVConfig(sparse_budget=sparse_budget, rank=rank, fold_chunks=fold_chunks or None,
+                          value_hbm_gib=value_hbm_gib, value_bits=value_bits, landmark_bits=landmark_bits,
+                          chunk_size=chunk_size, span_neighbors=span_neighbors, **dense_tokens)
+
+
 @app.command()
 def bench(
     contexts: str = typer.Option("32768", help="comma-separated prompt lengths"),
@@ -158,6 +169,9 @@ def bench(
     fold_chunks: int = typer.Option(16, help="ShadowKV folds the generated tail every this many chunks; 0: never"),
     value_bits: int = typer.Option(16, help="bits per stored value: 16, or 8 (int8 + per-chunk scales)"),
     landmark_bits: int = typer.Option(16, help="bits per landmark element: 16, or 8 (int8 + per-chunk scales)"),
+    chunk_size: int = typer.Option(8, help="tokens per chunk (one landmark each); the outlier and local windows keep "
+                                   "their default tokens (48 x 8 and 4 x 8): 4 is the finer-landmark safeguard of #32"),
+    span_neighbors: int = typer.Option(0, help="a chosen chunk lifts its neighbours within this many chunks"),
     breakdown: bool = typer.Option(False, help="per-kernel time of one ShadowKV decode step, and steps timed alone"),
     out: Path = typer.Option(Path("bench_out"), help="folder for bench.json, bench.png and table.txt"),
     whole_graph: bool = typer.Option(False, help="ShadowKV compiles the whole forward as one graph instead of one "
@@ -223,8 +237,8 @@ def bench(
     if workload:
         # the same config for both ShadowKV methods: slots keep values on the GPU only up to a given
         # size, so "as many as fit" (-1) becomes none (pinned host memory, ShadowKV's own design)
-        config = ShadowKVConfig(sparse_budget=sparse_budget, rank=rank, fold_chunks=fold_chunks or None,
-                                value_hbm_gib=max(value_hbm_gib, 0.0), value_bits=value_bits, landmark_bits=landmark_bits)
+        config = _bench_config(sparse_budget, rank, fold_chunks, max(value_hbm_gib, 0.0), value_bits, landmark_bits,
+                               chunk_size, span_neighbors)
         settings = {"requests": workload_requests, "min_context": workload_min_context, "max_context":
                     workload_max_context, "min_output": workload_min_output, "max_output": workload_max_output,
                     "output_dist": workload_output_dist,
@@ -243,9 +257,8 @@ def bench(
     unknown = set(methods.split(",")) - set(b.METHODS)
     if unknown:
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; known: {b.METHODS}")
-    config = ShadowKVConfig(sparse_budget=sparse_budget, rank=rank, fold_chunks=fold_chunks or None,
-                            value_hbm_gib=None if value_hbm_gib < 0 else value_hbm_gib, value_bits=value_bits,
-                            landmark_bits=landmark_bits)
+    config = _bench_config(sparse_budget, rank, fold_chunks, None if value_hbm_gib < 0 else value_hbm_gib, value_bits,
+                           landmark_bits, chunk_size, span_neighbors)
     model = b.load_model(model_dir) if model_dir else b.llama31_8b_random(layers)
     lead = b.is_lead_rank()
     torch.manual_seed(0)  # every tensor-parallel rank draws the same prompts

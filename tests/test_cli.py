@@ -105,3 +105,18 @@ def test_demo_bytes_per_sequence_split_device_and_host_as_the_cache_reports(toke
 def test_bench_cold_refuses_a_batch_it_cannot_time_before_any_work():
     result = CliRunner().invoke(app, ["bench", "--cold", "--batches", "best"], terminal_width=400)
     assert result.exit_code == 2 and "give a number to --batches" in result.output
+
+
+def test_bench_chunk_size_keeps_the_dense_windows_tokens():
+    """--chunk-size 4 (#32's finer landmarks) changes the landmarks, not what is attended densely."""
+    from shadowkv_fx.cli import _bench_config
+    from shadowkv_fx.config import ShadowKVConfig
+
+    base = ShadowKVConfig()
+    finer = _bench_config(2048, 160, 16, None, 8, 8, chunk_size=4, span_neighbors=1)
+    assert (finer.chunk_size, finer.span_neighbors, finer.value_bits) == (4, 1, 8)
+    for name in ("outlier_chunks", "local_chunks"):
+        assert getattr(finer, name) * 4 == getattr(base, name) * base.chunk_size, name
+    assert _bench_config(2048, 160, 16, None, 16, 16, chunk_size=8, span_neighbors=0) == base
+    with pytest.raises(ValueError, match="multiple of"):
+        _bench_config(2048, 160, 16, None, 16, 16, chunk_size=3, span_neighbors=0)
