@@ -277,6 +277,11 @@ def table(rows: list[ReuseRow], stream: list[ReuseRequest], context: int, device
     for r in rows:
         if r.error:
             lines.append(f"{r.method:<16}  {r.error}")
+            if r.per_request:
+                served = ", served to first token p50 " + ", ".join(
+                    f"{kind} {percentile(times, 50):.2f} s" for kind, times in _served_times(r.per_request) if times)
+                lines.append(f"{'':<16}  the part that ran: {len(r.per_request)} requests, "
+                             f"{_ran_tok_s(r):.1f} tok/s to the last of them{served}")
             continue
         later = ["-"] * 4 if r.ttft_later_p50_s is None else [
             f"{t:.2f}" for t in (r.ttft_later_p50_s, r.ttft_later_p95_s, r.served_later_p50_s, r.served_later_p95_s)]
@@ -287,7 +292,23 @@ def table(rows: list[ReuseRow], stream: list[ReuseRequest], context: int, device
         if r.host_seconds:
             phases = ", ".join(f"{phase} {s:.1f} s" for phase, s in sorted(r.host_seconds.items()))
             lines.append(f"{r.method}: serving loop's host time in admissions: {phases}; decode steps captured: {r.captures}")
-    ok = {r.method: r for r in rows if not r.error}
-    if len(ok) == 2:
-        lines.append(f"shadowkv-reuse / dense-reuse tokens/s: {ok['shadowkv-reuse'].tok_s / ok['dense-reuse'].tok_s:.2f}x")
+    rates = {r.method: (r.tok_s, "") if not r.error else (_ran_tok_s(r), " the part that ran") for r in rows
+             if not r.error or r.per_request}
+    if len(rates) == 2:
+        (ours, how), (theirs, their_how) = rates["shadowkv-reuse"], rates["dense-reuse"]
+        lines.append(f"shadowkv-reuse{how} / dense-reuse{their_how} tokens/s: {ours / theirs:.2f}x")
     return "\n".join(lines)
+
+
+def _ran_tok_s(row: ReuseRow) -> float:
+    """Tokens/s of a stopped method's finished requests, over the time to the last of them: what
+    it sustained while it ran (requests still in flight are left out, so a little below)."""
+    return sum(p["generated"] for p in row.per_request) / max(p["end_s"] for p in row.per_request)
+
+
+def _served_times(per_request: list[dict]) -> list[tuple[str, list[float]]]:
+    """Seconds from being served to the first token, a document's first question and the later ones
+    (every request of a stream arriving at t=0, as ``make_reuse_stream`` makes them)."""
+    first = [p["ttft_s"] - p["start_s"] for p in per_request if p["question"] == 0]
+    later = [p["ttft_s"] - p["start_s"] for p in per_request if p["question"] > 0]
+    return [("first", first), ("later", later)]

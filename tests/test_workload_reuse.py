@@ -114,3 +114,9 @@ def test_an_overtime_row_keeps_the_finished_questions(served, monkeypatch):
             r = stream[p["request"]]
             assert (p["document"], p["question"]) == (r.document, r.question), row.method
             assert 0 <= p["ttft_s"] <= p["end_s"] and p["generated"] == r.output_len and "gaps_s" not in p
+    # the table says what each stopped method sustained while it ran, and compares those rates
+    text = wr.table(rows, stream, CONTEXT, "cpu")
+    for row in rows:
+        rate = sum(p["generated"] for p in row.per_request) / max(p["end_s"] for p in row.per_request)
+        assert f"the part that ran: {len(row.per_request)} requests, {rate:.1f} tok/s" in text, row.method
+    assert "shadowkv-reuse the part that ran / dense-reuse the part that ran tokens/s:" in text
