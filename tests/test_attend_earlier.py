@@ -10,7 +10,7 @@ import torch
 
 import shadowkv_fx
 from shadowkv_fx import decode_step
-from tests.models import assert_close, left_padded, tiny_pair
+from tests.models import assert_close, cuda_only, left_padded, tiny_pair
 
 SPARSE = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2)
 CASES = {
@@ -33,10 +33,23 @@ def forward(model, cache, ids):
 @pytest.mark.parametrize("case", list(CASES))
 def test_tokens_at_once_equal_tokens_one_at_a_time(case, group_bytes, monkeypatch):
     monkeypatch.setattr(decode_step, "_GROUP_BYTES", group_bytes)
+    at_once_equals_one_at_a_time(case, "cpu", 2e-5)
+
+
+@cuda_only
+@pytest.mark.parametrize("case", list(CASES))
+def test_on_the_gpu_tokens_at_once_equal_tokens_one_at_a_time(case):
+    """The Triton kernels score, rebuild and gather for the tokens through zero-stride views of the
+    row's store (values in pinned host memory), as they do for ``repeat_rows``."""
+    at_once_equals_one_at_a_time(case, "cuda", 1e-4)
+
+
+def at_once_equals_one_at_a_time(case: str, device: str, tol: float) -> None:
     _, model = tiny_pair("llama", seed=3, peaked=True)
-    config = dataclasses.replace(SPARSE, **CASES[case])
+    model = model.to(device)
+    config = dataclasses.replace(SPARSE, **CASES[case], value_hbm_gib=0)
     shadowkv_fx.optimize(model, config)
-    ids, mask = left_padded(2, LENGTHS.get(case, [150, 117]), 96, seed=3)
+    ids, mask = (t.to(device) for t in left_padded(2, LENGTHS.get(case, [150, 117]), 96, seed=3))
     cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
@@ -45,18 +58,18 @@ def test_tokens_at_once_equal_tokens_one_at_a_time(case, group_bytes, monkeypatc
     if case in LENGTHS:
         assert int(state.selectable[1, 0].sum()) < state.select_k, "row 1 has fewer chunks than a step picks"
     for step in range(BEFORE.get(case, 0)):
-        forward(model, cache, torch.full((2, 1), 7 + step))
+        forward(model, cache, torch.full((2, 1), 7 + step, device=device))
     if case in BEFORE:
         assert state.tail_first.any(), "the case folds before the tokens come"
     twin = copy.deepcopy(cache)
-    new = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(3))
+    new = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(3)).to(device)
     at_once = forward(model, cache, new)
     one_by_one = torch.cat([forward(model, twin, new[:, i : i + 1]) for i in range(new.shape[1])], dim=1)
-    assert_close(at_once, one_by_one, atol=2e-5, rtol=2e-5, what=f"{case}: logits of the 7 tokens")
+    assert_close(at_once, one_by_one, atol=tol, rtol=tol, what=f"{case}: logits of the 7 tokens")
     # the cache is left as one-at-a-time decoding leaves it: the next steps agree too
     for step in range(3):
-        token = torch.full((2, 1), 5 + step)
-        assert_close(forward(model, cache, token), forward(model, twin, token), atol=2e-5, rtol=2e-5,
+        token = torch.full((2, 1), 5 + step, device=device)
+        assert_close(forward(model, cache, token), forward(model, twin, token), atol=tol, rtol=tol,
                      what=f"{case}: step {step} after")
 
 
