@@ -279,7 +279,8 @@ def table(rows: list[ReuseRow], stream: list[ReuseRequest], context: int, device
             lines.append(f"{r.method:<16}  {r.error}")
             if r.per_request:
                 served = ", served to first token p50 " + ", ".join(
-                    f"{kind} {percentile(times, 50):.2f} s" for kind, times in _served_times(r.per_request) if times)
+                    f"{kind} {percentile(times, 50):.2f} s" for kind, times in _served_times(r.per_request, stream)
+                    if times)
                 lines.append(f"{'':<16}  the part that ran: {len(r.per_request)} requests, "
                              f"{_ran_tok_s(r):.1f} tok/s to the last of them{served}")
             continue
@@ -301,14 +302,15 @@ def table(rows: list[ReuseRow], stream: list[ReuseRequest], context: int, device
 
 
 def _ran_tok_s(row: ReuseRow) -> float:
-    """Tokens/s of a stopped method's finished requests, over the time to the last of them: what
-    it sustained while it ran (requests still in flight are left out, so a little below)."""
+    """Tokens/s of a stopped method's finished requests, over the time to the last of them: below
+    what it sustained by the tokens of the requests still in flight (none for dense, which serves one
+    at a time; up to a slot's worth each for ShadowKV)."""
     return sum(p["generated"] for p in row.per_request) / max(p["end_s"] for p in row.per_request)
 
 
-def _served_times(per_request: list[dict]) -> list[tuple[str, list[float]]]:
-    """Seconds from being served to the first token, a document's first question and the later ones
-    (every request of a stream arriving at t=0, as ``make_reuse_stream`` makes them)."""
-    first = [p["ttft_s"] - p["start_s"] for p in per_request if p["question"] == 0]
-    later = [p["ttft_s"] - p["start_s"] for p in per_request if p["question"] > 0]
-    return [("first", first), ("later", later)]
+def _served_times(per_request: list[dict], stream: list[ReuseRequest]) -> list[tuple[str, list[float]]]:
+    """Seconds from being served to the first token (as ``_finish`` counts them), of a document's
+    first question and of the later ones."""
+    served = [(stream[p["request"]].question, p["ttft_s"] + stream[p["request"]].arrival_s - p["start_s"])
+              for p in per_request]
+    return [("first", [s for q, s in served if q == 0]), ("later", [s for q, s in served if q > 0])]
