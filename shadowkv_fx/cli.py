@@ -201,6 +201,8 @@ def bench(
     reuse: bool = typer.Option(False, help="with --workload: many questions about a few documents of "
                                "--workload-max-context tokens, ShadowKV's prefix store against transformers' "
                                "deepcopy recipe (reuse.json, table.txt in --out)"),
+    reuse_methods: str = typer.Option("shadowkv-reuse,dense-reuse", help="of shadowkv-reuse, dense-reuse (run in that "
+                                      "order; the ratio line needs both)"),
     reuse_documents: int = 8,
     reuse_questions: int = typer.Option(8, help="questions per document, arriving round-robin over the documents"),
     reuse_question_min: int = 32,
@@ -246,7 +248,7 @@ def bench(
                     "seed": workload_seed, "limit_s": workload_limit_s or None, "layers": layers,
                     "config": dataclasses.asdict(config)}
         if reuse:
-            settings.update(documents=reuse_documents, questions=reuse_questions, question_min=reuse_question_min,
+            settings.update(methods=reuse_methods.split(","), documents=reuse_documents, questions=reuse_questions, question_min=reuse_question_min,
                             question_max=reuse_question_max, output=reuse_output,
                             store_bytes=int(reuse_store_gib * 2**30) or None, slots=workload_slots or 8,
                             hold_bytes=int(reuse_dense_hold_gib * 2**30) or None)
@@ -340,6 +342,8 @@ def _workload_reuse(settings: dict, config: ShadowKVConfig, out: Path, model_dir
     """``bench --workload --reuse``: see ``workload_reuse``."""
     from shadowkv_fx import workload_reuse as wr
 
+    if unknown := set(settings["methods"]) - set(wr.METHODS):
+        raise typer.BadParameter(f"unknown reuse methods {sorted(unknown)}; known: {', '.join(wr.METHODS)}")
     try:
         stream = wr.make_reuse_stream(settings["documents"], settings["questions"], settings["question_min"],
                                       settings["question_max"], settings["output"], settings["seed"])
@@ -349,7 +353,8 @@ def _workload_reuse(settings: dict, config: ShadowKVConfig, out: Path, model_dir
     with console.status("reuse") as status:
         rows = wr.run_reuse(model, stream, settings["max_context"], config, settings["slots"],
                             settings["prefill_chunk"], settings["store_bytes"], settings["hold_bytes"],
-                            progress=_logger(status), seed=settings["seed"], limit_s=settings["limit_s"])
+                            methods=tuple(settings["methods"]), progress=_logger(status), seed=settings["seed"],
+                            limit_s=settings["limit_s"])
     text = wr.table(rows, stream, settings["max_context"], torch.cuda.get_device_name())
     out.mkdir(parents=True, exist_ok=True)
     (out / "reuse.json").write_text(json.dumps({"settings": settings, "stream": [dataclasses.asdict(r) for r in stream],

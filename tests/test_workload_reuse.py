@@ -2,6 +2,7 @@
 prefix store against transformers' deepcopy recipe, every request served its exact length, documents
 prefilled once (ShadowKV) or again when dropped (dense)."""
 import pytest
+import typer
 
 import shadowkv_fx
 from shadowkv_fx import workload_reuse as wr
@@ -82,13 +83,19 @@ def test_the_cli_wiring_writes_its_files(monkeypatch, tmp_path):
     monkeypatch.setattr("sys.argv", ["shadowkv-fx", "bench", "--workload", "--reuse"])
     settings = {"max_context": CONTEXT, "prefill_chunk": 16, "seed": 0, "limit_s": None, "documents": 2, "questions": 2,
                 "question_min": 2, "question_max": 4, "output": 3, "store_bytes": None, "slots": 2,
-                "hold_bytes": 10**9}
+                "hold_bytes": 10**9, "methods": list(wr.METHODS)}
     cli._workload_reuse(settings, config(), tmp_path, None, 2)
     data = json.loads((tmp_path / "reuse.json").read_text())
     assert [r["method"] for r in data["rows"]] == list(wr.METHODS) and all(r["error"] is None for r in data["rows"])
     assert data["settings"]["command"] == "shadowkv-fx bench --workload --reuse" and len(data["stream"]) == 4
     assert data["rows"][1]["document_prefills"] == 2  # dense held both documents: each prefilled once
     assert "shadowkv-reuse / dense-reuse tokens/s" in (tmp_path / "table.txt").read_text()
+    # --reuse-methods: ShadowKV alone (dense measured in an earlier call), or a name it does not know, refused first
+    cli._workload_reuse({**settings, "methods": ["shadowkv-reuse"]}, config(), tmp_path, None, 2)
+    data = json.loads((tmp_path / "reuse.json").read_text())
+    assert [r["method"] for r in data["rows"]] == ["shadowkv-reuse"] and data["rows"][0]["error"] is None
+    with pytest.raises(typer.BadParameter, match="unknown reuse methods"):
+        cli._workload_reuse({**settings, "methods": ["dense"]}, config(), tmp_path, None, 2)
 
 
 def test_an_overtime_row_keeps_the_finished_questions(served, monkeypatch):
