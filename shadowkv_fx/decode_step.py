@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from shadowkv_fx.kernels import dispatch, value_reuse
+from shadowkv_fx.kernels import dispatch, naive, value_reuse
 from shadowkv_fx.layer_state import LayerState
 
 RopeFn = Callable[..., torch.Tensor]
@@ -55,12 +55,14 @@ def attend_earlier(state: LayerState, q: torch.Tensor, rope_fn: RopeFn, scale: f
     region = slice(state.sel_start, state.local_start)
     per_token = hkv * selected * (d + dv) * state.k_buf.element_size() + 4 * hq * (keys + selected)
     group = max(1, min(m, _GROUP_BYTES // per_token))
-    tail_slots = torch.arange(keys - state.tail_start, device=q.device)
     out = q.new_empty(b_size, hq, m, dv)
     for b in range(b_size):
-        # the buffer's keys each token may see: its selected region holds the newest token's picks
-        buffer_ok = state.key_valid[b].clone()
-        buffer_ok[:, region] = False
+        # the buffer's keys each of the m + 1 new tokens may see, as one step of them all would mask
+        # them; the selected region holds the newest token's picks, none of the earlier tokens'
+        buffer_ok = state.key_valid[b : b + 1].clone()
+        buffer_ok[..., region] = False
+        tail_first = None if state.tail_first is None else state.tail_first[b : b + 1]
+        seen = naive.decode_mask(buffer_ok, keys, state.tail_start, state.tail_fill, m + 1, tail_first)[0]
         for first in range(0, m, group):
             rows = min(group, m - first)
 
@@ -79,13 +81,8 @@ def attend_earlier(state: LayerState, q: torch.Tensor, rope_fn: RopeFn, scale: f
             dispatch.rebuild_rope_keys(each(state.u), each(state.sv), chunk_idx, chunk, each(state.pad), tables,
                                        state.rope_form, rope_fn, k_sel)
             dispatch.gather_value_chunks(each(state.v_chunks), chunk_idx, q.device, v_sel, None, each(state.v_scale))
-            # token first + r has m - first - r tokens after it: it sees the tail up to fill - 1 - that
-            own_slot = state.tail_fill - 1 - (m - first - torch.arange(rows, device=q.device))
-            seen = tail_slots <= own_slot[:, None]
-            if state.tail_first is not None:
-                seen &= tail_slots >= state.tail_first[b]
-            allowed = torch.cat([buffer_ok.expand(rows, -1, -1), seen[:, None].expand(rows, hkv, -1),
-                                 picked.repeat_interleave(chunk, dim=-1)], dim=-1)  # [rows, Hkv, keys + selected]
+            allowed = torch.cat([seen[:, first : first + rows].transpose(0, 1), picked.repeat_interleave(chunk, dim=-1)],
+                                dim=-1)  # [rows, Hkv, keys + selected]
             # [rows, Hkv, G, D]: the G query heads of each KV head
             q_grouped = q_rows.view(rows, hkv, group_heads, d)
             on_buffer = torch.matmul(q_grouped.transpose(0, 1).reshape(hkv, rows * group_heads, d),
