@@ -342,9 +342,8 @@ def _workload_reuse(settings: dict, config: ShadowKVConfig, out: Path, model_dir
     """``bench --workload --reuse``: see ``workload_reuse``."""
     from shadowkv_fx import workload_reuse as wr
 
-    if unknown := set(settings["methods"]) - set(wr.METHODS):
-        raise typer.BadParameter(f"unknown reuse methods {sorted(unknown)}; known: {', '.join(wr.METHODS)}")
-    try:
+    try:  # refused before the model is built
+        wr.check_methods(settings["methods"])
         stream = wr.make_reuse_stream(settings["documents"], settings["questions"], settings["question_min"],
                                       settings["question_max"], settings["output"], settings["seed"])
     except ValueError as err:

@@ -99,7 +99,7 @@ def _finish(row: ReuseRow, stream: list[ReuseRequest], per_request: list[dict]) 
     row.ttft_first_p50_s, row.ttft_first_p95_s = percentile(first, 50), percentile(first, 95)
     if later:
         row.ttft_later_p50_s, row.ttft_later_p95_s = percentile(later, 50), percentile(later, 95)
-        served = [p["ttft_s"] + r.arrival_s - p["start_s"] for p, r in zip(per_request, stream) if r.question > 0]
+        served = _served_times(zip(per_request, stream))["later"]
         row.served_later_p50_s, row.served_later_p95_s = percentile(served, 50), percentile(served, 95)
     return row
 
@@ -244,8 +244,7 @@ def run_reuse(model, stream: list[ReuseRequest], context: int, config, slots: in
     from shadowkv_fx import bench
     from shadowkv_fx.workload_bench import run_method
 
-    if unknown := set(methods) - set(METHODS):
-        raise ValueError(f"unknown reuse methods {sorted(unknown)}; known: {METHODS}")
+    check_methods(methods)
     if "dense-reuse" in methods and hold_bytes is None and model.device.type != "cuda":
         raise ValueError("dense's held-document bytes come from the GPU's free memory: give hold_bytes on a CPU")
     docs, prompts = make_reuse_prompts(stream, context, model.config.vocab_size, seed)
@@ -267,6 +266,12 @@ def run_reuse(model, stream: list[ReuseRequest], context: int, config, slots: in
     return rows
 
 
+def check_methods(methods) -> None:
+    """``ValueError`` naming the known methods for any name of ``methods`` that is not one."""
+    if unknown := set(methods) - set(METHODS):
+        raise ValueError(f"unknown reuse methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+
+
 def table(rows: list[ReuseRow], stream: list[ReuseRequest], context: int, device: str) -> str:
     docs = max(r.document for r in stream) + 1
     lines = [f"reuse workload on {device}: {docs} documents of {context} tokens, {len(stream) // docs} questions each "
@@ -279,7 +284,7 @@ def table(rows: list[ReuseRow], stream: list[ReuseRequest], context: int, device
             lines.append(f"{r.method:<16}  {r.error}")
             if r.per_request:
                 served = ", served to first token p50 " + ", ".join(
-                    f"{kind} {percentile(times, 50):.2f} s" for kind, times in _served_times(r.per_request, stream)
+                    f"{kind} {percentile(times, 50):.2f} s" for kind, times in _served_times((p, stream[p["request"]]) for p in r.per_request).items()
                     if times)
                 lines.append(f"{'':<16}  the part that ran: {len(r.per_request)} requests, "
                              f"{_ran_tok_s(r):.1f} tok/s to the last of them{served}")
@@ -308,9 +313,9 @@ def _ran_tok_s(row: ReuseRow) -> float:
     return sum(p["generated"] for p in row.per_request) / max(p["end_s"] for p in row.per_request)
 
 
-def _served_times(per_request: list[dict], stream: list[ReuseRequest]) -> list[tuple[str, list[float]]]:
-    """Seconds from being served to the first token (as ``_finish`` counts them), of a document's
-    first question and of the later ones."""
-    served = [(stream[p["request"]].question, p["ttft_s"] + stream[p["request"]].arrival_s - p["start_s"])
-              for p in per_request]
-    return [("first", [s for q, s in served if q == 0]), ("later", [s for q, s in served if q > 0])]
+def _served_times(records) -> dict[str, list[float]]:
+    """Seconds from being served (a slot taken, or dense's turn) to the first token: TTFT (from its
+    arrival) less the queue, of each document's first question and of the later ones; ``records``:
+    pairs of a request's record and its ``ReuseRequest``."""
+    served = [(r.question, p["ttft_s"] + r.arrival_s - p["start_s"]) for p, r in records]
+    return {"first": [s for q, s in served if q == 0], "later": [s for q, s in served if q > 0]}
