@@ -26,6 +26,7 @@ such a call.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -102,9 +103,8 @@ class ShadowKVSlots:
         if not 0 < n < self.max_length:
             raise ValueError(f"a prompt of {n} tokens does not fit a slot of max_length {self.max_length}")
         check_prefix_len(prefix_len, n)
-        start = time.perf_counter()
-        hit = None if self.prefix_store is None else self.prefix_store.lookup(prompt_ids, prefix_len)
-        self.host_seconds["lookup"] += time.perf_counter() - start
+        with self._timed("lookup"):
+            hit = None if self.prefix_store is None else self.prefix_store.lookup(prompt_ids, prefix_len)
         doc, alone = (prefix_len, None) if hit is None else (hit[0], self._checked(hit[1]))
         if (doc or n) < self.config.min_sparse_prompt and not self._warned_short:
             self._warned_short = True
@@ -119,9 +119,8 @@ class ShadowKVSlots:
             pieces = self.model._shadowkv.prefill_pieces(alone, ids[:, :doc])
             try:
                 while True:
-                    start = time.perf_counter()
-                    logits = next(pieces)  # None after each piece but the last, then the last one's logits
-                    self.host_seconds["document"] += time.perf_counter() - start
+                    with self._timed("document"):
+                        logits = next(pieces)  # None after each piece but the last, then the last one's logits
                     if logits is not None:
                         break
                     yield None
@@ -133,10 +132,8 @@ class ShadowKVSlots:
                 yield None  # the document's last piece ran in this step: the question's first runs in the next
         if doc is not None:
             logits = yield from self._ask(alone, ids, doc)
-        start = time.perf_counter()
-        with torch.no_grad():
+        with self._timed("adopt"), torch.no_grad():
             self.cache.adopt(slot, alone)
-        self.host_seconds["adopt"] += time.perf_counter() - start
         yield logits
 
     def _ask(self, alone: ShadowKVCache, ids: torch.Tensor, doc: int) -> Generator[None, None, torch.Tensor]:
@@ -146,12 +143,20 @@ class ShadowKVSlots:
         for start in range(doc, n, self.prefill_chunk):
             if start > doc:
                 yield None
-            began = time.perf_counter()
-            with torch.no_grad():  # per call, not across the yield: grad mode is the caller's between pieces
+            # per call, not across the yield: grad mode is the caller's between pieces
+            with self._timed("question"), torch.no_grad():
                 out = self.model(input_ids=ids[:, start : start + self.prefill_chunk],
                                  **{compat.CACHE_ARG: alone}, use_cache=True, logits_to_keep=1)
-            self.host_seconds["question"] += time.perf_counter() - began
         return out.logits[0, -1]
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        """Add the block's host seconds to ``host_seconds[phase]`` (no device sync)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.host_seconds[phase] += time.perf_counter() - start
 
     def _document_tail(self, doc: int) -> int:
         """Tail room of a document's cache: a running row's (with folding: what a question decodes in
