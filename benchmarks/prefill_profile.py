@@ -1,6 +1,7 @@
 """Where a document's prefill in pieces (a serving slot's admission) spends the seconds that one
 piece does not: the attention kernels alone (SDPA over the whole causal prompt against the same
-prompt a piece at a time under a lower-right causal bias), then both prefills under the profiler.
+prompt a piece at a time, each later piece under a lower-right causal bias or as the prefill runs it,
+``prefill_attention.later_piece``), then both prefills under the profiler.
 
     python benchmarks/prefill_profile.py --context 122880 --piece 32768 --out OUT
 
@@ -20,6 +21,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 import shadowkv_fx
 from shadowkv_fx import bench
+from shadowkv_fx.prefill_attention import later_piece
 
 
 def timed(fn) -> float:
@@ -35,16 +37,24 @@ def attention_seconds(context: int, piece: int, heads: int = 32, head_dim: int =
     q, k, v = (torch.randn(1, heads, context, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def pieces():
+    def pieces(later):
         for start in range(0, context, piece):
             end = min(context, start + piece)
             if start == 0:
                 sdpa(q[:, :, :end], k[:, :, :end], v[:, :, :end], is_causal=True)
             else:
-                sdpa(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=causal_lower_right(end - start, end))
+                later(q[:, :, start:end], k[:, :, :end], v[:, :, :end])
+
+    def lower_right(qp, kp, vp):
+        return sdpa(qp, kp, vp, attn_mask=causal_lower_right(qp.shape[2], kp.shape[2]))
+
+    def split(qp, kp, vp):
+        return later_piece(qp, kp, vp, head_dim**-0.5)
 
     rows = {}
-    for name, fn in (("whole", lambda: sdpa(q, k, v, is_causal=True)), (f"pieces of {piece}", pieces)):
+    for name, fn in (("whole", lambda: sdpa(q, k, v, is_causal=True)),
+                     (f"pieces of {piece}, lower-right bias", lambda: pieces(lower_right)),
+                     (f"pieces of {piece}, prefill_attention.later_piece", lambda: pieces(split))):
         timed(fn)
         rows[name] = timed(fn)
     return rows

@@ -3,6 +3,8 @@ model in pieces (``prefill_chunk_size``) and groups of rows (``prefill_rows``); 
 compresses each layer once a group's whole prompt has passed."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
@@ -48,12 +50,54 @@ def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Pro
         if first == pad:
             attended = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
         else:
-            # a later piece of the prompt: SDPA's is_causal aligns top-left, the piece sits bottom-right.
-            # A lower-right causal bias runs flash attention as it is; an explicit [piece, prompt]
-            # mask goes to a masked kernel that reads a mask that size (the likely cause, not timed
-            # apart, of the H100 serving run's 22.5 s from a 122K document's admission in pieces of
-            # 4096 to its first token, against 10.8 s for a prefill in one piece)
-            mask = causal_lower_right(qb.shape[2], kb.shape[2])
-            attended = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+            attended = later_piece(qb, kb, vb, scale)
         out[b : b + 1, :, first - start :] = attended
     return out
+
+
+def later_piece(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of a later piece's queries ``q [1, H, n, D]`` (the last ``n`` of the prompt
+    so far) over the prompt so far ``k, v [1, H, S, D]``: each query sees every earlier key and the
+    piece's keys up to its own.
+
+    On a GPU in 16 bits, two unmasked cuDNN calls merged by their log-sum-exps (the earlier keys
+    whole, the piece's own keys causal: a square, so SDPA's top-left causal is the right one), as
+    torch's context parallelism merges ring blocks. One call under SDPA's lower-right causal bias
+    is the same attention, but torch runs that bias on flash attention 2: on the H100 a 122K
+    prompt's attention in pieces took 1.77x the one-piece prefill's cuDNN kernel, ~5 s of a
+    document's admission (``benchmarks/results/h100_prefill_pieces_profile/``). Elsewhere (CPU, 32
+    bits, cuDNN off) the lower-right bias."""
+    earlier = k.shape[2] - q.shape[2]
+    if _cudnn_runs(q):
+        try:
+            before = _cudnn_with_lse(q, k[:, :, :earlier], v[:, :, :earlier], False, scale)
+            own = _cudnn_with_lse(q, k[:, :, earlier:], v[:, :, earlier:], True, scale)
+            return merge_partial(*before, *own).to(q.dtype)
+        except RuntimeError as err:  # a shape or layout this cuDNN refuses: the slower kernel, said once
+            _CUDNN_REFUSED.append(str(err))
+            warnings.warn(f"cuDNN attention refused a prefill piece ({err}); later pieces use flash attention 2")
+    mask = causal_lower_right(q.shape[2], k.shape[2])
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def merge_partial(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over keys A and B from attention over each (outputs ``[.., n, D]``, natural-log
+    log-sum-exps of the scaled scores ``[.., n, 1]``), in float32; the sigmoid form (ring flash
+    attention's) stays finite where one side's log-sum-exp is far below the other's."""
+    out_a, out_b = out_a.float(), out_b.float()
+    return out_a - torch.sigmoid(lse_b.float() - lse_a.float()) * (out_a - out_b)
+
+
+_CUDNN_REFUSED: list[str] = []
+
+
+def _cudnn_runs(q: torch.Tensor) -> bool:
+    return (not _CUDNN_REFUSED and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and torch.backends.cuda.cudnn_sdp_enabled()
+            and torch.backends.cudnn.is_available())
+
+
+def _cudnn_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                  scale=scale)[:2]
+    return out, lse.reshape(*q.shape[:3], 1)

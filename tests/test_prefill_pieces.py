@@ -1,10 +1,13 @@
 """Prefill attention in pieces (``prefill_chunk_size``, ``ShadowKVSlots``' prefill): each piece's
 causal attention over the prompt so far equals the one-piece prefill's rows, left padding included.
-A later piece attends through SDPA's lower-right causal bias (flash attention on a GPU)."""
+A later piece attends through SDPA's lower-right causal bias, or on a GPU in 16 bits through two
+cuDNN calls (earlier keys, the piece's own keys) merged by their log-sum-exps; a math stand-in for
+cuDNN runs that split on the CPU."""
 import pytest
 import torch
 
-from shadowkv_fx.prefill_attention import dense_prefill
+from shadowkv_fx import prefill_attention
+from shadowkv_fx.prefill_attention import dense_prefill, merge_partial
 from shadowkv_fx.prompt_layout import PromptLayout
 from tests.models import assert_close, cuda_only
 
@@ -32,3 +35,53 @@ def test_pieces_equal_one_prefill(piece):
 @pytest.mark.parametrize("piece", [16, 100, 128])
 def test_on_the_gpu_pieces_equal_one_prefill(piece):
     pieces_against_whole("cuda", torch.bfloat16, piece, 2e-2)
+
+
+def math_with_lse(q, k, v, causal, scale):
+    """What ``_cudnn_with_lse`` returns, in float32 math: the output and its log-sum-exp ``[.., n, 1]``."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        n, s = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(n, s, dtype=torch.bool).triu(1), float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype), scores.logsumexp(-1, keepdim=True)
+
+
+def test_merge_of_two_key_sets_is_attention_over_both():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 9, 16, generator=gen)
+    # the second key set scores ~20 higher: a plain exp-sum would lean on one side's overflow
+    k_a, k_b = torch.randn(1, 4, 30, 16, generator=gen), 6 * torch.randn(1, 4, 5, 16, generator=gen)
+    v_a, v_b = torch.randn(1, 4, 30, 16, generator=gen), torch.randn(1, 4, 5, 16, generator=gen)
+    whole, _ = math_with_lse(q, torch.cat([k_a, k_b], 2), torch.cat([v_a, v_b], 2), False, 1.0)
+    merged = merge_partial(*math_with_lse(q, k_a, v_a, False, 1.0), *math_with_lse(q, k_b, v_b, False, 1.0))
+    assert_close(merged, whole, atol=1e-5, rtol=1e-5, what="merged against one softmax")
+    swapped = merge_partial(*math_with_lse(q, k_b, v_b, False, 1.0), *math_with_lse(q, k_a, v_a, False, 1.0))
+    assert_close(swapped, whole, atol=1e-5, rtol=1e-5, what="the merge is symmetric")
+
+
+@pytest.mark.parametrize("piece", [16, 100])
+def test_split_later_pieces_equal_one_prefill(monkeypatch, piece):
+    """The GPU's split (earlier keys whole, own keys causal, merged) with math in cuDNN's place."""
+    calls = []
+
+    def stand_in(q, k, v, causal, scale):
+        calls.append((q.shape[2], k.shape[2], causal))
+        return math_with_lse(q, k, v, causal, scale)
+
+    monkeypatch.setattr(prefill_attention, "_cudnn_runs", lambda q: True)
+    monkeypatch.setattr(prefill_attention, "_cudnn_with_lse", stand_in)
+    pieces_against_whole("cpu", torch.float32, piece, 1e-5)
+    assert calls and all(n == s for n, s, causal in calls if causal), "the piece's own keys: a causal square"
+    assert {causal for _, _, causal in calls} == {True, False}
+
+
+def test_a_refused_cudnn_call_falls_back_to_the_lower_right_bias(monkeypatch):
+    def refuse(*args):
+        raise RuntimeError("cuDNN Frontend error: no valid execution plans")
+
+    monkeypatch.setattr(prefill_attention, "_CUDNN_REFUSED", [])
+    monkeypatch.setattr(prefill_attention, "_cudnn_runs", lambda q: not prefill_attention._CUDNN_REFUSED)
+    monkeypatch.setattr(prefill_attention, "_cudnn_with_lse", refuse)
+    with pytest.warns(UserWarning, match="cuDNN attention refused"):
+        pieces_against_whole("cpu", torch.float32, 64, 1e-5)
+    assert prefill_attention._CUDNN_REFUSED, "refused once, not tried again"
