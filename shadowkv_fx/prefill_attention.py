@@ -66,18 +66,14 @@ def later_piece(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     is the same attention, but torch runs that bias on flash attention 2: on the H100 a 122K
     prompt's attention in pieces took 1.77x the one-piece prefill's cuDNN kernel, ~5 s of a
     document's admission (``benchmarks/results/h100_prefill_pieces_profile/``). Elsewhere (CPU, 32
-    bits, cuDNN off) the lower-right bias."""
-    earlier = k.shape[2] - q.shape[2]
-    if _cudnn_runs(q):
+    bits, cuDNN off), or where the split disagrees with the bias on a small check or is refused,
+    the lower-right bias."""
+    if _split_runs(q):
         try:
-            before = _cudnn_with_lse(q, k[:, :, :earlier], v[:, :, :earlier], False, scale)
-            own = _cudnn_with_lse(q, k[:, :, earlier:], v[:, :, earlier:], True, scale)
-            return merge_partial(*before, *own).to(q.dtype)
-        except RuntimeError as err:  # a shape or layout this cuDNN refuses: the slower kernel, said once
-            _CUDNN_REFUSED.append(str(err))
-            warnings.warn(f"cuDNN attention refused a prefill piece ({err}); later pieces use flash attention 2")
-    mask = causal_lower_right(q.shape[2], k.shape[2])
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            return _split(q, k, v, scale)
+        except RuntimeError as err:  # a shape or layout this cuDNN refuses: the slower kernel from now on
+            _refuse(q, f"cuDNN attention refused a prefill piece ({err})")
+    return _lower_right(q, k, v, scale)
 
 
 def merge_partial(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
@@ -88,12 +84,16 @@ def merge_partial(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
     return out_a - torch.sigmoid(lse_b.float() - lse_a.float()) * (out_a - out_b)
 
 
-_CUDNN_REFUSED: list[str] = []
+def _lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    mask = causal_lower_right(q.shape[2], k.shape[2])
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def _cudnn_runs(q: torch.Tensor) -> bool:
-    return (not _CUDNN_REFUSED and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and torch.backends.cuda.cudnn_sdp_enabled()
-            and torch.backends.cudnn.is_available())
+def _split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    earlier = k.shape[2] - q.shape[2]
+    before = _cudnn_with_lse(q, k[:, :, :earlier], v[:, :, :earlier], False, scale)
+    own = _cudnn_with_lse(q, k[:, :, earlier:], v[:, :, earlier:], True, scale)
+    return merge_partial(*before, *own).to(q.dtype)
 
 
 def _cudnn_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -101,3 +101,35 @@ def _cudnn_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
                                                                   scale=scale)[:2]
     return out, lse.reshape(*q.shape[:3], 1)
+
+
+# (device, dtype, head dim) -> whether the split runs there: checked once against the bias on a small
+# problem, as the cuDNN op is torch-internal (its log-sum-exp layout is not a documented contract)
+_SPLIT_AGREES: dict[tuple, bool] = {}
+
+
+def _split_runs(q: torch.Tensor) -> bool:
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and torch.backends.cuda.cudnn_sdp_enabled()
+            and torch.backends.cudnn.is_available()):
+        return False
+    key = (q.device, q.dtype, q.shape[-1])
+    if key not in _SPLIT_AGREES:
+        _SPLIT_AGREES[key] = True
+        gen = torch.Generator(device=q.device).manual_seed(0)
+        small_q, small_k, small_v = (torch.randn(1, 2, n, q.shape[-1], generator=gen, device=q.device, dtype=q.dtype)
+                                     for n in (64, 192, 192))
+        scale = q.shape[-1] ** -0.5
+        try:
+            split = _split(small_q, small_k, small_v, scale)
+        except RuntimeError as err:
+            _refuse(q, f"cuDNN attention refused a prefill piece ({err})")
+        else:
+            error = (split.float() - _lower_right(small_q, small_k, small_v, scale).float()).abs().max().item()
+            if not error < 2e-2:
+                _refuse(q, f"cuDNN attention of a prefill piece split in two differs from the lower-right bias by {error:.3g}")
+    return _SPLIT_AGREES[key]
+
+
+def _refuse(q: torch.Tensor, why: str) -> None:
+    _SPLIT_AGREES[(q.device, q.dtype, q.shape[-1])] = False
+    warnings.warn(f"{why}; later prefill pieces use flash attention 2 (slower, the same attention)")

@@ -35,6 +35,9 @@ def test_pieces_equal_one_prefill(piece):
 @pytest.mark.parametrize("piece", [16, 100, 128])
 def test_on_the_gpu_pieces_equal_one_prefill(piece):
     pieces_against_whole("cuda", torch.bfloat16, piece, 2e-2)
+    if torch.backends.cudnn.is_available() and torch.backends.cuda.cudnn_sdp_enabled():
+        ran = {key[1:]: agrees for key, agrees in prefill_attention._SPLIT_AGREES.items() if key[0].type == "cuda"}
+        assert ran.get((torch.bfloat16, 64)) is True, f"the cuDNN split did not run: {ran}"
 
 
 def math_with_lse(q, k, v, causal, scale):
@@ -59,29 +62,48 @@ def test_merge_of_two_key_sets_is_attention_over_both():
     assert_close(swapped, whole, atol=1e-5, rtol=1e-5, what="the merge is symmetric")
 
 
-@pytest.mark.parametrize("piece", [16, 100])
-def test_split_later_pieces_equal_one_prefill(monkeypatch, piece):
-    """The GPU's split (earlier keys whole, own keys causal, merged) with math in cuDNN's place."""
+@pytest.fixture
+def split_on_cpu(monkeypatch):
+    """The GPU's split with math in cuDNN's place: ``calls`` records each (queries, keys, causal)."""
     calls = []
 
     def stand_in(q, k, v, causal, scale):
         calls.append((q.shape[2], k.shape[2], causal))
         return math_with_lse(q, k, v, causal, scale)
 
-    monkeypatch.setattr(prefill_attention, "_cudnn_runs", lambda q: True)
+    monkeypatch.setattr(prefill_attention, "_SPLIT_AGREES", {})
     monkeypatch.setattr(prefill_attention, "_cudnn_with_lse", stand_in)
-    pieces_against_whole("cpu", torch.float32, piece, 1e-5)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    return calls
+
+
+@pytest.mark.parametrize("piece", [16, 100])
+def test_split_later_pieces_equal_one_prefill(split_on_cpu, piece):
+    pieces_against_whole("cpu", torch.bfloat16, piece, 2e-2)
+    calls = split_on_cpu
     assert calls and all(n == s for n, s, causal in calls if causal), "the piece's own keys: a causal square"
     assert {causal for _, _, causal in calls} == {True, False}
+    assert list(prefill_attention._SPLIT_AGREES.values()) == [True], "checked once, then used"
 
 
-def test_a_refused_cudnn_call_falls_back_to_the_lower_right_bias(monkeypatch):
+def test_a_refused_cudnn_call_falls_back_to_the_lower_right_bias(split_on_cpu, monkeypatch):
     def refuse(*args):
         raise RuntimeError("cuDNN Frontend error: no valid execution plans")
 
-    monkeypatch.setattr(prefill_attention, "_CUDNN_REFUSED", [])
-    monkeypatch.setattr(prefill_attention, "_cudnn_runs", lambda q: not prefill_attention._CUDNN_REFUSED)
     monkeypatch.setattr(prefill_attention, "_cudnn_with_lse", refuse)
     with pytest.warns(UserWarning, match="cuDNN attention refused"):
-        pieces_against_whole("cpu", torch.float32, 64, 1e-5)
-    assert prefill_attention._CUDNN_REFUSED, "refused once, not tried again"
+        pieces_against_whole("cpu", torch.bfloat16, 64, 2e-2)
+    assert list(prefill_attention._SPLIT_AGREES.values()) == [False], "refused once, not tried again"
+
+
+def test_a_split_that_disagrees_with_the_bias_is_never_used(split_on_cpu, monkeypatch):
+    def wrong_lse(q, k, v, causal, scale):  # a log-sum-exp in base 2, say
+        out, lse = math_with_lse(q, k, v, causal, scale)
+        return out, lse / 0.6931
+
+    monkeypatch.setattr(prefill_attention, "_cudnn_with_lse", wrong_lse)
+    with pytest.warns(UserWarning, match="differs from the lower-right bias"):
+        pieces_against_whole("cpu", torch.bfloat16, 64, 2e-2)
+    assert list(prefill_attention._SPLIT_AGREES.values()) == [False]
