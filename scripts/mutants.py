@@ -31,6 +31,7 @@ RIGHT_PADDED = "tests/test_equivalence.py::test_right_padded_batch_gives_the_lef
 SLOTS = "tests/test_serving_shadowkv.py::test_full_budget_and_rank_tokens_equal_dense_generate_alone"
 QUANTIZED = "tests/test_quantized_store.py::test_8bit_values_are_int8_with_scales_and_logits_stay_close"
 LANDMARKS_8BIT = "tests/test_quantized_store.py::test_8bit_landmarks_select_nearly_what_16bit_ones_do"
+PIECE_MERGE = "tests/test_prefill_pieces.py::test_merge_of_two_key_sets_is_attention_over_both"
 PREFIX = "tests/test_prefix_store.py::test_full_budget_and_rank_every_answer_is_dense_generate_of_document_and_question"
 SUBSET = [EQUIVALENCE, SELECTION, REUSE, FOLD, FOLD_SPECULATION, RIGHT_PADDED, SLOTS, QUANTIZED, LANDMARKS_8BIT, PREFIX]
 
@@ -53,6 +54,7 @@ FIRST = {
     "slot_positions_ignore_join": [SLOTS],
     "slot_question_not_generated": [PREFIX],
     "earlier_tokens_see_the_next": [FOLD_SPECULATION],
+    "piece_merge_ignores_lse": [PIECE_MERGE],
     "dequant_scale_ignored": [QUANTIZED],
     "landmark_scale_ignored": [LANDMARKS_8BIT],
 }

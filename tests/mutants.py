@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from shadowkv_fx import decode_step, fold, slot_state
+from shadowkv_fx import decode_step, fold, prefill_attention, slot_state
 from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.kernels import compression, dispatch, value_reuse
 from shadowkv_fx.layer_state import LayerState
@@ -296,6 +296,15 @@ def earlier_tokens_see_the_next() -> None:
         return attend
     _wrap(decode_step, "attend_earlier", make)
 
+
+
+@mutant("a later prefill piece's two halves averaged, not weighted by their log-sum-exps")
+def piece_merge_ignores_lse() -> None:
+    def make(plain):
+        def merge(out_a, lse_a, out_b, lse_b):
+            return plain(out_a, torch.zeros_like(lse_a), out_b, torch.zeros_like(lse_b))
+        return merge
+    _wrap(prefill_attention, "merge_partial", make)
 
 def apply(name: str) -> None:
     if name not in MUTANTS:
