@@ -2,7 +2,8 @@
 
 Calibrates ``evaluation.layer_budgets.allocate`` on prompts the evaluation never scores (sample
 index ``--calibration-index`` of each task), then scores ``shadowkv`` (uniform) and ``per-layer``
-(``layer_budgets``) on samples 0..N-1 of the tasks, at one length and one budget.
+(``layer_budgets``) on samples 0..N-1 of the tasks, at one length and one budget. ``--chunk-size``
+scores both on finer (or coarser) landmarks at the default's dense tokens.
 
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/layer_budgets_eval.py --out DIR
 """
@@ -27,12 +28,18 @@ def main() -> None:
     parser.add_argument("--budget", default="1/16")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--calibration-index", type=int, default=100)
+    parser.add_argument("--chunk-size", type=int, default=ShadowKVConfig().chunk_size)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_smollm2()
     tasks = args.tasks.split(",")
     base = ShadowKVConfig()
+    if args.chunk_size != base.chunk_size:
+        # Outlier and local chunks scaled so the dense tokens match the default: only the landmark grain changes.
+        base = dataclasses.replace(base, chunk_size=args.chunk_size,
+                                   outlier_chunks=base.outlier_chunks * base.chunk_size // args.chunk_size,
+                                   local_chunks=base.local_chunks * base.chunk_size // args.chunk_size)
     uniform = with_budget(base, resolve_budget(args.budget, parse_length(args.length)))
     tokens = uniform.sparse_budget
     calibration = [prompt_ids(tokenizer, make_sample(t, tokenizer, args.length, index=args.calibration_index).prompt)
@@ -42,7 +49,7 @@ def main() -> None:
           f"(sum {sum(budgets)})", flush=True)
     (args.out / "layer_budgets.json").write_text(json.dumps({"uniform": tokens, "layer_budgets": list(budgets),
                                                              "calibration_index": args.calibration_index,
-                                                             "tasks": tasks}, indent=1))
+                                                             "tasks": tasks, "chunk_size": base.chunk_size}, indent=1))
     per_layer = dataclasses.replace(uniform, layer_budgets=budgets)
     run_eval(lambda: load_smollm2()[0], tokenizer, tasks=tasks, lengths=[args.length], budgets=[tokens],
              samples_per_task=args.samples, methods=["shadowkv"], variants={"uniform": uniform, "per-layer": per_layer},
