@@ -126,7 +126,8 @@ def _split_runs(q: torch.Tensor) -> bool:
         else:
             error = (split.float() - _lower_right(small_q, small_k, small_v, scale).float()).abs().max().item()
             if not error < 2e-2:
-                _refuse(q, f"cuDNN attention of a prefill piece split in two differs from the lower-right bias by {error:.3g}")
+                _refuse(q, f"cuDNN attention of a prefill piece split in two differs from the lower-right bias "
+                           f"by {error:.3g}")
     return _SPLIT_AGREES[key]
 
 
