@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import gc
 import os
+import sys
 import time
 
 import torch
@@ -22,6 +23,9 @@ from torch.nn.attention.bias import causal_lower_right
 import shadowkv_fx
 from shadowkv_fx import bench
 from shadowkv_fx.prefill_attention import later_piece
+
+sys.path.insert(0, os.path.dirname(__file__))
+from question_step import prefill  # noqa: E402  (a sibling script)
 
 
 def timed(fn) -> float:
@@ -60,16 +64,11 @@ def attention_seconds(context: int, piece: int, heads: int = 32, head_dim: int =
     return rows
 
 
-def prefill(model, config, ids, piece: int | None, profile: bool) -> tuple[float, str]:
+def profiled_prefill(model, config, ids, piece: int | None, profile: bool) -> tuple[float, str]:
     cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, prefill_chunk_size=piece)
 
     def run():
-        with torch.no_grad():
-            if piece is None:
-                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            else:
-                for _ in model._shadowkv.prefill_pieces(cache, ids):
-                    pass
+        prefill(model, cache, ids, piece)
 
     if not profile:
         seconds = timed(run)
@@ -100,11 +99,11 @@ def main() -> None:
     ids = ids.cuda()
     for piece in (None, args.piece):
         name = "one piece" if piece is None else f"pieces of {piece}"
-        first, _ = prefill(model, config, ids, piece, profile=False)
+        first, _ = profiled_prefill(model, config, ids, piece, profile=False)
         gc.collect()
-        second, _ = prefill(model, config, ids, piece, profile=False)
+        second, _ = profiled_prefill(model, config, ids, piece, profile=False)
         gc.collect()
-        profiled, tables = prefill(model, config, ids, piece, profile=True)
+        profiled, tables = profiled_prefill(model, config, ids, piece, profile=True)
         gc.collect()
         lines.append(f"prefill {name}: {first:.2f} s, then {second:.2f} s, under the profiler {profiled:.2f} s")
         print(lines[-1], flush=True)

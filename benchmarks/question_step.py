@@ -55,18 +55,22 @@ def ask_seconds(model, document, question: torch.Tensor, repeats: int) -> tuple[
     return statistics.median(times[1:]), logits
 
 
-def prefill_seconds(model, config, ids: torch.Tensor, piece: int | None) -> tuple[float, shadowkv_fx.ShadowKVCache]:
-    """A document prefilled into a cache of its own: in one forward, or in pieces of ``piece``
+def prefill(model, cache, ids: torch.Tensor, piece: int | None) -> None:
+    """A document prefilled into the empty ``cache``: in one forward, or in pieces of ``piece``
     tokens as ``ShadowKVSlots`` prefills a document (``prefill_pieces``)."""
-    cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, prefill_chunk_size=piece)
-    sync(ids.device)
-    start = time.perf_counter()
     with torch.no_grad():
         if piece is None:
             model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         else:
             for _ in model._shadowkv.prefill_pieces(cache, ids):
                 pass
+
+
+def prefill_seconds(model, config, ids: torch.Tensor, piece: int | None) -> tuple[float, shadowkv_fx.ShadowKVCache]:
+    cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, prefill_chunk_size=piece)
+    sync(ids.device)
+    start = time.perf_counter()
+    prefill(model, cache, ids, piece)
     sync(ids.device)
     return time.perf_counter() - start, cache
 
