@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from shadowkv_fx import ShadowKVConfig, load_smollm2
+from shadowkv_fx.config import default_windows
 from shadowkv_fx.evaluation.budgets import resolve_budget, with_budget
 from shadowkv_fx.evaluation.layer_budgets import allocate
 from shadowkv_fx.evaluation.runner import run_eval
@@ -34,12 +35,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_smollm2()
     tasks = args.tasks.split(",")
-    base = ShadowKVConfig()
-    if args.chunk_size != base.chunk_size:
-        # Outlier and local chunks scaled so the dense tokens match the default: only the landmark grain changes.
-        base = dataclasses.replace(base, chunk_size=args.chunk_size,
-                                   outlier_chunks=base.outlier_chunks * base.chunk_size // args.chunk_size,
-                                   local_chunks=base.local_chunks * base.chunk_size // args.chunk_size)
+    base = ShadowKVConfig(chunk_size=args.chunk_size, **default_windows(args.chunk_size))
     uniform = with_budget(base, resolve_budget(args.budget, parse_length(args.length)))
     tokens = uniform.sparse_budget
     calibration = [prompt_ids(tokenizer, make_sample(t, tokenizer, args.length, index=args.calibration_index).prompt)

@@ -19,7 +19,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from shadowkv_fx.config import ShadowKVConfig  # noqa: E402
+from shadowkv_fx.config import ShadowKVConfig, default_windows  # noqa: E402
 
 app = typer.Typer(add_completion=False, help="ShadowKV long-context decoding for Hugging Face models.")
 console = Console(width=140)
@@ -139,13 +139,10 @@ def main() -> None:
 
 def _bench_config(sparse_budget: int, rank: int, fold_chunks: int, value_hbm_gib: float | None, value_bits: int,
                   landmark_bits: int, chunk_size: int, span_neighbors: int) -> ShadowKVConfig:
-    """The bench's ShadowKV settings; a chunk size other than the default keeps the default outlier
-    and local windows' tokens, so a finer chunk changes the landmarks, not what is attended densely."""
-    base = ShadowKVConfig()
-    dense_tokens = {name: getattr(base, name) * base.chunk_size // chunk_size for name in ("outlier_chunks", "local_chunks")}
+    """The bench's ShadowKV settings, the outlier and local windows at their default tokens."""
     return ShadowKVConfig(sparse_budget=sparse_budget, rank=rank, fold_chunks=fold_chunks or None,
                           value_hbm_gib=value_hbm_gib, value_bits=value_bits, landmark_bits=landmark_bits,
-                          chunk_size=chunk_size, span_neighbors=span_neighbors, **dense_tokens)
+                          chunk_size=chunk_size, span_neighbors=span_neighbors, **default_windows(chunk_size))
 
 
 @app.command()
@@ -248,8 +245,8 @@ def bench(
                     "seed": workload_seed, "limit_s": workload_limit_s or None, "layers": layers,
                     "config": dataclasses.asdict(config)}
         if reuse:
-            settings.update(methods=reuse_methods.split(","), documents=reuse_documents, questions=reuse_questions, question_min=reuse_question_min,
-                            question_max=reuse_question_max, output=reuse_output,
+            settings.update(methods=reuse_methods.split(","), documents=reuse_documents, questions=reuse_questions,
+                            question_min=reuse_question_min, question_max=reuse_question_max, output=reuse_output,
                             store_bytes=int(reuse_store_gib * 2**30) or None, slots=workload_slots or 8,
                             hold_bytes=int(reuse_dense_hold_gib * 2**30) or None)
             _workload_reuse(settings, config, out, model_dir, layers)

@@ -225,3 +225,10 @@ class ShadowKVConfig:
         """JSON's types: tuples as lists (``from_options`` reads them back as tuples)."""
         budgets = None if self.layer_budgets is None else list(self.layer_budgets)
         return {**asdict(self), "dense_layers": list(self.dense_layers), "layer_budgets": budgets}
+
+
+def default_windows(chunk_size: int) -> dict[str, int]:
+    """``outlier_chunks`` and ``local_chunks`` holding the default windows' tokens in chunks of
+    ``chunk_size``: a finer chunk then changes the landmarks, not what is attended densely."""
+    base = ShadowKVConfig()
+    return {name: getattr(base, name) * base.chunk_size // chunk_size for name in ("outlier_chunks", "local_chunks")}

@@ -283,9 +283,9 @@ def table(rows: list[ReuseRow], stream: list[ReuseRequest], context: int, device
         if r.error:
             lines.append(f"{r.method:<16}  {r.error}")
             if r.per_request:
+                served_times = _served_times((p, stream[p["request"]]) for p in r.per_request)
                 served = ", served to first token p50 " + ", ".join(
-                    f"{kind} {percentile(times, 50):.2f} s" for kind, times in _served_times((p, stream[p["request"]]) for p in r.per_request).items()
-                    if times)
+                    f"{kind} {percentile(times, 50):.2f} s" for kind, times in served_times.items() if times)
                 lines.append(f"{'':<16}  the part that ran: {len(r.per_request)} requests, "
                              f"{_ran_tok_s(r):.1f} tok/s to the last of them{served}")
             continue

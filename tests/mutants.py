@@ -297,7 +297,6 @@ def earlier_tokens_see_the_next() -> None:
     _wrap(decode_step, "attend_earlier", make)
 
 
-
 @mutant("a later prefill piece's two halves averaged, not weighted by their log-sum-exps")
 def piece_merge_ignores_lse() -> None:
     def make(plain):
@@ -305,6 +304,7 @@ def piece_merge_ignores_lse() -> None:
             return plain(out_a, torch.zeros_like(lse_a), out_b, torch.zeros_like(lse_b))
         return merge
     _wrap(prefill_attention, "merge_partial", make)
+
 
 def apply(name: str) -> None:
     if name not in MUTANTS:
