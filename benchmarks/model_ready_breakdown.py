@@ -7,6 +7,7 @@ Prints one line per phase: seconds since the stamp, and the phase's own seconds.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -22,25 +23,25 @@ def mark(name: str) -> None:
 import torch  # noqa: E402
 
 mark("import torch")
-torch.cuda.init()
-torch.empty(1, device="cuda")
-mark("CUDA start (context + first allocation)")
-import transformers  # noqa: E402,F401
-from transformers import LlamaForCausalLM  # noqa: E402,F401
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.empty(1, device=device)
+mark(f"{device} start (context + first allocation)")
+importlib.import_module("transformers").LlamaForCausalLM  # the model class loads its modules lazily
 
 mark("import transformers + LlamaForCausalLM")
-import shadowkv_fx  # noqa: E402,F401
+importlib.import_module("shadowkv_fx")
 
 mark("import shadowkv_fx")
 from shadowkv_fx import bench  # noqa: E402
 
 mark("import shadowkv_fx.bench")
 layers = int(sys.argv[sys.argv.index("--layers") + 1]) if "--layers" in sys.argv else 32
-model = bench.llama31_8b_random(layers)
-torch.cuda.synchronize()
+model = bench.llama31_8b_random(layers, device)
+if device == "cuda":
+    torch.cuda.synchronize()
 mark(f"build the 8B-shaped model ({layers} layers, random bf16)")
-import torch._dynamo  # noqa: E402,F401
-import torch._inductor.config  # noqa: E402,F401
+importlib.import_module("torch._dynamo")
+importlib.import_module("torch._inductor.config")
 
 mark("import torch._dynamo + inductor (first compile pays it)")
 previous = 0.0
