@@ -227,8 +227,16 @@ class ShadowKVConfig:
         return {**asdict(self), "dense_layers": list(self.dense_layers), "layer_budgets": budgets}
 
 
-def default_windows(chunk_size: int) -> dict[str, int]:
-    """``outlier_chunks`` and ``local_chunks`` holding the default windows' tokens in chunks of
-    ``chunk_size``: a finer chunk then changes the landmarks, not what is attended densely."""
+def default_windows(chunk_size: int, local_tokens: int | None = None) -> dict[str, int]:
+    """``outlier_chunks`` and ``local_chunks`` holding the default windows' dense tokens in chunks of
+    ``chunk_size``: a finer chunk then changes the landmarks, not what is attended densely.
+    ``local_tokens`` moves tokens between the two windows (the local window gets that many, the
+    outliers the rest): #32's copying tasks at 8K met dense with chunks of 4 and a 128-token window."""
     base = ShadowKVConfig()
-    return {name: getattr(base, name) * base.chunk_size // chunk_size for name in ("outlier_chunks", "local_chunks")}
+    dense = (base.outlier_chunks + base.local_chunks) * base.chunk_size
+    local = base.local_chunks * base.chunk_size if local_tokens is None else local_tokens
+    if chunk_size < 1 or local % chunk_size or not chunk_size <= local <= dense:
+        raise ValueError(f"a local window of {local} tokens in chunks of {chunk_size}: give a chunk size that divides "
+                         f"it and a window that is a multiple of the chunk size from one chunk up to {dense} tokens "
+                         "(the default's outlier + local tokens)")
+    return {"outlier_chunks": (dense - local) // chunk_size, "local_chunks": local // chunk_size}
