@@ -7,12 +7,15 @@ Prints one line per phase: seconds since the stamp, and the phase's own seconds.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
-import sys
 import time
 
 START = float(os.environ.get("START", time.time()))
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--layers", type=int, default=32)
+layers = parser.parse_args().layers
 marks: list[tuple[str, float]] = [("interpreter up", time.time() - START)]
 
 
@@ -35,7 +38,6 @@ mark("import shadowkv_fx")
 from shadowkv_fx import bench  # noqa: E402
 
 mark("import shadowkv_fx.bench")
-layers = int(sys.argv[sys.argv.index("--layers") + 1]) if "--layers" in sys.argv else 32
 model = bench.llama31_8b_random(layers, device)
 if device == "cuda":
     torch.cuda.synchronize()

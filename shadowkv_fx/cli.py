@@ -138,13 +138,14 @@ def main() -> None:
 
 
 def _bench_config(sparse_budget: int, rank: int, fold_chunks: int, value_hbm_gib: float | None, value_bits: int,
-                  landmark_bits: int, chunk_size: int, span_neighbors: int, local_tokens: int = 0) -> ShadowKVConfig:
-    """The bench's ShadowKV settings, the outlier and local windows at their default tokens together
-    (``local_tokens`` of them local; 0: the default split)."""
+                  landmark_bits: int, chunk_size: int, span_neighbors: int,
+                  windows: dict[str, int] | None = None) -> ShadowKVConfig:
+    """The bench's ShadowKV settings; ``windows`` (``config.default_windows``; None: its default
+    split at ``chunk_size``) keeps the outlier and local windows at the default's tokens together."""
     return ShadowKVConfig(sparse_budget=sparse_budget, rank=rank, fold_chunks=fold_chunks or None,
                           value_hbm_gib=value_hbm_gib, value_bits=value_bits, landmark_bits=landmark_bits,
                           chunk_size=chunk_size, span_neighbors=span_neighbors,
-                          **default_windows(chunk_size, local_tokens or None))
+                          **(default_windows(chunk_size) if windows is None else windows))
 
 
 @app.command()
@@ -223,7 +224,7 @@ def bench(
 
     b.REGIONAL = not whole_graph
     try:
-        default_windows(chunk_size, local_tokens or None)
+        windows = default_windows(chunk_size, local_tokens or None)
     except ValueError as refused:
         raise typer.BadParameter(str(refused)) from None
     if cold:
@@ -245,7 +246,7 @@ def bench(
         # the same config for both ShadowKV methods: slots keep values on the GPU only up to a given
         # size, so "as many as fit" (-1) becomes none (pinned host memory, ShadowKV's own design)
         config = _bench_config(sparse_budget, rank, fold_chunks, max(value_hbm_gib, 0.0), value_bits, landmark_bits,
-                               chunk_size, span_neighbors, local_tokens)
+                               chunk_size, span_neighbors, windows)
         settings = {"requests": workload_requests, "min_context": workload_min_context, "max_context":
                     workload_max_context, "min_output": workload_min_output, "max_output": workload_max_output,
                     "output_dist": workload_output_dist,
@@ -265,7 +266,7 @@ def bench(
     if unknown:
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; known: {b.METHODS}")
     config = _bench_config(sparse_budget, rank, fold_chunks, None if value_hbm_gib < 0 else value_hbm_gib, value_bits,
-                           landmark_bits, chunk_size, span_neighbors, local_tokens)
+                           landmark_bits, chunk_size, span_neighbors, windows)
     model = b.load_model(model_dir) if model_dir else b.llama31_8b_random(layers)
     lead = b.is_lead_rank()
     torch.manual_seed(0)  # every tensor-parallel rank draws the same prompts

@@ -125,17 +125,19 @@ def test_bench_chunk_size_keeps_the_dense_windows_tokens():
 def test_bench_local_tokens_moves_dense_tokens_from_outliers_to_the_local_window():
     """--local-tokens 128 with chunks of 4: #32's config that met dense at 8K (outliers 72 x 4, local 32 x 4)."""
     from shadowkv_fx.cli import _bench_config
-    from shadowkv_fx.config import ShadowKVConfig
+    from shadowkv_fx.config import ShadowKVConfig, default_windows
 
     base = ShadowKVConfig()
-    wide = _bench_config(2048, 160, 16, None, 16, 16, chunk_size=4, span_neighbors=0, local_tokens=128)
+    wide = _bench_config(2048, 160, 16, None, 16, 16, chunk_size=4, span_neighbors=0,
+                         windows=default_windows(4, local_tokens=128))
     assert (wide.outlier_chunks, wide.local_chunks) == (72, 32)
     dense_tokens = (base.outlier_chunks + base.local_chunks) * base.chunk_size
     assert (wide.outlier_chunks + wide.local_chunks) * 4 == dense_tokens
-    assert _bench_config(2048, 160, 16, None, 16, 16, chunk_size=8, span_neighbors=0, local_tokens=32) == base
+    assert _bench_config(2048, 160, 16, None, 16, 16, chunk_size=8, span_neighbors=0,
+                         windows=default_windows(8, local_tokens=32)) == base
     for bad in (30, dense_tokens + 8, -8):  # not a multiple of the chunk; past the dense tokens; negative
         with pytest.raises(ValueError, match="multiple of the chunk size"):
-            _bench_config(2048, 160, 16, None, 16, 16, chunk_size=8, span_neighbors=0, local_tokens=bad)
+            default_windows(8, local_tokens=bad)
 
 
 def test_bench_refuses_a_local_window_it_cannot_hold_before_any_work():
