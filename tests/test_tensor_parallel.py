@@ -35,7 +35,7 @@ def _save_tiny(path: Path, kv_heads: int) -> torch.Tensor:
 def _launch(model_dir: Path, out_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(WORKER), str(model_dir), str(out_dir)],
         env=env, capture_output=True, text=True, timeout=900,
     )

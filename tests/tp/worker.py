@@ -51,6 +51,9 @@ def main(model_dir: str, out_dir: str) -> None:
         record("compiled", compiled.generate(ids, **args))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    # Gloo's threads outliving the interpreter abort a rank at exit ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
