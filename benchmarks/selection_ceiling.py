@@ -1,0 +1,133 @@
+"""How much of ShadowKV's accuracy loss is its chunk scoring (issue #32): the same decode with the
+chunks chosen another way, on SmolLM2, the same prompts as a dense reference.
+
+Modes, each in place of the landmark top-k of ``decode_step.select`` (keys, values, budget unchanged):
+
+- ``landmarks``: ShadowKV as it is (the reference row);
+- ``oracle``: the ``select_k`` chunks holding the most exact attention mass of this step's query
+  over every selectable chunk's key (rebuilt from the rank-r store, rotated): the ceiling of any
+  chunk scoring at this budget and rank;
+- ``bounds``: Quest's per-chunk upper bound of ``q . k`` (elementwise min/max of the chunk's keys)
+  in place of the mean landmark;
+- ``rescoreM``: the landmarks pick ``M * select_k`` candidates, their exact mass picks the ``select_k``.
+
+The oracle and the others read keys no decode step has (all of them), so this is a measurement,
+not a method: a mode's row says what a better scorer could win, not at what cost.
+
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/selection_ceiling.py --mode oracle --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import weakref
+from pathlib import Path
+
+import torch
+
+from shadowkv_fx import ShadowKVConfig, decode_step, load_smollm2
+from shadowkv_fx.config import default_windows
+from shadowkv_fx.evaluation.runner import run_eval
+from shadowkv_fx.kernels import dispatch, naive
+
+_KEYS: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(state.u) -> every chunk's post-RoPE keys, once a prompt
+
+
+def all_keys(state) -> torch.Tensor:
+    """``[B, Hkv, C*L, D]`` float32: every selectable-or-not chunk's keys, as a step would rebuild them."""
+    b, hkv, c = state.selectable.shape
+    now = (state.u._version, state.sv._version, c)
+    version, keys = _KEYS.get(id(state.u), (None, None))
+    if keys is None or version != now:
+        if state.rope_form not in ("rotate_half", "interleaved"):
+            raise ValueError(f"{state.rope_form!r}: this measurement rotates keys itself, in a known RoPE form only")
+        idx = torch.arange(c, device=state.u.device).expand(b, hkv, c)
+        cos, sin = state.rope_tables
+        keys = naive.rebuild_rope_keys(state.u, state.sv, idx, state.config.chunk_size, state.pad, cos, sin,
+                                       state.rope_form, torch.float32)
+        if id(state.u) not in _KEYS:
+            weakref.finalize(state.u, _KEYS.pop, id(state.u), None)
+        _KEYS[id(state.u)] = (now, keys)
+    return keys
+
+
+def step_mass(q: torch.Tensor, keys: torch.Tensor, real: torch.Tensor, chunk: int, scale: float) -> torch.Tensor:
+    """Exact attention mass per chunk as a decode step would rank it: softmax over ``keys``' tokens
+    where ``real``, summed per chunk and over the step's queries, max over the GQA group (the
+    reduction ``score_chunks`` uses; ``selection_mass.chunk_mass`` is the prompt's causal attention
+    over every key, summed over the group, which the diagnostics compare picks against).
+    ``q [B, Hq, n, D]``, ``keys [B, Hkv, K*L, D]``, ``real [B, Hkv, K]`` -> ``[B, Hkv, K]``."""
+    b, hq, n, d = q.shape
+    hkv = keys.shape[1]
+    grouped = q.float().view(b, hkv, hq // hkv, n, d)
+    logits = torch.einsum("bhgnd,bhtd->bhgnt", grouped, keys) * scale
+    logits = logits.masked_fill(~real.repeat_interleave(chunk, -1)[:, :, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, -1).nan_to_num(0.0)
+    mass = probs.view(b, hkv, hq // hkv, n, -1, chunk).sum(-1).sum(3).amax(2)
+    return mass.masked_fill(~real, float("-inf"))
+
+
+def bound_scores(q: torch.Tensor, keys: torch.Tensor, selectable: torch.Tensor, chunk: int, scale: float):
+    """Quest's bound ``sum_d max(q_d min_d, q_d max_d)`` per chunk, then ShadowKV's reduction (softmax
+    over chunks, summed over queries, max over the group). Shapes as ``step_mass``'s."""
+    b, hq, n, d = q.shape
+    hkv, c = selectable.shape[1:]
+    grouped = q.float().view(b, hkv, hq // hkv, n, d)
+    pages = keys.view(b, hkv, c, chunk, d)
+    bound = (torch.einsum("bhgnd,bhcd->bhgnc", grouped.clamp(min=0), pages.amax(3))
+             + torch.einsum("bhgnd,bhcd->bhgnc", grouped.clamp(max=0), pages.amin(3)))
+    bound = (bound * scale).masked_fill(~selectable[:, :, None, None, :], float("-inf"))
+    scores = torch.softmax(bound, -1).nan_to_num(0.0).sum(3).amax(2)
+    return scores.masked_fill(~selectable, float("-inf"))
+
+
+def selector(mode: str):
+    """A ``decode_step.select`` stand-in for ``mode``."""
+    if mode == "landmarks":
+        return decode_step.select
+    rescore = re.fullmatch(r"rescore(\d+)", mode)
+    if mode not in ("oracle", "bounds") and rescore is None:
+        raise ValueError(f"unknown mode {mode!r}: landmarks, oracle, bounds or rescoreM")
+
+    def select(state, q, scale):
+        chunk, k = state.config.chunk_size, state.select_k
+        keys = all_keys(state)
+        if mode == "oracle":
+            return dispatch.top_chunks(step_mass(q, keys, state.selectable, chunk, scale), k)
+        if mode == "bounds":
+            return dispatch.top_chunks(bound_scores(q, keys, state.selectable, chunk, scale), k)
+        first = dispatch.score_chunks(q, state.landmarks, state.selectable, scale, state.landmark_scale)
+        cand_idx, cand_real = dispatch.top_chunks(first, min(int(rescore.group(1)) * k, state.selectable.shape[-1]))
+        tokens = (cand_idx[..., None] * chunk + torch.arange(chunk, device=q.device)).flatten(-2)
+        cand_keys = keys.gather(2, tokens[..., None].expand(*tokens.shape, keys.shape[-1]))
+        top = step_mass(q, cand_keys, cand_real, chunk, scale).topk(k, dim=-1).indices
+        return cand_idx.gather(-1, top), cand_real.gather(-1, top)
+
+    return select
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", default="oracle")
+    parser.add_argument("--tasks", default="extract_json,multi_needle_all,table_convert")
+    parser.add_argument("--length", default="2k")
+    parser.add_argument("--budget", default="1/16")
+    parser.add_argument("--samples", type=int, default=24)
+    parser.add_argument("--chunk-size", type=int, default=4)
+    parser.add_argument("--local-tokens", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=ShadowKVConfig().rank)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    decode_step.select = selector(args.mode)
+    config = ShadowKVConfig(chunk_size=args.chunk_size, rank=args.rank,
+                            **default_windows(args.chunk_size, args.local_tokens))
+    name = f"{args.mode}+chunk={args.chunk_size}+local={args.local_tokens}+rank={args.rank}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_smollm2()[1]
+    run_eval(lambda: load_smollm2()[0], tokenizer, tasks=args.tasks.split(","), lengths=[args.length],
+             budgets=[args.budget], samples_per_task=args.samples, methods=["shadowkv"],
+             variants={name: config}, output_json=args.out / f"{args.mode}_{args.length}_rank{args.rank}.json")
+
+
+if __name__ == "__main__":
+    main()

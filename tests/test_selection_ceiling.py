@@ -1,0 +1,62 @@
+"""``benchmarks/selection_ceiling.py`` (#32): its oracle must see the keys a step would rebuild
+and pick by exact attention mass, or its ceiling reads wrong."""
+import copy
+import importlib.util
+from pathlib import Path
+
+import torch
+
+import shadowkv_fx
+from shadowkv_fx.compat import output_cache
+from tests.models import tiny_pair
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_ceiling.py"
+_SPEC = importlib.util.spec_from_file_location("selection_ceiling", _PATH)
+ceiling = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(ceiling)
+
+
+def test_all_keys_are_the_dense_models_post_rope_keys_at_full_rank():
+    dense, model = tiny_pair("llama", seed=5, kv_heads=2, head_dim=16)
+    config = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=32, chunk_size=4, local_chunks=2, outlier_chunks=2)
+    ids = torch.randint(3, 96, (1, 96), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = dense(ids, use_cache=True).past_key_values.layers[1].keys  # [1, Hkv, T, D], post-RoPE
+        fast = shadowkv_fx.optimize(copy.deepcopy(model), config)
+        out = fast.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
+                            do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    state = output_cache(out).layers[1].state
+    keys = ceiling.all_keys(state)
+    # every chunk a step may select (outliers and the local window are attended from the buffer)
+    selectable = state.selectable.repeat_interleave(config.chunk_size, -1)[..., : want.shape[2]]
+    assert selectable.sum() >= 2 * 64, "most of the prompt is selectable"
+    torch.testing.assert_close(keys[:, :, : want.shape[2]][selectable], want.float()[selectable], atol=2e-4, rtol=1e-4)
+
+
+def test_step_mass_ranks_chunks_by_exact_attention_and_skips_unselectable_ones():
+    chunk, d = 4, 8
+    keys = torch.zeros(1, 1, 5 * chunk, d)
+    keys[0, 0, 2 * chunk + 1, 0] = 6.0  # one strong key in chunk 2
+    keys[0, 0, 4 * chunk : 5 * chunk, 0] = 2.0  # four lukewarm keys in chunk 4: more mass than any other but 2
+    keys[0, 0, 0, 0] = 9.0  # the strongest key, in chunk 0, which is not selectable
+    keys[0, 0, 3 * chunk + 2, 1] = 6.0  # what the group's second query head looks for, in chunk 3
+    real = torch.tensor([[[False, True, True, True, True]]])
+    q = torch.zeros(1, 2, 1, d)
+    q[0, 0, 0, 0] = 1.0
+    q[0, 1, 0, 1] = 1.0
+    one_head = ceiling.step_mass(q[:, :1], keys, real, chunk, 1.0)
+    assert one_head[0, 0, 0] == float("-inf")
+    assert one_head[0, 0].argsort(descending=True)[:2].tolist() == [2, 4]
+    exact = torch.softmax(keys[0, 0, chunk:, 0], 0).view(4, chunk).sum(-1)  # over the selectable tokens
+    torch.testing.assert_close(one_head[0, 0, 1:], exact)
+    group = ceiling.step_mass(q, keys, real, chunk, 1.0)  # a GQA group keeps each head's best chunk
+    assert sorted(group[0, 0].argsort(descending=True)[:2].tolist()) == [2, 3]
+
+
+def test_an_unknown_mode_is_refused_before_any_work():
+    try:
+        ceiling.selector("best")
+    except ValueError as err:
+        assert "unknown mode" in str(err)
+    else:
+        raise AssertionError("an unknown mode was accepted")
