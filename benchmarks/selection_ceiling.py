@@ -9,7 +9,9 @@ Modes, each in place of the landmark top-k of ``decode_step.select`` (keys, valu
   chunk scoring at this budget and rank;
 - ``bounds``: Quest's per-chunk upper bound of ``q . k`` (elementwise min/max of the chunk's keys)
   in place of the mean landmark;
-- ``rescoreM``: the landmarks pick ``M * select_k`` candidates, their exact mass picks the ``select_k``.
+- ``rescoreM``: the landmarks pick ``M * select_k`` candidates, their exact mass picks the ``select_k``;
+- ``radiusW``: the landmark logit raised by ``W * |q| * radius`` (the chunk's farthest key from its
+  mean): a mean-plus-spread score costing one float a chunk.
 
 The oracle and the others read keys no decode step has (all of them), so this is a measurement,
 not a method: a mode's row says what a better scorer could win, not at what cost.
@@ -81,13 +83,31 @@ def bound_scores(q: torch.Tensor, keys: torch.Tensor, selectable: torch.Tensor, 
     return scores.masked_fill(~selectable, float("-inf"))
 
 
+def radius_scores(q: torch.Tensor, landmarks: torch.Tensor, keys: torch.Tensor, selectable: torch.Tensor, chunk: int,
+                  scale: float, weight: float) -> torch.Tensor:
+    """ShadowKV's scores with each chunk's logit raised by ``weight * |q| * radius``, ``radius`` the
+    farthest of the chunk's keys from its landmark: by Cauchy-Schwarz ``q . k <= q . mean + |q| radius``
+    for every key of the chunk, so ``weight=1`` is a bound and smaller weights lean towards the mean.
+    One float a chunk and KV head beside the landmark."""
+    b, hq, n, d = q.shape
+    hkv, c = selectable.shape[1:]
+    radius = (keys.view(b, hkv, c, chunk, d) - landmarks.float()[:, :, :, None]).norm(dim=-1).amax(-1)
+    grouped = q.float().view(b, hkv, hq // hkv, n, d)
+    logits = (torch.einsum("bhgnd,bhcd->bhgnc", grouped, landmarks.float())
+              + weight * grouped.norm(dim=-1, keepdim=True) * radius[:, :, None, None, :])
+    logits = (logits * scale).masked_fill(~selectable[:, :, None, None, :], float("-inf"))
+    scores = torch.softmax(logits, -1).nan_to_num(0.0).sum(3).amax(2)
+    return scores.masked_fill(~selectable, float("-inf"))
+
+
 def selector(mode: str):
     """A ``decode_step.select`` stand-in for ``mode``."""
     if mode == "landmarks":
         return decode_step.select
     rescore = re.fullmatch(r"rescore(\d+)", mode)
-    if mode not in ("oracle", "bounds") and rescore is None:
-        raise ValueError(f"unknown mode {mode!r}: landmarks, oracle, bounds or rescoreM")
+    radius = re.fullmatch(r"radius(\d*\.?\d+)", mode)
+    if mode not in ("oracle", "bounds") and rescore is None and radius is None:
+        raise ValueError(f"unknown mode {mode!r}: landmarks, oracle, bounds, rescoreM or radiusW")
 
     def select(state, q, scale):
         chunk, k = state.config.chunk_size, state.select_k
@@ -96,6 +116,11 @@ def selector(mode: str):
             return dispatch.top_chunks(step_mass(q, keys, state.selectable, chunk, scale), k)
         if mode == "bounds":
             return dispatch.top_chunks(bound_scores(q, keys, state.selectable, chunk, scale), k)
+        if radius is not None:
+            if state.landmark_scale is not None:
+                raise ValueError("radiusW reads 16-bit landmarks")
+            scores = radius_scores(q, state.landmarks, keys, state.selectable, chunk, scale, float(radius.group(1)))
+            return dispatch.top_chunks(scores, k)
         first = dispatch.score_chunks(q, state.landmarks, state.selectable, scale, state.landmark_scale)
         cand_idx, cand_real = dispatch.top_chunks(first, min(int(rescore.group(1)) * k, state.selectable.shape[-1]))
         tokens = (cand_idx[..., None] * chunk + torch.arange(chunk, device=q.device)).flatten(-2)

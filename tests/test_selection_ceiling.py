@@ -8,6 +8,7 @@ import torch
 
 import shadowkv_fx
 from shadowkv_fx.compat import output_cache
+from shadowkv_fx.kernels import naive
 from tests.models import tiny_pair
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_ceiling.py"
@@ -51,6 +52,21 @@ def test_step_mass_ranks_chunks_by_exact_attention_and_skips_unselectable_ones()
     torch.testing.assert_close(one_head[0, 0, 1:], exact)
     group = ceiling.step_mass(q, keys, real, chunk, 1.0)  # a GQA group keeps each head's best chunk
     assert sorted(group[0, 0].argsort(descending=True)[:2].tolist()) == [2, 3]
+
+
+def test_radius_scores_at_weight_zero_are_shadowkvs_and_a_spread_chunk_rises_with_the_weight():
+    chunk, d = 4, 8
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 6 * chunk, d, generator=gen)
+    keys[0, :, 3 * chunk : 4 * chunk] *= 6  # a spread-out chunk
+    landmarks = keys.view(1, 2, 6, chunk, d).mean(3)
+    selectable = torch.ones(1, 2, 6, dtype=torch.bool)
+    selectable[0, 1, 0] = False
+    q = torch.randn(1, 4, 1, d, generator=gen)
+    plain = naive.score_chunks(q, landmarks, selectable, 0.5)
+    torch.testing.assert_close(ceiling.radius_scores(q, landmarks, keys, selectable, chunk, 0.5, 0.0), plain)
+    lifted = ceiling.radius_scores(q, landmarks, keys, selectable, chunk, 0.5, 1.0)
+    assert (lifted[..., 3] > plain[..., 3]).all() and lifted[0, 1, 0] == float("-inf")
 
 
 def test_an_unknown_mode_is_refused_before_any_work():
