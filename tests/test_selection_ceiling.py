@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 import shadowkv_fx
+from shadowkv_fx import decode_step
 from shadowkv_fx.compat import output_cache
 from shadowkv_fx.kernels import naive
 from tests.models import tiny_pair
@@ -17,21 +18,43 @@ ceiling = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(ceiling)
 
 
-def test_all_keys_are_the_dense_models_post_rope_keys_at_full_rank():
+CONFIG = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=32, chunk_size=4, local_chunks=2, outlier_chunks=2)
+
+
+def _layer_state():
+    """A compressed layer (full rank) of a tiny Llama after a 96-token prompt, and that layer's dense keys."""
     dense, model = tiny_pair("llama", seed=5, kv_heads=2, head_dim=16)
-    config = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=32, chunk_size=4, local_chunks=2, outlier_chunks=2)
     ids = torch.randint(3, 96, (1, 96), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = dense(ids, use_cache=True).past_key_values.layers[1].keys  # [1, Hkv, T, D], post-RoPE
-        fast = shadowkv_fx.optimize(copy.deepcopy(model), config)
+        fast = shadowkv_fx.optimize(copy.deepcopy(model), CONFIG)
         out = fast.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
                             do_sample=False, return_dict_in_generate=True, pad_token_id=0)
-    state = output_cache(out).layers[1].state
+    return output_cache(out).layers[1].state, want
+
+
+def test_all_keys_are_the_dense_models_post_rope_keys_at_full_rank():
+    state, want = _layer_state()
+    config = CONFIG
     keys = ceiling.all_keys(state)
     # every chunk a step may select (outliers and the local window are attended from the buffer)
     selectable = state.selectable.repeat_interleave(config.chunk_size, -1)[..., : want.shape[2]]
     assert selectable.sum() >= 2 * 64, "most of the prompt is selectable"
     torch.testing.assert_close(keys[:, :, : want.shape[2]][selectable], want.float()[selectable], atol=2e-4, rtol=1e-4)
+
+
+def test_rescoring_every_candidate_is_the_oracle_and_landmarks_is_shadowkvs_own_select():
+    state, _ = _layer_state()
+    q = torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(1)) * 3
+    oracle_idx, oracle_picked = ceiling.selector("oracle")(state, q, 0.25)
+    wide_idx, wide_picked = ceiling.selector("rescore1000")(state, q, 0.25)
+    assert torch.equal(wide_picked, oracle_picked)
+    assert torch.equal(wide_idx.sort(-1).values, oracle_idx.sort(-1).values)
+    narrow_idx, _ = ceiling.selector("rescore1")(state, q, 0.25)  # as many candidates as picks: the landmarks' own
+    landmark_idx, _ = decode_step.select(state, q, 0.25)
+    assert torch.equal(narrow_idx.sort(-1).values, landmark_idx.sort(-1).values)
+    assert not torch.equal(landmark_idx.sort(-1).values, oracle_idx.sort(-1).values), "this query tells them apart"
+    assert ceiling.selector("landmarks") is decode_step.select
 
 
 def test_step_mass_ranks_chunks_by_exact_attention_and_skips_unselectable_ones():
