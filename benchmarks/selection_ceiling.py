@@ -69,6 +69,14 @@ def step_mass(q: torch.Tensor, keys: torch.Tensor, real: torch.Tensor, chunk: in
     return mass.masked_fill(~real, float("-inf"))
 
 
+def _reduce_like_shadowkv(logits: torch.Tensor, selectable: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-chunk logits ``[B, Hkv, G, n, C]`` to scores as ``score_chunks`` reduces its own: softmax over
+    the selectable chunks, summed over the queries, max over the group; ``-inf`` where not selectable."""
+    logits = (logits * scale).masked_fill(~selectable[:, :, None, None, :], float("-inf"))
+    scores = torch.softmax(logits, -1).nan_to_num(0.0).sum(3).amax(2)
+    return scores.masked_fill(~selectable, float("-inf"))
+
+
 def bound_scores(q: torch.Tensor, keys: torch.Tensor, selectable: torch.Tensor, chunk: int, scale: float):
     """Quest's bound ``sum_d max(q_d min_d, q_d max_d)`` per chunk, then ShadowKV's reduction (softmax
     over chunks, summed over queries, max over the group). Shapes as ``step_mass``'s."""
@@ -78,9 +86,7 @@ def bound_scores(q: torch.Tensor, keys: torch.Tensor, selectable: torch.Tensor, 
     pages = keys.view(b, hkv, c, chunk, d)
     bound = (torch.einsum("bhgnd,bhcd->bhgnc", grouped.clamp(min=0), pages.amax(3))
              + torch.einsum("bhgnd,bhcd->bhgnc", grouped.clamp(max=0), pages.amin(3)))
-    bound = (bound * scale).masked_fill(~selectable[:, :, None, None, :], float("-inf"))
-    scores = torch.softmax(bound, -1).nan_to_num(0.0).sum(3).amax(2)
-    return scores.masked_fill(~selectable, float("-inf"))
+    return _reduce_like_shadowkv(bound, selectable, scale)
 
 
 def radius_scores(q: torch.Tensor, landmarks: torch.Tensor, keys: torch.Tensor, selectable: torch.Tensor, chunk: int,
@@ -95,9 +101,7 @@ def radius_scores(q: torch.Tensor, landmarks: torch.Tensor, keys: torch.Tensor, 
     grouped = q.float().view(b, hkv, hq // hkv, n, d)
     logits = (torch.einsum("bhgnd,bhcd->bhgnc", grouped, landmarks.float())
               + weight * grouped.norm(dim=-1, keepdim=True) * radius[:, :, None, None, :])
-    logits = (logits * scale).masked_fill(~selectable[:, :, None, None, :], float("-inf"))
-    scores = torch.softmax(logits, -1).nan_to_num(0.0).sum(3).amax(2)
-    return scores.masked_fill(~selectable, float("-inf"))
+    return _reduce_like_shadowkv(logits, selectable, scale)
 
 
 def selector(mode: str):

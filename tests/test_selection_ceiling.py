@@ -35,10 +35,9 @@ def _layer_state():
 
 def test_all_keys_are_the_dense_models_post_rope_keys_at_full_rank():
     state, want = _layer_state()
-    config = CONFIG
     keys = ceiling.all_keys(state)
     # every chunk a step may select (outliers and the local window are attended from the buffer)
-    selectable = state.selectable.repeat_interleave(config.chunk_size, -1)[..., : want.shape[2]]
+    selectable = state.selectable.repeat_interleave(CONFIG.chunk_size, -1)[..., : want.shape[2]]
     assert selectable.sum() >= 2 * 64, "most of the prompt is selectable"
     torch.testing.assert_close(keys[:, :, : want.shape[2]][selectable], want.float()[selectable], atol=2e-4, rtol=1e-4)
 
