@@ -11,7 +11,10 @@ Modes, each in place of the landmark top-k of ``decode_step.select`` (keys, valu
   in place of the mean landmark;
 - ``rescoreM``: the landmarks pick ``M * select_k`` candidates, their exact mass picks the ``select_k``;
 - ``radiusW``: the landmark logit raised by ``W * |q| * radius`` (the chunk's farthest key from its
-  mean): a mean-plus-spread score costing one float a chunk.
+  mean): a mean-plus-spread score costing one float a chunk;
+- ``codesN``: the oracle's exact mass computed with N-bit per-key codes (each channel's min/max over
+  a group of 32 tokens, KIVI's key layout) in place of the keys: what selection by low-bit keys
+  (ParisKV, SpeCache, YAKV) wins here. At N=4 it reads as many bytes a step as chunk-4 16-bit landmarks.
 
 The oracle and the others read keys no decode step has (all of them), so this is a measurement,
 not a method: a mode's row says what a better scorer could win, not at what cost.
@@ -104,20 +107,36 @@ def radius_scores(q: torch.Tensor, landmarks: torch.Tensor, keys: torch.Tensor, 
     return _reduce_like_shadowkv(logits, selectable, scale)
 
 
+def key_codes(keys: torch.Tensor, bits: int, group: int = 32) -> torch.Tensor:
+    """``keys [B, Hkv, T, D]`` rounded to ``bits``-bit codes, each channel scaled by its min/max over a
+    group of ``group`` tokens, and read back (T a multiple of ``group``, or the last group shorter)."""
+    b, h, t, d = keys.shape
+    padded = torch.nn.functional.pad(keys, (0, 0, 0, -t % group), mode="replicate") if t % group else keys
+    grouped = padded.view(b, h, -1, group, d)
+    low, high = grouped.amin(3, keepdim=True), grouped.amax(3, keepdim=True)
+    step = ((high - low) / (2 ** bits - 1)).clamp(min=1e-8)
+    codes = ((grouped - low) / step).round()
+    return (codes * step + low).view(b, h, -1, d)[:, :, :t]
+
+
 def selector(mode: str):
     """A ``decode_step.select`` stand-in for ``mode``."""
     if mode == "landmarks":
         return decode_step.select
     rescore = re.fullmatch(r"rescore(\d+)", mode)
     radius = re.fullmatch(r"radius(\d*\.?\d+)", mode)
-    if mode not in ("oracle", "bounds") and rescore is None and radius is None:
-        raise ValueError(f"unknown mode {mode!r}: landmarks, oracle, bounds, rescoreM or radiusW")
+    codes = re.fullmatch(r"codes(\d+)", mode)
+    if mode not in ("oracle", "bounds") and rescore is None and radius is None and codes is None:
+        raise ValueError(f"unknown mode {mode!r}: landmarks, oracle, bounds, rescoreM, radiusW or codesN")
 
     def select(state, q, scale):
         chunk, k = state.config.chunk_size, state.select_k
         keys = all_keys(state)
         if mode == "oracle":
             return dispatch.top_chunks(step_mass(q, keys, state.selectable, chunk, scale), k)
+        if codes is not None:
+            coded = key_codes(keys, int(codes.group(1)))
+            return dispatch.top_chunks(step_mass(q, coded, state.selectable, chunk, scale), k)
         if mode == "bounds":
             return dispatch.top_chunks(bound_scores(q, keys, state.selectable, chunk, scale), k)
         if radius is not None:

@@ -98,3 +98,22 @@ def test_an_unknown_mode_is_refused_before_any_work():
         assert "unknown mode" in str(err)
     else:
         raise AssertionError("an unknown mode was accepted")
+
+
+def test_key_codes_round_each_channel_within_its_group_and_enough_bits_pick_as_the_oracle():
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(1, 2, 70, 8, generator=gen) * torch.linspace(0.1, 20, 8)  # channels of very different spread
+    for bits in (2, 4, 8):
+        coded = ceiling.key_codes(keys, bits)
+        assert coded.shape == keys.shape
+        for start in (0, 32, 64):  # the last group is 6 tokens long
+            group = keys[:, :, start : start + 32]
+            step = (group.amax(2) - group.amin(2)) / (2**bits - 1)
+            err = (coded[:, :, start : start + 32] - group).abs().amax(2)
+            assert (err <= step / 2 + 1e-5).all(), f"{bits} bits: a code is off by more than half a step"
+            assert len(torch.unique(coded[0, 0, start : start + 32, 7])) <= 2**bits
+    state, _ = _layer_state()
+    q = torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(1)) * 3
+    oracle_idx, _ = ceiling.selector("oracle")(state, q, 0.25)
+    fine_idx, _ = ceiling.selector("codes12")(state, q, 0.25)
+    assert torch.equal(fine_idx.sort(-1).values, oracle_idx.sort(-1).values)
