@@ -14,7 +14,9 @@ Modes, each in place of the landmark top-k of ``decode_step.select`` (keys, valu
   mean): a mean-plus-spread score costing one float a chunk;
 - ``codesN``: the oracle's exact mass computed with N-bit per-key codes (each channel's min/max over
   a group of 32 tokens, KIVI's key layout) in place of the keys: what selection by low-bit keys
-  (ParisKV, SpeCache, YAKV) wins here. At N=4 it reads as many bytes a step as chunk-4 16-bit landmarks.
+  (ParisKV, SpeCache, YAKV) wins here. At N=4 it reads as many bytes a step as chunk-4 16-bit landmarks;
+- ``subS``: finer landmarks inside a chunk, the means of its runs of S tokens, scored as the oracle scores
+  keys (each chunk's mass summed over its sub-landmarks): chunk-sized picks with S-token landmarks.
 
 The oracle and the others read keys no decode step has (all of them), so this is a measurement,
 not a method: a mode's row says what a better scorer could win, not at what cost.
@@ -126,8 +128,9 @@ def selector(mode: str):
     rescore = re.fullmatch(r"rescore(\d+)", mode)
     radius = re.fullmatch(r"radius(\d*\.?\d+)", mode)
     codes = re.fullmatch(r"codes(\d+)", mode)
-    if mode not in ("oracle", "bounds") and rescore is None and radius is None and codes is None:
-        raise ValueError(f"unknown mode {mode!r}: landmarks, oracle, bounds, rescoreM, radiusW or codesN")
+    sub = re.fullmatch(r"sub(\d+)", mode)
+    if mode not in ("oracle", "bounds") and not any((rescore, radius, codes, sub)):
+        raise ValueError(f"unknown mode {mode!r}: landmarks, oracle, bounds, rescoreM, radiusW, codesN or subS")
 
     def select(state, q, scale):
         chunk, k = state.config.chunk_size, state.select_k
@@ -137,6 +140,13 @@ def selector(mode: str):
         if codes is not None:
             coded = key_codes(keys, int(codes.group(1)))
             return dispatch.top_chunks(step_mass(q, coded, state.selectable, chunk, scale), k)
+        if sub is not None:
+            size = int(sub.group(1))
+            if chunk % size:
+                raise ValueError(f"sub{size}: a chunk of {chunk} tokens is not whole runs of {size}")
+            b, hkv, t, d = keys.shape
+            means = keys.view(b, hkv, t // size, size, d).mean(3)
+            return dispatch.top_chunks(step_mass(q, means, state.selectable, chunk // size, scale), k)
         if mode == "bounds":
             return dispatch.top_chunks(bound_scores(q, keys, state.selectable, chunk, scale), k)
         if radius is not None:

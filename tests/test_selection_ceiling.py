@@ -117,3 +117,22 @@ def test_key_codes_round_each_channel_within_its_group_and_enough_bits_pick_as_t
     oracle_idx, _ = ceiling.selector("oracle")(state, q, 0.25)
     fine_idx, _ = ceiling.selector("codes12")(state, q, 0.25)
     assert torch.equal(fine_idx.sort(-1).values, oracle_idx.sort(-1).values)
+
+
+def test_sub_landmarks_of_single_tokens_are_the_oracle_and_of_whole_chunks_shadowkvs_score():
+    state, _ = _layer_state()
+    q = torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(1)) * 3
+    oracle_idx, _ = ceiling.selector("oracle")(state, q, 0.25)
+    single_idx, _ = ceiling.selector("sub1")(state, q, 0.25)
+    assert torch.equal(single_idx.sort(-1).values, oracle_idx.sort(-1).values)
+    whole_idx, _ = ceiling.selector("sub4")(state, q, 0.25)  # one mean a chunk: the landmark at full rank
+    keys = ceiling.all_keys(state)
+    means = keys.view(*keys.shape[:2], -1, CONFIG.chunk_size, keys.shape[-1]).mean(3)
+    want_idx, _ = decode_step.dispatch.top_chunks(naive.score_chunks(q, means, state.selectable, 0.25), state.select_k)
+    assert torch.equal(whole_idx.sort(-1).values, want_idx.sort(-1).values)
+    try:
+        ceiling.selector("sub3")(state, q, 0.25)
+    except ValueError as err:
+        assert "whole runs" in str(err)
+    else:
+        raise AssertionError("a run length that does not divide the chunk was accepted")
