@@ -75,20 +75,26 @@ def _tall_svd(flat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     return u, order.float(), v.T.float()
 
 
-def chunk_landmarks(k_rot: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-chunk mean of post-RoPE keys and each chunk's worst token agreement.
+def chunk_landmarks(k_rot: torch.Tensor, chunk_size: int, runs: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-chunk mean of post-RoPE keys (or of each of its ``runs`` runs) and each chunk's worst
+    token agreement with its mean.
 
     Args:
         k_rot: ``[Hkv, C*L, D]``.
+        runs: landmarks per chunk (``ShadowKVConfig.landmark_runs``), dividing ``chunk_size``.
     Returns:
-        ``landmarks [Hkv, C, D]`` and ``min_cosine [Hkv, C]`` (lowest cosine similarity between a
-        chunk's landmark and its tokens: low means the mean represents the chunk badly).
+        ``landmarks [Hkv, C, runs*D]`` (a chunk's run means side by side) and ``min_cosine [Hkv, C]``
+        (lowest cosine similarity between a chunk's mean and its tokens: low means the mean represents
+        the chunk badly).
     """
     hkv, t, d = k_rot.shape
     chunks = k_rot.float().view(hkv, t // chunk_size, chunk_size, d)
-    landmarks = chunks.mean(dim=2)
-    cosine = torch.nn.functional.cosine_similarity(chunks, landmarks.unsqueeze(2), dim=-1)
-    return landmarks, cosine.min(dim=-1).values
+    mean = chunks.mean(dim=2)
+    cosine = torch.nn.functional.cosine_similarity(chunks, mean.unsqueeze(2), dim=-1)
+    if runs == 1:
+        return mean, cosine.min(dim=-1).values
+    landmarks = chunks.view(hkv, t // chunk_size, runs, chunk_size // runs, d).mean(dim=3)
+    return landmarks.flatten(2), cosine.min(dim=-1).values
 
 
 class CompressedPrompt(NamedTuple):
@@ -96,7 +102,7 @@ class CompressedPrompt(NamedTuple):
 
     u: torch.Tensor  # [T, r] float32
     sv: torch.Tensor  # [Hkv, r, D] float32
-    landmarks: torch.Tensor  # [Hkv, C, D] float32
+    landmarks: torch.Tensor  # [Hkv, C, runs*D] float32
     outliers: torch.Tensor  # [Hkv, O] long, the chunks with the lowest min-cosine
     outlier_cos: torch.Tensor  # [Hkv, O] float32, their min-cosines
     fit_err: torch.Tensor  # 0-d float32, the share of the keys' norm the rank-r basis misses
@@ -111,11 +117,11 @@ def least_agreeing_chunks(min_cos: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def compress_prompt(k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, rank: int, chunk_size: int,
-                    outlier_chunks: int) -> CompressedPrompt:
+                    outlier_chunks: int, landmark_runs: int = 1) -> CompressedPrompt:
     """One sequence's chunked prompt ``k_pre, k_rot: [Hkv, C*L, D]``, ``v: [Hkv, C*L, Dv]``: low-rank
     keys, landmarks, and the outlier chunks kept dense."""
     u, sv = low_rank_keys(k_pre, rank)
-    landmarks, min_cos = chunk_landmarks(k_rot, chunk_size)
+    landmarks, min_cos = chunk_landmarks(k_rot, chunk_size, landmark_runs)
     outliers = least_agreeing_chunks(min_cos, outlier_chunks)
     energy = k_pre.float().square().sum()
     # U's columns are orthonormal, so what SV misses of the keys' energy is the fit error

@@ -17,7 +17,7 @@ class ShadowKVConfig:
     rank:
         Rank of the truncated SVD of the pre-RoPE keys (at most ``H_kv * D``).
     chunk_size:
-        Tokens per chunk; one landmark (mean post-RoPE key) per chunk.
+        Tokens per chunk; one landmark (mean post-RoPE key) per chunk, or ``landmark_runs``.
     local_chunks:
         Chunks at the end of the prompt kept dense on the device (plus the
         remainder that does not fill a chunk).
@@ -79,6 +79,12 @@ class ShadowKVConfig:
         plain top-k, the default: on SmolLM2 needles placed at every offset across a chunk boundary
         (benchmarks/results/cpu_needle_offsets) plain top-k already returned every number dense did,
         and ``1`` lost two digits-exact answers of 48 that plain top-k got right.
+    landmark_runs:
+        Landmarks per chunk: the means of its ``chunk_size // landmark_runs``-token runs, a chunk
+        scoring the sum of its runs' scores (finer landmarks inside a chunk, #32). The top-k, the
+        key rebuild and the value fetch stay at ``chunk_size``; the landmarks take ``landmark_runs``
+        times the device bytes and the scoring read (``landmark_bits=8`` halves both). ``1``: one mean
+        a chunk, the paper's landmark.
     dense_layers:
         Layer indices whose prompt K/V is kept whole on the device and attended densely, as a prompt
         too short to compress is (``dense_fallback.py``): a safeguard for layers known to select
@@ -123,6 +129,7 @@ class ShadowKVConfig:
     value_bits: int = 16
     landmark_bits: int = 16
     span_neighbors: int = 0
+    landmark_runs: int = 1
     dense_layers: tuple[int, ...] = ()
     dense_fallback_error: float | None = None
     dense_fallback_recall: float | None = None
@@ -148,6 +155,10 @@ class ShadowKVConfig:
         if isinstance(self.fold_refresh, bool) or not isinstance(self.fold_refresh, (int, float)) \
                 or not self.fold_refresh >= 1:
             raise ValueError(f"ShadowKVConfig.fold_refresh must be a number >= 1, got {self.fold_refresh!r}")
+        runs = self.landmark_runs
+        if type(runs) is not int or runs < 1 or self.chunk_size % runs:
+            raise ValueError(f"ShadowKVConfig.landmark_runs must be an int >= 1 dividing chunk_size={self.chunk_size} "
+                             f"(e.g. 2: a landmark per half chunk), got {runs!r}")
         for name in ("value_bits", "landmark_bits"):
             value = getattr(self, name)
             if type(value) is not int or value not in (16, 8):

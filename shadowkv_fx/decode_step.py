@@ -71,9 +71,8 @@ def attend_earlier(state: LayerState, q: torch.Tensor, rope_fn: RopeFn, scale: f
 
             q_rows = q[b, :, first : first + rows].transpose(0, 1).unsqueeze(2).contiguous()  # [rows, Hq, 1, D]
             selectable = each(state.selectable)
-            scores = dispatch.score_chunks(q_rows, each(state.landmarks), selectable, scale, each(state.landmark_scale))
-            if state.config.span_neighbors:
-                scores = widen_spans(scores, selectable, state.config.span_neighbors)
+            scores = chunk_scores(q_rows, each(state.landmarks), selectable, scale, each(state.landmark_scale),
+                                  state.config)
             chunk_idx, picked = dispatch.top_chunks(scores, state.select_k)
             k_sel = state.k_buf.new_empty(rows, hkv, selected, d)
             v_sel = state.v_buf.new_empty(rows, hkv, selected, dv)
@@ -156,10 +155,31 @@ def _write_row_columns(state: LayerState, rope_inputs: list[torch.Tensor], offse
 
 def select(state: LayerState, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k chunks per KV head: ``chunk_idx [B, Hkv, k]`` and whether each pick is real."""
-    scores = dispatch.score_chunks(q, state.landmarks, state.selectable, scale, state.landmark_scale)
-    if state.config.span_neighbors:
-        scores = widen_spans(scores, state.selectable, state.config.span_neighbors)
+    scores = chunk_scores(q, state.landmarks, state.selectable, scale, state.landmark_scale, state.config)
     return dispatch.top_chunks(scores, state.select_k)
+
+
+def chunk_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor, scale: float,
+                 landmark_scale: torch.Tensor | None, config) -> torch.Tensor:
+    """``[B, Hkv, C]`` scores the top-k ranks chunks by: ``dispatch.score_chunks`` over the landmarks,
+    with ``config.landmark_runs`` landmarks a chunk (``landmarks [B, Hkv, C, runs*D]``) scored as
+    landmarks of their own and summed per chunk (after the max over a group's query heads, an upper
+    bound of the group's best head), then widened over spans (``span_neighbors``)."""
+    runs = config.landmark_runs
+    if runs == 1:
+        scores = dispatch.score_chunks(q, landmarks, selectable, scale, landmark_scale)
+    else:
+        b, hkv, c, width = landmarks.shape
+
+        def per_run(t: torch.Tensor) -> torch.Tensor:  # a chunk's flag or scale, once for each of its runs
+            return t[..., None].expand(b, hkv, c, runs).reshape(b, hkv, c * runs)
+
+        scores = dispatch.score_chunks(q, landmarks.reshape(b, hkv, c * runs, width // runs), per_run(selectable),
+                                       scale, None if landmark_scale is None else per_run(landmark_scale))
+        scores = scores.view(b, hkv, c, runs).sum(-1)  # -inf where the chunk is not selectable
+    if config.span_neighbors:
+        scores = widen_spans(scores, selectable, config.span_neighbors)
+    return scores
 
 
 # A lifted neighbour ranks just below the chunk that lifts it, nearer ones first, so a budget that

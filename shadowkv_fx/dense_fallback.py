@@ -76,7 +76,8 @@ def compressed(config: ShadowKVConfig, k_pre: torch.Tensor, k_rot: torch.Tensor,
     or None where the basis fits those keys with a relative error above ``dense_fallback_error``: the
     prompt stays dense."""
     k_pre, k_rot, v = k_pre[:, :tokens], k_rot[:, :tokens], v[:, :tokens]
-    c = compression.compress_prompt(k_pre, k_rot, v, config.rank, config.chunk_size, config.outlier_chunks)
+    c = compression.compress_prompt(k_pre, k_rot, v, config.rank, config.chunk_size, config.outlier_chunks,
+                                    config.landmark_runs)
     bound = config.dense_fallback_error
     return None if bound is not None and float(c.fit_err) > bound else c
 

@@ -208,7 +208,7 @@ def _fold_rows(state: LayerState, rows: list[int], m: int, undo: "FoldUndo | Non
             state.u[b, t0 : t0 + count] = u_row.to(state.u.dtype)
             refreshes += 1
 
-    landmarks, min_cos = compression.chunk_landmarks(k_rot.reshape(n_rows * hkv, count, -1), chunk)
+    landmarks, min_cos = compression.chunk_landmarks(k_rot.reshape(n_rows * hkv, count, -1), chunk, cfg.landmark_runs)
     folded = (r, slice(None), slice(c0, c0 + m))  # quantised at 8 bits, as at prefill
     write_chunks(state.landmarks, state.landmark_scale, folded, landmarks.view(n_rows, hkv, m, -1))
     write_chunks(state.v_chunks, state.v_scale, folded, v.reshape(n_rows, hkv, m, chunk, dv))

@@ -1,0 +1,129 @@
+"""Issue #32: ``landmark_runs`` scores a chunk by finer landmarks inside it (the means of its runs),
+with the top-k, rebuild and fetch still a chunk at a time."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import shadowkv_fx
+from shadowkv_fx import decode_step
+from shadowkv_fx.compat import output_cache
+from shadowkv_fx.kernels import compression, naive, quantize
+from tests.models import full_rank, left_padded, tiny_pair
+from tests.test_equivalence import assert_same_generation, generate_both
+
+
+def test_run_landmarks_are_the_means_of_each_run_side_by_side():
+    k = torch.randn(3, 6 * 8, 16, generator=torch.Generator().manual_seed(0))
+    one, one_cos = compression.chunk_landmarks(k, 8)
+    two, two_cos = compression.chunk_landmarks(k, 8, runs=2)
+    assert one.shape == (3, 6, 16) and two.shape == (3, 6, 32)
+    torch.testing.assert_close(two[:, :, :16], k.view(3, 6, 8, 16)[:, :, :4].mean(2))
+    torch.testing.assert_close(two[:, :, 16:], k.view(3, 6, 8, 16)[:, :, 4:].mean(2))
+    torch.testing.assert_close(two.view(3, 6, 2, 16).mean(2), one)  # runs of one length average to the chunk's mean
+    assert torch.equal(two_cos, one_cos), "outliers are still chosen by the whole chunk's mean"
+
+
+def _scores(q, keys, chunk, runs, bits=16):
+    """``chunk_scores`` over the run landmarks of ``keys [B, Hkv, T, D]``, and those landmarks."""
+    b, hkv, t, d = keys.shape
+    landmarks = keys.view(b, hkv, t // chunk, runs, chunk // runs, d).mean(4).flatten(3)
+    config = shadowkv_fx.ShadowKVConfig(sparse_budget=4 * chunk, chunk_size=chunk, landmark_runs=runs)
+    selectable = torch.ones(b, hkv, t // chunk, dtype=torch.bool)
+    selectable[0, 0, 2] = False
+    scale = None
+    if bits == 8:
+        landmarks, scale = quantize.quantize(landmarks, 1)
+    return decode_step.chunk_scores(q, landmarks, selectable, 0.5, scale, config), landmarks, scale, selectable
+
+
+def test_single_token_runs_score_a_chunk_by_its_exact_attention_mass():
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(2, 2, 10 * 4, 8, generator=gen)
+    q = torch.randn(2, 2, 1, 8, generator=gen) * 2  # one query head per KV head: no max over a group
+    scores, _, _, selectable = _scores(q, keys, chunk=4, runs=4)
+    logits = torch.einsum("bhnd,bhtd->bht", q, keys) * 0.5
+    logits = logits.masked_fill(~selectable.repeat_interleave(4, -1), float("-inf"))
+    mass = torch.softmax(logits, -1).view(2, 2, 10, 4).sum(-1).masked_fill(~selectable, float("-inf"))
+    torch.testing.assert_close(scores, mass)
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_runs_score_as_landmarks_of_their_own_summed_per_chunk(bits):
+    gen = torch.Generator().manual_seed(2)
+    keys = torch.randn(1, 2, 12 * 8, 16, generator=gen)
+    q = torch.randn(1, 6, 2, 16, generator=gen)  # a group of 3 heads, 2 tokens
+    scores, landmarks, scale, selectable = _scores(q, keys, chunk=8, runs=2, bits=bits)
+    per_run = landmarks.view(1, 2, 24, 16)
+    run_scale = None if scale is None else scale.repeat_interleave(2, -1)
+    want = naive.score_chunks(q, per_run, selectable.repeat_interleave(2, -1), 0.5, run_scale).view(1, 2, 12, 2).sum(-1)
+    torch.testing.assert_close(scores, want)
+    assert scores[0, 0, 2] == float("-inf") and torch.isfinite(scores[0, 1]).all()
+
+
+def _needle_misses(runs: int) -> list[int]:
+    """Offsets into chunk 10 (chunks of 8) at which a 7-token needle is not chosen whole, among 3
+    distractor chunks scoring between its parts (``test_span_select.needle_state``'s layout)."""
+    chunk, chunks, d, misses = 8, 32, 16, []
+    for offset in range(chunk):
+        keys = torch.randn(chunks * chunk, d, generator=torch.Generator().manual_seed(offset)) * 0.05
+        keys[10 * chunk + offset : 10 * chunk + offset + 7, 0] += 8
+        for distractor in (3, 20, 27):
+            keys[distractor * chunk : (distractor + 1) * chunk, 0] += 3.5
+        config = shadowkv_fx.ShadowKVConfig(sparse_budget=4 * chunk, chunk_size=chunk, landmark_runs=runs)
+        landmarks = keys.view(1, 1, chunks, runs, chunk // runs, d).mean(4).flatten(3)
+        state = SimpleNamespace(landmarks=landmarks, landmark_scale=None, select_k=config.budget_chunks,
+                                config=config, selectable=torch.ones(1, 1, chunks, dtype=torch.bool))
+        q = torch.zeros(1, 1, 1, d)
+        q[..., 0] = 2.0
+        idx, picked = decode_step.select(state, q, 1.0)
+        start = 10 * chunk + offset
+        if not set(range(start // chunk, (start + 6) // chunk + 1)) <= set(idx[picked].tolist()):
+            misses.append(offset)
+    return misses
+
+
+def test_finer_runs_keep_a_needle_cut_by_a_boundary_whole():
+    assert _needle_misses(1) == [2, 3, 4, 5, 6, 7]  # one mean a chunk drops the smaller part
+    assert _needle_misses(8) == [], "single-token runs see every needle token at its full score"
+    assert _needle_misses(2) == [2, 7]  # runs of 4: only where the smaller part is 1 token
+
+
+def test_full_budget_full_rank_with_runs_equals_dense_and_folds_keep_run_landmarks():
+    dense, model = tiny_pair("llama", kv_heads=2, group=2, head_dim=16, seed=4, peaked=True)
+    config = shadowkv_fx.ShadowKVConfig(sparse_budget=4096, rank=full_rank(model), chunk_size=4, local_chunks=2,
+                                        outlier_chunks=2, landmark_runs=2, fold_chunks=1)
+    shadowkv_fx.optimize(model, config)
+    ids, mask = left_padded(2, [70, 57], dense.config.vocab_size, seed=4)
+    expected, actual = generate_both(dense, model, ids, mask, new_tokens=14, do_sample=False)
+    assert_same_generation(expected, actual)
+    state = output_cache(actual).layers[0].state
+    assert state.compressed and state.landmarks.shape[-1] == 2 * 16
+    assert state.chunks[0] > 70 // 4 - 2, "generated tokens were folded into the store"
+
+
+def test_a_small_budget_with_runs_selects_by_the_summed_run_scores_end_to_end():
+    _, model = tiny_pair("llama", seed=3, peaked=True)
+    config = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2,
+                                        landmark_runs=4, landmark_bits=8)
+    fast = shadowkv_fx.optimize(copy.deepcopy(model), config)
+    ids, mask = left_padded(1, [160], 96, seed=3)
+    with torch.no_grad():
+        out = fast.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                            return_dict_in_generate=True, pad_token_id=0)
+    state = output_cache(out).layers[0].state
+    b, hkv, c, width = state.landmarks.shape
+    assert state.landmarks.dtype == torch.int8 and width == 4 * model.config.head_dim
+    q = torch.randn(1, model.config.num_attention_heads, 1, model.config.head_dim,
+                    generator=torch.Generator().manual_seed(0)) * 4
+    idx, picked = decode_step.select(state, q, 0.25)
+    runs = quantize.dequantize(state.landmarks, state.landmark_scale).view(b, hkv, c * 4, -1)
+    scores = naive.score_chunks(q, runs.float(), state.selectable.repeat_interleave(4, -1), 0.25)
+    want, want_picked = naive.top_chunks(scores.view(b, hkv, c, 4).sum(-1), state.select_k)
+    assert torch.equal(idx.sort(-1).values, want.sort(-1).values) and torch.equal(picked, want_picked)
+
+
+def test_landmark_runs_must_divide_the_chunk():
+    with pytest.raises(ValueError, match="landmark_runs"):
+        shadowkv_fx.ShadowKVConfig(chunk_size=8, landmark_runs=3)
