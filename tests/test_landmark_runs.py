@@ -10,7 +10,7 @@ import shadowkv_fx
 from shadowkv_fx import decode_step
 from shadowkv_fx.compat import output_cache
 from shadowkv_fx.kernels import compression, naive, quantize
-from tests.models import full_rank, left_padded, tiny_pair
+from tests.models import cuda_only, full_rank, left_padded, tiny_pair
 from tests.test_equivalence import assert_same_generation, generate_both
 
 
@@ -60,6 +60,24 @@ def test_runs_score_as_landmarks_of_their_own_summed_per_chunk(bits):
     want = naive.score_chunks(q, per_run, selectable.repeat_interleave(2, -1), 0.5, run_scale).view(1, 2, 12, 2).sum(-1)
     torch.testing.assert_close(scores, want)
     assert scores[0, 0, 2] == float("-inf") and torch.isfinite(scores[0, 1]).all()
+
+
+@cuda_only
+@pytest.mark.parametrize("bits", [16, 8])
+def test_the_triton_scoring_of_runs_matches_the_reference(bits):
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(2, 8, 1000 * 8, 128, generator=gen).bfloat16().float()
+    q = (torch.randn(2, 32, 1, 128, generator=gen) * 0.5).bfloat16()
+    config = shadowkv_fx.ShadowKVConfig(chunk_size=8, landmark_runs=2)
+    _, landmarks, scale, selectable = _scores(q.float(), keys, chunk=8, runs=2, bits=bits)
+    if bits == 16:
+        landmarks = landmarks.bfloat16()  # the reference reads the same rounded landmarks
+    want = decode_step.chunk_scores(q.float(), landmarks.float() if bits == 16 else landmarks, selectable, 0.5,
+                                    scale, config)
+    got = decode_step.chunk_scores(q.cuda(), landmarks.cuda(), selectable.cuda(), 0.5,
+                                   None if scale is None else scale.cuda(), config)
+    assert torch.isfinite(want[0, 1]).all() and (want[0, 0, 2] == float("-inf"))
+    torch.testing.assert_close(got.cpu(), want, atol=1e-6, rtol=2e-2)
 
 
 def _needle_misses(runs: int) -> list[int]:
