@@ -174,17 +174,19 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=4)
     parser.add_argument("--local-tokens", type=int, default=128)
     parser.add_argument("--rank", type=int, default=ShadowKVConfig().rank)
+    parser.add_argument("--landmark-runs", type=int, default=1, help="ShadowKVConfig.landmark_runs (mode landmarks)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     decode_step.select = selector(args.mode)
-    config = ShadowKVConfig(chunk_size=args.chunk_size, rank=args.rank,
+    config = ShadowKVConfig(chunk_size=args.chunk_size, rank=args.rank, landmark_runs=args.landmark_runs,
                             **default_windows(args.chunk_size, args.local_tokens))
-    name = f"{args.mode}+chunk={args.chunk_size}+local={args.local_tokens}+rank={args.rank}"
+    runs = f"+runs={args.landmark_runs}" if args.landmark_runs > 1 else ""
+    name = f"{args.mode}{runs}+chunk={args.chunk_size}+local={args.local_tokens}+rank={args.rank}"
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_smollm2()[1]
     run_eval(lambda: load_smollm2()[0], tokenizer, tasks=args.tasks.split(","), lengths=[args.length],
              budgets=[args.budget], samples_per_task=args.samples, methods=["shadowkv"],
-             variants={name: config}, output_json=args.out / f"{args.mode}_{args.length}_rank{args.rank}.json")
+             variants={name: config}, output_json=args.out / f"{args.mode}{runs.replace('+', '_')}_{args.length}_rank{args.rank}.json")
 
 
 if __name__ == "__main__":
