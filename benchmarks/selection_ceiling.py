@@ -186,7 +186,8 @@ def main() -> None:
     tokenizer = load_smollm2()[1]
     run_eval(lambda: load_smollm2()[0], tokenizer, tasks=args.tasks.split(","), lengths=[args.length],
              budgets=[args.budget], samples_per_task=args.samples, methods=["shadowkv"],
-             variants={name: config}, output_json=args.out / f"{args.mode}{runs.replace('+', '_')}_{args.length}_rank{args.rank}.json")
+             variants={name: config},
+             output_json=args.out / f"{args.mode}{runs.replace('+', '_')}_{args.length}_rank{args.rank}.json")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ class LayerState:
         # The compressed store (C chunks of L tokens per row; grows with folds: _grow_store)
         self.u: torch.Tensor | None = None  # [B, C*L, r] low-rank key factors, one row per token
         self.sv: torch.Tensor | None = None  # [B, Hkv, r, D] diag(s) V^T per row: keys = U @ SV[h]
-        self.landmarks: torch.Tensor | None = None  # [B, Hkv, C, runs*D] mean post-RoPE key of each chunk or run (or int8)
+        self.landmarks: torch.Tensor | None = None  # [B, Hkv, C, runs*D] post-RoPE chunk or run means (or int8)
         self.landmark_scale: torch.Tensor | None = None  # [B, Hkv, C] float32 scales of int8 landmarks (or None)
         self.selectable: torch.Tensor | None = None  # [B, Hkv, C] bool: a chunk a step may pick (not an outlier)
         # [B, Hkv, C, L, Dv] values of every chunk (or int8), pinned host memory or spare device memory
@@ -211,10 +211,10 @@ class LayerState:
         self.select_k = cfg.select_chunks(store)  # again when the store grows (_grow_store)
         outlier_tokens = cfg.outlier_chunks * chunk
         self.u, self.sv = k_pre.new_zeros(b_size, store * chunk, cfg.rank), k_pre.new_zeros(b_size, hkv, cfg.rank, d)
-        self.landmarks, self.landmark_scale = chunk_slots((b_size, hkv, store, cfg.landmark_runs * d), k_rot, cfg.landmark_bits)
+        self.landmarks, self.landmark_scale = chunk_slots((b_size, hkv, store, cfg.landmark_runs * d), k_rot,
+                                                          cfg.landmark_bits)
         self.selectable = torch.zeros(b_size, hkv, store, dtype=torch.bool, device=device)
-        self._outlier_k = k_rot.new_zeros(b_size, hkv, outlier_tokens, d)
-        self._outlier_v = v.new_zeros(b_size, hkv, outlier_tokens, dv)
+        self._outlier_k, self._outlier_v = (x.new_zeros(b_size, hkv, outlier_tokens, x.shape[-1]) for x in (k_rot, v))
         self.v_chunks, self.v_scale = chunk_slots((b_size, hkv, store, chunk, dv), v, cfg.value_bits,
                                                   keep_values_on_device)
         self.outlier_ids = torch.zeros(b_size, hkv, cfg.outlier_chunks, dtype=torch.long, device=device)

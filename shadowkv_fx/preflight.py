@@ -106,7 +106,8 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
     dense_tokens = local + tail + (config.outlier_chunks + select) * chunk if c_max else local + tail
     device = dense_tokens * kv_token + fold_state
     if c_max:
-        device += (c_max * chunk * config.rank + hkv * config.rank * d) * size + hkv * c_max * config.landmark_runs * d * lm_size + hkv * c_max
+        device += (c_max * chunk * config.rank + hkv * config.rank * d) * size + hkv * c_max  # U, SV, selectable
+        device += hkv * c_max * config.landmark_runs * d * lm_size
         device += 4 * hkv * c_max * ((config.value_bits == 8) + (config.landmark_bits == 8))  # the scales
         device += hkv * select * 8  # the chunk each selected slot holds (value reuse)
     rope_tables = 2 * rope_columns * d * size  # cos and sin per position, shared by the layers
