@@ -15,6 +15,7 @@ Modes, each in place of the landmark top-k of ``decode_step.select`` (keys, valu
 - ``codesN``: the oracle's exact mass computed with N-bit per-key codes (each channel's min/max over
   a group of 32 tokens, KIVI's key layout) in place of the keys: what selection by low-bit keys
   (ParisKV, SpeCache, YAKV) wins here. At N=4 it reads as many bytes a step as chunk-4 16-bit landmarks;
+  ``codesNgG``: groups of G tokens, ``g0`` one group for the whole prompt (scales a fold could reuse);
 - ``subS``: finer landmarks inside a chunk, the means of its runs of S tokens, scored as the oracle scores
   keys (each chunk's mass summed over its sub-landmarks): chunk-sized picks with S-token landmarks.
 
@@ -127,10 +128,10 @@ def selector(mode: str):
         return decode_step.select
     rescore = re.fullmatch(r"rescore(\d+)", mode)
     radius = re.fullmatch(r"radius(\d*\.?\d+)", mode)
-    codes = re.fullmatch(r"codes(\d+)", mode)
+    codes = re.fullmatch(r"codes(\d+)(?:g(\d+))?", mode)
     sub = re.fullmatch(r"sub(\d+)", mode)
     if mode not in ("oracle", "bounds") and not any((rescore, radius, codes, sub)):
-        raise ValueError(f"unknown mode {mode!r}: landmarks, oracle, bounds, rescoreM, radiusW, codesN or subS")
+        raise ValueError(f"unknown mode {mode!r}: landmarks, oracle, bounds, rescoreM, radiusW, codesN[gG] or subS")
 
     def select(state, q, scale):
         chunk, k = state.config.chunk_size, state.select_k
@@ -138,7 +139,8 @@ def selector(mode: str):
         if mode == "oracle":
             return dispatch.top_chunks(step_mass(q, keys, state.selectable, chunk, scale), k)
         if codes is not None:
-            coded = key_codes(keys, int(codes.group(1)))
+            group = int(codes.group(2) or 32) or keys.shape[2]
+            coded = key_codes(keys, int(codes.group(1)), group)
             return dispatch.top_chunks(step_mass(q, coded, state.selectable, chunk, scale), k)
         if sub is not None:
             size = int(sub.group(1))

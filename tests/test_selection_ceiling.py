@@ -115,8 +115,11 @@ def test_key_codes_round_each_channel_within_its_group_and_enough_bits_pick_as_t
     state, _ = _layer_state()
     q = torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(1)) * 3
     oracle_idx, _ = ceiling.selector("oracle")(state, q, 0.25)
-    fine_idx, _ = ceiling.selector("codes12")(state, q, 0.25)
-    assert torch.equal(fine_idx.sort(-1).values, oracle_idx.sort(-1).values)
+    for mode in ("codes12", "codes12g0"):  # groups of 32 tokens; one group for the whole prompt
+        fine_idx, _ = ceiling.selector(mode)(state, q, 0.25)
+        assert torch.equal(fine_idx.sort(-1).values, oracle_idx.sort(-1).values), mode
+    coarse_idx, _ = ceiling.selector("codes1g0")(state, q, 0.25)
+    assert not torch.equal(coarse_idx.sort(-1).values, oracle_idx.sort(-1).values), "one bit a channel loses picks"
 
 
 def test_sub_landmarks_of_single_tokens_are_the_oracle_and_of_whole_chunks_shadowkvs_score():
