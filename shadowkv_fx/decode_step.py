@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.kernels import dispatch, naive, value_reuse
 from shadowkv_fx.layer_state import LayerState
 
@@ -160,7 +161,7 @@ def select(state: LayerState, q: torch.Tensor, scale: float) -> tuple[torch.Tens
 
 
 def chunk_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor, scale: float,
-                 landmark_scale: torch.Tensor | None, config) -> torch.Tensor:
+                 landmark_scale: torch.Tensor | None, config: ShadowKVConfig) -> torch.Tensor:
     """``[B, Hkv, C]`` scores the top-k ranks chunks by: ``dispatch.score_chunks`` over the landmarks,
     with ``config.landmark_runs`` landmarks a chunk (``landmarks [B, Hkv, C, runs*D]``) scored as
     landmarks of their own and summed per chunk (after the max over a group's query heads, an upper

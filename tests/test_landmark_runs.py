@@ -145,3 +145,28 @@ def test_a_small_budget_with_runs_selects_by_the_summed_run_scores_end_to_end():
 def test_landmark_runs_must_divide_the_chunk():
     with pytest.raises(ValueError, match="landmark_runs"):
         shadowkv_fx.ShadowKVConfig(chunk_size=8, landmark_runs=3)
+
+
+def test_runs_multiply_the_landmark_bytes_in_the_preflight_and_the_memory_report():
+    from shadowkv_fx import preflight
+    from shadowkv_fx.prompt_layout import PromptLayout
+
+    layout = PromptLayout([0], [1000], [1000 // 8 - 4], 1000)
+    one, two = (shadowkv_fx.ShadowKVConfig(sparse_budget=64, rank=16, outlier_chunks=4, fold_chunks=None,
+                                           landmark_runs=runs) for runs in (1, 2))
+    hkv, d = 2, 16
+    grown = [preflight.state_footprint(3, hkv, d, torch.float16, layout, c, 32).device for c in (one, two)]
+    assert grown[1] - grown[0] == 3 * hkv * layout.max_chunks * d * 2, "one more landmark of D halves a chunk, layer"
+    _, model = tiny_pair("llama", seed=3, peaked=True)
+    ids, mask = left_padded(1, [160], 96, seed=3)
+    reports = []
+    for runs in (1, 2):
+        config = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2,
+                                            landmark_runs=runs)
+        fast = shadowkv_fx.optimize(copy.deepcopy(model), config)
+        with torch.no_grad():
+            out = fast.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                                return_dict_in_generate=True, pad_token_id=0)
+        reports.append(output_cache(out).memory_report()["cpu"])
+    assert reports[1]["landmarks"] == 2 * reports[0]["landmarks"] > 0
+    assert reports[1]["U"] == reports[0]["U"]

@@ -35,7 +35,7 @@ def selection_change(state, q: torch.Tensor, scale: float, chunk_idx: torch.Tens
     the step's selection from its 16-bit landmarks: ``(swapped, chosen)``, both ``[B, Hkv]`` long,
     the chunks the 16-bit selection picks that the 8-bit one does not, and the chunks it picks."""
     codes, scales = quantize.quantize(state.landmarks, 1)
-    scores = dispatch.score_chunks(q, codes, state.selectable, scale, scales)
+    scores = decode_step.chunk_scores(q, codes, state.selectable, scale, scales, state.config)  # as a step scores
     idx8, picked8 = dispatch.top_chunks(scores, state.select_k)
     chunks = state.landmarks.shape[2]
     ours = chosen_sets(chunk_idx, picked, chunks)
