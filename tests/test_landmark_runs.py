@@ -1,8 +1,6 @@
 """Issue #32: ``landmark_runs`` scores a chunk by finer landmarks inside it (the means of its runs),
 with the top-k, rebuild and fetch still a chunk at a time."""
 import copy
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -12,6 +10,7 @@ from shadowkv_fx.compat import output_cache
 from shadowkv_fx.kernels import compression, naive, quantize
 from tests.models import cuda_only, full_rank, left_padded, tiny_pair
 from tests.test_equivalence import assert_same_generation, generate_both
+from tests.test_span_select import needle_state
 
 
 def test_run_landmarks_are_the_means_of_each_run_side_by_side():
@@ -82,22 +81,12 @@ def test_the_triton_scoring_of_runs_matches_the_reference(bits):
 
 def _needle_misses(runs: int) -> list[int]:
     """Offsets into chunk 10 (chunks of 8) at which a 7-token needle is not chosen whole, among 3
-    distractor chunks scoring between its parts (``test_span_select.needle_state``'s layout)."""
-    chunk, chunks, d, misses = 8, 32, 16, []
-    for offset in range(chunk):
-        keys = torch.randn(chunks * chunk, d, generator=torch.Generator().manual_seed(offset)) * 0.05
-        keys[10 * chunk + offset : 10 * chunk + offset + 7, 0] += 8
-        for distractor in (3, 20, 27):
-            keys[distractor * chunk : (distractor + 1) * chunk, 0] += 3.5
-        config = shadowkv_fx.ShadowKVConfig(sparse_budget=4 * chunk, chunk_size=chunk, landmark_runs=runs)
-        landmarks = keys.view(1, 1, chunks, runs, chunk // runs, d).mean(4).flatten(3)
-        state = SimpleNamespace(landmarks=landmarks, landmark_scale=None, select_k=config.budget_chunks,
-                                config=config, selectable=torch.ones(1, 1, chunks, dtype=torch.bool))
-        q = torch.zeros(1, 1, 1, d)
-        q[..., 0] = 2.0
+    distractor chunks scoring between its parts (``test_span_select.needle_state``)."""
+    misses = []
+    for offset in range(8):
+        state, q, needed = needle_state(offset, span=0, runs=runs)
         idx, picked = decode_step.select(state, q, 1.0)
-        start = 10 * chunk + offset
-        if not set(range(start // chunk, (start + 6) // chunk + 1)) <= set(idx[picked].tolist()):
+        if not needed <= set(idx[picked].tolist()):
             misses.append(offset)
     return misses
 

@@ -9,7 +9,7 @@ import torch
 import shadowkv_fx
 from shadowkv_fx import decode_step
 from shadowkv_fx.compat import output_cache
-from shadowkv_fx.kernels import naive
+from shadowkv_fx.kernels import dispatch, naive
 from tests.models import tiny_pair
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_ceiling.py"
@@ -131,7 +131,7 @@ def test_sub_landmarks_of_single_tokens_are_the_oracle_and_of_whole_chunks_shado
     whole_idx, _ = ceiling.selector("sub4")(state, q, 0.25)  # one mean a chunk: the landmark at full rank
     keys = ceiling.all_keys(state)
     means = keys.view(*keys.shape[:2], -1, CONFIG.chunk_size, keys.shape[-1]).mean(3)
-    want_idx, _ = decode_step.dispatch.top_chunks(naive.score_chunks(q, means, state.selectable, 0.25), state.select_k)
+    want_idx, _ = dispatch.top_chunks(naive.score_chunks(q, means, state.selectable, 0.25), state.select_k)
     assert torch.equal(whole_idx.sort(-1).values, want_idx.sort(-1).values)
     try:
         ceiling.selector("sub3")(state, q, 0.25)

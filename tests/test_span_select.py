@@ -74,10 +74,10 @@ def test_a_spike_takes_its_neighbours_within_the_same_budget():
     assert int(torch.argmax(decode_step.widen_spans(scores, selectable, 1)[0, 0])) == 12, "the peak ranks first"
 
 
-def needle_state(offset: int, span: int, length: int = 7, chunk: int = 8, chunks: int = 32):
+def needle_state(offset: int, span: int, length: int = 7, chunk: int = 8, chunks: int = 32, runs: int = 1):
     """One KV head whose query finds a needle of ``length`` tokens starting ``offset`` tokens into
     chunk 10, and 3 distractor chunks that each score between the needle's smaller and larger part
-    whenever a boundary cuts it."""
+    whenever a boundary cuts it; ``runs`` landmarks a chunk (``landmark_runs``)."""
     d = 16
     gen = torch.Generator().manual_seed(offset)
     keys = torch.randn(chunks * chunk, d, generator=gen) * 0.05
@@ -87,8 +87,9 @@ def needle_state(offset: int, span: int, length: int = 7, chunk: int = 8, chunks
     keys[start : start + length] += 8 * axis
     for distractor in (3, 20, 27):
         keys[distractor * chunk : (distractor + 1) * chunk] += 3.5 * axis
-    landmarks = keys.view(1, 1, chunks, chunk, d).mean(3)
-    config = shadowkv_fx.ShadowKVConfig(sparse_budget=4 * chunk, chunk_size=chunk, span_neighbors=span)
+    landmarks = keys.view(1, 1, chunks, runs, chunk // runs, d).mean(4).flatten(3)
+    config = shadowkv_fx.ShadowKVConfig(sparse_budget=4 * chunk, chunk_size=chunk, span_neighbors=span,
+                                        landmark_runs=runs)
     state = SimpleNamespace(landmarks=landmarks, landmark_scale=None, select_k=config.budget_chunks, config=config,
                             selectable=torch.ones(1, 1, chunks, dtype=torch.bool))
     needed = set(range(start // chunk, (start + length - 1) // chunk + 1))
