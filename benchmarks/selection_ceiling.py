@@ -3,7 +3,7 @@ chunks chosen another way, on SmolLM2, the same prompts as a dense reference.
 
 Modes, each in place of the landmark top-k of ``decode_step.select`` (keys, values, budget unchanged):
 
-- ``landmarks``: ShadowKV as it is (the reference row);
+- ``landmarks``: ShadowKV as it is (the reference row; with ``--landmark-runs`` or ``--key-code-bits``, that knob);
 - ``oracle``: the ``select_k`` chunks holding the most exact attention mass of this step's query
   over every selectable chunk's key (rebuilt from the rank-r store, rotated): the ceiling of any
   chunk scoring at this budget and rank;
@@ -177,12 +177,14 @@ def main() -> None:
     parser.add_argument("--local-tokens", type=int, default=128)
     parser.add_argument("--rank", type=int, default=ShadowKVConfig().rank)
     parser.add_argument("--landmark-runs", type=int, default=1, help="ShadowKVConfig.landmark_runs (mode landmarks)")
+    parser.add_argument("--key-code-bits", type=int, default=0, help="ShadowKVConfig.key_code_bits (mode landmarks)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     decode_step.select = selector(args.mode)
     config = ShadowKVConfig(chunk_size=args.chunk_size, rank=args.rank, landmark_runs=args.landmark_runs,
-                            **default_windows(args.chunk_size, args.local_tokens))
+                            key_code_bits=args.key_code_bits, **default_windows(args.chunk_size, args.local_tokens))
     runs = f"+runs={args.landmark_runs}" if args.landmark_runs > 1 else ""
+    runs += f"+keycodes={args.key_code_bits}" if args.key_code_bits else ""
     name = f"{args.mode}{runs}+chunk={args.chunk_size}+local={args.local_tokens}+rank={args.rank}"
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_smollm2()[1]

@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from shadowkv_fx.kernels import key_codes
+
 
 def chunk_tokens(chunk_idx: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Token indices of chunks: ``[..., k]`` chunk ids -> ``[..., k * chunk_size]`` token ids."""
@@ -102,12 +104,13 @@ class CompressedPrompt(NamedTuple):
 
     u: torch.Tensor  # [T, r] float32
     sv: torch.Tensor  # [Hkv, r, D] float32
-    landmarks: torch.Tensor  # [Hkv, C, runs*D] float32
+    landmarks: torch.Tensor  # [Hkv, C, runs*D] float32 (or key codes)
     outliers: torch.Tensor  # [Hkv, O] long, the chunks with the lowest min-cosine
     outlier_cos: torch.Tensor  # [Hkv, O] float32, their min-cosines
     fit_err: torch.Tensor  # 0-d float32, the share of the keys' norm the rank-r basis misses
     outlier_k: torch.Tensor  # [Hkv, O*L, D] post-RoPE keys of the outlier chunks
     outlier_v: torch.Tensor  # [Hkv, O*L, Dv]
+    code_scale: torch.Tensor | None = None  # [Hkv, 2, D] float32 with key codes: landmarks are [Hkv, C, L*D/2] uint8
 
 
 def least_agreeing_chunks(min_cos: torch.Tensor, count: int) -> torch.Tensor:
@@ -117,11 +120,16 @@ def least_agreeing_chunks(min_cos: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def compress_prompt(k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, rank: int, chunk_size: int,
-                    outlier_chunks: int, landmark_runs: int = 1) -> CompressedPrompt:
+                    outlier_chunks: int, landmark_runs: int = 1, key_code_bits: int = 0) -> CompressedPrompt:
     """One sequence's chunked prompt ``k_pre, k_rot: [Hkv, C*L, D]``, ``v: [Hkv, C*L, Dv]``: low-rank
-    keys, landmarks, and the outlier chunks kept dense."""
+    keys, landmarks (with ``key_code_bits``, every key's codes in their place), and the outlier
+    chunks kept dense (chosen by the chunk means either way)."""
     u, sv = low_rank_keys(k_pre, rank)
     landmarks, min_cos = chunk_landmarks(k_rot, chunk_size, landmark_runs)
+    code_scale = None
+    if key_code_bits:
+        code_scale = key_codes.fit_scale(k_rot)
+        landmarks = key_codes.encode(k_rot, code_scale, chunk_size)
     outliers = least_agreeing_chunks(min_cos, outlier_chunks)
     energy = k_pre.float().square().sum()
     # U's columns are orthonormal, so what SV misses of the keys' energy is the fit error
@@ -129,4 +137,4 @@ def compress_prompt(k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, r
     token_idx = chunk_tokens(outliers, chunk_size)[..., None]
     return CompressedPrompt(u, sv, landmarks, outliers, min_cos.gather(1, outliers), fit_err,
                             torch.gather(k_rot, 1, token_idx.expand(-1, -1, k_rot.shape[-1])),
-                            torch.gather(v, 1, token_idx.expand(-1, -1, v.shape[-1])))
+                            torch.gather(v, 1, token_idx.expand(-1, -1, v.shape[-1])), code_scale)

@@ -38,6 +38,17 @@ def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Ten
     return naive.score_chunks(q, landmarks, selectable, scale, landmark_scale)
 
 
+def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Tensor, selectable: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Chunk scores ``[B, Hkv, C]`` from 4-bit per-key codes (``key_codes.py``)."""
+    if _triton(q):
+        from shadowkv_fx.kernels import triton_code_score
+
+        if triton_code_score.supports(2 * codes.shape[-1] // q.shape[-1], q.shape[-1]):
+            return triton_code_score.score_code_chunks(q, codes, code_scale, selectable, scale)
+    return naive.score_code_chunks(q, codes, code_scale, selectable, scale)
+
+
 def top_chunks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if _triton(scores):
         from shadowkv_fx.kernels import triton_topk

@@ -2,7 +2,7 @@
 the path ``dispatch.py`` takes where Triton does not run (CPU models, tests, ``SHADOWKV_NO_TRITON=1``).
 
 Each kernel family's public function has a twin here under the same name, with the same
-arguments and result (``score_chunks``, ``top_chunks``, ``rebuild_rope_keys``,
+arguments and result (``score_chunks``, ``score_code_chunks``, ``top_chunks``, ``rebuild_rope_keys``,
 ``gather_value_chunks``, ``decode_attention``); the pieces they are built from sit beside them.
 ``triton_append.append_rope`` is held to the model's own RoPE function instead (its tests call it).
 
@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from shadowkv_fx.kernels import key_codes
 from shadowkv_fx.kernels.quantize import dequantize
 from shadowkv_fx.kernels.rope_forms import rotary_width
 
@@ -38,10 +39,41 @@ def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Ten
     grouped = q.float().view(b, hkv, hq // hkv, n, d)
     logits = torch.einsum("bhgnd,bhcd->bhgnc", grouped, landmarks.float())
     logits = logits * (scale if landmark_scale is None else landmark_scale.float()[:, :, None, None, :] * scale)
+    return reduce_chunk_logits(logits, selectable)
+
+
+def reduce_chunk_logits(logits: torch.Tensor, selectable: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, G, n, C]`` chunk logits -> ``[B, Hkv, C]`` scores: softmax over the selectable chunks
+    per query head and token, summed over the tokens, max over the group (``-inf`` where not selectable)."""
     logits = logits.masked_fill(~selectable[:, :, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     scores = probs.sum(dim=3).amax(dim=2)
     return scores.masked_fill(~selectable, float("-inf"))
+
+
+def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Tensor, selectable: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Twin of ``triton_code_score.score_code_chunks``. Chunk relevance from 4-bit per-key codes
+    (``key_codes.py``): the attention mass of the keys they stand for, softmax over every selectable
+    chunk's tokens per query head, summed per chunk and over the ``n`` tokens, max over the GQA group.
+    A chunk's logit is the log-sum-exp of its tokens' logits, so ``reduce_chunk_logits`` (the
+    landmarks' reduction) turns it into exactly that mass.
+
+    Args:
+        q: ``[B, Hq, n, D]`` post-RoPE queries.
+        codes: ``[B, Hkv, C, L*D/2]`` uint8, packed codes of each chunk's keys.
+        code_scale: ``[B, Hkv, 2, D]`` float32, each channel's step and low.
+        selectable: ``[B, Hkv, C]`` bool.
+    Returns:
+        ``[B, Hkv, C]`` float32, ``-inf`` where not selectable.
+    """
+    b, hq, n, d = q.shape
+    hkv, c, width = codes.shape[1:]
+    chunk = 2 * width // d
+    keys = key_codes.decode(codes, code_scale, chunk)  # [B, Hkv, C*L, D]
+    grouped = q.float().view(b, hkv, hq // hkv, n, d)
+    logits = torch.einsum("bhgnd,bhtd->bhgnt", grouped, keys) * scale
+    return reduce_chunk_logits(logits.unflatten(-1, (c, chunk)).logsumexp(-1), selectable)
 
 
 def top_chunks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

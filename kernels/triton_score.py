@@ -140,12 +140,21 @@ def launch_score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: to
         UPCAST=not gpu, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", QUANT=landmark_scale is not None,
         num_warps=GPU_TILES["num_warps"],
     )
+    return launch_reduce(logits, blk_max, blk_sum, sel, out, n)
+
+
+def launch_reduce(logits: torch.Tensor, blk_max: torch.Tensor, blk_sum: torch.Tensor, sel: torch.Tensor,
+                  out: torch.Tensor, n: int) -> torch.Tensor:
+    """``score_reduce_kernel`` over chunk logits ``[B, Hkv, G*n, C]`` and their block statistics
+    ``[B, Hkv, G*n, NB]`` (from ``score_logits_kernel`` or ``triton_code_score``) into ``out [B, Hkv, C]``."""
+    b, hkv, gn, c = logits.shape
+    nb = blk_max.shape[-1]
     # kernel 2 holds [BLOCK_N, BLOCK_C] tiles: fewer chunks per program when many tokens score at once
     block_n = triton.next_power_of_2(n)
-    block_c2 = min(1024 if gpu else 512, triton.next_power_of_2(c), max(16, 8192 // block_n))
+    block_c2 = min(1024 if logits.device.type == "cuda" else 512, triton.next_power_of_2(c), max(16, 8192 // block_n))
     score_reduce_kernel[(triton.cdiv(c, block_c2), b * hkv)](
         logits, blk_max, blk_sum, sel, out, n, c, nb,
-        G=g, BLOCK_N=block_n, BLOCK_C=block_c2,
+        G=gn // n, BLOCK_N=block_n, BLOCK_C=block_c2,
         BLOCK_NB=min(128, triton.next_power_of_2(nb), max(16, 4096 // block_n)), num_warps=4,
     )
     return out

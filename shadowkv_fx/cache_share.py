@@ -30,8 +30,8 @@ from shadowkv_fx.layer_state import LayerState
 from shadowkv_fx.pinned import grown
 
 # written by folds only: shared until a fold, then copied on write
-STORE = ("u", "sv", "landmarks", "landmark_scale", "selectable", "v_chunks", "v_scale", "outlier_ids", "outlier_cos",
-         "fit_err")
+STORE = ("u", "sv", "landmarks", "landmark_scale", "code_scale", "selectable", "v_chunks", "v_scale", "outlier_ids",
+         "outlier_cos", "fit_err")
 FIXED = ("pad", "outlier_valid")  # never written after prefill
 # [B, ...] tensors a step or a fold writes: a row of its own each
 ROWS = ("k_buf", "v_buf", "key_valid", "prev_idx", "tail_first", "pre_k", "row_columns", "_local_valid")

@@ -139,12 +139,14 @@ def main() -> None:
 
 def _bench_config(sparse_budget: int, rank: int, fold_chunks: int, value_hbm_gib: float | None, value_bits: int,
                   landmark_bits: int, chunk_size: int, span_neighbors: int,
-                  windows: dict[str, int] | None = None, landmark_runs: int = 1) -> ShadowKVConfig:
+                  windows: dict[str, int] | None = None, landmark_runs: int = 1,
+                  key_code_bits: int = 0) -> ShadowKVConfig:
     """The bench's ShadowKV settings; ``windows`` (``config.default_windows``; None: its default
     split at ``chunk_size``) keeps the outlier and local windows at the default's tokens together."""
     return ShadowKVConfig(sparse_budget=sparse_budget, rank=rank, fold_chunks=fold_chunks or None,
                           value_hbm_gib=value_hbm_gib, value_bits=value_bits, landmark_bits=landmark_bits,
                           chunk_size=chunk_size, span_neighbors=span_neighbors, landmark_runs=landmark_runs,
+                          key_code_bits=key_code_bits,
                           **(default_windows(chunk_size) if windows is None else windows))
 
 
@@ -174,6 +176,8 @@ def bench(
     span_neighbors: int = typer.Option(0, help="a chosen chunk lifts its neighbours within this many chunks"),
     landmark_runs: int = typer.Option(1, help="landmarks per chunk, each the mean of a run of its tokens; a chunk "
                                       "scores their sum (#32's finer landmarks at the chunk's top-k and fetch)"),
+    key_code_bits: int = typer.Option(0, help="4: chunks ranked by the attention mass of every key's 4-bit codes "
+                                      "instead of landmarks (#32); 0: landmarks"),
     local_tokens: int = typer.Option(0, help="tokens of the local window, taken from the outlier window's (their sum "
                                      "stays the default's); 0: the default split (32 local)"),
     breakdown: bool = typer.Option(False, help="per-kernel time of one ShadowKV decode step, and steps timed alone"),
@@ -248,7 +252,7 @@ def bench(
         # the same config for both ShadowKV methods: slots keep values on the GPU only up to a given
         # size, so "as many as fit" (-1) becomes none (pinned host memory, ShadowKV's own design)
         config = _bench_config(sparse_budget, rank, fold_chunks, max(value_hbm_gib, 0.0), value_bits, landmark_bits,
-                               chunk_size, span_neighbors, windows, landmark_runs)
+                               chunk_size, span_neighbors, windows, landmark_runs, key_code_bits)
         settings = {"requests": workload_requests, "min_context": workload_min_context, "max_context":
                     workload_max_context, "min_output": workload_min_output, "max_output": workload_max_output,
                     "output_dist": workload_output_dist,
@@ -268,7 +272,7 @@ def bench(
     if unknown:
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; known: {b.METHODS}")
     config = _bench_config(sparse_budget, rank, fold_chunks, None if value_hbm_gib < 0 else value_hbm_gib, value_bits,
-                           landmark_bits, chunk_size, span_neighbors, windows, landmark_runs)
+                           landmark_bits, chunk_size, span_neighbors, windows, landmark_runs, key_code_bits)
     model = b.load_model(model_dir) if model_dir else b.llama31_8b_random(layers)
     lead = b.is_lead_rank()
     torch.manual_seed(0)  # every tensor-parallel rank draws the same prompts

@@ -85,6 +85,14 @@ class ShadowKVConfig:
         key rebuild and the value fetch stay at ``chunk_size``; the landmarks take ``landmark_runs``
         times the device bytes and the scoring read (``landmark_bits=8`` halves both). ``1``: one mean
         a chunk, the paper's landmark.
+    key_code_bits:
+        ``0``: chunks are ranked by their landmarks. ``4``: by exact attention mass over every key of
+        the chunk rounded to a 4-bit code (each channel scaled by its min/max over the row's prompt,
+        kept for folds), the selection ParisKV, SpeCache and YAKV use: per step, softmax over every
+        stored token, summed per chunk (``kernels/key_codes.py``). The landmark row of a chunk then
+        holds its tokens' codes, ``chunk_size * D / 2`` bytes (twice chunk-8 16-bit landmarks; equal
+        to chunk-4), so the scoring read grows by as much. On SmolLM2's copying tasks at 2K and 1/16
+        it met #32's target where landmarks did not (README, accuracy).
     dense_layers:
         Layer indices whose prompt K/V is kept whole on the device and attended densely, as a prompt
         too short to compress is (``dense_fallback.py``): a safeguard for layers known to select
@@ -130,6 +138,7 @@ class ShadowKVConfig:
     landmark_bits: int = 16
     span_neighbors: int = 0
     landmark_runs: int = 1
+    key_code_bits: int = 0
     dense_layers: tuple[int, ...] = ()
     dense_fallback_error: float | None = None
     dense_fallback_recall: float | None = None
@@ -159,6 +168,7 @@ class ShadowKVConfig:
         if type(runs) is not int or runs < 1 or self.chunk_size % runs:
             raise ValueError(f"ShadowKVConfig.landmark_runs must be an int >= 1 dividing chunk_size={self.chunk_size} "
                              f"(e.g. 2: a landmark per half chunk), got {runs!r}")
+        self._check_key_codes()
         for name in ("value_bits", "landmark_bits"):
             value = getattr(self, name)
             if type(value) is not int or value not in (16, 8):
@@ -190,6 +200,17 @@ class ShadowKVConfig:
                 f"sparse_budget={self.sparse_budget} is not a multiple of chunk_size={self.chunk_size}: "
                 f"use sparse_budget={lower or self.chunk_size} or {lower + self.chunk_size}"
             )
+
+    def _check_key_codes(self) -> None:
+        bits = self.key_code_bits
+        if type(bits) is not int or bits not in (0, 4):
+            raise ValueError(f"ShadowKVConfig.key_code_bits must be 0 (landmarks) or 4 (per-key 4-bit codes), "
+                             f"got {bits!r}")
+        if bits and (self.landmark_runs != 1 or self.landmark_bits != 16 or self.dense_fallback_recall is not None):
+            raise ValueError("ShadowKVConfig.key_code_bits=4 scores every key, so it replaces the landmarks: leave "
+                             "landmark_runs=1, landmark_bits=16 and dense_fallback_recall=None (which measures the "
+                             f"landmark selection), got {self.landmark_runs}, {self.landmark_bits}, "
+                             f"{self.dense_fallback_recall}")
 
     @property
     def budget_chunks(self) -> int:

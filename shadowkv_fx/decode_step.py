@@ -73,7 +73,7 @@ def attend_earlier(state: LayerState, q: torch.Tensor, rope_fn: RopeFn, scale: f
             q_rows = q[b, :, first : first + rows].transpose(0, 1).unsqueeze(2).contiguous()  # [rows, Hq, 1, D]
             selectable = each(state.selectable)
             scores = chunk_scores(q_rows, each(state.landmarks), selectable, scale, each(state.landmark_scale),
-                                  state.config)
+                                  state.config, each(state.code_scale))
             chunk_idx, picked = dispatch.top_chunks(scores, state.select_k)
             k_sel = state.k_buf.new_empty(rows, hkv, selected, d)
             v_sel = state.v_buf.new_empty(rows, hkv, selected, dv)
@@ -156,18 +156,24 @@ def _write_row_columns(state: LayerState, rope_inputs: list[torch.Tensor], offse
 
 def select(state: LayerState, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k chunks per KV head: ``chunk_idx [B, Hkv, k]`` and whether each pick is real."""
-    scores = chunk_scores(q, state.landmarks, state.selectable, scale, state.landmark_scale, state.config)
+    scores = chunk_scores(q, state.landmarks, state.selectable, scale, state.landmark_scale, state.config,
+                          state.code_scale)
     return dispatch.top_chunks(scores, state.select_k)
 
 
 def chunk_scores(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Tensor, scale: float,
-                 landmark_scale: torch.Tensor | None, config: ShadowKVConfig) -> torch.Tensor:
+                 landmark_scale: torch.Tensor | None, config: ShadowKVConfig,
+                 code_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, Hkv, C]`` scores the top-k ranks chunks by: ``dispatch.score_chunks`` over the landmarks,
     with ``config.landmark_runs`` landmarks a chunk (``landmarks [B, Hkv, C, runs*D]``) scored as
     landmarks of their own and summed per chunk (after the max over a group's query heads, an upper
-    bound of the group's best head), then widened over spans (``span_neighbors``)."""
+    bound of the group's best head), or with ``config.key_code_bits`` the attention mass of the
+    chunks' per-key codes (the landmark rows, under ``code_scale``: ``dispatch.score_code_chunks``);
+    then widened over spans (``span_neighbors``)."""
     runs = config.landmark_runs
-    if runs == 1:
+    if config.key_code_bits:
+        scores = dispatch.score_code_chunks(q, landmarks, code_scale, selectable, scale)
+    elif runs == 1:
         scores = dispatch.score_chunks(q, landmarks, selectable, scale, landmark_scale)
     else:
         b, hkv, c, width = landmarks.shape

@@ -77,7 +77,7 @@ def compressed(config: ShadowKVConfig, k_pre: torch.Tensor, k_rot: torch.Tensor,
     prompt stays dense."""
     k_pre, k_rot, v = k_pre[:, :tokens], k_rot[:, :tokens], v[:, :tokens]
     c = compression.compress_prompt(k_pre, k_rot, v, config.rank, config.chunk_size, config.outlier_chunks,
-                                    config.landmark_runs)
+                                    config.landmark_runs, config.key_code_bits)
     bound = config.dense_fallback_error
     return None if bound is not None and float(c.fit_err) > bound else c
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from shadowkv_fx.kernels import compression
+from shadowkv_fx.kernels import compression, key_codes
 from shadowkv_fx.layer_state import LayerState
 from shadowkv_fx.value_store import write_chunks
 
@@ -209,6 +209,8 @@ def _fold_rows(state: LayerState, rows: list[int], m: int, undo: "FoldUndo | Non
             refreshes += 1
 
     landmarks, min_cos = compression.chunk_landmarks(k_rot.reshape(n_rows * hkv, count, -1), chunk, cfg.landmark_runs)
+    if cfg.key_code_bits:  # the new keys' codes under the row's prompt scales (clamped), as at prefill
+        landmarks = key_codes.encode(k_rot, state.code_scale[r], chunk)
     folded = (r, slice(None), slice(c0, c0 + m))  # quantised at 8 bits, as at prefill
     write_chunks(state.landmarks, state.landmark_scale, folded, landmarks.view(n_rows, hkv, m, -1))
     write_chunks(state.v_chunks, state.v_scale, folded, v.reshape(n_rows, hkv, m, chunk, dv))

@@ -18,7 +18,7 @@ from shadowkv_fx.kernels.rope_forms import detect_rope_form
 from shadowkv_fx.pinned import grown, moved
 from shadowkv_fx.prompt_layout import PromptLayout, store_chunks, tail_slots
 from shadowkv_fx.rope_tables import reserve_columns
-from shadowkv_fx.value_store import SlotSizes, chunk_slots, write_chunks
+from shadowkv_fx.value_store import SlotSizes, chunk_slots, landmark_slots, write_chunks, write_landmarks
 
 
 class LayerState:
@@ -71,6 +71,7 @@ class LayerState:
         self.sv: torch.Tensor | None = None  # [B, Hkv, r, D] diag(s) V^T per row: keys = U @ SV[h]
         self.landmarks: torch.Tensor | None = None  # [B, Hkv, C, runs*D] post-RoPE chunk or run means (or int8)
         self.landmark_scale: torch.Tensor | None = None  # [B, Hkv, C] float32 scales of int8 landmarks (or None)
+        self.code_scale: torch.Tensor | None = None  # [B, Hkv, 2, D] float32: landmarks are key codes (key_code_bits)
         self.selectable: torch.Tensor | None = None  # [B, Hkv, C] bool: a chunk a step may pick (not an outlier)
         # [B, Hkv, C, L, Dv] values of every chunk (or int8), pinned host memory or spare device memory
         self.v_chunks: torch.Tensor | None = None
@@ -164,7 +165,7 @@ class LayerState:
                 self.outlier_ids[b], self.outlier_cos[b], self.fit_err[b] = c.outliers, c.outlier_cos, c.fit_err
                 self._outlier_k[b], self._outlier_v[b] = c.outlier_k, c.outlier_v
                 self.u[b, :t], self.sv[b], stored = c.u, c.sv, (b, slice(None), slice(0, n_chunks))
-                write_chunks(self.landmarks, self.landmark_scale, stored, c.landmarks)  # quantised at 8 bits
+                write_landmarks(self.landmarks, self.landmark_scale, self.code_scale, stored, c)  # int8, or key codes
                 values = vb[:, :t].reshape(-1, n_chunks, chunk, vb.shape[-1])
                 self.values_copied = write_chunks(self.v_chunks, self.v_scale, stored, values, side_stream=True)
                 if self.rope_form is None:
@@ -211,8 +212,7 @@ class LayerState:
         self.select_k = cfg.select_chunks(store)  # again when the store grows (_grow_store)
         outlier_tokens = cfg.outlier_chunks * chunk
         self.u, self.sv = k_pre.new_zeros(b_size, store * chunk, cfg.rank), k_pre.new_zeros(b_size, hkv, cfg.rank, d)
-        self.landmarks, self.landmark_scale = chunk_slots((b_size, hkv, store, cfg.landmark_runs * d), k_rot,
-                                                          cfg.landmark_bits)
+        self.landmarks, self.landmark_scale, self.code_scale = landmark_slots(cfg, (b_size, hkv, store), d, k_rot)
         self.selectable = torch.zeros(b_size, hkv, store, dtype=torch.bool, device=device)
         self._outlier_k, self._outlier_v = (x.new_zeros(b_size, hkv, outlier_tokens, x.shape[-1]) for x in (k_rot, v))
         self.v_chunks, self.v_scale = chunk_slots((b_size, hkv, store, chunk, dv), v, cfg.value_bits,

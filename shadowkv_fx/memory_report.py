@@ -29,7 +29,8 @@ def layer_bytes(state: LayerState) -> dict[str, tuple[str, int]]:
     if state.compressed:
         parts["U"] = (device, _size(state.u))
         parts["SV"] = (device, _size(state.sv))
-        parts["landmarks"] = (device, _size(state.landmarks) + _size(state.landmark_scale))  # int8 + scales at 8 bits
+        # int8 + scales at 8 bits, or key codes + their scales (key_code_bits)
+        parts["landmarks"] = (device, _size(state.landmarks) + _size(state.landmark_scale) + _size(state.code_scale))
         parts["outliers"] = (device, state.sel_start * per_token)
         parts["selected"] = (device, (state.local_start - state.sel_start) * per_token)
         if state.v_chunks.device == k_buf.device and k_buf.device.type != "cpu":

@@ -107,7 +107,10 @@ def state_footprint(layers: int, hkv: int, d: int, dtype: torch.dtype, layout: P
     device = dense_tokens * kv_token + fold_state
     if c_max:
         device += (c_max * chunk * config.rank + hkv * config.rank * d) * size + hkv * c_max  # U, SV, selectable
-        device += hkv * c_max * config.landmark_runs * d * lm_size
+        if config.key_code_bits:  # every key's codes, half a byte a channel, and a step and low per channel
+            device += hkv * c_max * chunk * d // 2 + hkv * 2 * d * 4
+        else:
+            device += hkv * c_max * config.landmark_runs * d * lm_size
         device += 4 * hkv * c_max * ((config.value_bits == 8) + (config.landmark_bits == 8))  # the scales
         device += hkv * select * 8  # the chunk each selected slot holds (value reuse)
     rope_tables = 2 * rope_columns * d * size  # cos and sin per position, shared by the layers

@@ -119,5 +119,7 @@ def _adopt_store(state: LayerState, b: int, other: LayerState, chunks: int) -> N
     for mine, theirs in ((state.v_scale, other.v_scale), (state.landmark_scale, other.landmark_scale)):
         if mine is not None:  # 8-bit values or landmarks
             mine[b, :, :chunks] = theirs[0, :, :chunks]
+    if state.code_scale is not None:  # key codes
+        state.code_scale[b] = other.code_scale[0]
     state.outlier_ids[b], state.outlier_cos[b], state.fit_err[b] = (
         other.outlier_ids[0], other.outlier_cos[0], other.fit_err[0])

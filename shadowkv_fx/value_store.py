@@ -43,6 +43,29 @@ def chunk_slots(shape: tuple[int, ...], like: torch.Tensor, bits: int,
     return data, scale
 
 
+def landmark_slots(config, chunks: tuple[int, int, int], head_dim: int,
+                   like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Zeroed landmark rows for ``chunks = (B, Hkv, C)``: ``(landmarks, landmark_scale, code_scale)``.
+
+    Landmarks ``[B, Hkv, C, runs*D]`` (``chunk_slots``: int8 with ``[B, Hkv, C]`` scales at 8 bits), or
+    with ``config.key_code_bits`` every key's packed codes ``[B, Hkv, C, L*D/2]`` uint8 with the rows'
+    ``[B, Hkv, 2, D]`` float32 code scales (``kernels/key_codes.py``).
+    """
+    if config.key_code_bits:
+        codes = torch.zeros(*chunks, config.chunk_size * head_dim // 2, dtype=torch.uint8, device=like.device)
+        return codes, None, torch.zeros(*chunks[:2], 2, head_dim, device=like.device)
+    return (*chunk_slots((*chunks, config.landmark_runs * head_dim), like, config.landmark_bits), None)
+
+
+def write_landmarks(landmarks: torch.Tensor, landmark_scale: torch.Tensor | None, code_scale: torch.Tensor | None,
+                    index: tuple, prompt) -> None:
+    """One row's compressed prompt (``compression.CompressedPrompt``) into its landmark rows
+    ``index = (row, heads, chunks)``: int8 at 8 bits, or key codes with the row's code scales."""
+    write_chunks(landmarks, landmark_scale, index, prompt.landmarks)
+    if code_scale is not None:
+        code_scale[index[0]] = prompt.code_scale
+
+
 def write_chunks(data: torch.Tensor, scale: torch.Tensor | None, index: tuple, x: torch.Tensor,
                  side_stream: bool = False) -> torch.cuda.Event | None:
     """``data[index] = x``, quantised first where ``scale`` is given (``scale[index]`` gets its scales).

@@ -122,6 +122,8 @@ def test_bench_chunk_size_keeps_the_dense_windows_tokens():
         _bench_config(2048, 160, 16, None, 16, 16, chunk_size=3, span_neighbors=0)
     runs = _bench_config(2048, 160, 16, None, 16, 8, chunk_size=8, span_neighbors=0, landmark_runs=2)
     assert (runs.landmark_runs, runs.landmark_bits, runs.chunk_size) == (2, 8, 8)
+    codes = _bench_config(2048, 160, 16, None, 16, 16, chunk_size=8, span_neighbors=0, key_code_bits=4)
+    assert codes.key_code_bits == 4 and codes.landmark_runs == 1
 
 
 def test_bench_local_tokens_moves_dense_tokens_from_outliers_to_the_local_window():

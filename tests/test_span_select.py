@@ -8,7 +8,7 @@ import torch
 import shadowkv_fx
 from shadowkv_fx import decode_step
 from shadowkv_fx.compat import output_cache
-from shadowkv_fx.kernels import naive
+from shadowkv_fx.kernels import key_codes, naive
 from tests.models import left_padded, tiny_pair
 
 
@@ -74,10 +74,12 @@ def test_a_spike_takes_its_neighbours_within_the_same_budget():
     assert int(torch.argmax(decode_step.widen_spans(scores, selectable, 1)[0, 0])) == 12, "the peak ranks first"
 
 
-def needle_state(offset: int, span: int, length: int = 7, chunk: int = 8, chunks: int = 32, runs: int = 1):
+def needle_state(offset: int, span: int, length: int = 7, chunk: int = 8, chunks: int = 32, runs: int = 1,
+                 codes: bool = False):
     """One KV head whose query finds a needle of ``length`` tokens starting ``offset`` tokens into
     chunk 10, and 3 distractor chunks that each score between the needle's smaller and larger part
-    whenever a boundary cuts it; ``runs`` landmarks a chunk (``landmark_runs``)."""
+    whenever a boundary cuts it; ``runs`` landmarks a chunk (``landmark_runs``), or with ``codes``
+    every key's 4-bit codes (``key_code_bits=4``)."""
     d = 16
     gen = torch.Generator().manual_seed(offset)
     keys = torch.randn(chunks * chunk, d, generator=gen) * 0.05
@@ -88,10 +90,13 @@ def needle_state(offset: int, span: int, length: int = 7, chunk: int = 8, chunks
     for distractor in (3, 20, 27):
         keys[distractor * chunk : (distractor + 1) * chunk] += 3.5 * axis
     landmarks = keys.view(1, 1, chunks, runs, chunk // runs, d).mean(4).flatten(3)
+    code_scale = key_codes.fit_scale(keys[None, None]) if codes else None
+    if codes:
+        landmarks = key_codes.encode(keys[None, None], code_scale, chunk)
     config = shadowkv_fx.ShadowKVConfig(sparse_budget=4 * chunk, chunk_size=chunk, span_neighbors=span,
-                                        landmark_runs=runs)
+                                        landmark_runs=runs, key_code_bits=4 if codes else 0)
     state = SimpleNamespace(landmarks=landmarks, landmark_scale=None, select_k=config.budget_chunks, config=config,
-                            selectable=torch.ones(1, 1, chunks, dtype=torch.bool))
+                            selectable=torch.ones(1, 1, chunks, dtype=torch.bool), code_scale=code_scale)
     needed = set(range(start // chunk, (start + length - 1) // chunk + 1))
     return state, (2 * axis).view(1, 1, 1, d), needed
 

@@ -72,13 +72,14 @@ class SelectionDrift:
 @contextlib.contextmanager
 def landmark_selection_drift() -> Iterator[SelectionDrift]:
     """Within the block, every decode step of a cache with 16-bit landmarks also counts how its
-    selection would change with 8-bit ones (``SelectionDrift``); the selection used is unchanged."""
+    selection would change with 8-bit ones (``SelectionDrift``); the selection used is unchanged.
+    Steps that rank chunks by key codes (``key_code_bits``) have no landmarks and are not counted."""
     drift = SelectionDrift()
     plain = decode_step.select
 
     def select(state, q, scale):
         chunk_idx, picked = plain(state, q, scale)
-        if state.landmark_scale is None:
+        if state.landmark_scale is None and not state.config.key_code_bits:  # 16-bit landmarks, not key codes
             swapped, chosen = selection_change(state, q, scale, chunk_idx, picked)
             drift.compared += swapped.numel()
             drift.differing += int((swapped > 0).sum())

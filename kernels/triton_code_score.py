@@ -1,0 +1,131 @@
+"""Chunk scoring from 4-bit per-key codes (``ShadowKVConfig.key_code_bits=4``): ``naive.score_code_chunks``
+with one read of the codes.
+
+``code_logits_kernel``: one program per (chunk block, query-row block, ``b * Hkv + h``) reads the
+packed codes of ``BLOCK_C`` chunks (``BLOCK_C * L`` tokens of ``D/2`` bytes, transposed), splits each
+byte into its two nibbles and dots them with the two halves of the ``G * n`` query rows of KV head
+``h``, each query channel scaled by its code step first (``(q * step) . code``). The keys' ``q . low``
+is one constant per query row, which the softmax over chunks cancels, so it is never formed. A
+chunk's logit is the log-sum-exp of its ``L`` token logits, and the kernel writes chunk logits and
+block statistics exactly as ``triton_score.score_logits_kernel`` does, so ``score_reduce_kernel``
+(softmax over chunks, sum over tokens, max over the group) runs unchanged: the chunk's softmax
+weight is then the sum of its tokens' attention weights.
+
+Codes 0..15 are exact in fp16; the scaled queries are rounded to fp16 for the tensor-core dot on a
+GPU (fp32 under the CPU interpreter, or for fp32 models).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from shadowkv_fx.kernels import triton_score
+
+# tokens per program (BLOCK_C * L) and warps per program; not swept on a GPU yet
+GPU_TILES = {"block_t": 128, "num_warps": 4}
+
+
+@triton.jit
+def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scale, n, C, NB, Hkv,
+                       s_qb, s_qh, s_qn, s_qd, s_cb, s_ch, s_cc,
+                       G: tl.constexpr, HALF: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FP16_DOT: tl.constexpr):
+    i_c = tl.program_id(0)
+    i_m = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // Hkv
+    i_h = i_bh % Hkv
+    GN = G * n
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row m: token m % n of query head h*G + m // n
+    m_m = o_m < GN
+    o_h = tl.arange(0, BLOCK_H)
+    m_h = o_h < HALF
+    m_q = m_m[:, None] & m_h[None, :]
+    p_q = (q + i_b * s_qb + (i_h * G + o_m[:, None] // n).to(tl.int64) * s_qh
+           + (o_m[:, None] % n).to(tl.int64) * s_qn + o_h[None, :] * s_qd)
+    p_s = code_scale + i_bh * 4 * HALF + o_h  # [step (D) | low (D)] per KV head
+    b_qlo = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32) * (tl.load(p_s, mask=m_h, other=0.0) * scale)[None, :]
+    b_qhi = tl.load(p_q + HALF * s_qd, mask=m_q, other=0.0).to(tl.float32) \
+        * (tl.load(p_s + HALF, mask=m_h, other=0.0) * scale)[None, :]
+    # the block's tokens, transposed ([BLOCK_H, BLOCK_C * L]): token t is token t % L of chunk t // L
+    o_t = tl.arange(0, BLOCK_C * L)
+    o_tc = i_c * BLOCK_C + o_t // L
+    p_k = (codes + i_b * s_cb + i_h * s_ch + o_tc[None, :].to(tl.int64) * s_cc + (o_t % L)[None, :] * HALF
+           + o_h[:, None])
+    b_k = tl.load(p_k, mask=m_h[:, None] & (o_tc < C)[None, :], other=0)
+    if FP16_DOT:
+        b_l = (tl.dot(b_qlo.to(tl.float16), (b_k & 15).to(tl.float16))
+               + tl.dot(b_qhi.to(tl.float16), (b_k >> 4).to(tl.float16)))
+    else:
+        b_l = (tl.dot(b_qlo, (b_k & 15).to(tl.float32), input_precision="ieee")
+               + tl.dot(b_qhi, (b_k >> 4).to(tl.float32), input_precision="ieee"))
+    # a chunk's logit: the log-sum-exp of its tokens' (finite: padding keys have codes 0)
+    b_l3 = tl.reshape(b_l, (BLOCK_M, BLOCK_C, L))
+    b_top = tl.max(b_l3, axis=2)
+    b_cl = b_top + tl.log(tl.sum(tl.exp(b_l3 - b_top[:, :, None]), axis=2))
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    b_sel = tl.load(sel + i_bh * C + o_c, mask=m_c, other=0) != 0
+    b_cl = tl.where(b_sel[None, :], b_cl, float("-inf"))
+    tl.store(logits + (i_bh * GN + o_m[:, None]) * C + o_c[None, :], b_cl, mask=m_m[:, None] & m_c[None, :])
+    b_max = tl.max(b_cl, axis=1)  # block statistics as score_logits_kernel writes them
+    b_ref = tl.where(b_max == float("-inf"), 0.0, b_max)
+    b_sum = tl.sum(tl.exp(b_cl - b_ref[:, None]), axis=1)
+    p_stat = (i_bh * GN + o_m) * NB + i_c
+    tl.store(blk_max + p_stat, b_max, mask=m_m)
+    tl.store(blk_sum + p_stat, b_sum, mask=m_m)
+
+
+def supports(chunk_size: int, head_dim: int) -> bool:
+    """Shapes the kernel tiles: a power-of-two chunk (a block's tokens are a power of two) and an even head dim."""
+    return chunk_size & (chunk_size - 1) == 0 and chunk_size <= GPU_TILES["block_t"] and head_dim % 2 == 0
+
+
+def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Tensor, selectable: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Triton twin of ``naive.score_code_chunks``.
+
+    Args:
+        q: ``[B, Hq, n, D]`` post-RoPE queries (bf16, fp16 or fp32; any strides).
+        codes: ``[B, Hkv, C, L*D/2]`` uint8 on ``q``'s device, last dim contiguous (other strides free).
+        code_scale: ``[B, Hkv, 2, D]`` float32: each channel's step and low.
+        selectable: ``[B, Hkv, C]`` bool.
+        scale: softmax scale of ``q . key``.
+    Returns:
+        ``[B, Hkv, C]`` float32, ``-inf`` where not selectable.
+    """
+    b, hq, n, d = q.shape
+    hkv, c, width = codes.shape[1:]
+    chunk = 2 * width // d if d else 0
+    if codes.dtype != torch.uint8 or codes.shape[0] != b or hq % hkv or chunk * d != 2 * width \
+            or not supports(chunk, d) or codes.stride(-1) != 1:
+        raise ValueError(f"codes must be uint8 [{b}, Hkv, C, L*{d}/2] (L a power of two, last dim contiguous) "
+                         f"beside q {tuple(q.shape)}, got {codes.dtype} {tuple(codes.shape)}")
+    if code_scale.shape != (b, hkv, 2, d) or code_scale.dtype != torch.float32:
+        raise ValueError(f"code_scale must be float32 {(b, hkv, 2, d)}, got {code_scale.dtype} {tuple(code_scale.shape)}")
+    if selectable.shape != (b, hkv, c) or selectable.dtype != torch.bool:
+        raise ValueError(f"selectable must be bool {(b, hkv, c)}, got {selectable.dtype} {tuple(selectable.shape)}")
+    if len({t.device for t in (q, codes, code_scale, selectable)}) != 1:
+        raise ValueError("q, codes, code_scale and selectable must be on one device")
+    out = triton_score._scratch(b, hkv, c, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    g, gpu = hq // hkv, q.device.type == "cuda"
+    gn = g * n
+    block_m = max(16, min(64, triton.next_power_of_2(gn)))
+    block_c = max(1, (GPU_TILES["block_t"] if gpu else 64) // chunk)
+    block_c = max(block_c, triton.cdiv(16, chunk))  # tl.dot wants >= 16 tokens
+    nb = triton.cdiv(c, block_c)
+    logits = triton_score._scratch(b, hkv, gn, c, dtype=torch.float32, device=q.device)
+    blk_max = triton_score._scratch(b, hkv, gn, nb, dtype=torch.float32, device=q.device)
+    blk_sum = triton_score._scratch(b, hkv, gn, nb, dtype=torch.float32, device=q.device)
+    sel = selectable.contiguous().view(torch.uint8)
+    code_logits_kernel[(nb, triton.cdiv(gn, block_m), b * hkv)](
+        q, codes, code_scale.contiguous(), sel, logits, blk_max, blk_sum, float(scale), n, c, nb, hkv,
+        *q.stride(), *codes.stride()[:3],
+        G=g, HALF=d // 2, L=chunk, BLOCK_M=block_m, BLOCK_C=block_c,
+        BLOCK_H=max(16, triton.next_power_of_2(d // 2)),
+        FP16_DOT=gpu and q.dtype != torch.float32, num_warps=GPU_TILES["num_warps"],
+    )
+    return triton_score.launch_reduce(logits, blk_max, blk_sum, sel, out, n)
