@@ -97,6 +97,26 @@ def landmark_scale_ignored() -> None:
     _wrap(dispatch, "score_chunks", make)
 
 
+@mutant("key codes are scored with every channel's step taken as 1: channels compare by their codes alone")
+def code_steps_ignored() -> None:
+    def make(plain):
+        def score(q, codes, code_scale, selectable, scale):
+            flat = code_scale.clone()
+            flat[:, :, 0] = 1.0
+            return plain(q, codes, flat, selectable, scale)
+        return score
+    _wrap(dispatch, "score_code_chunks", make)
+
+
+@mutant("key codes are scored from their low nibbles only: the second half of each key's channels is lost")
+def code_high_nibble_dropped() -> None:
+    def make(plain):
+        def score(q, codes, *rest):
+            return plain(q, codes & 15, *rest)
+        return score
+    _wrap(dispatch, "score_code_chunks", make)
+
+
 @mutant("top-k picks the lowest-scoring selectable chunks")
 def topk_inverted() -> None:
     def make(plain):

@@ -192,3 +192,24 @@ def test_codes_take_half_a_byte_a_key_channel_in_the_preflight_and_the_memory_re
     store = output_cache(out).layers[0].state.landmarks.shape[2]
     assert reports[1]["landmarks"] == layers * hkv * (store * 4 * d // 2 + 2 * d * 4)
     assert reports[0]["landmarks"] == layers * hkv * store * d * 4  # float32 means
+
+
+def test_slots_with_codes_give_each_request_the_tokens_and_logits_it_gets_alone():
+    """A prompt prefilled alone joins a running cache's slot with its code scales (``slot_state.adopt_row``)."""
+    from tests.test_serving_shadowkv import MAX_LENGTH, LogitRecorder, prompt_of, serve, shared, sparse_config
+    from shadowkv_fx.cache import ShadowKVCache
+
+    _, model = shared()
+    config = sparse_config(fold_chunks=1, key_code_bits=4)
+    lengths, max_new = [56, 23, 41, 3], [24, 20, 9, 12]
+    prompts = [prompt_of(n, 1 + i) for i, n in enumerate(lengths)]
+    slots = LogitRecorder(model, 2, MAX_LENGTH, prefill_chunk=16, config=config)
+    outputs = serve(slots, prompts, max_new, [0, 0, 3, 4])
+    assert slots.cache.layers[0].state.code_scale[:, :, 0].gt(0).all(), "every slot holds its prompt's steps"
+    for i, (p, m) in enumerate(zip(prompts, max_new)):
+        cache = ShadowKVCache(model.config.num_hidden_layers, config, m)
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False, cache=cache,
+                                      output_logits=True, return_dict_in_generate=True)
+        assert outputs[i].generated_tokens == expected.sequences[0, len(p):].tolist(), f"request {i}"
+        assert_close(slots.logits[tuple(p)], torch.cat(expected.logits), atol=1e-5, rtol=1e-5, what=f"request {i}")
