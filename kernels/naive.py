@@ -55,8 +55,8 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
     """Twin of ``triton_code_score.score_code_chunks``. Chunk relevance from 4-bit per-key codes
     (``key_codes.py``): the attention mass of the keys they stand for, softmax over every selectable
     chunk's tokens per query head, summed per chunk and over the ``n`` tokens, max over the GQA group.
-    A chunk's logit is the log-sum-exp of its tokens' logits, so ``reduce_chunk_logits`` (the
-    landmarks' reduction) turns it into exactly that mass.
+    (The Triton kernel reduces a chunk's tokens to their log-sum-exp and the chunks as landmarks are:
+    the same mass.)
 
     Args:
         q: ``[B, Hq, n, D]`` post-RoPE queries.
@@ -73,11 +73,15 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
     grouped = q.float().view(b, hkv, hq // hkv, n, d) * scale
     # q . (code * step + low) as (q * step) . code + q . low: the float keys are never formed
     # (decoding them each step made this 20x the landmarks' cost on a CPU)
-    stepped = grouped * code_scale[:, :, None, None, 0]
-    logits = (torch.einsum("bhgnd,bhtd->bhgnt", stepped[..., :half], (tokens & 15).float())
-              + torch.einsum("bhgnd,bhtd->bhgnt", stepped[..., half:], (tokens >> 4).float())
-              + (grouped * code_scale[:, :, None, None, 1]).sum(-1, keepdim=True))
-    return reduce_chunk_logits(logits.unflatten(-1, (c, chunk)).logsumexp(-1), selectable)
+    stepped = (grouped * code_scale[:, :, None, None, 0]).flatten(2, 3)  # [B, Hkv, G*n, D]
+    logits = (torch.matmul(stepped[..., :half], (tokens & 15).float().transpose(-1, -2))
+              + torch.matmul(stepped[..., half:], (tokens >> 4).float().transpose(-1, -2))
+              + (grouped * code_scale[:, :, None, None, 1]).sum(-1).flatten(2, 3)[..., None])
+    logits = logits.unflatten(-1, (c, chunk)).masked_fill(~selectable[:, :, None, :, None], float("-inf"))
+    # the softmax over every token, summed per chunk: what reduce_chunk_logits gives the chunks' log-sum-exps
+    mass = torch.softmax(logits.flatten(-2), dim=-1).nan_to_num(0.0).unflatten(-1, (c, chunk)).sum(-1)
+    scores = mass.view(b, hkv, hq // hkv, n, c).sum(3).amax(2)
+    return scores.masked_fill(~selectable, float("-inf"))
 
 
 def top_chunks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
