@@ -22,6 +22,7 @@ from shadowkv_fx.prompt_layout import PromptLayout  # noqa: E402
 from tests.models import (assert_close, cuda_only, full_rank, left_padded, skip_unless_kernels_run_here,  # noqa: E402
                           tiny_pair)
 from tests.test_equivalence import assert_same_generation, generate_both  # noqa: E402
+from tests.test_landmark_runs import small_store_reports  # noqa: E402
 from tests.test_span_select import needle_state  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -177,19 +178,9 @@ def test_codes_take_half_a_byte_a_key_channel_in_the_preflight_and_the_memory_re
     sizes = [preflight.state_footprint(3, hkv, d, torch.float16, layout, cfg, 32).device for cfg in (means, codes)]
     assert sizes[1] - sizes[0] == 3 * (hkv * c * 8 * d // 2 + hkv * 2 * d * 4 - hkv * c * d * 2)
     _, model = tiny_pair("llama", seed=3, peaked=True)
-    ids, mask = left_padded(1, [160], 96, seed=3)
-    reports = []
-    for bits in (0, 4):
-        config = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2,
-                                            key_code_bits=bits)
-        fast = shadowkv_fx.optimize(copy.deepcopy(model), config)
-        with torch.no_grad():
-            out = fast.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
-                                return_dict_in_generate=True, pad_token_id=0)
-        reports.append(output_cache(out).memory_report()["cpu"])
+    reports, store = small_store_reports(model, {"key_code_bits": 0}, {"key_code_bits": 4})
     cfg = model.config
     layers, hkv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    store = output_cache(out).layers[0].state.landmarks.shape[2]
     assert reports[1]["landmarks"] == layers * hkv * (store * 4 * d // 2 + 2 * d * 4)
     assert reports[0]["landmarks"] == layers * hkv * store * d * 4  # float32 means
 

@@ -146,16 +146,23 @@ def test_runs_multiply_the_landmark_bytes_in_the_preflight_and_the_memory_report
     hkv, d = 2, 16
     grown = [preflight.state_footprint(3, hkv, d, torch.float16, layout, c, 32).device for c in (one, two)]
     assert grown[1] - grown[0] == 3 * hkv * layout.max_chunks * d * 2, "one more landmark of D halves a chunk, layer"
-    _, model = tiny_pair("llama", seed=3, peaked=True)
+    reports, _ = small_store_reports(tiny_pair("llama", seed=3, peaked=True)[1], {"landmark_runs": 1},
+                                     {"landmark_runs": 2})
+    assert reports[1]["landmarks"] == 2 * reports[0]["landmarks"] > 0
+    assert reports[1]["U"] == reports[0]["U"]
+
+
+def small_store_reports(model, *knobs: dict) -> tuple[list[dict], int]:
+    """``memory_report()["cpu"]`` after a 160-token prompt and 2 new tokens, one per ``knobs`` (config
+    fields over a small store of chunks of 4), and the chunks the last store holds per row."""
     ids, mask = left_padded(1, [160], 96, seed=3)
     reports = []
-    for runs in (1, 2):
+    for knob in knobs:
         config = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2,
-                                            landmark_runs=runs)
+                                            **knob)
         fast = shadowkv_fx.optimize(copy.deepcopy(model), config)
         with torch.no_grad():
             out = fast.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
                                 return_dict_in_generate=True, pad_token_id=0)
         reports.append(output_cache(out).memory_report()["cpu"])
-    assert reports[1]["landmarks"] == 2 * reports[0]["landmarks"] > 0
-    assert reports[1]["U"] == reports[0]["U"]
+    return reports, output_cache(out).layers[0].state.landmarks.shape[2]
