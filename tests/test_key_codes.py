@@ -2,7 +2,6 @@
 (``kernels/key_codes.py``, ``naive.score_code_chunks``, ``triton_code_score``) instead of landmarks.
 
 The Triton kernel runs under TRITON_INTERPRET=1 on the CPU (small shapes), on the GPU with 8B shapes."""
-import copy
 import os
 from unittest import mock
 
@@ -16,13 +15,10 @@ triton = pytest.importorskip("triton")
 
 import shadowkv_fx  # noqa: E402
 from shadowkv_fx import decode_step, preflight  # noqa: E402
-from shadowkv_fx.compat import output_cache  # noqa: E402
 from shadowkv_fx.kernels import key_codes, naive, triton_code_score, triton_score  # noqa: E402
 from shadowkv_fx.prompt_layout import PromptLayout  # noqa: E402
-from tests.models import (assert_close, cuda_only, full_rank, left_padded, skip_unless_kernels_run_here,  # noqa: E402
-                          tiny_pair)
-from tests.test_equivalence import assert_same_generation, generate_both  # noqa: E402
-from tests.test_landmark_runs import small_store_reports  # noqa: E402
+from tests.models import assert_close, cuda_only, skip_unless_kernels_run_here, tiny_pair  # noqa: E402
+from tests.test_landmark_runs import folded_at_full_budget, small_store_reports, small_store_run  # noqa: E402
 from tests.test_span_select import needle_state  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,16 +118,8 @@ def test_codes_choose_a_needle_cut_by_a_boundary_whole_at_every_offset():
 
 
 def test_full_budget_full_rank_with_codes_equals_dense_through_folds():
-    dense, model = tiny_pair("llama", kv_heads=2, group=2, head_dim=16, seed=4, peaked=True)
-    config = shadowkv_fx.ShadowKVConfig(sparse_budget=4096, rank=full_rank(model), chunk_size=4, local_chunks=2,
-                                        outlier_chunks=2, key_code_bits=4, fold_chunks=1)
-    shadowkv_fx.optimize(model, config)
-    ids, mask = left_padded(2, [70, 57], dense.config.vocab_size, seed=4)
-    expected, actual = generate_both(dense, model, ids, mask, new_tokens=14, do_sample=False)
-    assert_same_generation(expected, actual)
-    state = output_cache(actual).layers[0].state
+    state = folded_at_full_budget(key_code_bits=4)
     assert state.landmarks.dtype == torch.uint8 and state.landmarks.shape[-1] == 4 * 16 // 2
-    assert state.chunks[0] > 70 // 4 - 2, "generated tokens were folded into the store"
     # a folded chunk's codes are its keys' (rebuilt exactly at full rank) under the row's prompt scales
     folded = torch.arange(state.prompt_chunks[0], state.chunks[0])
     cos, sin = (t[:1] for t in state.rope_tables)
@@ -143,14 +131,7 @@ def test_full_budget_full_rank_with_codes_equals_dense_through_folds():
 
 def test_a_small_budget_with_codes_picks_the_chunks_of_most_coded_mass_end_to_end():
     _, model = tiny_pair("llama", seed=3, peaked=True)
-    config = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2,
-                                        key_code_bits=4)
-    fast = shadowkv_fx.optimize(copy.deepcopy(model), config)
-    ids, mask = left_padded(1, [160], 96, seed=3)
-    with torch.no_grad():
-        out = fast.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                            return_dict_in_generate=True, pad_token_id=0)
-    state = output_cache(out).layers[0].state
+    state = small_store_run(model, 4, key_code_bits=4).layers[0].state
     assert state.code_scale.shape == (1, model.config.num_key_value_heads, 2, model.config.head_dim)
     q = torch.randn(1, model.config.num_attention_heads, 1, model.config.head_dim,
                     generator=torch.Generator().manual_seed(0)) * 4

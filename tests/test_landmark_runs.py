@@ -97,29 +97,28 @@ def test_finer_runs_keep_a_needle_cut_by_a_boundary_whole():
     assert _needle_misses(2) == [2, 7]  # runs of 4: only where the smaller part is 1 token
 
 
-def test_full_budget_full_rank_with_runs_equals_dense_and_folds_keep_run_landmarks():
+def folded_at_full_budget(**knob):
+    """A full-budget, full-rank run (chunks of 4, folding every chunk) with ``knob`` checked token for token
+    against dense; its first layer's state, whose row 0 has folded generated tokens into the store."""
     dense, model = tiny_pair("llama", kv_heads=2, group=2, head_dim=16, seed=4, peaked=True)
     config = shadowkv_fx.ShadowKVConfig(sparse_budget=4096, rank=full_rank(model), chunk_size=4, local_chunks=2,
-                                        outlier_chunks=2, landmark_runs=2, fold_chunks=1)
+                                        outlier_chunks=2, fold_chunks=1, **knob)
     shadowkv_fx.optimize(model, config)
     ids, mask = left_padded(2, [70, 57], dense.config.vocab_size, seed=4)
     expected, actual = generate_both(dense, model, ids, mask, new_tokens=14, do_sample=False)
     assert_same_generation(expected, actual)
     state = output_cache(actual).layers[0].state
-    assert state.compressed and state.landmarks.shape[-1] == 2 * 16
-    assert state.chunks[0] > 70 // 4 - 2, "generated tokens were folded into the store"
+    assert state.compressed and state.chunks[0] > 70 // 4 - 2, "generated tokens were folded into the store"
+    return state
+
+
+def test_full_budget_full_rank_with_runs_equals_dense_and_folds_keep_run_landmarks():
+    assert folded_at_full_budget(landmark_runs=2).landmarks.shape[-1] == 2 * 16
 
 
 def test_a_small_budget_with_runs_selects_by_the_summed_run_scores_end_to_end():
     _, model = tiny_pair("llama", seed=3, peaked=True)
-    config = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2,
-                                        landmark_runs=4, landmark_bits=8)
-    fast = shadowkv_fx.optimize(copy.deepcopy(model), config)
-    ids, mask = left_padded(1, [160], 96, seed=3)
-    with torch.no_grad():
-        out = fast.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                            return_dict_in_generate=True, pad_token_id=0)
-    state = output_cache(out).layers[0].state
+    state = small_store_run(model, 4, landmark_runs=4, landmark_bits=8).layers[0].state
     b, hkv, c, width = state.landmarks.shape
     assert state.landmarks.dtype == torch.int8 and width == 4 * model.config.head_dim
     q = torch.randn(1, model.config.num_attention_heads, 1, model.config.head_dim,
@@ -152,17 +151,21 @@ def test_runs_multiply_the_landmark_bytes_in_the_preflight_and_the_memory_report
     assert reports[1]["U"] == reports[0]["U"]
 
 
-def small_store_reports(model, *knobs: dict) -> tuple[list[dict], int]:
-    """``memory_report()["cpu"]`` after a 160-token prompt and 2 new tokens, one per ``knobs`` (config
-    fields over a small store of chunks of 4), and the chunks the last store holds per row."""
+def small_store_run(model, new_tokens: int, **knob):
+    """The cache after a copy of ``model`` optimized with ``knob`` (config fields over a small store: chunks
+    of 4, 4 selected) generates ``new_tokens`` after a 160-token prompt."""
+    config = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2,
+                                        **knob)
+    fast = shadowkv_fx.optimize(copy.deepcopy(model), config)
     ids, mask = left_padded(1, [160], 96, seed=3)
-    reports = []
-    for knob in knobs:
-        config = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2,
-                                            **knob)
-        fast = shadowkv_fx.optimize(copy.deepcopy(model), config)
-        with torch.no_grad():
-            out = fast.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
-                                return_dict_in_generate=True, pad_token_id=0)
-        reports.append(output_cache(out).memory_report()["cpu"])
-    return reports, output_cache(out).layers[0].state.landmarks.shape[2]
+    with torch.no_grad():
+        out = fast.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    return output_cache(out)
+
+
+def small_store_reports(model, *knobs: dict) -> tuple[list[dict], int]:
+    """``memory_report()["cpu"]`` after ``small_store_run`` of 2 tokens at each of ``knobs``, and the chunks
+    the last store holds per row."""
+    caches = [small_store_run(model, 2, **knob) for knob in knobs]
+    return [c.memory_report()["cpu"] for c in caches], caches[-1].layers[0].state.landmarks.shape[2]
