@@ -114,6 +114,10 @@ def test_ablation_variants():
     assert [c.outlier_chunks for c in ablation_variants("outliers").values()] == [0, 48]
     bits = ablation_variants("bits")
     assert [(c.value_bits, c.landmark_bits) for c in bits.values()] == [(16, 16), (8, 16), (16, 8), (8, 8)]
+    selection = ablation_variants("selection")
+    assert [(c.key_code_bits, c.chunk_size, c.local_chunks * c.chunk_size) for c in selection.values()] == [
+        (0, 8, 32), (0, 4, 128), (4, 8, 32), (4, 4, 128)]
+    assert len({(c.outlier_chunks + c.local_chunks) * c.chunk_size for c in selection.values()}) == 1, "same dense tokens"
     assert list(ablation_variants(None)) == ["shadowkv"]
     with pytest.raises(ValueError):
         ablation_variants("heads")

@@ -38,8 +38,10 @@ def eval_command(
     samples: Annotated[int, typer.Option(help="prompts per task and length (needle depths evenly cover 0..1)")] = 4,
     methods: Annotated[str, typer.Option(help=f"comma-separated, of: {', '.join(METHODS)}; sink_local and quest attend as "
                                     "many prompt tokens per step as ShadowKV at each budget")] = ",".join(METHODS),
-    ablation: Annotated[str, typer.Option(help="'' (none), 'rank' (32/64/160), 'chunk' (4/8/16), 'outliers' (0 vs 48) or "
-                                     "'bits' (8-bit values and landmarks, each on and off), each at every budget")] = "",
+    ablation: Annotated[str, typer.Option(help="'' (none), 'rank' (32/64/160), 'chunk' (4/8/16), 'outliers' (0 vs 48), "
+                                     "'bits' (8-bit values and landmarks, each on and off) or 'selection' (landmarks "
+                                     "vs 4-bit key codes, at chunk 8 and at chunk 4 + 128 local tokens), each at every "
+                                     "budget")] = "",
     n_sink: Annotated[int, typer.Option(help="attention-sink tokens of the sink_local baseline")] = 4,
     seed: Annotated[int, typer.Option(help="seed of the generated prompts: the same seed gives the same prompts")] = 0,
     out_dir: Annotated[str, typer.Option(help="folder for results.json and the PNG plots, relative to the current "

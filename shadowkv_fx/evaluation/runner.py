@@ -17,7 +17,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from ..config import ShadowKVConfig
+from ..config import ShadowKVConfig, default_windows
 from .baselines import sink_local_generate, sink_local_window_for_budget
 from .budgets import budget_key, parse_budget, resolve_budget, with_budget
 from .quest import QuestAttention, quest_generate
@@ -47,8 +47,9 @@ def ablation_variants(kind: str | None, base: ShadowKVConfig = ShadowKVConfig())
     ----------
     kind:
         ``None``/``""`` (just ``base``), ``"rank"`` (32/64/160), ``"chunk"`` (4/8/16) or
-        ``"outliers"`` (0 vs 48 outlier chunks) or ``"bits"`` (values and landmarks in 8 bits,
-        each on and off).
+        ``"outliers"`` (0 vs 48 outlier chunks), ``"bits"`` (values and landmarks in 8 bits,
+        each on and off) or ``"selection"`` (landmarks against 4-bit key codes, each at chunk 8 and at
+        chunk 4 with a 128-token local window: issue #32's configs).
     base:
         Config the ablated knob is varied from.
     """
@@ -63,7 +64,11 @@ def ablation_variants(kind: str | None, base: ShadowKVConfig = ShadowKVConfig())
     if kind == "bits":  # issue #26: 8-bit values and landmarks, each on and off
         return {"16-bit": base, "values=8": replace(base, value_bits=8), "landmarks=8": replace(base, landmark_bits=8),
                 "both=8": replace(base, value_bits=8, landmark_bits=8)}
-    raise ValueError(f"unknown ablation {kind!r}: use rank, chunk, outliers or bits")
+    if kind == "selection":  # issue #32: how chunks are chosen, at the same dense tokens
+        finer = replace(base, chunk_size=4, **default_windows(4, 128))
+        return {"landmarks": base, "chunk=4+local=128": finer, "keycodes=4": replace(base, key_code_bits=4),
+                "keycodes=4+chunk=4+local=128": replace(finer, key_code_bits=4)}
+    raise ValueError(f"unknown ablation {kind!r}: use rank, chunk, outliers, bits or selection")
 
 
 def shadowkv_attended_tokens(config: ShadowKVConfig, context_tokens: int) -> int:
