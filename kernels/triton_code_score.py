@@ -28,7 +28,7 @@ GPU_TILES = {"block_t": 128, "num_warps": 4}
 
 @triton.jit
 def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scale, n, C, NB, Hkv,
-                       s_qb, s_qh, s_qn, s_qd, s_cb, s_ch, s_cc,
+                       s_qb, s_qh, s_qn, s_qd, s_cb, s_ch, s_cc, s_sb, s_sh, s_sd,
                        G: tl.constexpr, HALF: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FP16_DOT: tl.constexpr):
     i_c = tl.program_id(0)
@@ -44,10 +44,10 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
     m_q = m_m[:, None] & m_h[None, :]
     p_q = (q + i_b * s_qb + (i_h * G + o_m[:, None] // n).to(tl.int64) * s_qh
            + (o_m[:, None] % n).to(tl.int64) * s_qn + o_h[None, :] * s_qd)
-    p_s = code_scale + i_bh * 4 * HALF + o_h  # [step (D) | low (D)] per KV head
+    p_s = code_scale + i_b * s_sb + i_h * s_sh + o_h * s_sd  # each channel's step (row 0 of [2, D])
     b_qlo = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32) * (tl.load(p_s, mask=m_h, other=0.0) * scale)[None, :]
     b_qhi = tl.load(p_q + HALF * s_qd, mask=m_q, other=0.0).to(tl.float32) \
-        * (tl.load(p_s + HALF, mask=m_h, other=0.0) * scale)[None, :]
+        * (tl.load(p_s + HALF * s_sd, mask=m_h, other=0.0) * scale)[None, :]
     # the block's tokens, transposed ([BLOCK_H, BLOCK_C * L]): token t is token t % L of chunk t // L
     o_t = tl.arange(0, BLOCK_C * L)
     o_tc = i_c * BLOCK_C + o_t // L
@@ -89,7 +89,7 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
     Args:
         q: ``[B, Hq, n, D]`` post-RoPE queries (bf16, fp16 or fp32; any strides).
         codes: ``[B, Hkv, C, L*D/2]`` uint8 on ``q``'s device, last dim contiguous (other strides free).
-        code_scale: ``[B, Hkv, 2, D]`` float32: each channel's step and low.
+        code_scale: ``[B, Hkv, 2, D]`` float32: each channel's step and low (any strides: rows may share one).
         selectable: ``[B, Hkv, C]`` bool.
         scale: softmax scale of ``q . key``.
     Returns:
@@ -122,8 +122,8 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
     blk_sum = triton_score._scratch(b, hkv, gn, nb, dtype=torch.float32, device=q.device)
     sel = selectable.contiguous().view(torch.uint8)
     code_logits_kernel[(nb, triton.cdiv(gn, block_m), b * hkv)](
-        q, codes, code_scale.contiguous(), sel, logits, blk_max, blk_sum, float(scale), n, c, nb, hkv,
-        *q.stride(), *codes.stride()[:3],
+        q, codes, code_scale, sel, logits, blk_max, blk_sum, float(scale), n, c, nb, hkv,
+        *q.stride(), *codes.stride()[:3], code_scale.stride(0), code_scale.stride(1), code_scale.stride(3),
         G=g, HALF=d // 2, L=chunk, BLOCK_M=block_m, BLOCK_C=block_c,
         BLOCK_H=max(16, triton.next_power_of_2(d // 2)),
         FP16_DOT=gpu and q.dtype != torch.float32, num_warps=GPU_TILES["num_warps"],
