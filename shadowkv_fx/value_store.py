@@ -1,5 +1,5 @@
-"""Where a compressed store's values live (and, at 8 bits, their scales), and how big the slots of
-a running cache are."""
+"""Where a compressed store's values live (and, at 8 bits, their scales), its landmark rows (or key
+codes), and how big the slots of a running cache are."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from shadowkv_fx import host_copies
+from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.kernels import quantize
 from shadowkv_fx.pinned import pinned_zeros
 from shadowkv_fx.preflight import check_host_memory
@@ -43,7 +44,7 @@ def chunk_slots(shape: tuple[int, ...], like: torch.Tensor, bits: int,
     return data, scale
 
 
-def landmark_slots(config, chunks: tuple[int, int, int], head_dim: int,
+def landmark_slots(config: ShadowKVConfig, chunks: tuple[int, int, int], head_dim: int,
                    like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Zeroed landmark rows for ``chunks = (B, Hkv, C)``: ``(landmarks, landmark_scale, code_scale)``.
 
