@@ -22,15 +22,17 @@ import triton.language as tl
 
 from shadowkv_fx.kernels import triton_score
 
-# tokens per program (BLOCK_C * L) and warps per program; not swept on a GPU yet
-GPU_TILES = {"block_t": 128, "num_warps": 4}
+# tokens per program (BLOCK_C * L), warps per program, and whether a tile holds tokens as rows (as stored) or
+# transposed; not swept on a GPU yet (benchmarks/score_kernel_sweep.py)
+GPU_TILES = {"block_t": 128, "num_warps": 4, "token_major": False}
 
 
 @triton.jit
 def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scale, n, C, NB, Hkv,
                        s_qb, s_qh, s_qn, s_qd, s_cb, s_ch, s_cc, s_sb, s_sh, s_sd,
                        G: tl.constexpr, HALF: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FP16_DOT: tl.constexpr):
+                       BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FP16_DOT: tl.constexpr,
+                       TOKEN_MAJOR: tl.constexpr, PRECISION: tl.constexpr):
     i_c = tl.program_id(0)
     i_m = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -48,22 +50,26 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
     b_qlo = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32) * (tl.load(p_s, mask=m_h, other=0.0) * scale)[None, :]
     b_qhi = tl.load(p_q + HALF * s_qd, mask=m_q, other=0.0).to(tl.float32) \
         * (tl.load(p_s + HALF * s_sd, mask=m_h, other=0.0) * scale)[None, :]
-    # the block's tokens, transposed ([BLOCK_H, BLOCK_C * L]): token t is token t % L of chunk t // L
+    # the block's tokens: token t is token t % L of chunk t // L
     o_t = tl.arange(0, BLOCK_C * L)
     o_tc = i_c * BLOCK_C + o_t // L
-    p_k = (codes + i_b * s_cb + i_h * s_ch + o_tc[None, :].to(tl.int64) * s_cc + (o_t % L)[None, :] * HALF
-           + o_h[:, None])
-    b_k = tl.load(p_k, mask=m_h[:, None] & (o_tc < C)[None, :], other=0)
-    if FP16_DOT:
-        b_l = (tl.dot(b_qlo.to(tl.float16), (b_k & 15).to(tl.float16))
-               + tl.dot(b_qhi.to(tl.float16), (b_k >> 4).to(tl.float16)))
-    else:
-        b_l = (tl.dot(b_qlo, (b_k & 15).to(tl.float32), input_precision="ieee")
-               + tl.dot(b_qhi, (b_k >> 4).to(tl.float32), input_precision="ieee"))
-    # a chunk's logit: the log-sum-exp of its tokens' (finite: padding keys have codes 0)
-    b_l3 = tl.reshape(b_l, (BLOCK_M, BLOCK_C, L))
-    b_top = tl.max(b_l3, axis=2)
-    b_cl = b_top + tl.log(tl.sum(tl.exp(b_l3 - b_top[:, :, None]), axis=2))
+    p_k = codes + i_b * s_cb + i_h * s_ch + o_tc.to(tl.int64) * s_cc + (o_t % L) * HALF
+    dot_dtype = tl.float16 if FP16_DOT else tl.float32
+    if TOKEN_MAJOR:  # [BLOCK_T, BLOCK_H] as stored (a token's bytes side by side), logits [BLOCK_T, BLOCK_M]
+        b_k = tl.load(p_k[:, None] + o_h[None, :], mask=(o_tc < C)[:, None] & m_h[None, :], other=0)
+        b_l = (tl.dot((b_k & 15).to(dot_dtype), tl.trans(b_qlo.to(dot_dtype)), input_precision=PRECISION)
+               + tl.dot((b_k >> 4).to(dot_dtype), tl.trans(b_qhi.to(dot_dtype)), input_precision=PRECISION))
+        b_l3 = tl.reshape(b_l, (BLOCK_C, L, BLOCK_M))
+        b_top = tl.max(b_l3, axis=1)
+        b_cl = tl.trans(b_top + tl.log(tl.sum(tl.exp(b_l3 - b_top[:, None, :]), axis=1)))
+    else:  # transposed, [BLOCK_H, BLOCK_T], logits [BLOCK_M, BLOCK_T]
+        b_k = tl.load(p_k[None, :] + o_h[:, None], mask=m_h[:, None] & (o_tc < C)[None, :], other=0)
+        b_l = (tl.dot(b_qlo.to(dot_dtype), (b_k & 15).to(dot_dtype), input_precision=PRECISION)
+               + tl.dot(b_qhi.to(dot_dtype), (b_k >> 4).to(dot_dtype), input_precision=PRECISION))
+        b_l3 = tl.reshape(b_l, (BLOCK_M, BLOCK_C, L))
+        b_top = tl.max(b_l3, axis=2)
+        # a chunk's logit: the log-sum-exp of its tokens' (finite: padding keys have codes 0)
+        b_cl = b_top + tl.log(tl.sum(tl.exp(b_l3 - b_top[:, :, None]), axis=2))
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
     b_sel = tl.load(sel + i_bh * C + o_c, mask=m_c, other=0) != 0
@@ -112,6 +118,7 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
     if out.numel() == 0:
         return out
     g, gpu = hq // hkv, q.device.type == "cuda"
+    fp16_dot = gpu and q.dtype != torch.float32  # tf32 names the default; fp16 operands ignore it
     gn = g * n
     block_m = max(16, min(64, triton.next_power_of_2(gn)))
     block_c = max(1, (GPU_TILES["block_t"] if gpu else 64) // chunk)
@@ -126,6 +133,7 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
         *q.stride(), *codes.stride()[:3], code_scale.stride(0), code_scale.stride(1), code_scale.stride(3),
         G=g, HALF=d // 2, L=chunk, BLOCK_M=block_m, BLOCK_C=block_c,
         BLOCK_H=max(16, triton.next_power_of_2(d // 2)),
-        FP16_DOT=gpu and q.dtype != torch.float32, num_warps=GPU_TILES["num_warps"],
+        FP16_DOT=fp16_dot, TOKEN_MAJOR=GPU_TILES["token_major"], PRECISION="tf32" if fp16_dot else "ieee",
+        num_warps=GPU_TILES["num_warps"],
     )
     return triton_score.launch_reduce(logits, blk_max, blk_sum, sel, out, n)

@@ -1,0 +1,72 @@
+"""Time of one layer's chunk scoring on a GPU, each kernel replayed in a CUDA graph (as a decode step
+runs it): 16-bit landmarks, 8-bit landmarks of 2 runs, and 4-bit key codes with the code kernel's
+tiles swept (issue #32's step cost). Llama-3.1-8B shapes (8 KV heads of 128, groups of 4), one query.
+
+    python benchmarks/score_kernel_sweep.py            # 32K x 4 and 122K x 1, chunks of 8
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from shadowkv_fx.kernels import key_codes, quantize, triton_code_score, triton_score
+
+HKV, G, D, LAYERS = 8, 4, 128, 32
+
+
+def graphed_us(fn, calls: int = 20, replays: int = 20) -> float:
+    """Microseconds a call, ``calls`` calls captured in one CUDA graph, replayed ``replays`` times."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (calls * replays)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}; per layer (us) and x{LAYERS} layers (ms a step)")
+    for b, ctx in ((4, 32768), (1, 122880)):
+        chunk = 8
+        c = ctx // chunk
+        q = torch.randn(b, HKV * G, 1, D, device="cuda", dtype=torch.bfloat16)
+        keys = torch.randn(b, HKV, ctx, D, device="cuda")
+        sel = torch.rand(b, HKV, c, device="cuda") > 0.01
+        means = keys.view(b, HKV, c, chunk, D).mean(3)
+        runs, run_scale = quantize.quantize(keys.view(b, HKV, c * 2, chunk // 2, D).mean(3), 1)
+        scale = key_codes.fit_scale(keys)
+        codes = key_codes.encode(keys, scale, chunk)
+        del keys
+        lm16, sel2 = means.bfloat16(), sel.repeat_interleave(2, -1)
+        rows = {"landmarks 16-bit": lambda: triton_score.score_chunks(q, lm16, sel, D**-0.5),
+                "2 runs, 8-bit": lambda: triton_score.score_chunks(q, runs, sel2, D**-0.5, run_scale)}
+        print(f"\n{ctx} x {b}: codes {codes.numel() / 2**20:.0f} MiB, 16-bit landmarks {lm16.numel() * 2 / 2**20:.0f} MiB "
+              "a layer")
+        for name, fn in rows.items():
+            us = graphed_us(fn)
+            print(f"  {name:<34} {us:8.1f} us  {us * LAYERS / 1000:6.3f} ms")
+        for major, block_t, warps in itertools.product((False, True), (64, 128, 256), (2, 4, 8)):
+            triton_code_score.GPU_TILES.update(block_t=block_t, num_warps=warps, token_major=major)
+            name = f"codes {'token-major' if major else 'transposed'} {block_t} tokens, {warps} warps"
+            try:
+                us = graphed_us(lambda: triton_code_score.score_code_chunks(q, codes, scale, sel, D**-0.5))
+            except Exception as error:  # a tile the GPU cannot hold: say so, go on
+                print(f"  {name}: {type(error).__name__}")
+                continue
+            print(f"  {name:<34} {us:8.1f} us  {us * LAYERS / 1000:6.3f} ms  ({codes.numel() / us / 1e3:.0f} GB/s)")
+
+
+if __name__ == "__main__":
+    main()
