@@ -57,9 +57,9 @@ def main() -> None:
         for name, fn in rows.items():
             us = graphed_us(fn)
             print(f"  {name:<34} {us:8.1f} us  {us * LAYERS / 1000:6.3f} ms")
-        for major, block_t, warps in itertools.product((False, True), (64, 128, 256), (2, 4, 8)):
-            triton_code_score.GPU_TILES.update(block_t=block_t, num_warps=warps, token_major=major)
-            name = f"codes {'token-major' if major else 'transposed'} {block_t} tokens, {warps} warps"
+        for block_t, warps in itertools.product((128, 256, 512), (4, 8)):
+            triton_code_score.GPU_TILES.update(block_t=block_t, num_warps=warps)
+            name = f"codes, {block_t} tokens, {warps} warps"
             try:
                 us = graphed_us(lambda: triton_code_score.score_code_chunks(q, codes, scale, sel, D**-0.5))
             except Exception as error:  # a tile the GPU cannot hold: say so, go on

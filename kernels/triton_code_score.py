@@ -22,9 +22,21 @@ import triton.language as tl
 
 from shadowkv_fx.kernels import triton_score
 
-# tokens per program (BLOCK_C * L), warps per program, and whether a tile holds tokens as rows (as stored) or
-# transposed; not swept on a GPU yet (benchmarks/score_kernel_sweep.py)
-GPU_TILES = {"block_t": 128, "num_warps": 4, "token_major": False}
+# tokens per program (BLOCK_C * L) and warps per program: the best of a sweep on the H100
+# (benchmarks/score_kernel_sweep.py: 64-256 tokens, 2-8 warps; 74 us a layer at 32K x 4 against 79-121)
+GPU_TILES = {"block_t": 256, "num_warps": 4}
+# fp16 dots off a GPU (the interpreter) only where a test asks for them
+FP16_OFF_GPU = False
+
+
+@triton.jit
+def _nibble(b, FP16: tl.constexpr):
+    """Codes 0..15 as floats. In fp16 the bits ``0x6400 | code`` are 1024 + code exactly: an integer OR,
+    not an int-to-float conversion (a quarter-rate instruction on Hopper, two per byte of codes); the
+    1024s add one constant per query row, cancelled by the softmax over chunks as ``q . low`` is."""
+    if FP16:
+        return (b.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    return b.to(tl.float32)
 
 
 @triton.jit
@@ -32,7 +44,7 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
                        s_qb, s_qh, s_qn, s_qd, s_cb, s_ch, s_cc, s_sb, s_sh, s_sd,
                        G: tl.constexpr, HALF: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FP16_DOT: tl.constexpr,
-                       TOKEN_MAJOR: tl.constexpr, PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr):
     i_c = tl.program_id(0)
     i_m = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -54,22 +66,16 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
     o_t = tl.arange(0, BLOCK_C * L)
     o_tc = i_c * BLOCK_C + o_t // L
     p_k = codes + i_b * s_cb + i_h * s_ch + o_tc.to(tl.int64) * s_cc + (o_t % L) * HALF
-    dot_dtype = tl.float16 if FP16_DOT else tl.float32
-    if TOKEN_MAJOR:  # [BLOCK_T, BLOCK_H] as stored (a token's bytes side by side), logits [BLOCK_T, BLOCK_M]
-        b_k = tl.load(p_k[:, None] + o_h[None, :], mask=(o_tc < C)[:, None] & m_h[None, :], other=0)
-        b_l = (tl.dot((b_k & 15).to(dot_dtype), tl.trans(b_qlo.to(dot_dtype)), input_precision=PRECISION)
-               + tl.dot((b_k >> 4).to(dot_dtype), tl.trans(b_qhi.to(dot_dtype)), input_precision=PRECISION))
-        b_l3 = tl.reshape(b_l, (BLOCK_C, L, BLOCK_M))
-        b_top = tl.max(b_l3, axis=1)
-        b_cl = tl.trans(b_top + tl.log(tl.sum(tl.exp(b_l3 - b_top[:, None, :]), axis=1)))
-    else:  # transposed, [BLOCK_H, BLOCK_T], logits [BLOCK_M, BLOCK_T]
-        b_k = tl.load(p_k[None, :] + o_h[:, None], mask=m_h[:, None] & (o_tc < C)[None, :], other=0)
-        b_l = (tl.dot(b_qlo.to(dot_dtype), (b_k & 15).to(dot_dtype), input_precision=PRECISION)
-               + tl.dot(b_qhi.to(dot_dtype), (b_k >> 4).to(dot_dtype), input_precision=PRECISION))
-        b_l3 = tl.reshape(b_l, (BLOCK_M, BLOCK_C, L))
-        b_top = tl.max(b_l3, axis=2)
-        # a chunk's logit: the log-sum-exp of its tokens' (finite: padding keys have codes 0)
-        b_cl = b_top + tl.log(tl.sum(tl.exp(b_l3 - b_top[:, :, None]), axis=2))
+    # the codes transposed ([BLOCK_H, BLOCK_T]: a token-major tile was slower on the H100), logits [BLOCK_M, BLOCK_T]
+    b_k = tl.load(p_k[None, :] + o_h[:, None], mask=m_h[:, None] & (o_tc < C)[None, :], other=0)
+    b_ql, b_qh = b_qlo.to(tl.float16 if FP16_DOT else tl.float32), b_qhi.to(tl.float16 if FP16_DOT else tl.float32)
+    b_l = (tl.dot(b_ql, _nibble(b_k & 15, FP16_DOT), input_precision=PRECISION)
+           + tl.dot(b_qh, _nibble(b_k >> 4, FP16_DOT), input_precision=PRECISION))
+    # (fp16: each nibble read as 1024 + code adds 1024 * sum(q * step) to a row, which the softmax cancels)
+    # a chunk's logit: the log-sum-exp of its tokens' (finite: padding keys have codes 0)
+    b_l3 = tl.reshape(b_l, (BLOCK_M, BLOCK_C, L))
+    b_top = tl.max(b_l3, axis=2)
+    b_cl = b_top + tl.log(tl.sum(tl.exp(b_l3 - b_top[:, :, None]), axis=2))
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
     b_sel = tl.load(sel + i_bh * C + o_c, mask=m_c, other=0) != 0
@@ -118,7 +124,7 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
     if out.numel() == 0:
         return out
     g, gpu = hq // hkv, q.device.type == "cuda"
-    fp16_dot = gpu and q.dtype != torch.float32  # tf32 names the default; fp16 operands ignore it
+    fp16_dot = (gpu or FP16_OFF_GPU) and q.dtype != torch.float32  # tf32 names the default; fp16 ignores it
     gn = g * n
     block_m = max(16, min(64, triton.next_power_of_2(gn)))
     block_c = max(1, (GPU_TILES["block_t"] if gpu else 64) // chunk)
@@ -133,7 +139,7 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
         *q.stride(), *codes.stride()[:3], code_scale.stride(0), code_scale.stride(1), code_scale.stride(3),
         G=g, HALF=d // 2, L=chunk, BLOCK_M=block_m, BLOCK_C=block_c,
         BLOCK_H=max(16, triton.next_power_of_2(d // 2)),
-        FP16_DOT=fp16_dot, TOKEN_MAJOR=GPU_TILES["token_major"], PRECISION="tf32" if fp16_dot else "ieee",
+        FP16_DOT=fp16_dot, PRECISION="tf32" if fp16_dot else "ieee",
         num_warps=GPU_TILES["num_warps"],
     )
     return triton_score.launch_reduce(logits, blk_max, blk_sum, sel, out, n)
