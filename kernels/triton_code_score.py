@@ -30,21 +30,10 @@ FP16_OFF_GPU = False
 
 
 @triton.jit
-def _nibble(b, FP16: tl.constexpr):
-    """Codes 0..15 as floats. In fp16 the bits ``0x6400 | code`` are 1024 + code exactly: an integer OR,
-    not an int-to-float conversion (a quarter-rate instruction on Hopper, two per byte of codes); the
-    1024s add one constant per query row, cancelled by the softmax over chunks as ``q . low`` is."""
-    if FP16:
-        return (b.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
-    return b.to(tl.float32)
-
-
-@triton.jit
 def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scale, n, C, NB, Hkv,
                        s_qb, s_qh, s_qn, s_qd, s_cb, s_ch, s_cc, s_sb, s_sh, s_sd,
                        G: tl.constexpr, HALF: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FP16_DOT: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FP16_DOT: tl.constexpr):
     i_c = tl.program_id(0)
     i_m = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -68,10 +57,9 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
     p_k = codes + i_b * s_cb + i_h * s_ch + o_tc.to(tl.int64) * s_cc + (o_t % L) * HALF
     # the codes transposed ([BLOCK_H, BLOCK_T]: a token-major tile was slower on the H100), logits [BLOCK_M, BLOCK_T]
     b_k = tl.load(p_k[None, :] + o_h[:, None], mask=m_h[:, None] & (o_tc < C)[None, :], other=0)
-    b_ql, b_qh = b_qlo.to(tl.float16 if FP16_DOT else tl.float32), b_qhi.to(tl.float16 if FP16_DOT else tl.float32)
-    b_l = (tl.dot(b_ql, _nibble(b_k & 15, FP16_DOT), input_precision=PRECISION)
-           + tl.dot(b_qh, _nibble(b_k >> 4, FP16_DOT), input_precision=PRECISION))
-    # (fp16: each nibble read as 1024 + code adds 1024 * sum(q * step) to a row, which the softmax cancels)
+    dot_dtype = tl.float16 if FP16_DOT else tl.float32
+    b_l = (tl.dot(b_qlo.to(dot_dtype), (b_k & 15).to(dot_dtype), input_precision="ieee")
+           + tl.dot(b_qhi.to(dot_dtype), (b_k >> 4).to(dot_dtype), input_precision="ieee"))
     # a chunk's logit: the log-sum-exp of its tokens' (finite: padding keys have codes 0)
     b_l3 = tl.reshape(b_l, (BLOCK_M, BLOCK_C, L))
     b_top = tl.max(b_l3, axis=2)
@@ -124,7 +112,7 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
     if out.numel() == 0:
         return out
     g, gpu = hq // hkv, q.device.type == "cuda"
-    fp16_dot = (gpu or FP16_OFF_GPU) and q.dtype != torch.float32  # tf32 names the default; fp16 ignores it
+    fp16_dot = (gpu or FP16_OFF_GPU) and q.dtype != torch.float32
     gn = g * n
     block_m = max(16, min(64, triton.next_power_of_2(gn)))
     block_c = max(1, (GPU_TILES["block_t"] if gpu else 64) // chunk)
@@ -139,7 +127,7 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
         *q.stride(), *codes.stride()[:3], code_scale.stride(0), code_scale.stride(1), code_scale.stride(3),
         G=g, HALF=d // 2, L=chunk, BLOCK_M=block_m, BLOCK_C=block_c,
         BLOCK_H=max(16, triton.next_power_of_2(d // 2)),
-        FP16_DOT=fp16_dot, PRECISION="tf32" if fp16_dot else "ieee",
+        FP16_DOT=fp16_dot,
         num_warps=GPU_TILES["num_warps"],
     )
     return triton_score.launch_reduce(logits, blk_max, blk_sum, sel, out, n)
