@@ -91,8 +91,9 @@ class ShadowKVConfig:
         kept for folds), the selection ParisKV, SpeCache and YAKV use: per step, softmax over every
         stored token, summed per chunk (``kernels/key_codes.py``). The landmark row of a chunk then
         holds its tokens' codes, ``chunk_size * D / 2`` bytes (twice chunk-8 16-bit landmarks; equal
-        to chunk-4), so the scoring read grows by as much. On SmolLM2's copying tasks at 2K and 1/16
-        it met #32's target where landmarks did not (README, accuracy).
+        to chunk-4), so the scoring read grows by as much. On SmolLM2's copying tasks at 1/16 it met
+        #32's target at 2K and 8K where landmarks did not (README, accuracy); a decode step of the 8B
+        shape costs 20-25% more on the H100/H200 (its kernel is not yet bandwidth-bound), so it is off.
     dense_layers:
         Layer indices whose prompt K/V is kept whole on the device and attended densely, as a prompt
         too short to compress is (``dense_fallback.py``): a safeguard for layers known to select
