@@ -57,9 +57,12 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
     p_k = codes + i_b * s_cb + i_h * s_ch + o_tc.to(tl.int64) * s_cc + (o_t % L) * HALF
     # the codes transposed ([BLOCK_H, BLOCK_T]: a token-major tile was slower on the H100), logits [BLOCK_M, BLOCK_T]
     b_k = tl.load(p_k[None, :] + o_h[:, None], mask=m_h[:, None] & (o_tc < C)[None, :], other=0)
-    dot_dtype = tl.float16 if FP16_DOT else tl.float32
-    b_l = (tl.dot(b_qlo.to(dot_dtype), (b_k & 15).to(dot_dtype), input_precision="ieee")
-           + tl.dot(b_qhi.to(dot_dtype), (b_k >> 4).to(dot_dtype), input_precision="ieee"))
+    if FP16_DOT:  # fp16 operands at the default precision, the form that passed the GPU suite
+        b_l = (tl.dot(b_qlo.to(tl.float16), (b_k & 15).to(tl.float16))
+               + tl.dot(b_qhi.to(tl.float16), (b_k >> 4).to(tl.float16)))
+    else:
+        b_l = (tl.dot(b_qlo, (b_k & 15).to(tl.float32), input_precision="ieee")
+               + tl.dot(b_qhi, (b_k >> 4).to(tl.float32), input_precision="ieee"))
     # a chunk's logit: the log-sum-exp of its tokens' (finite: padding keys have codes 0)
     b_l3 = tl.reshape(b_l, (BLOCK_M, BLOCK_C, L))
     b_top = tl.max(b_l3, axis=2)
