@@ -178,13 +178,16 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=ShadowKVConfig().rank)
     parser.add_argument("--landmark-runs", type=int, default=1, help="ShadowKVConfig.landmark_runs (mode landmarks)")
     parser.add_argument("--key-code-bits", type=int, default=0, help="ShadowKVConfig.key_code_bits (mode landmarks)")
+    parser.add_argument("--landmark-bits", type=int, default=16, help="ShadowKVConfig.landmark_bits (mode landmarks)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     decode_step.select = selector(args.mode)
     config = ShadowKVConfig(chunk_size=args.chunk_size, rank=args.rank, landmark_runs=args.landmark_runs,
-                            key_code_bits=args.key_code_bits, **default_windows(args.chunk_size, args.local_tokens))
+                            key_code_bits=args.key_code_bits, landmark_bits=args.landmark_bits,
+                            **default_windows(args.chunk_size, args.local_tokens))
     runs = f"+runs={args.landmark_runs}" if args.landmark_runs > 1 else ""
     runs += f"+keycodes={args.key_code_bits}" if args.key_code_bits else ""
+    runs += f"+landmarkbits={args.landmark_bits}" if args.landmark_bits != 16 else ""
     name = f"{args.mode}{runs}+chunk={args.chunk_size}+local={args.local_tokens}+rank={args.rank}"
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_smollm2()[1]
