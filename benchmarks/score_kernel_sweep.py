@@ -1,6 +1,7 @@
 """Time of one layer's chunk scoring on a GPU, each kernel replayed in a CUDA graph (as a decode step
 runs it): 16-bit landmarks, 8-bit landmarks of 2 runs, and 4-bit key codes with the code kernel's
-tiles swept (issue #32's step cost). Llama-3.1-8B shapes (8 KV heads of 128, groups of 4), one query.
+tiles and nibble reads swept, each checked against the naive twin (issue #32's step cost). Llama-3.1-8B
+shapes (8 KV heads of 128, groups of 4), one query.
 
     python benchmarks/score_kernel_sweep.py            # 32K x 4 and 122K x 1, chunks of 8
 """
@@ -10,7 +11,7 @@ import itertools
 
 import torch
 
-from shadowkv_fx.kernels import key_codes, quantize, triton_code_score, triton_score
+from shadowkv_fx.kernels import key_codes, naive, quantize, triton_code_score, triton_score
 
 HKV, G, D, LAYERS = 8, 4, 128, 32
 
@@ -57,15 +58,22 @@ def main() -> None:
         for name, fn in rows.items():
             us = graphed_us(fn)
             print(f"  {name:<34} {us:8.1f} us  {us * LAYERS / 1000:6.3f} ms")
-        for block_t, warps in itertools.product((128, 256, 512), (4, 8)):
-            triton_code_score.GPU_TILES.update(block_t=block_t, num_warps=warps)
-            name = f"codes, {block_t} tokens, {warps} warps"
+        want = naive.score_code_chunks(q, codes, scale, sel, D**-0.5)
+        for bits, block_t, warps in itertools.product((False, True), (128, 256, 512), (4, 8)):
+            triton_code_score.GPU_TILES.update(block_t=block_t, num_warps=warps, nibble_bits=bits)
+            name = f"codes{' (nibble bits)' if bits else ''}, {block_t} tokens, {warps} warps"
+
+            def score():
+                return triton_code_score.score_code_chunks(q, codes, scale, sel, D**-0.5)
+
             try:
-                us = graphed_us(lambda: triton_code_score.score_code_chunks(q, codes, scale, sel, D**-0.5))
-            except Exception as error:  # a tile the GPU cannot hold: say so, go on
-                print(f"  {name}: {type(error).__name__}")
+                error = (score() - want).nan_to_num(0.0, 0.0, 0.0).abs().max().item()  # -inf where unselectable
+                us = graphed_us(score)
+            except Exception as failure:  # a tile or form the GPU cannot compile: say so, go on
+                print(f"  {name}: {type(failure).__name__}: {str(failure).splitlines()[-1][:200]}")
                 continue
-            print(f"  {name:<34} {us:8.1f} us  {us * LAYERS / 1000:6.3f} ms  ({codes.numel() / us / 1e3:.0f} GB/s)")
+            print(f"  {name:<44} {us:8.1f} us  {us * LAYERS / 1000:6.3f} ms  ({codes.numel() / us / 1e3:.0f} GB/s; "
+                  f"max |score - naive| {error:.1e})")
 
 
 if __name__ == "__main__":

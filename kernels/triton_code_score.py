@@ -24,16 +24,27 @@ from shadowkv_fx.kernels import triton_score
 
 # tokens per program (BLOCK_C * L) and warps per program: the best of a sweep on the H100
 # (benchmarks/score_kernel_sweep.py: 64-256 tokens, 2-8 warps; 74 us a layer at 32K x 4 against 79-121)
-GPU_TILES = {"block_t": 256, "num_warps": 4}
+GPU_TILES = {"block_t": 256, "num_warps": 4, "nibble_bits": False}
+# nibble_bits: fp16 nibbles by bits (_fp16_nibble) instead of conversions; off until a GPU has compiled and timed it
 # fp16 dots off a GPU (the interpreter) only where a test asks for them
 FP16_OFF_GPU = False
+
+
+@triton.jit
+def _fp16_nibble(b):
+    """Codes 0..15 (uint8) as the fp16 bits ``0x6400 | code``, 1024 + code exactly: integer ops and a bitcast, no
+    int-to-float conversion (quarter rate on Hopper, two a byte). Kept 16 bits wide before the bitcast: a uint16
+    OR an int literal widens to int32 (the likely reason the first try did not compile on the H100)."""
+    bits = b.to(tl.uint16) | tl.full(b.shape, 0x6400, tl.uint16)
+    return bits.to(tl.float16, bitcast=True)
 
 
 @triton.jit
 def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scale, n, C, NB, Hkv,
                        s_qb, s_qh, s_qn, s_qd, s_cb, s_ch, s_cc, s_sb, s_sh, s_sd,
                        G: tl.constexpr, HALF: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FP16_DOT: tl.constexpr):
+                       BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FP16_DOT: tl.constexpr,
+                       NIBBLE_BITS: tl.constexpr):
     i_c = tl.program_id(0)
     i_m = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -57,7 +68,10 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
     p_k = codes + i_b * s_cb + i_h * s_ch + o_tc.to(tl.int64) * s_cc + (o_t % L) * HALF
     # the codes transposed ([BLOCK_H, BLOCK_T]: a token-major tile was slower on the H100), logits [BLOCK_M, BLOCK_T]
     b_k = tl.load(p_k[None, :] + o_h[:, None], mask=m_h[:, None] & (o_tc < C)[None, :], other=0)
-    if FP16_DOT:  # fp16 operands at the default precision, the form that passed the GPU suite
+    if FP16_DOT and NIBBLE_BITS:  # each nibble read as 1024 + code; the 1024s add a per-row constant (cancelled)
+        b_l = (tl.dot(b_qlo.to(tl.float16), _fp16_nibble(b_k & 15))
+               + tl.dot(b_qhi.to(tl.float16), _fp16_nibble(b_k >> 4)))
+    elif FP16_DOT:  # fp16 operands at the default precision, the form that passed the GPU suite
         b_l = (tl.dot(b_qlo.to(tl.float16), (b_k & 15).to(tl.float16))
                + tl.dot(b_qhi.to(tl.float16), (b_k >> 4).to(tl.float16)))
     else:
@@ -130,7 +144,6 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
         *q.stride(), *codes.stride()[:3], code_scale.stride(0), code_scale.stride(1), code_scale.stride(3),
         G=g, HALF=d // 2, L=chunk, BLOCK_M=block_m, BLOCK_C=block_c,
         BLOCK_H=max(16, triton.next_power_of_2(d // 2)),
-        FP16_DOT=fp16_dot,
-        num_warps=GPU_TILES["num_warps"],
+        FP16_DOT=fp16_dot, NIBBLE_BITS=GPU_TILES["nibble_bits"], num_warps=GPU_TILES["num_warps"],
     )
     return triton_score.launch_reduce(logits, blk_max, blk_sum, sel, out, n)

@@ -83,15 +83,19 @@ def check_code_scores(b, hkv, g, n, c, chunk, d, dtype, seed, shared_row=False, 
                  what=f"code scores b={b} hkv={hkv} g={g} n={n} c={c} chunk={chunk} d={d}")
 
 
-@pytest.mark.parametrize("fp16_dots", [False, True], ids=["fp32_dots", "fp16_dots"])
+@pytest.mark.parametrize("fp16_dots, nibble_bits", [(False, False), (True, False), (True, True)],
+                         ids=["fp32_dots", "fp16_dots", "fp16_nibble_bits"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**16), b=st.sampled_from([1, 3]), hkv=st.sampled_from([1, 2]),
        g=st.sampled_from([1, 3]), n=st.sampled_from([1, 2]), c=st.sampled_from([1, 37, 150]),
        chunk=st.sampled_from([2, 4, 8]), d=st.sampled_from([16, 64]), shared_row=st.booleans())
-def test_triton_code_scores_match_the_reference(fp16_dots, dtype, seed, b, hkv, g, n, c, chunk, d, shared_row):
-    """``fp16_dots``: the GPU's path for 16-bit models (codes read as 1024 + code), run by the interpreter too."""
-    with mock.patch.object(triton_code_score, "FP16_OFF_GPU", fp16_dots):
+def test_triton_code_scores_match_the_reference(fp16_dots, nibble_bits, dtype, seed, b, hkv, g, n, c, chunk, d,
+                                                shared_row):
+    """``fp16_dots``: the GPU's path for 16-bit models, run by the interpreter too; ``nibble_bits``: its nibbles
+    read as the fp16 bits of 1024 + code."""
+    with mock.patch.object(triton_code_score, "FP16_OFF_GPU", fp16_dots), \
+            mock.patch.dict(triton_code_score.GPU_TILES, nibble_bits=nibble_bits):
         check_code_scores(b, hkv, g, n, c, chunk, d, dtype, seed, shared_row, empty_rows=1 if b > 1 else 0)
 
 
