@@ -38,12 +38,6 @@ def score_chunks(q: torch.Tensor, landmarks: torch.Tensor, selectable: torch.Ten
     grouped = q.float().view(b, hkv, hq // hkv, n, d)
     logits = torch.einsum("bhgnd,bhcd->bhgnc", grouped, landmarks.float())
     logits = logits * (scale if landmark_scale is None else landmark_scale.float()[:, :, None, None, :] * scale)
-    return reduce_chunk_logits(logits, selectable)
-
-
-def reduce_chunk_logits(logits: torch.Tensor, selectable: torch.Tensor) -> torch.Tensor:
-    """``[B, Hkv, G, n, C]`` chunk logits -> ``[B, Hkv, C]`` scores: softmax over the selectable chunks
-    per query head and token, summed over the tokens, max over the group (``-inf`` where not selectable)."""
     logits = logits.masked_fill(~selectable[:, :, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     scores = probs.sum(dim=3).amax(dim=2)
@@ -78,7 +72,7 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
               + torch.matmul(stepped[..., half:], (tokens >> 4).float().transpose(-1, -2))
               + (grouped * code_scale[:, :, None, None, 1]).sum(-1).flatten(2, 3)[..., None])
     logits = logits.unflatten(-1, (c, chunk)).masked_fill(~selectable[:, :, None, :, None], float("-inf"))
-    # the softmax over every token, summed per chunk: what reduce_chunk_logits gives the chunks' log-sum-exps
+    # the softmax over every token, summed per chunk: what score_chunks' softmax gives the chunks' log-sum-exps
     mass = torch.softmax(logits.flatten(-2), dim=-1).nan_to_num(0.0).unflatten(-1, (c, chunk)).sum(-1)
     scores = mass.view(b, hkv, hq // hkv, n, c).sum(3).amax(2)
     return scores.masked_fill(~selectable, float("-inf"))

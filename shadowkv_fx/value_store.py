@@ -10,6 +10,7 @@ import torch
 from shadowkv_fx import host_copies
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.kernels import quantize
+from shadowkv_fx.kernels.compression import CompressedPrompt
 from shadowkv_fx.pinned import pinned_zeros
 from shadowkv_fx.preflight import check_host_memory
 
@@ -59,8 +60,8 @@ def landmark_slots(config: ShadowKVConfig, chunks: tuple[int, int, int], head_di
 
 
 def write_landmarks(landmarks: torch.Tensor, landmark_scale: torch.Tensor | None, code_scale: torch.Tensor | None,
-                    index: tuple, prompt) -> None:
-    """One row's compressed prompt (``compression.CompressedPrompt``) into its landmark rows
+                    index: tuple, prompt: CompressedPrompt) -> None:
+    """One row's compressed prompt into its landmark rows
     ``index = (row, heads, chunks)``: int8 at 8 bits, or key codes with the row's code scales."""
     write_chunks(landmarks, landmark_scale, index, prompt.landmarks)
     if code_scale is not None:
