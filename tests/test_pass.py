@@ -35,10 +35,10 @@ def rope(x, cos, sin):
 class ToyAttention(torch.nn.Module):
     """A RoPE attention written by hand, with switches that make its keys escape."""
 
-    def __init__(self, leak_keys=False, leak_rope=False):
+    def __init__(self, leak_keys=False, leak_rope=False, leak_values=False):
         super().__init__()
         self.q, self.k, self.v = (torch.nn.Linear(16, 16, bias=False) for _ in range(3))
-        self.leak_keys, self.leak_rope = leak_keys, leak_rope
+        self.leak_keys, self.leak_rope, self.leak_values = leak_keys, leak_rope, leak_values
 
     def forward(self, x, cos, sin):
         b, s, _ = x.shape
@@ -51,6 +51,8 @@ class ToyAttention(torch.nn.Module):
             extras += (k_rot.sum(),)
         if self.leak_rope:
             extras += (k_cos.mean(),)
+        if self.leak_values:
+            extras += (v.sum(),)
         return (out,) + extras
 
 
@@ -111,7 +113,7 @@ def test_toy_attention_is_rewritten_and_its_rope_moves_into_the_op():
     assert targets(gm).count(torch.cat) == 1  # only the query's rotate_half remains
 
 
-@pytest.mark.parametrize("leak", ["leak_keys", "leak_rope"])
+@pytest.mark.parametrize("leak", ["leak_keys", "leak_rope", "leak_values"])
 def test_site_whose_intermediate_is_used_elsewhere_is_not_rewritten(leak):
     gm = capture(ToyAttention(**{leak: True}), *toy_inputs())
     before = gm.code
@@ -119,6 +121,25 @@ def test_site_whose_intermediate_is_used_elsewhere_is_not_rewritten(leak):
     assert report.rewritten == 0 and len(report.skipped) == 1
     assert "used outside" in report.skipped[0].reason or "also feed" in report.skipped[0].reason
     assert gm.code == before
+
+
+def test_shape_reads_of_keys_and_values_are_not_leaks():
+    """A graph traced with a symbolic size may read the keys' and values' shapes (``repeat_kv``
+    under a concurrent compile did): the site is rewritten, the key read moves to the keys before
+    RoPE and the value read stays on the values, which the op keeps."""
+    gm = capture(ToyAttention(), *toy_inputs())
+    sdpa = next(n for n in gm.graph.nodes if n.target is SDPA)
+    k_rot, v = sdpa.args[1], sdpa.args[2]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(output):
+        reads = [gm.graph.call_method("size", (k_rot, 2)), gm.graph.call_method("size", (v, 2))]
+    output.args = (tuple(output.args[0]) + tuple(reads),)
+    report = shadowkv_pass(gm)
+    assert report.rewritten == 1 and not report.skipped
+    key_read, value_read = (r.args[0] for r in reads)
+    assert key_read is not k_rot and key_read in gm.graph.nodes, "the key read must move to surviving keys"
+    assert value_read is v and v in gm.graph.nodes
+    gm.graph.lint()
 
 
 def test_dense_cache_graph_is_not_rewritten():
