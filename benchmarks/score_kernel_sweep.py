@@ -1,6 +1,6 @@
 """Time of one layer's chunk scoring on a GPU, each kernel replayed in a CUDA graph (as a decode step
 runs it): 16-bit landmarks, 8-bit landmarks of 2 runs, and 4-bit key codes with the code kernel's
-tiles and nibble reads swept, each checked against the naive twin (issue #32's step cost). Llama-3.1-8B
+tiles and dot forms (GPU_TILES['dot']) swept, each checked against the naive twin (issue #32's step cost). Llama-3.1-8B
 shapes (8 KV heads of 128, groups of 4), one query.
 
     python benchmarks/score_kernel_sweep.py            # 32K x 4 and 122K x 1, chunks of 8
@@ -59,9 +59,9 @@ def main() -> None:
             us = graphed_us(fn)
             print(f"  {name:<34} {us:8.1f} us  {us * LAYERS / 1000:6.3f} ms")
         want = naive.score_code_chunks(q, codes, scale, sel, D**-0.5)
-        for bits, block_t, warps in itertools.product((False, True), (128, 256, 512), (4, 8)):
-            triton_code_score.GPU_TILES.update(block_t=block_t, num_warps=warps, nibble_bits=bits)
-            name = f"codes{' (nibble bits)' if bits else ''}, {block_t} tokens, {warps} warps"
+        for form, block_t, warps in itertools.product(triton_code_score.DOT_FORMS, (128, 256, 512), (4, 8)):
+            triton_code_score.GPU_TILES.update(block_t=block_t, num_warps=warps, dot=form)
+            name = f"codes ({form}), {block_t} tokens, {warps} warps"
 
             def score():
                 return triton_code_score.score_code_chunks(q, codes, scale, sel, D**-0.5)

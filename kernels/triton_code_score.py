@@ -12,7 +12,14 @@ block statistics exactly as ``triton_score.score_logits_kernel`` does, so ``scor
 weight is then the sum of its tokens' attention weights.
 
 Codes 0..15 are exact in fp16; the scaled queries are rounded to fp16 for the tensor-core dot on a
-GPU (fp32 under the CPU interpreter, or for fp32 models).
+GPU (fp32 under the CPU interpreter, or for fp32 models). ``GPU_TILES["dot"]`` picks how a 16-bit model's
+codes meet the tensor cores:
+
+- ``"fp16"``: each nibble converted to fp16 (the form that passed the GPU suite; two conversions a byte);
+- ``"fp16_bits"``: each nibble made fp16 by bits, ``0x6400 | code`` (1024 + code), no conversion;
+- ``"int8x2"``: the codes stay integers (int8 dots, int32 sums); each query row is split into two int8
+  parts, ``q ~ s1 * q1 + s2 * q2`` with ``s2 = s1 / 254`` (a residual under 1/64516 of the row's largest
+  channel), and a token's logit is ``s2 * (254 * q1.code + q2.code)``: one conversion a logit, none a code.
 """
 from __future__ import annotations
 
@@ -24,9 +31,10 @@ from shadowkv_fx.kernels import triton_score
 
 # tokens per program (BLOCK_C * L) and warps per program: the best of a sweep on the H100
 # (benchmarks/score_kernel_sweep.py: 64-256 tokens, 2-8 warps; 74 us a layer at 32K x 4 against 79-121)
-GPU_TILES = {"block_t": 256, "num_warps": 4, "nibble_bits": False}
-# nibble_bits: fp16 nibbles by bits (_fp16_nibble) instead of conversions; off until a GPU has compiled and timed it
-# fp16 dots off a GPU (the interpreter) only where a test asks for them
+GPU_TILES = {"block_t": 256, "num_warps": 4, "dot": "fp16"}
+# dot: "fp16_bits" and "int8x2" stay off until a GPU has compiled and timed them (score_kernel_sweep.py)
+DOT_FORMS = {"fp16": 0, "fp16_bits": 1, "int8x2": 2}
+# the GPU's dots (GPU_TILES['dot']) off a GPU (the interpreter) only where a test asks for them
 FP16_OFF_GPU = False
 
 
@@ -40,11 +48,34 @@ def _fp16_nibble(b):
 
 
 @triton.jit
+def _int8_parts(x, s1, s2):
+    """``x ~ s1 * q1 + s2 * q2`` with ``q1, q2`` int8 (``s1``, ``s2``: one per row, ``[BLOCK_M, 1]``)."""
+    q1 = tl.floor(x / s1 + 0.5)
+    q2 = tl.minimum(tl.maximum(tl.floor((x - q1 * s1) / s2 + 0.5), -127.0), 127.0)
+    return q1.to(tl.int8), q2.to(tl.int8)
+
+
+@triton.jit
+def _int8x2_logits(b_qlo, b_qhi, b_k):
+    """Token logits ``[BLOCK_M, BLOCK_T]`` of the scaled query halves against packed codes, in int8 dots."""
+    top = tl.maximum(tl.max(tl.abs(b_qlo), axis=1), tl.max(tl.abs(b_qhi), axis=1))
+    s1 = tl.where(top > 0, top / 127.0, 1.0)[:, None]
+    s2 = s1 / 254.0
+    q1lo, q2lo = _int8_parts(b_qlo, s1, s2)
+    q1hi, q2hi = _int8_parts(b_qhi, s1, s2)
+    klo, khi = (b_k & 15).to(tl.int8), (b_k >> 4).to(tl.int8)
+    d1 = tl.dot(q1lo, klo, out_dtype=tl.int32) + tl.dot(q1hi, khi, out_dtype=tl.int32)
+    d2 = tl.dot(q2lo, klo, out_dtype=tl.int32) + tl.dot(q2hi, khi, out_dtype=tl.int32)
+    # |d1| <= 127 * 15 * D: 254 * d1 + d2 stays within int32 for any head dim up to 4096
+    return (d1 * 254 + d2).to(tl.float32) * s2
+
+
+@triton.jit
 def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scale, n, C, NB, Hkv,
                        s_qb, s_qh, s_qn, s_qd, s_cb, s_ch, s_cc, s_sb, s_sh, s_sd,
                        G: tl.constexpr, HALF: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FP16_DOT: tl.constexpr,
-                       NIBBLE_BITS: tl.constexpr):
+                       BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FAST_DOT: tl.constexpr,
+                       DOT_FORM: tl.constexpr):
     i_c = tl.program_id(0)
     i_m = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -68,10 +99,12 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
     p_k = codes + i_b * s_cb + i_h * s_ch + o_tc.to(tl.int64) * s_cc + (o_t % L) * HALF
     # the codes transposed ([BLOCK_H, BLOCK_T]: a token-major tile was slower on the H100), logits [BLOCK_M, BLOCK_T]
     b_k = tl.load(p_k[None, :] + o_h[:, None], mask=m_h[:, None] & (o_tc < C)[None, :], other=0)
-    if FP16_DOT and NIBBLE_BITS:  # each nibble read as 1024 + code; the 1024s add a per-row constant (cancelled)
+    if FAST_DOT and DOT_FORM == 2:
+        b_l = _int8x2_logits(b_qlo, b_qhi, b_k)
+    elif FAST_DOT and DOT_FORM == 1:  # each nibble read as 1024 + code; the 1024s add a per-row constant (cancelled)
         b_l = (tl.dot(b_qlo.to(tl.float16), _fp16_nibble(b_k & 15))
                + tl.dot(b_qhi.to(tl.float16), _fp16_nibble(b_k >> 4)))
-    elif FP16_DOT:  # fp16 operands at the default precision, the form that passed the GPU suite
+    elif FAST_DOT:  # fp16 operands at the default precision, the form that passed the GPU suite
         b_l = (tl.dot(b_qlo.to(tl.float16), (b_k & 15).to(tl.float16))
                + tl.dot(b_qhi.to(tl.float16), (b_k >> 4).to(tl.float16)))
     else:
@@ -129,7 +162,8 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
     if out.numel() == 0:
         return out
     g, gpu = hq // hkv, q.device.type == "cuda"
-    fp16_dot = (gpu or FP16_OFF_GPU) and q.dtype != torch.float32
+    fast_dot = (gpu or FP16_OFF_GPU) and q.dtype != torch.float32
+    form = DOT_FORMS[GPU_TILES["dot"]]
     gn = g * n
     block_m = max(16, min(64, triton.next_power_of_2(gn)))
     block_c = max(1, (GPU_TILES["block_t"] if gpu else 64) // chunk)
@@ -143,7 +177,7 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
         q, codes, code_scale, sel, logits, blk_max, blk_sum, float(scale), n, c, nb, hkv,
         *q.stride(), *codes.stride()[:3], code_scale.stride(0), code_scale.stride(1), code_scale.stride(3),
         G=g, HALF=d // 2, L=chunk, BLOCK_M=block_m, BLOCK_C=block_c,
-        BLOCK_H=max(16, triton.next_power_of_2(d // 2)),
-        FP16_DOT=fp16_dot, NIBBLE_BITS=GPU_TILES["nibble_bits"], num_warps=GPU_TILES["num_warps"],
+        BLOCK_H=max(32 if form == 2 else 16, triton.next_power_of_2(d // 2)),  # int8 dots: k a multiple of 32
+        FAST_DOT=fast_dot, DOT_FORM=form, num_warps=GPU_TILES["num_warps"],
     )
     return triton_score.launch_reduce(logits, blk_max, blk_sum, sel, out, n)

@@ -63,7 +63,7 @@ def nan_scratch(*size, **kwargs):
     return torch.empty(*size, **kwargs).fill_(float("nan"))
 
 
-def check_code_scores(b, hkv, g, n, c, chunk, d, dtype, seed, shared_row=False, empty_rows=0):
+def check_code_scores(b, hkv, g, n, c, chunk, d, dtype, seed, shared_row=False, empty_rows=0, tol=None):
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(b, hkv, c * chunk, d, generator=gen) * (1 + torch.rand(d, generator=gen) * 4)
     scale = key_codes.fit_scale(keys)
@@ -78,25 +78,27 @@ def check_code_scores(b, hkv, g, n, c, chunk, d, dtype, seed, shared_row=False, 
         got = triton_code_score.score_code_chunks(q.to(DEVICE), codes.to(DEVICE), scale.to(DEVICE),
                                                   selectable.to(DEVICE), d**-0.5).cpu()
     assert not got.isnan().any() and torch.equal(torch.isinf(got), ~selectable)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = tol or (1e-5 if dtype == torch.float32 else 2e-2)
     assert_close(got, expected, atol=tol * max(1e-3, expected.nan_to_num(0.0, 0.0, 0.0).abs().max().item()), rtol=tol,
                  what=f"code scores b={b} hkv={hkv} g={g} n={n} c={c} chunk={chunk} d={d}")
 
 
-@pytest.mark.parametrize("fp16_dots, nibble_bits", [(False, False), (True, False), (True, True)],
-                         ids=["fp32_dots", "fp16_dots", "fp16_nibble_bits"])
+@pytest.mark.parametrize("gpu_dots, form", [(False, "fp16"), (True, "fp16"), (True, "fp16_bits"), (True, "int8x2")],
+                         ids=["fp32_dots", "fp16_dots", "fp16_nibble_bits", "int8x2_dots"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**16), b=st.sampled_from([1, 3]), hkv=st.sampled_from([1, 2]),
        g=st.sampled_from([1, 3]), n=st.sampled_from([1, 2]), c=st.sampled_from([1, 37, 150]),
        chunk=st.sampled_from([2, 4, 8]), d=st.sampled_from([16, 64]), shared_row=st.booleans())
-def test_triton_code_scores_match_the_reference(fp16_dots, nibble_bits, dtype, seed, b, hkv, g, n, c, chunk, d,
+def test_triton_code_scores_match_the_reference(gpu_dots, form, dtype, seed, b, hkv, g, n, c, chunk, d,
                                                 shared_row):
-    """``fp16_dots``: the GPU's path for 16-bit models, run by the interpreter too; ``nibble_bits``: its nibbles
-    read as the fp16 bits of 1024 + code."""
-    with mock.patch.object(triton_code_score, "FP16_OFF_GPU", fp16_dots), \
-            mock.patch.dict(triton_code_score.GPU_TILES, nibble_bits=nibble_bits):
-        check_code_scores(b, hkv, g, n, c, chunk, d, dtype, seed, shared_row, empty_rows=1 if b > 1 else 0)
+    """``gpu_dots``: the GPU's path for 16-bit models, run by the interpreter too, in each of its ``GPU_TILES["dot"]``
+    forms (fp16 nibbles converted or made by bits, or int8 dots of a query split in two)."""
+    with mock.patch.object(triton_code_score, "FP16_OFF_GPU", gpu_dots), \
+            mock.patch.dict(triton_code_score.GPU_TILES, dot=form):
+        # int8x2 keeps the query to 1/64516 of its largest channel: tighter than an fp16 rounding
+        check_code_scores(b, hkv, g, n, c, chunk, d, dtype, seed, shared_row, empty_rows=1 if b > 1 else 0,
+                          tol=1e-3 if gpu_dots and form == "int8x2" else None)
 
 
 @cuda_only
