@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue #32's step cost of 4-bit key codes, in each code dot form (kernels/triton_code_score.py GPU_TILES["dot"]),
+# beside the default, on one warm machine, same run. Run inside scripts/device_jobs.sh (it installs and sets OUT):
+#   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh sweep"   # kernel sweep + GPU suite
+#   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh bench"   # shadowkv-fx bench rows
+# A bench row with a form other than the default runs the CLI with GPU_TILES["dot"] set first.
+set -uo pipefail
+STAGE=${1:?sweep or bench}
+CONTEXT=${CONTEXT:-32768} BATCH=${BATCH:-4}
+
+bench() {  # name, dot form ('' for the default), flags...
+    local name=$1 form=$2; shift 2
+    echo "=== bench ${CONTEXT}x$BATCH $name ($*) $(date +%T)"
+    python3 -c "
+import sys
+from shadowkv_fx.kernels import triton_code_score
+if '$form':
+    triton_code_score.GPU_TILES['dot'] = '$form'
+from shadowkv_fx.cli import main
+sys.argv = ['shadowkv-fx'] + sys.argv[1:]
+main()" bench --contexts "$CONTEXT" --batches "$BATCH" --methods shadowkv --steps 32 "$@" --out "/tmp/b_$name" \
+        > "/tmp/b_$name.log" 2>&1
+    cat "/tmp/b_$name/table.txt" 2>/dev/null || tail -20 "/tmp/b_$name.log"
+    cp "/tmp/b_$name/bench.json" "$OUT/bench_$name.json" 2>/dev/null
+}
+
+case $STAGE in
+    sweep)
+        python3 benchmarks/score_kernel_sweep.py > "$OUT/sweep.txt" 2>&1
+        cat "$OUT/sweep.txt"
+        echo "=== GPU suite $(date +%T)"
+        bash scripts/gpu_suite.sh ;;
+    bench)
+        bench "default_${CONTEXT}" ""
+        for form in ${FORMS:-int8x2 fp16_bits fp16}; do
+            bench "codes4_${form}_${CONTEXT}" "$form" --key-code-bits 4
+        done ;;
+    *) echo "unknown stage $STAGE (sweep or bench)"; exit 2 ;;
+esac
