@@ -19,7 +19,9 @@ codes meet the tensor cores:
 - ``"fp16_bits"``: each nibble made fp16 by bits, ``0x6400 | code`` (1024 + code), no conversion;
 - ``"int8x2"``: the codes stay integers (int8 dots, int32 sums); each query row is split into two int8
   parts, ``q ~ s1 * q1 + s2 * q2`` with ``s2 = s1 / 254`` (a residual under 1/64516 of the row's largest
-  channel), and a token's logit is ``s2 * (254 * q1.code + q2.code)``: one conversion a logit, none a code.
+  channel), and a token's logit is ``s2 * (254 * q1.code + q2.code)``: one conversion a logit, none a code;
+- ``"fp16_tokens"``, ``"int8x2_tokens"``: those dots turned around, the codes as read (token-major) the dots'
+  rows and the few query rows its columns.
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ from shadowkv_fx.kernels import triton_score
 # (benchmarks/score_kernel_sweep.py: 64-256 tokens, 2-8 warps; 74 us a layer at 32K x 4 against 79-121)
 GPU_TILES = {"block_t": 256, "num_warps": 4, "dot": "fp16"}
 # dot: "fp16_bits" and "int8x2" stay off until a GPU has compiled and timed them (score_kernel_sweep.py)
-DOT_FORMS = {"fp16": 0, "fp16_bits": 1, "int8x2": 2}
+# name: (dot form, codes as the dots' rows)
+DOT_FORMS = {"fp16": (0, False), "fp16_bits": (1, False), "int8x2": (2, False), "fp16_tokens": (0, True),
+             "int8x2_tokens": (2, True)}
 # the GPU's dots (GPU_TILES['dot']) off a GPU (the interpreter) only where a test asks for them
 FP16_OFF_GPU = False
 
@@ -56,18 +60,78 @@ def _int8_parts(x, s1, s2):
 
 
 @triton.jit
-def _int8x2_logits(b_qlo, b_qhi, b_k):
-    """Token logits ``[BLOCK_M, BLOCK_T]`` of the scaled query halves against packed codes, in int8 dots."""
+def _int8x2_query(b_qlo, b_qhi):
+    """The scaled query halves ``[BLOCK_M, BLOCK_H]`` as int8 parts ``(q1lo, q2lo, q1hi, q2hi)`` and each row's
+    ``s2`` ``[BLOCK_M]``: ``q ~ 254 * s2 * q1 + s2 * q2``."""
     top = tl.maximum(tl.max(tl.abs(b_qlo), axis=1), tl.max(tl.abs(b_qhi), axis=1))
-    s1 = tl.where(top > 0, top / 127.0, 1.0)[:, None]
+    s1 = tl.where(top > 0, top / 127.0, 1.0)
     s2 = s1 / 254.0
-    q1lo, q2lo = _int8_parts(b_qlo, s1, s2)
-    q1hi, q2hi = _int8_parts(b_qhi, s1, s2)
+    q1lo, q2lo = _int8_parts(b_qlo, s1[:, None], s2[:, None])
+    q1hi, q2hi = _int8_parts(b_qhi, s1[:, None], s2[:, None])
+    return q1lo, q2lo, q1hi, q2hi, s2
+
+
+@triton.jit
+def _int8x2_logits(b_qlo, b_qhi, b_k):
+    """Token logits ``[BLOCK_M, BLOCK_T]`` of the scaled query halves against packed codes ``[BLOCK_H, BLOCK_T]``."""
+    q1lo, q2lo, q1hi, q2hi, s2 = _int8x2_query(b_qlo, b_qhi)
     klo, khi = (b_k & 15).to(tl.int8), (b_k >> 4).to(tl.int8)
     d1 = tl.dot(q1lo, klo, out_dtype=tl.int32) + tl.dot(q1hi, khi, out_dtype=tl.int32)
     d2 = tl.dot(q2lo, klo, out_dtype=tl.int32) + tl.dot(q2hi, khi, out_dtype=tl.int32)
     # |d1| <= 127 * 15 * D: 254 * d1 + d2 stays within int32 for any head dim up to 4096
-    return (d1 * 254 + d2).to(tl.float32) * s2
+    return (d1 * 254 + d2).to(tl.float32) * s2[:, None]
+
+
+@triton.jit
+def _int8x2_token_logits(b_qlo, b_qhi, b_kt):
+    """``_int8x2_logits`` with the codes as the dots' rows: ``[BLOCK_T, BLOCK_M]`` from codes ``[BLOCK_T, BLOCK_H]``
+    (token-major, as stored)."""
+    q1lo, q2lo, q1hi, q2hi, s2 = _int8x2_query(b_qlo, b_qhi)
+    klo, khi = (b_kt & 15).to(tl.int8), (b_kt >> 4).to(tl.int8)
+    d1 = tl.dot(klo, tl.trans(q1lo), out_dtype=tl.int32) + tl.dot(khi, tl.trans(q1hi), out_dtype=tl.int32)
+    d2 = tl.dot(klo, tl.trans(q2lo), out_dtype=tl.int32) + tl.dot(khi, tl.trans(q2hi), out_dtype=tl.int32)
+    return (d1 * 254 + d2).to(tl.float32) * s2[None, :]
+
+
+@triton.jit
+def _chunk_logits_codes_as_columns(b_qlo, b_qhi, p_k, o_h, m_h, m_t, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                                   L: tl.constexpr, FAST_DOT: tl.constexpr, DOT_FORM: tl.constexpr):
+    """Chunk logits ``[BLOCK_M, BLOCK_C]``, the query rows the dots' rows and the codes transposed
+    (``[BLOCK_H, BLOCK_T]``): each chunk's log-sum-exp of its ``L`` token logits (finite: padding keys have codes 0)."""
+    b_k = tl.load(p_k[None, :] + o_h[:, None], mask=m_h[:, None] & m_t[None, :], other=0)
+    if FAST_DOT and DOT_FORM == 2:
+        b_l = _int8x2_logits(b_qlo, b_qhi, b_k)
+    elif FAST_DOT and DOT_FORM == 1:  # each nibble read as 1024 + code; the 1024s add a per-row constant (cancelled)
+        b_l = (tl.dot(b_qlo.to(tl.float16), _fp16_nibble(b_k & 15))
+               + tl.dot(b_qhi.to(tl.float16), _fp16_nibble(b_k >> 4)))
+    elif FAST_DOT:  # fp16 operands at the default precision, the form that passed the GPU suite
+        b_l = (tl.dot(b_qlo.to(tl.float16), (b_k & 15).to(tl.float16))
+               + tl.dot(b_qhi.to(tl.float16), (b_k >> 4).to(tl.float16)))
+    else:
+        b_l = (tl.dot(b_qlo, (b_k & 15).to(tl.float32), input_precision="ieee")
+               + tl.dot(b_qhi, (b_k >> 4).to(tl.float32), input_precision="ieee"))
+    b_l3 = tl.reshape(b_l, (BLOCK_M, BLOCK_C, L))
+    b_top = tl.max(b_l3, axis=2)
+    return b_top + tl.log(tl.sum(tl.exp(b_l3 - b_top[:, :, None]), axis=2))
+
+
+@triton.jit
+def _chunk_logits_codes_as_rows(b_qlo, b_qhi, p_k, o_h, m_h, m_t, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                                L: tl.constexpr, FAST_DOT: tl.constexpr, DOT_FORM: tl.constexpr):
+    """``_chunk_logits_codes_as_columns`` with the codes as stored (``[BLOCK_T, BLOCK_H]``) the dots' rows: many
+    tokens against a few query rows, the shape tensor cores tile best; logits ``[BLOCK_T, BLOCK_M]``."""
+    b_kt = tl.load(p_k[:, None] + o_h[None, :], mask=m_t[:, None] & m_h[None, :], other=0)
+    if FAST_DOT and DOT_FORM == 2:
+        b_lt = _int8x2_token_logits(b_qlo, b_qhi, b_kt)
+    elif FAST_DOT:
+        b_lt = (tl.dot((b_kt & 15).to(tl.float16), tl.trans(b_qlo.to(tl.float16)))
+                + tl.dot((b_kt >> 4).to(tl.float16), tl.trans(b_qhi.to(tl.float16))))
+    else:
+        b_lt = (tl.dot((b_kt & 15).to(tl.float32), tl.trans(b_qlo), input_precision="ieee")
+                + tl.dot((b_kt >> 4).to(tl.float32), tl.trans(b_qhi), input_precision="ieee"))
+    b_l3 = tl.reshape(b_lt, (BLOCK_C, L, BLOCK_M))
+    b_top = tl.max(b_l3, axis=1)
+    return tl.trans(b_top + tl.log(tl.sum(tl.exp(b_l3 - b_top[:, None, :]), axis=1)))
 
 
 @triton.jit
@@ -75,7 +139,7 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
                        s_qb, s_qh, s_qn, s_qd, s_cb, s_ch, s_cc, s_sb, s_sh, s_sd,
                        G: tl.constexpr, HALF: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FAST_DOT: tl.constexpr,
-                       DOT_FORM: tl.constexpr):
+                       DOT_FORM: tl.constexpr, TOKEN_ROWS: tl.constexpr):
     i_c = tl.program_id(0)
     i_m = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -97,23 +161,11 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
     o_t = tl.arange(0, BLOCK_C * L)
     o_tc = i_c * BLOCK_C + o_t // L
     p_k = codes + i_b * s_cb + i_h * s_ch + o_tc.to(tl.int64) * s_cc + (o_t % L) * HALF
-    # the codes transposed ([BLOCK_H, BLOCK_T]: a token-major tile was slower on the H100), logits [BLOCK_M, BLOCK_T]
-    b_k = tl.load(p_k[None, :] + o_h[:, None], mask=m_h[:, None] & (o_tc < C)[None, :], other=0)
-    if FAST_DOT and DOT_FORM == 2:
-        b_l = _int8x2_logits(b_qlo, b_qhi, b_k)
-    elif FAST_DOT and DOT_FORM == 1:  # each nibble read as 1024 + code; the 1024s add a per-row constant (cancelled)
-        b_l = (tl.dot(b_qlo.to(tl.float16), _fp16_nibble(b_k & 15))
-               + tl.dot(b_qhi.to(tl.float16), _fp16_nibble(b_k >> 4)))
-    elif FAST_DOT:  # fp16 operands at the default precision, the form that passed the GPU suite
-        b_l = (tl.dot(b_qlo.to(tl.float16), (b_k & 15).to(tl.float16))
-               + tl.dot(b_qhi.to(tl.float16), (b_k >> 4).to(tl.float16)))
-    else:
-        b_l = (tl.dot(b_qlo, (b_k & 15).to(tl.float32), input_precision="ieee")
-               + tl.dot(b_qhi, (b_k >> 4).to(tl.float32), input_precision="ieee"))
-    # a chunk's logit: the log-sum-exp of its tokens' (finite: padding keys have codes 0)
-    b_l3 = tl.reshape(b_l, (BLOCK_M, BLOCK_C, L))
-    b_top = tl.max(b_l3, axis=2)
-    b_cl = b_top + tl.log(tl.sum(tl.exp(b_l3 - b_top[:, :, None]), axis=2))
+    if TOKEN_ROWS:
+        b_cl = _chunk_logits_codes_as_rows(b_qlo, b_qhi, p_k, o_h, m_h, o_tc < C, BLOCK_M, BLOCK_C, L, FAST_DOT, DOT_FORM)
+    else:  # the default: the query rows are the dots' rows (a token-major tile was slower on the H100 in fp16)
+        b_cl = _chunk_logits_codes_as_columns(b_qlo, b_qhi, p_k, o_h, m_h, o_tc < C, BLOCK_M, BLOCK_C, L, FAST_DOT,
+                                              DOT_FORM)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
     b_sel = tl.load(sel + i_bh * C + o_c, mask=m_c, other=0) != 0
@@ -163,7 +215,7 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
         return out
     g, gpu = hq // hkv, q.device.type == "cuda"
     fast_dot = (gpu or FP16_OFF_GPU) and q.dtype != torch.float32
-    form = DOT_FORMS[GPU_TILES["dot"]]
+    form, token_rows = DOT_FORMS[GPU_TILES["dot"]]
     gn = g * n
     block_m = max(16, min(64, triton.next_power_of_2(gn)))
     block_c = max(1, (GPU_TILES["block_t"] if gpu else 64) // chunk)
@@ -178,6 +230,6 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
         *q.stride(), *codes.stride()[:3], code_scale.stride(0), code_scale.stride(1), code_scale.stride(3),
         G=g, HALF=d // 2, L=chunk, BLOCK_M=block_m, BLOCK_C=block_c,
         BLOCK_H=max(32 if form == 2 else 16, triton.next_power_of_2(d // 2)),  # int8 dots: k a multiple of 32
-        FAST_DOT=fast_dot, DOT_FORM=form, num_warps=GPU_TILES["num_warps"],
+        FAST_DOT=fast_dot, DOT_FORM=form, TOKEN_ROWS=token_rows, num_warps=GPU_TILES["num_warps"],
     )
     return triton_score.launch_reduce(logits, blk_max, blk_sum, sel, out, n)

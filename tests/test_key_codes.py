@@ -83,8 +83,12 @@ def check_code_scores(b, hkv, g, n, c, chunk, d, dtype, seed, shared_row=False, 
                  what=f"code scores b={b} hkv={hkv} g={g} n={n} c={c} chunk={chunk} d={d}")
 
 
-@pytest.mark.parametrize("gpu_dots, form", [(False, "fp16"), (True, "fp16"), (True, "fp16_bits"), (True, "int8x2")],
-                         ids=["fp32_dots", "fp16_dots", "fp16_nibble_bits", "int8x2_dots"])
+DOT_CASES = {"fp32_dots": (False, "fp16"), "fp16_dots": (True, "fp16"), "fp16_nibble_bits": (True, "fp16_bits"),
+             "int8x2_dots": (True, "int8x2"), "fp32_token_rows": (False, "fp16_tokens"),
+             "fp16_token_rows": (True, "fp16_tokens"), "int8x2_token_rows": (True, "int8x2_tokens")}
+
+
+@pytest.mark.parametrize("gpu_dots, form", list(DOT_CASES.values()), ids=list(DOT_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**16), b=st.sampled_from([1, 3]), hkv=st.sampled_from([1, 2]),
@@ -98,7 +102,7 @@ def test_triton_code_scores_match_the_reference(gpu_dots, form, dtype, seed, b, 
             mock.patch.dict(triton_code_score.GPU_TILES, dot=form):
         # int8x2 keeps the query to 1/64516 of its largest channel: tighter than an fp16 rounding
         check_code_scores(b, hkv, g, n, c, chunk, d, dtype, seed, shared_row, empty_rows=1 if b > 1 else 0,
-                          tol=1e-3 if gpu_dots and form == "int8x2" else None)
+                          tol=1e-3 if gpu_dots and form.startswith("int8x2") else None)
 
 
 @cuda_only
