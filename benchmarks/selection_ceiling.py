@@ -22,11 +22,17 @@ Modes, each in place of the landmark top-k of ``decode_step.select`` (keys, valu
 The oracle and the others read keys no decode step has (all of them), so this is a measurement,
 not a method: a mode's row says what a better scorer could win, not at what cost.
 
+``--layer-budgets MEASURE`` gives every mode per-layer budgets at the same total
+(``evaluation.layer_budgets.allocate`` by ``mass_recall`` or ``coverage``), calibrated on sample index 100 of
+each task, a prompt never scored; the split is written beside the results.
+
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/selection_ceiling.py --mode oracle --out DIR
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import re
 import weakref
 from pathlib import Path
@@ -35,7 +41,10 @@ import torch
 
 from shadowkv_fx import ShadowKVConfig, decode_step, load_smollm2
 from shadowkv_fx.config import default_windows
+from shadowkv_fx.evaluation.budgets import resolve_budget, with_budget
+from shadowkv_fx.evaluation.layer_budgets import MEASURES, allocate
 from shadowkv_fx.evaluation.runner import run_eval
+from shadowkv_fx.evaluation.tasks import make_sample, parse_length, prompt_ids
 from shadowkv_fx.kernels import dispatch, naive
 
 _KEYS: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(state.u) -> every chunk's post-RoPE keys, once a prompt
@@ -179,6 +188,8 @@ def main() -> None:
     parser.add_argument("--landmark-runs", type=int, default=1, help="ShadowKVConfig.landmark_runs (mode landmarks)")
     parser.add_argument("--key-code-bits", type=int, default=0, help="ShadowKVConfig.key_code_bits (mode landmarks)")
     parser.add_argument("--landmark-bits", type=int, default=16, help="ShadowKVConfig.landmark_bits (mode landmarks)")
+    parser.add_argument("--layer-budgets", choices=MEASURES, default=None,
+                        help="per-layer budgets at the same total, split by this measure (calibrated on index 100)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     decode_step.select = selector(args.mode)
@@ -188,9 +199,22 @@ def main() -> None:
     runs = f"+runs={args.landmark_runs}" if args.landmark_runs > 1 else ""
     runs += f"+keycodes={args.key_code_bits}" if args.key_code_bits else ""
     runs += f"+landmarkbits={args.landmark_bits}" if args.landmark_bits != 16 else ""
+    runs += f"+layerbudgets={args.layer_budgets}" if args.layer_budgets else ""
     name = f"{args.mode}{runs}+chunk={args.chunk_size}+local={args.local_tokens}+rank={args.rank}"
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_smollm2()[1]
+    if args.layer_budgets:
+        model = load_smollm2()[0]
+        uniform = with_budget(config, resolve_budget(args.budget, parse_length(args.length)))
+        calibration = [prompt_ids(tokenizer, make_sample(t, tokenizer, args.length, index=100).prompt)
+                       for t in args.tasks.split(",")]
+        budgets = allocate(model, calibration, uniform, measure=args.layer_budgets)
+        config = dataclasses.replace(config, layer_budgets=budgets)
+        print(f"per-layer budgets ({args.layer_budgets}): {list(budgets)}, sum {sum(budgets)} = "
+              f"{uniform.sparse_budget} x {len(budgets)}", flush=True)
+        (args.out / f"layer_budgets_{args.layer_budgets}_{args.length}.json").write_text(json.dumps(
+            {"uniform": uniform.sparse_budget, "layer_budgets": list(budgets), "measure": args.layer_budgets,
+             "calibration_index": 100, "tasks": args.tasks.split(",")}, indent=1))
     run_eval(lambda: load_smollm2()[0], tokenizer, tasks=args.tasks.split(","), lengths=[args.length],
              budgets=[args.budget], samples_per_task=args.samples, methods=["shadowkv"],
              variants={name: config},

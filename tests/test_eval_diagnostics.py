@@ -60,6 +60,7 @@ def test_full_rank_and_full_budget_are_exact(llama):
     for row in rows:
         assert row["rank_error"] < 1e-4
         assert row["recall"] == 1.0 and row["mass_recall"] == pytest.approx(1.0)
+        assert row["coverage"] == pytest.approx(1.0)  # every selectable chunk picked: nothing missed
         assert row["select_chunks"] == chunks == row["chunks"]
     assert not any(layer.self_attn._forward_pre_hooks for layer in llama.model.layers)  # hooks removed
 
@@ -70,6 +71,8 @@ def test_smaller_rank_and_budget_cost_accuracy(llama):
     assert all(a > b > c for a, b, c in zip(*errors))
     rows = layer_diagnostics(llama, ids, _config(sparse_budget=4), queries=4)
     assert all(r["select_chunks"] == 1 for r in rows)
+    wider = layer_diagnostics(llama, ids, _config(sparse_budget=16), queries=4)
+    assert all(0.0 < a["coverage"] < b["coverage"] < 1.0 for a, b in zip(rows, wider))  # more chunks, less missed
     assert all(0.0 <= r["recall"] <= 1.0 and 0.0 <= r["mass_recall"] <= 1.0 + 1e-6 for r in rows)
     assert all(0.0 < r["landmark_entropy"] <= 1.0 + 1e-6 and r["landmark_max_over_mean"] >= 1.0 for r in rows)
 

@@ -83,11 +83,14 @@ def test_split_total_gives_chunks_where_they_buy_recall():
         layer_budgets.split_total(curves, 2)
 
 
-def test_allocate_on_a_model_keeps_the_total(model):
+@pytest.mark.parametrize("measure", layer_budgets.MEASURES)
+def test_allocate_on_a_model_keeps_the_total(model, measure):
     ids = torch.randint(3, 96, (1, 160), generator=torch.Generator().manual_seed(1))
     shadowkv_fx.restore(model)
     try:
-        budgets = layer_budgets.allocate(model, ids, BASE, grid=(0.5, 1.0, 2.0))
+        budgets = layer_budgets.allocate(model, ids, BASE, grid=(0.5, 1.0, 2.0), measure=measure)
+        with pytest.raises(ValueError, match="measure must be one of"):
+            layer_budgets.allocate(model, ids, BASE, grid=(0.5, 1.0), measure="recal")
     finally:
         shadowkv_fx.optimize(model, BASE)
     assert len(budgets) == model.config.num_hidden_layers

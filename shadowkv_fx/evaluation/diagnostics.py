@@ -15,7 +15,9 @@ measures, on the unmodified model (no ShadowKV needed):
 * ``recall``: per query, the share of the ``k`` chunks holding most exact attention mass (summed
   over the KV head's query heads) that the landmark scores pick among their top ``k``, ``k`` being
   the budget's chunk count (``ShadowKVConfig.select_chunks``); ``mass_recall``: the exact mass of
-  the picked chunks over that of the best ``k``;
+  the picked chunks over that of the best ``k``; ``coverage``: the share of the exact attention
+  (of the whole prompt, per query head) that the best ``k`` chunks with the dense tokens hold, what a
+  selection as good as the best keeps at this budget (how concentrated the layer's attention is);
 * ``landmark8_overlap``: the share of those ``k`` chunks that int8 landmarks (``landmark_bits=8``)
   pick as well, ``landmark8_same_set``: the share of queries whose whole pick is unchanged, and
   ``landmark8_mass_recall``: ``mass_recall`` of the int8 pick.
@@ -70,7 +72,7 @@ def chunk_diagnostics(q_rot: torch.Tensor, k_pre: torch.Tensor, k_rot: torch.Ten
     list[dict]
         One row per KV head: ``kv_head``, ``tokens``, ``chunks``, ``outliers``, ``select_chunks``,
         ``rank``, ``rank_error``, ``landmark_entropy``, ``landmark_max_over_mean``,
-        ``exact_entropy``, ``recall``, ``mass_recall``, ``landmark8_overlap``, ``landmark8_same_set``,
+        ``exact_entropy``, ``recall``, ``mass_recall``, ``coverage``, ``landmark8_overlap``, ``landmark8_same_set``,
         ``landmark8_mass_recall``, ``queries``.
     """
     hq, n, d = q_rot.shape
@@ -102,6 +104,8 @@ def chunk_diagnostics(q_rot: torch.Tensor, k_pre: torch.Tensor, k_rot: torch.Ten
     best = best_chunks(mass, selectable, k)
 
     recall = (picked & best).sum(-1).float().mean(-1) / k
+    # mass sums the group's query heads: each holds 1, of which the unpicked selectable chunks miss some
+    coverage = 1.0 - (mass * ~best).sum(-1).mean(-1) / (hq // hkv)
     overlap8 = (picked & picked8).sum(-1).float().mean(-1) / k
     recall_mass, recall_mass8 = mass_recall(mass, picked, best), mass_recall(mass, picked8, best)
     same8 = (picked == picked8).all(-1).float().mean(-1)
@@ -113,7 +117,8 @@ def chunk_diagnostics(q_rot: torch.Tensor, k_pre: torch.Tensor, k_rot: torch.Ten
         {"kv_head": h, "tokens": t, "chunks": chunks, "outliers": config.outlier_chunks, "select_chunks": k,
          "rank": config.rank, "rank_error": float(rank_error[h]), "landmark_entropy": float(flat[h]),
          "landmark_max_over_mean": float(max_over_mean[h]), "exact_entropy": float(exact[h]),
-         "recall": float(recall[h]), "mass_recall": float(recall_mass[h]), "landmark8_overlap": float(overlap8[h]),
+         "recall": float(recall[h]), "mass_recall": float(recall_mass[h]), "coverage": float(coverage[h]),
+         "landmark8_overlap": float(overlap8[h]),
          "landmark8_same_set": float(same8[h]), "landmark8_mass_recall": float(recall_mass8[h]), "queries": n}
         for h in range(hkv)
     ]

@@ -27,16 +27,24 @@ from .diagnostics import layer_diagnostics
 GRID = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
+# what a budget buys a layer (a ``layer_diagnostics`` column): how near the landmark pick comes to the best
+# chunks (``mass_recall``, for landmarks), or how much attention the best chunks hold (``coverage``, for a
+# selection that comes near the best: ``key_code_bits``)
+MEASURES = ("mass_recall", "coverage")
+
+
 def recall_curves(model, input_ids: torch.Tensor, config: ShadowKVConfig, grid=GRID,
-                  queries: int = 16) -> dict[int, dict[int, float]]:
-    """``{layer: {budget chunks: mean exact-mass recall over KV heads}}`` of ``input_ids [1, T]``,
-    one dense prefill per budget of ``grid`` (times ``config.budget_chunks``, at least one chunk)."""
+                  queries: int = 16, measure: str = "mass_recall") -> dict[int, dict[int, float]]:
+    """``{layer: {budget chunks: mean measure over KV heads}}`` of ``input_ids [1, T]`` (``measure``: one of
+    ``MEASURES``), one dense prefill per budget of ``grid`` (times ``config.budget_chunks``, at least one chunk)."""
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
     curves: dict[int, dict[int, float]] = defaultdict(dict)
     for chunks in sorted({max(1, round(f * config.budget_chunks)) for f in grid}):
         budget = replace(config, sparse_budget=chunks * config.chunk_size, layer_budgets=None, dense_layers=())
         rows = layer_diagnostics(model, input_ids, budget, queries=queries)
         for layer in {r["layer"] for r in rows}:
-            mine = [r["mass_recall"] for r in rows if r["layer"] == layer]
+            mine = [r[measure] for r in rows if r["layer"] == layer]
             curves[layer][chunks] = sum(mine) / len(mine)
     return dict(curves)
 
@@ -72,11 +80,11 @@ def split_total(curves: dict[int, dict[int, float]], total_chunks: int) -> list[
 
 
 def allocate(model, prompts: torch.Tensor | list[torch.Tensor], config: ShadowKVConfig, grid=GRID,
-             queries: int = 16) -> tuple[int, ...]:
+             queries: int = 16, measure: str = "mass_recall") -> tuple[int, ...]:
     """Per-layer ``sparse_budget``s (tokens) for ``ShadowKVConfig.layer_budgets``: the uniform
-    ``config.sparse_budget`` times the number of layers, split by measured recall (``split_total``)
+    ``config.sparse_budget`` times the number of layers, split by the measured ``measure`` (``split_total``)
     averaged over ``prompts`` (each ``[1, T]``: prompts like the ones to be served)."""
-    measured = [recall_curves(model, ids, config, grid, queries) for ids in (
+    measured = [recall_curves(model, ids, config, grid, queries, measure) for ids in (
         prompts if isinstance(prompts, (list, tuple)) else [prompts])]
     curves = {layer: {k: sum(c[layer][k] for c in measured) / len(measured) for k in measured[0][layer]}
               for layer in measured[0]}
