@@ -34,6 +34,11 @@ case $STAGE in
         bench "default_${CONTEXT}" ""
         for form in ${FORMS:-int8x2 fp16_bits fp16}; do
             bench "codes4_${form}_${CONTEXT}" "$form" --key-code-bits 4
-        done ;;
+        done
+        # the config that meets #32's accuracy target at 2K-8K on the CPU: codes, chunks of 4 + local 128, the
+        # per-layer split measured on SmolLM2 at 4K carried to the 8B shape's 32 layers (same total)
+        bench "safeguard_${SAFEGUARD_FORM:-int8x2}_${CONTEXT}" "${SAFEGUARD_FORM:-int8x2}" --key-code-bits 4 \
+            --chunk-size 4 --local-tokens 128 \
+            --layer-budgets benchmarks/results/cpu_key_codes_layer_budgets/layer_budgets_coverage_4k.json ;;
     *) echo "unknown stage $STAGE (sweep or bench)"; exit 2 ;;
 esac

@@ -20,6 +20,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from shadowkv_fx.config import ShadowKVConfig, default_windows  # noqa: E402
+from shadowkv_fx.evaluation.layer_budgets import rescaled  # noqa: E402
 
 app = typer.Typer(add_completion=False, help="ShadowKV long-context decoding for Hugging Face models.")
 console = Console(width=140)
@@ -140,13 +141,13 @@ def main() -> None:
 def _bench_config(sparse_budget: int, rank: int, fold_chunks: int, value_hbm_gib: float | None, value_bits: int,
                   landmark_bits: int, chunk_size: int, span_neighbors: int,
                   windows: dict[str, int] | None = None, landmark_runs: int = 1,
-                  key_code_bits: int = 0) -> ShadowKVConfig:
+                  key_code_bits: int = 0, layer_budgets: tuple[int, ...] | None = None) -> ShadowKVConfig:
     """The bench's ShadowKV settings; ``windows`` (``config.default_windows``; None: its default
     split at ``chunk_size``) keeps the outlier and local windows at the default's tokens together."""
     return ShadowKVConfig(sparse_budget=sparse_budget, rank=rank, fold_chunks=fold_chunks or None,
                           value_hbm_gib=value_hbm_gib, value_bits=value_bits, landmark_bits=landmark_bits,
                           chunk_size=chunk_size, span_neighbors=span_neighbors, landmark_runs=landmark_runs,
-                          key_code_bits=key_code_bits,
+                          key_code_bits=key_code_bits, layer_budgets=layer_budgets,
                           **(default_windows(chunk_size) if windows is None else windows))
 
 
@@ -178,6 +179,8 @@ def bench(
                                       "scores their sum (#32's finer landmarks at the chunk's top-k and fetch)"),
     key_code_bits: int = typer.Option(0, help="4: chunks ranked by the attention mass of every key's 4-bit codes "
                                       "instead of landmarks (#32); 0: landmarks"),
+    layer_budgets: Path = typer.Option(None, help="a per-layer split measured on SmolLM2 (selection_ceiling.py "
+                                       "--layer-budgets' JSON), carried to this model's layers at the same total"),
     local_tokens: int = typer.Option(0, help="tokens of the local window, taken from the outlier window's (their sum "
                                      "stays the default's); 0: the default split (32 local)"),
     breakdown: bool = typer.Option(False, help="per-kernel time of one ShadowKV decode step, and steps timed alone"),
@@ -271,9 +274,12 @@ def bench(
     unknown = set(methods.split(",")) - set(b.METHODS)
     if unknown:
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; known: {b.METHODS}")
-    config = _bench_config(sparse_budget, rank, fold_chunks, None if value_hbm_gib < 0 else value_hbm_gib, value_bits,
-                           landmark_bits, chunk_size, span_neighbors, windows, landmark_runs, key_code_bits)
     model = b.load_model(model_dir) if model_dir else b.llama31_8b_random(layers)
+    split = json.loads(layer_budgets.read_text()) if layer_budgets else None
+    config = _bench_config(sparse_budget, rank, fold_chunks, None if value_hbm_gib < 0 else value_hbm_gib, value_bits,
+                           landmark_bits, chunk_size, span_neighbors, windows, landmark_runs, key_code_bits, split and
+                           rescaled(split["layer_budgets"], split["uniform"], model.config.num_hidden_layers,
+                                    sparse_budget, chunk_size))
     lead = b.is_lead_rank()
     torch.manual_seed(0)  # every tensor-parallel rank draws the same prompts
     with console.status("benchmarking") if lead else contextlib.nullcontext() as status:

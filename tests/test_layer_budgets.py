@@ -96,3 +96,17 @@ def test_allocate_on_a_model_keeps_the_total(model, measure):
     assert len(budgets) == model.config.num_hidden_layers
     assert all(b % BASE.chunk_size == 0 and b >= BASE.chunk_size for b in budgets)
     assert sum(budgets) <= BASE.sparse_budget * len(budgets)
+
+
+def test_a_split_carried_to_another_model_keeps_its_shares_and_the_total():
+    split = [512, 512, 256, 64, 128, 64]  # measured at a uniform 256 over 6 layers (total 1536)
+    assert layer_budgets.rescaled(split, 256, 6, 256, 4) == tuple(split)  # the same model: unchanged
+    carried = layer_budgets.rescaled(split, 256, 32, 2048, 8)
+    assert sum(carried) == 2048 * 32 and all(b % 8 == 0 and b >= 8 for b in carried)
+    depth = [split[i * 6 // 32] for i in range(32)]
+    for i in range(32):  # shares by depth: a layer measured to need more never gets less
+        assert all(carried[i] >= carried[j] for j in range(32) if depth[i] > depth[j])
+    tiny = layer_budgets.rescaled([4000, 4, 4, 4], 256, 4, 16, 4)  # a share under one chunk still gets one
+    assert min(tiny) == 4 and sum(tiny) == 64
+    with pytest.raises(ValueError, match="whole chunks"):
+        layer_budgets.rescaled(split, 256, 32, 2047, 8)

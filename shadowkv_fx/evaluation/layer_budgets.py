@@ -90,3 +90,23 @@ def allocate(model, prompts: torch.Tensor | list[torch.Tensor], config: ShadowKV
               for layer in measured[0]}
     chunks = split_total(curves, config.budget_chunks * len(curves))
     return tuple(c * config.chunk_size for c in chunks)
+
+
+def rescaled(budgets: list[int], uniform: int, layers: int, sparse_budget: int, chunk_size: int) -> tuple[int, ...]:
+    """A split measured on one model (``budgets`` against its ``uniform`` budget) carried to another of
+    ``layers`` layers at ``sparse_budget``: each layer takes the share of the layer at the same depth, in
+    whole chunks (at least one), the shares scaled so the total stays ``sparse_budget * layers`` (for the
+    benchmark of a split on a model no calibration prompt can be run through: random weights)."""
+    total = sparse_budget // chunk_size * layers
+    if uniform <= 0 or not budgets or min(budgets) <= 0 or sparse_budget % chunk_size or total < layers:
+        raise ValueError(f"need a measured split, a positive uniform budget and a sparse_budget in whole chunks of "
+                         f"{chunk_size}, got {len(budgets)} budgets, uniform {uniform}, sparse_budget {sparse_budget}")
+    shares = [budgets[i * len(budgets) // layers] / uniform for i in range(layers)]
+    wanted = [s * total / sum(shares) for s in shares]
+    chunks = [max(1, int(w)) for w in wanted]
+    while sum(chunks) != total:  # whole chunks: the layers furthest from their share move first
+        short = sum(chunks) < total
+        pick = max((i for i in range(layers) if short or chunks[i] > 1),
+                   key=lambda i: (wanted[i] - chunks[i]) if short else (chunks[i] - wanted[i]))
+        chunks[pick] += 1 if short else -1
+    return tuple(c * chunk_size for c in chunks)
