@@ -251,11 +251,18 @@ def bench(
         return
     if not torch.cuda.is_available():
         raise typer.BadParameter("bench measures GPU decode: no CUDA device here")
+    split = None
+    if layer_budgets:  # checked with the rest of the config, before the model is built
+        from transformers import AutoConfig
+
+        depth = AutoConfig.from_pretrained(model_dir).num_hidden_layers if model_dir else layers
+        measured = json.loads(layer_budgets.read_text())
+        split = rescaled(measured["layer_budgets"], measured["uniform"], depth, sparse_budget, chunk_size)
     if workload:
         # the same config for both ShadowKV methods: slots keep values on the GPU only up to a given
         # size, so "as many as fit" (-1) becomes none (pinned host memory, ShadowKV's own design)
         config = _bench_config(sparse_budget, rank, fold_chunks, max(value_hbm_gib, 0.0), value_bits, landmark_bits,
-                               chunk_size, span_neighbors, windows, landmark_runs, key_code_bits)
+                               chunk_size, span_neighbors, windows, landmark_runs, key_code_bits, split)
         settings = {"requests": workload_requests, "min_context": workload_min_context, "max_context":
                     workload_max_context, "min_output": workload_min_output, "max_output": workload_max_output,
                     "output_dist": workload_output_dist,
@@ -274,12 +281,9 @@ def bench(
     unknown = set(methods.split(",")) - set(b.METHODS)
     if unknown:
         raise typer.BadParameter(f"unknown methods {sorted(unknown)}; known: {b.METHODS}")
-    model = b.load_model(model_dir) if model_dir else b.llama31_8b_random(layers)
-    split = json.loads(layer_budgets.read_text()) if layer_budgets else None
     config = _bench_config(sparse_budget, rank, fold_chunks, None if value_hbm_gib < 0 else value_hbm_gib, value_bits,
-                           landmark_bits, chunk_size, span_neighbors, windows, landmark_runs, key_code_bits, split and
-                           rescaled(split["layer_budgets"], split["uniform"], model.config.num_hidden_layers,
-                                    sparse_budget, chunk_size))
+                           landmark_bits, chunk_size, span_neighbors, windows, landmark_runs, key_code_bits, split)
+    model = b.load_model(model_dir) if model_dir else b.llama31_8b_random(layers)
     lead = b.is_lead_rank()
     torch.manual_seed(0)  # every tensor-parallel rank draws the same prompts
     with console.status("benchmarking") if lead else contextlib.nullcontext() as status:
