@@ -202,9 +202,8 @@ def main() -> None:
     runs += f"+layerbudgets={args.layer_budgets}" if args.layer_budgets else ""
     name = f"{args.mode}{runs}+chunk={args.chunk_size}+local={args.local_tokens}+rank={args.rank}"
     args.out.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_smollm2()[1]
+    model, tokenizer = load_smollm2()  # one load: the calibration's model, and the tokenizer for both
     if args.layer_budgets:
-        model = load_smollm2()[0]
         uniform = with_budget(config, resolve_budget(args.budget, parse_length(args.length)))
         calibration = [prompt_ids(tokenizer, make_sample(t, tokenizer, args.length, index=100).prompt)
                        for t in args.tasks.split(",")]
@@ -215,6 +214,7 @@ def main() -> None:
         (args.out / f"layer_budgets_{args.layer_budgets}_{args.length}.json").write_text(json.dumps(
             {"uniform": uniform.sparse_budget, "layer_budgets": list(budgets), "measure": args.layer_budgets,
              "calibration_index": 100, "tasks": args.tasks.split(",")}, indent=1))
+    del model  # run_eval loads its own for each variant
     run_eval(lambda: load_smollm2()[0], tokenizer, tasks=args.tasks.split(","), lengths=[args.length],
              budgets=[args.budget], samples_per_task=args.samples, methods=["shadowkv"],
              variants={name: config},
