@@ -34,12 +34,12 @@ from shadowkv_fx.kernels import triton_score
 # tokens per program (BLOCK_C * L) and warps per program: the best of a sweep on the H100
 # (benchmarks/score_kernel_sweep.py: 64-256 tokens, 2-8 warps; 74 us a layer at 32K x 4 against 79-121)
 GPU_TILES = {"block_t": 256, "num_warps": 4, "dot": "fp16"}
-# dot: "fp16_bits" and "int8x2" stay off until a GPU has compiled and timed them (score_kernel_sweep.py)
+# dot: every form but "fp16" stays off until a GPU has compiled and timed it (score_kernel_sweep.py)
 # name: (dot form, codes as the dots' rows)
 DOT_FORMS = {"fp16": (0, False), "fp16_bits": (1, False), "int8x2": (2, False), "fp16_tokens": (0, True),
              "int8x2_tokens": (2, True)}
 # the GPU's dots (GPU_TILES['dot']) off a GPU (the interpreter) only where a test asks for them
-FP16_OFF_GPU = False
+GPU_DOTS_OFF_GPU = False
 
 
 @triton.jit
@@ -214,7 +214,7 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
     if out.numel() == 0:
         return out
     g, gpu = hq // hkv, q.device.type == "cuda"
-    fast_dot = (gpu or FP16_OFF_GPU) and q.dtype != torch.float32
+    fast_dot = (gpu or GPU_DOTS_OFF_GPU) and q.dtype != torch.float32
     form, token_rows = DOT_FORMS[GPU_TILES["dot"]]
     gn = g * n
     block_m = max(16, min(64, triton.next_power_of_2(gn)))

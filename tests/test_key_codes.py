@@ -98,7 +98,7 @@ def test_triton_code_scores_match_the_reference(gpu_dots, form, dtype, seed, b, 
                                                 shared_row):
     """``gpu_dots``: the GPU's path for 16-bit models, run by the interpreter too, in each of its ``GPU_TILES["dot"]``
     forms (fp16 nibbles converted or made by bits, or int8 dots of a query split in two)."""
-    with mock.patch.object(triton_code_score, "FP16_OFF_GPU", gpu_dots), \
+    with mock.patch.object(triton_code_score, "GPU_DOTS_OFF_GPU", gpu_dots), \
             mock.patch.dict(triton_code_score.GPU_TILES, dot=form):
         # int8x2 keeps the query to 1/64516 of its largest channel: tighter than an fp16 rounding
         check_code_scores(b, hkv, g, n, c, chunk, d, dtype, seed, shared_row, empty_rows=1 if b > 1 else 0,
