@@ -33,7 +33,7 @@ from shadowkv_fx.kernels import triton_score
 
 # tokens per program (BLOCK_C * L) and warps per program: the best of a sweep on the H100
 # (benchmarks/score_kernel_sweep.py: 64-256 tokens, 2-8 warps; 74 us a layer at 32K x 4 against 79-121)
-GPU_TILES = {"block_t": 256, "num_warps": 4, "dot": "fp16"}
+GPU_TILES = {"block_t": 256, "num_warps": 4, "dot": "fp16_bits", "blocks": 1, "stages": 1}
 # dot: every form but "fp16" stays off until a GPU has compiled and timed it (score_kernel_sweep.py)
 # name: (dot form, codes as the dots' rows)
 DOT_FORMS = {"fp16": (0, False), "fp16_bits": (1, False), "int8x2": (2, False), "fp16_tokens": (0, True),
@@ -139,7 +139,8 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
                        s_qb, s_qh, s_qn, s_qd, s_cb, s_ch, s_cc, s_sb, s_sh, s_sd,
                        G: tl.constexpr, HALF: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FAST_DOT: tl.constexpr,
-                       DOT_FORM: tl.constexpr, TOKEN_ROWS: tl.constexpr):
+                       DOT_FORM: tl.constexpr, TOKEN_ROWS: tl.constexpr, BLOCKS: tl.constexpr,
+                       STAGES: tl.constexpr):
     i_c = tl.program_id(0)
     i_m = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -157,26 +158,36 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
     b_qlo = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32) * (tl.load(p_s, mask=m_h, other=0.0) * scale)[None, :]
     b_qhi = tl.load(p_q + HALF * s_qd, mask=m_q, other=0.0).to(tl.float32) \
         * (tl.load(p_s + HALF * s_sd, mask=m_h, other=0.0) * scale)[None, :]
-    # the block's tokens: token t is token t % L of chunk t // L
+    # token t of a block is token t % L of chunk t // L; the program's BLOCKS blocks in a software-pipelined loop
+    # (the next block's codes load while this one's dots run), its block statistics kept online
     o_t = tl.arange(0, BLOCK_C * L)
-    o_tc = i_c * BLOCK_C + o_t // L
-    p_k = codes + i_b * s_cb + i_h * s_ch + o_tc.to(tl.int64) * s_cc + (o_t % L) * HALF
-    if TOKEN_ROWS:
-        b_cl = _chunk_logits_codes_as_rows(b_qlo, b_qhi, p_k, o_h, m_h, o_tc < C, BLOCK_M, BLOCK_C, L, FAST_DOT, DOT_FORM)
-    else:  # the default: the query rows are the dots' rows (a token-major tile was slower on the H100 in fp16)
-        b_cl = _chunk_logits_codes_as_columns(b_qlo, b_qhi, p_k, o_h, m_h, o_tc < C, BLOCK_M, BLOCK_C, L, FAST_DOT,
-                                              DOT_FORM)
-    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    b_sel = tl.load(sel + i_bh * C + o_c, mask=m_c, other=0) != 0
-    b_cl = tl.where(b_sel[None, :], b_cl, float("-inf"))
-    tl.store(logits + (i_bh * GN + o_m[:, None]) * C + o_c[None, :], b_cl, mask=m_m[:, None] & m_c[None, :])
-    b_max = tl.max(b_cl, axis=1)  # block statistics as score_logits_kernel writes them
-    b_ref = tl.where(b_max == float("-inf"), 0.0, b_max)
-    b_sum = tl.sum(tl.exp(b_cl - b_ref[:, None]), axis=1)
+    o_cb = tl.arange(0, BLOCK_C)
+    p_kh = codes + i_b * s_cb + i_h * s_ch + (o_t % L) * HALF
+    run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_M], tl.float32)
+    for j in tl.range(0, BLOCKS, num_stages=STAGES):
+        c0 = (i_c * BLOCKS + j) * BLOCK_C
+        o_tc = c0 + o_t // L
+        p_k = p_kh + o_tc.to(tl.int64) * s_cc
+        if TOKEN_ROWS:
+            b_cl = _chunk_logits_codes_as_rows(b_qlo, b_qhi, p_k, o_h, m_h, o_tc < C, BLOCK_M, BLOCK_C, L, FAST_DOT,
+                                               DOT_FORM)
+        else:  # the default: the query rows are the dots' rows (a token-major tile was slower on the H100)
+            b_cl = _chunk_logits_codes_as_columns(b_qlo, b_qhi, p_k, o_h, m_h, o_tc < C, BLOCK_M, BLOCK_C, L,
+                                                  FAST_DOT, DOT_FORM)
+        o_c = c0 + o_cb
+        m_c = o_c < C
+        b_sel = tl.load(sel + i_bh * C + o_c, mask=m_c, other=0) != 0
+        b_cl = tl.where(b_sel[None, :], b_cl, float("-inf"))
+        tl.store(logits + (i_bh * GN + o_m[:, None]) * C + o_c[None, :], b_cl, mask=m_m[:, None] & m_c[None, :])
+        # block statistics as score_logits_kernel writes them: a max, and a sum of exp against it (0 if -inf)
+        new_max = tl.maximum(run_max, tl.max(b_cl, axis=1))
+        ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - ref) + tl.sum(tl.exp(b_cl - ref[:, None]), axis=1)
+        run_max = new_max
     p_stat = (i_bh * GN + o_m) * NB + i_c
-    tl.store(blk_max + p_stat, b_max, mask=m_m)
-    tl.store(blk_sum + p_stat, b_sum, mask=m_m)
+    tl.store(blk_max + p_stat, run_max, mask=m_m)
+    tl.store(blk_sum + p_stat, run_sum, mask=m_m)
 
 
 def supports(chunk_size: int, head_dim: int) -> bool:
@@ -220,7 +231,8 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
     block_m = max(16, min(64, triton.next_power_of_2(gn)))
     block_c = max(1, (GPU_TILES["block_t"] if gpu else 64) // chunk)
     block_c = max(block_c, triton.cdiv(16, chunk))  # tl.dot wants >= 16 tokens
-    nb = triton.cdiv(c, block_c)
+    blocks = GPU_TILES["blocks"] if gpu else 2  # the interpreter runs the loop too
+    nb = triton.cdiv(c, block_c * blocks)
     logits = triton_score._scratch(b, hkv, gn, c, dtype=torch.float32, device=q.device)
     blk_max = triton_score._scratch(b, hkv, gn, nb, dtype=torch.float32, device=q.device)
     blk_sum = triton_score._scratch(b, hkv, gn, nb, dtype=torch.float32, device=q.device)
@@ -230,6 +242,7 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
         *q.stride(), *codes.stride()[:3], code_scale.stride(0), code_scale.stride(1), code_scale.stride(3),
         G=g, HALF=d // 2, L=chunk, BLOCK_M=block_m, BLOCK_C=block_c,
         BLOCK_H=max(32 if form == 2 else 16, triton.next_power_of_2(d // 2)),  # int8 dots: k a multiple of 32
-        FAST_DOT=fast_dot, DOT_FORM=form, TOKEN_ROWS=token_rows, num_warps=GPU_TILES["num_warps"],
+        FAST_DOT=fast_dot, DOT_FORM=form, TOKEN_ROWS=token_rows, BLOCKS=blocks,
+        STAGES=GPU_TILES["stages"], num_warps=GPU_TILES["num_warps"],
     )
     return triton_score.launch_reduce(logits, blk_max, blk_sum, sel, out, n)

@@ -3,17 +3,22 @@
 # beside the default, on one warm machine, same run. Run inside scripts/device_jobs.sh (it installs and sets OUT):
 #   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh sweep"   # kernel sweep + GPU suite
 #   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh bench"   # shadowkv-fx bench rows
-# A bench row with a form other than the default runs the CLI with GPU_TILES["dot"] set first.
+#   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh tiles"   # sweep, then bench rows at
+#                                           32K x 4 and 122K x 1 with the sweep's fastest exact tiles
+# A bench row with a form other than the default runs the CLI with GPU_TILES["dot"] set first; TILES=FILE (a JSON
+# the sweep writes: $OUT/best_tiles.json) sets GPU_TILES from it first.
 set -uo pipefail
-STAGE=${1:?sweep or bench}
+STAGE=${1:?sweep, tiles or bench}
 CONTEXT=${CONTEXT:-32768} BATCH=${BATCH:-4}
 
 bench() {  # name, dot form ('' for the default), flags...
     local name=$1 form=$2; shift 2
     echo "=== bench ${CONTEXT}x$BATCH $name ($*) $(date +%T)"
     python3 -c "
-import sys
+import json, sys
 from shadowkv_fx.kernels import triton_code_score
+if '${TILES:-}':
+    triton_code_score.GPU_TILES.update(json.load(open('${TILES:-}')))
 if '$form':
     triton_code_score.GPU_TILES['dot'] = '$form'
 from shadowkv_fx.cli import main
@@ -26,10 +31,16 @@ main()" bench --contexts "$CONTEXT" --batches "$BATCH" --methods shadowkv --step
 
 case $STAGE in
     sweep)
-        python3 benchmarks/score_kernel_sweep.py > "$OUT/sweep.txt" 2>&1
+        python3 benchmarks/score_kernel_sweep.py "$OUT/best_tiles.json" > "$OUT/sweep.txt" 2>&1
         cat "$OUT/sweep.txt"
         echo "=== GPU suite $(date +%T)"
         bash scripts/gpu_suite.sh ;;
+    tiles)
+        python3 benchmarks/score_kernel_sweep.py "$OUT/best_tiles.json" > "$OUT/sweep.txt" 2>&1
+        cat "$OUT/sweep.txt"
+        form=$(python3 -c "import json; print(json.load(open('$OUT/best_tiles.json'))['dot'])") || exit 1
+        TILES=$OUT/best_tiles.json FORMS=$form SAFEGUARD_FORM=$form bash "$0" bench
+        TILES=$OUT/best_tiles.json FORMS=$form SAFEGUARD_FORM=$form CONTEXT=122880 BATCH=1 bash "$0" bench ;;
     bench)
         bench "default_${CONTEXT}" ""
         for form in ${FORMS:-int8x2 fp16_bits fp16}; do
@@ -40,5 +51,5 @@ case $STAGE in
         bench "safeguard_${SAFEGUARD_FORM:-int8x2}_${CONTEXT}" "${SAFEGUARD_FORM:-int8x2}" --key-code-bits 4 \
             --chunk-size 4 --local-tokens 128 \
             --layer-budgets benchmarks/results/cpu_key_codes_layer_budgets/layer_budgets_coverage_4k.json ;;
-    *) echo "unknown stage $STAGE (sweep or bench)"; exit 2 ;;
+    *) echo "unknown stage $STAGE (sweep, tiles or bench)"; exit 2 ;;
 esac
