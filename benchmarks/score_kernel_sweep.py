@@ -22,10 +22,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from kernel_bench import D, G, HKV, graph_ms  # noqa: E402  (a sibling script: its L2-flushed graph timing)
 
 LAYERS = 32
-# (form, tokens a block, warps, blocks a program, pipeline stages): one block a program in every form and tile, then
-# the looped, pipelined program in the forms that led the one-block sweep on the H100 (fp16_bits, int8x2)
-TILES = [*itertools.product(("fp16", "fp16_bits", "int8x2"), (128, 256), (4, 8), (1,), (1,)),
-         *itertools.product(("fp16_bits", "int8x2"), (128, 256), (4, 8), (4, 16), (2, 3, 4))]
+# (form, tokens a block, warps, blocks a program, pipeline stages): one block a program in every column form and tile, then
+# the looped, pipelined program (3 stages led the H100's sweep of 2-4) in the forms that led the one-block sweep;
+# SWEEP_FORMS=a,b keeps those forms only
+TILES = [*itertools.product(("fp16", "fp16_bits", "int8x2", "fp16_asm"), (128, 256), (4, 8), (1,), (1,)),
+         *itertools.product(("fp16_bits", "int8x2", "fp16_asm"), (128, 256), (4, 8), (4, 16), (3,))]
+if os.environ.get("SWEEP_FORMS"):
+    TILES = [tile for tile in TILES if tile[0] in os.environ["SWEEP_FORMS"].split(",")]
 
 
 def graphed_us(fn) -> float:

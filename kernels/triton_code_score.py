@@ -37,7 +37,7 @@ GPU_TILES = {"block_t": 256, "num_warps": 4, "dot": "fp16_bits", "blocks": 1, "s
 # dot: every form but "fp16" stays off until a GPU has compiled and timed it (score_kernel_sweep.py)
 # name: (dot form, codes as the dots' rows)
 DOT_FORMS = {"fp16": (0, False), "fp16_bits": (1, False), "int8x2": (2, False), "fp16_tokens": (0, True),
-             "int8x2_tokens": (2, True)}
+             "int8x2_tokens": (2, True), "fp16_asm": (3, False)}
 # the GPU's dots (GPU_TILES['dot']) off a GPU (the interpreter) only where a test asks for them
 GPU_DOTS_OFF_GPU = False
 
@@ -49,6 +49,53 @@ def _fp16_nibble(b):
     OR an int literal widens to int32 (the likely reason the first try did not compile on the H100)."""
     bits = b.to(tl.uint16) | tl.full(b.shape, 0x6400, tl.uint16)
     return bits.to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _fp16_low_nibbles_asm(b):
+    """``_fp16_nibble(b & 15)`` in PTX, four bytes a register: a ``prmt`` spreads two bytes under the exponent byte
+    0x64 (fp16 1024 + byte) and one ``and`` keeps the low nibble: two instructions a pair of codes (Hopper's
+    profile of the Triton lowering: PRMT, LOP3 and SHF took ~4 integer instructions a code, the kernel's bound)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t0, t1; prmt.b32 t0, $2, 0x64646464, 0x5150; prmt.b32 t1, $2, 0x64646464, 0x5352;"
+        " and.b32 $0, t0, 0x640F640F; and.b32 $1, t1, 0x640F640F; }",
+        "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _fp16_high_nibbles_asm(b):
+    """``_fp16_nibble(b & 0xF0)``: the high nibble left in place, 1024 + 16 * code (the query half is scaled by 1/16)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t0, t1; prmt.b32 t0, $2, 0x64646464, 0x5150; prmt.b32 t1, $2, 0x64646464, 0x5352;"
+        " and.b32 $0, t0, 0x64F064F0; and.b32 $1, t1, 0x64F064F0; }",
+        "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _exp2(x, ASM: tl.constexpr):
+    """``2 ** x``, one MUFU.EX2 on a GPU (``tl.exp2`` adds a range fix for subnormal results, which a softmax over
+    logits never needs)."""
+    if ASM:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _chunk_logits_fp16_asm(b_qlo, b_qhi, b_k, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, L: tl.constexpr,
+                           ASM: tl.constexpr):
+    """The ``"fp16_asm"`` form: ``b_qlo``, ``b_qhi`` arrive scaled by log2(e) (``b_qhi`` also by 1/16), the nibbles
+    are made fp16 in PTX (``ASM``; the same bits by Triton ops under the interpreter) and each chunk's log-sum-exp
+    runs in base 2; chunk logits come back in natural units."""
+    if ASM:
+        lo, hi = _fp16_low_nibbles_asm(b_k), _fp16_high_nibbles_asm(b_k)
+    else:
+        lo, hi = _fp16_nibble(b_k & 15), _fp16_nibble(b_k & 0xF0)
+    b_l = tl.dot(b_qlo.to(tl.float16), lo) + tl.dot(b_qhi.to(tl.float16), hi)
+    b_l3 = tl.reshape(b_l, (BLOCK_M, BLOCK_C, L))
+    b_top = tl.max(b_l3, axis=2)
+    return (b_top + tl.log2(tl.sum(_exp2(b_l3 - b_top[:, :, None], ASM), axis=2))) * 0.6931471805599453
 
 
 @triton.jit
@@ -95,24 +142,28 @@ def _int8x2_token_logits(b_qlo, b_qhi, b_kt):
 
 @triton.jit
 def _chunk_logits_codes_as_columns(b_qlo, b_qhi, p_k, o_h, m_h, m_t, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                                   L: tl.constexpr, FAST_DOT: tl.constexpr, DOT_FORM: tl.constexpr):
+                                   L: tl.constexpr, FAST_DOT: tl.constexpr, DOT_FORM: tl.constexpr, ASM: tl.constexpr):
     """Chunk logits ``[BLOCK_M, BLOCK_C]``, the query rows the dots' rows and the codes transposed
     (``[BLOCK_H, BLOCK_T]``): each chunk's log-sum-exp of its ``L`` token logits (finite: padding keys have codes 0)."""
     b_k = tl.load(p_k[None, :] + o_h[:, None], mask=m_h[:, None] & m_t[None, :], other=0)
-    if FAST_DOT and DOT_FORM == 2:
-        b_l = _int8x2_logits(b_qlo, b_qhi, b_k)
-    elif FAST_DOT and DOT_FORM == 1:  # each nibble read as 1024 + code; the 1024s add a per-row constant (cancelled)
-        b_l = (tl.dot(b_qlo.to(tl.float16), _fp16_nibble(b_k & 15))
-               + tl.dot(b_qhi.to(tl.float16), _fp16_nibble(b_k >> 4)))
-    elif FAST_DOT:  # fp16 operands at the default precision, the form that passed the GPU suite
-        b_l = (tl.dot(b_qlo.to(tl.float16), (b_k & 15).to(tl.float16))
-               + tl.dot(b_qhi.to(tl.float16), (b_k >> 4).to(tl.float16)))
+    if FAST_DOT and DOT_FORM == 3:
+        b_cl = _chunk_logits_fp16_asm(b_qlo, b_qhi, b_k, BLOCK_M, BLOCK_C, L, ASM)
     else:
-        b_l = (tl.dot(b_qlo, (b_k & 15).to(tl.float32), input_precision="ieee")
-               + tl.dot(b_qhi, (b_k >> 4).to(tl.float32), input_precision="ieee"))
-    b_l3 = tl.reshape(b_l, (BLOCK_M, BLOCK_C, L))
-    b_top = tl.max(b_l3, axis=2)
-    return b_top + tl.log(tl.sum(tl.exp(b_l3 - b_top[:, :, None]), axis=2))
+        if FAST_DOT and DOT_FORM == 2:
+            b_l = _int8x2_logits(b_qlo, b_qhi, b_k)
+        elif FAST_DOT and DOT_FORM == 1:  # each nibble read as 1024 + code; the 1024s add a per-row constant (cancelled)
+            b_l = (tl.dot(b_qlo.to(tl.float16), _fp16_nibble(b_k & 15))
+                   + tl.dot(b_qhi.to(tl.float16), _fp16_nibble(b_k >> 4)))
+        elif FAST_DOT:  # fp16 operands at the default precision, the form that passed the GPU suite
+            b_l = (tl.dot(b_qlo.to(tl.float16), (b_k & 15).to(tl.float16))
+                   + tl.dot(b_qhi.to(tl.float16), (b_k >> 4).to(tl.float16)))
+        else:
+            b_l = (tl.dot(b_qlo, (b_k & 15).to(tl.float32), input_precision="ieee")
+                   + tl.dot(b_qhi, (b_k >> 4).to(tl.float32), input_precision="ieee"))
+        b_l3 = tl.reshape(b_l, (BLOCK_M, BLOCK_C, L))
+        b_top = tl.max(b_l3, axis=2)
+        b_cl = b_top + tl.log(tl.sum(tl.exp(b_l3 - b_top[:, :, None]), axis=2))
+    return b_cl
 
 
 @triton.jit
@@ -140,7 +191,7 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
                        G: tl.constexpr, HALF: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FAST_DOT: tl.constexpr,
                        DOT_FORM: tl.constexpr, TOKEN_ROWS: tl.constexpr, BLOCKS: tl.constexpr,
-                       STAGES: tl.constexpr):
+                       STAGES: tl.constexpr, ASM: tl.constexpr):
     i_c = tl.program_id(0)
     i_m = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -158,6 +209,9 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
     b_qlo = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32) * (tl.load(p_s, mask=m_h, other=0.0) * scale)[None, :]
     b_qhi = tl.load(p_q + HALF * s_qd, mask=m_q, other=0.0).to(tl.float32) \
         * (tl.load(p_s + HALF * s_sd, mask=m_h, other=0.0) * scale)[None, :]
+    if FAST_DOT and DOT_FORM == 3:  # logits in base 2; the high nibbles are read as 16 * code
+        b_qlo = b_qlo * 1.4426950408889634
+        b_qhi = b_qhi * (1.4426950408889634 / 16)
     # token t of a block is token t % L of chunk t // L; the program's BLOCKS blocks in a software-pipelined loop
     # (the next block's codes load while this one's dots run), its block statistics kept online
     o_t = tl.arange(0, BLOCK_C * L)
@@ -174,7 +228,7 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
                                                DOT_FORM)
         else:  # the default: the query rows are the dots' rows (a token-major tile was slower on the H100)
             b_cl = _chunk_logits_codes_as_columns(b_qlo, b_qhi, p_k, o_h, m_h, o_tc < C, BLOCK_M, BLOCK_C, L,
-                                                  FAST_DOT, DOT_FORM)
+                                                  FAST_DOT, DOT_FORM, ASM)
         o_c = c0 + o_cb
         m_c = o_c < C
         b_sel = tl.load(sel + i_bh * C + o_c, mask=m_c, other=0) != 0
@@ -243,6 +297,6 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
         G=g, HALF=d // 2, L=chunk, BLOCK_M=block_m, BLOCK_C=block_c,
         BLOCK_H=max(32 if form == 2 else 16, triton.next_power_of_2(d // 2)),  # int8 dots: k a multiple of 32
         FAST_DOT=fast_dot, DOT_FORM=form, TOKEN_ROWS=token_rows, BLOCKS=blocks,
-        STAGES=GPU_TILES["stages"], num_warps=GPU_TILES["num_warps"],
+        STAGES=GPU_TILES["stages"], ASM=gpu, num_warps=GPU_TILES["num_warps"],
     )
     return triton_score.launch_reduce(logits, blk_max, blk_sum, sel, out, n)

@@ -5,10 +5,12 @@
 #   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh bench"   # shadowkv-fx bench rows
 #   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh tiles"   # sweep, then bench rows at
 #                                           32K x 4 and 122K x 1 with the sweep's fastest exact tiles
+#   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh quick"   # sweep, tests/test_key_codes.py,
+#                                           bench rows at CONTEXT x BATCH only (SWEEP_FORMS=a,b narrows the sweep)
 # A bench row with a form other than the default runs the CLI with GPU_TILES["dot"] set first; TILES=FILE (a JSON
 # the sweep writes: $OUT/best_tiles.json) sets GPU_TILES from it first.
 set -uo pipefail
-STAGE=${1:?sweep, tiles or bench}
+STAGE=${1:?sweep, tiles, quick or bench}
 CONTEXT=${CONTEXT:-32768} BATCH=${BATCH:-4}
 
 bench() {  # name, dot form ('' for the default), flags...
@@ -35,10 +37,16 @@ case $STAGE in
         cat "$OUT/sweep.txt"
         echo "=== GPU suite $(date +%T)"
         bash scripts/gpu_suite.sh ;;
-    tiles)
+    tiles|quick)  # quick: one bench shape (CONTEXT x BATCH), after the code kernel's GPU tests
         python3 benchmarks/score_kernel_sweep.py "$OUT/best_tiles.json" > "$OUT/sweep.txt" 2>&1
         cat "$OUT/sweep.txt"
         form=$(python3 -c "import json; print(json.load(open('$OUT/best_tiles.json'))['dot'])") || exit 1
+        if [ "$STAGE" = quick ]; then
+            python3 -m pytest -q -o addopts='' -p no:cacheprovider -rs -n 8 tests/test_key_codes.py > "$OUT/key_code_tests.txt" 2>&1
+            tail -3 "$OUT/key_code_tests.txt"
+            TILES=$OUT/best_tiles.json FORMS=$form SAFEGUARD_FORM=$form bash "$0" bench
+            exit
+        fi
         TILES=$OUT/best_tiles.json FORMS=$form SAFEGUARD_FORM=$form bash "$0" bench
         TILES=$OUT/best_tiles.json FORMS=$form SAFEGUARD_FORM=$form CONTEXT=122880 BATCH=1 bash "$0" bench ;;
     bench)
@@ -51,5 +59,5 @@ case $STAGE in
         bench "safeguard_${SAFEGUARD_FORM:-int8x2}_${CONTEXT}" "${SAFEGUARD_FORM:-int8x2}" --key-code-bits 4 \
             --chunk-size 4 --local-tokens 128 \
             --layer-budgets benchmarks/results/cpu_key_codes_layer_budgets/layer_budgets_coverage_4k.json ;;
-    *) echo "unknown stage $STAGE (sweep, tiles or bench)"; exit 2 ;;
+    *) echo "unknown stage $STAGE (sweep, tiles, quick or bench)"; exit 2 ;;
 esac

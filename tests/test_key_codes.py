@@ -85,7 +85,8 @@ def check_code_scores(b, hkv, g, n, c, chunk, d, dtype, seed, shared_row=False, 
 
 DOT_CASES = {"fp32_dots": (False, "fp16"), "fp16_dots": (True, "fp16"), "fp16_nibble_bits": (True, "fp16_bits"),
              "int8x2_dots": (True, "int8x2"), "fp32_token_rows": (False, "fp16_tokens"),
-             "fp16_token_rows": (True, "fp16_tokens"), "int8x2_token_rows": (True, "int8x2_tokens")}
+             "fp16_token_rows": (True, "fp16_tokens"), "int8x2_token_rows": (True, "int8x2_tokens"),
+             "fp16_asm_base2": (True, "fp16_asm")}
 
 
 @pytest.mark.parametrize("gpu_dots, form", list(DOT_CASES.values()), ids=list(DOT_CASES))
@@ -97,7 +98,8 @@ DOT_CASES = {"fp32_dots": (False, "fp16"), "fp16_dots": (True, "fp16"), "fp16_ni
 def test_triton_code_scores_match_the_reference(gpu_dots, form, dtype, seed, b, hkv, g, n, c, chunk, d,
                                                 shared_row):
     """``gpu_dots``: the GPU's path for 16-bit models, run by the interpreter too, in each of its ``GPU_TILES["dot"]``
-    forms (fp16 nibbles converted or made by bits, or int8 dots of a query split in two)."""
+    forms (fp16 nibbles converted or made by bits, or int8 dots of a query split in two; ``fp16_asm``'s PTX unpacking
+    runs on a GPU only, its bits and base-2 log-sum-exp here)."""
     with mock.patch.object(triton_code_score, "GPU_DOTS_OFF_GPU", gpu_dots), \
             mock.patch.dict(triton_code_score.GPU_TILES, dot=form):
         # int8x2 keeps the query to 1/64516 of its largest channel: tighter than an fp16 rounding
