@@ -5,8 +5,8 @@
 #   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh bench"   # shadowkv-fx bench rows
 #   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh tiles"   # sweep, then bench rows at
 #                                           32K x 4 and 122K x 1 with the sweep's fastest exact tiles
-#   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh quick"   # sweep, tests/test_key_codes.py,
-#                                           bench rows at CONTEXT x BATCH only (SWEEP_FORMS=a,b narrows the sweep)
+#   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh quick"   # sweep, bench rows at CONTEXT x
+#                                           BATCH only, then tests/test_key_codes.py (SWEEP_FORMS=a,b narrows the sweep)
 # A bench row with a form other than the default runs the CLI with GPU_TILES["dot"] set first; TILES=FILE (a JSON
 # the sweep writes: $OUT/best_tiles.json) sets GPU_TILES from it first.
 set -uo pipefail
@@ -42,9 +42,9 @@ case $STAGE in
         cat "$OUT/sweep.txt"
         form=$(python3 -c "import json; print(json.load(open('$OUT/best_tiles.json'))['dot'])") || exit 1
         if [ "$STAGE" = quick ]; then
+            TILES=$OUT/best_tiles.json FORMS=$form SAFEGUARD_FORM=$form bash "$0" bench
             python3 -m pytest -q -o addopts='' -p no:cacheprovider -rs -n 8 tests/test_key_codes.py > "$OUT/key_code_tests.txt" 2>&1
             tail -3 "$OUT/key_code_tests.txt"
-            TILES=$OUT/best_tiles.json FORMS=$form SAFEGUARD_FORM=$form bash "$0" bench
             exit
         fi
         TILES=$OUT/best_tiles.json FORMS=$form SAFEGUARD_FORM=$form bash "$0" bench
