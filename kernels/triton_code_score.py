@@ -21,7 +21,14 @@ codes meet the tensor cores:
   parts, ``q ~ s1 * q1 + s2 * q2`` with ``s2 = s1 / 254`` (a residual under 1/64516 of the row's largest
   channel), and a token's logit is ``s2 * (254 * q1.code + q2.code)``: one conversion a logit, none a code;
 - ``"fp16_tokens"``, ``"int8x2_tokens"``: those dots turned around, the codes as read (token-major) the dots'
-  rows and the few query rows its columns.
+  rows and the few query rows its columns;
+- ``"fp16_asm"``: ``fp16_bits`` in PTX, four codes a register (``prmt`` + ``and``: two instructions a pair of codes
+  against ~4 integer instructions a code for Triton's lowering, which bound the kernel on the H100), the high
+  nibble read in place as 16 * code, and each chunk's log-sum-exp in base 2 with one ``ex2.approx.ftz`` a token.
+
+Measured on the H100 (``benchmarks/results/h100_code_tiles``): 24 us a layer for 16-bit landmarks at 32K x 4,
+codes 74 us (fp16), 66 (fp16_bits), 67 (int8x2), 94-207 (turned around), 58 (fp16_asm); a program looping over
+16 blocks of tokens, software-pipelined in 3 stages, takes fp16_asm to 50 us.
 """
 from __future__ import annotations
 
@@ -31,10 +38,11 @@ import triton.language as tl
 
 from shadowkv_fx.kernels import triton_score
 
-# tokens per program (BLOCK_C * L) and warps per program: the best of a sweep on the H100
-# (benchmarks/score_kernel_sweep.py: 64-256 tokens, 2-8 warps; 74 us a layer at 32K x 4 against 79-121)
+# tokens a block (BLOCK_C * L), warps, dot form, blocks a program and their pipeline stages. The H100's fastest
+# (score_kernel_sweep.py) is {"dot": "fp16_asm", "blocks": 16, "stages": 3} at 256 tokens and 4 warps, 50 us a layer at
+# 32K x 4 against this default's 66; it is checked on the GPU by the sweep and tests/test_key_codes.py, but the whole
+# GPU suite has not run with it as the default yet: make it the default once it has.
 GPU_TILES = {"block_t": 256, "num_warps": 4, "dot": "fp16_bits", "blocks": 1, "stages": 1}
-# dot: every form but "fp16" stays off until a GPU has compiled and timed it (score_kernel_sweep.py)
 # name: (dot form, codes as the dots' rows)
 DOT_FORMS = {"fp16": (0, False), "fp16_bits": (1, False), "int8x2": (2, False), "fp16_tokens": (0, True),
              "int8x2_tokens": (2, True), "fp16_asm": (3, False)}
