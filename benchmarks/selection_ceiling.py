@@ -16,6 +16,10 @@ Modes, each in place of the landmark top-k of ``decode_step.select`` (keys, valu
   a group of 32 tokens, KIVI's key layout) in place of the keys: what selection by low-bit keys
   (ParisKV, SpeCache, YAKV) wins here. At N=4 it reads as many bytes a step as chunk-4 16-bit landmarks;
   ``codesNgG``: groups of G tokens, ``g0`` one group for the whole prompt (scales a fold could reuse);
+- ``pcaPcodesN``: Loki's reduction under the codes: the keys, centred, projected on their top ``P`` principal
+  directions (per sequence and KV head, over the prompt's keys), rounded to N-bit codes with one min/max per
+  direction (as ``codesNg0``), and the query projected alike (the centre's logit is one constant a query, which
+  the softmax cancels): ``P / D`` of the codes' bytes and dot work a step;
 - ``subS``: finer landmarks inside a chunk, the means of its runs of S tokens, scored as the oracle scores
   keys (each chunk's mass summed over its sub-landmarks): chunk-sized picks with S-token landmarks.
 
@@ -131,6 +135,24 @@ def key_codes(keys: torch.Tensor, bits: int, group: int = 32) -> torch.Tensor:
     return (codes * step + low).view(b, h, -1, d)[:, :, :t]
 
 
+_PCA: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # (id(keys), P, N) -> keys, basis, codes
+
+
+def pca_codes(keys: torch.Tensor, directions: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys [B, Hkv, T, D]`` -> (basis ``[B, Hkv, D, P]``, the centred keys' projections on it as ``bits``-bit codes
+    with one min/max per direction, read back, ``[B, Hkv, T, P]``); once per set of keys (``all_keys`` keeps one)."""
+    kept = _PCA.get((id(keys), directions, bits))
+    if kept is not None and kept[0] is keys:
+        return kept[1], kept[2]
+    centred = keys - keys.mean(2, keepdim=True)
+    _, vectors = torch.linalg.eigh(centred.transpose(-1, -2) @ centred)  # ascending eigenvalues
+    basis = vectors[..., -directions:]
+    coded = key_codes(centred @ basis, bits, keys.shape[2])
+    _PCA.clear()  # one layer's keys at a time is enough for a decode step's replay
+    _PCA[(id(keys), directions, bits)] = (keys, basis, coded)
+    return basis, coded
+
+
 def selector(mode: str):
     """A ``decode_step.select`` stand-in for ``mode``."""
     if mode == "landmarks":
@@ -139,8 +161,10 @@ def selector(mode: str):
     radius = re.fullmatch(r"radius(\d*\.?\d+)", mode)
     codes = re.fullmatch(r"codes(\d+)(?:g(\d+))?", mode)
     sub = re.fullmatch(r"sub(\d+)", mode)
-    if mode not in ("oracle", "bounds") and not any((rescore, radius, codes, sub)):
-        raise ValueError(f"unknown mode {mode!r}: landmarks, oracle, bounds, rescoreM, radiusW, codesN[gG] or subS")
+    pca = re.fullmatch(r"pca(\d+)codes(\d+)", mode)
+    if mode not in ("oracle", "bounds") and not any((rescore, radius, codes, sub, pca)):
+        raise ValueError(f"unknown mode {mode!r}: landmarks, oracle, bounds, rescoreM, radiusW, codesN[gG], subS "
+                         "or pcaPcodesN")
 
     def select(state, q, scale):
         chunk, k = state.config.chunk_size, state.select_k
@@ -151,6 +175,12 @@ def selector(mode: str):
             group = int(codes.group(2) or 32) or keys.shape[2]
             coded = key_codes(keys, int(codes.group(1)), group)
             return dispatch.top_chunks(step_mass(q, coded, state.selectable, chunk, scale), k)
+        if pca is not None:
+            basis, coded = pca_codes(keys, int(pca.group(1)), int(pca.group(2)))
+            b, hq, n, d = q.shape
+            grouped = q.float().view(b, basis.shape[1], hq // basis.shape[1], n, d) @ basis[:, :, None]
+            projected = grouped.reshape(b, hq, n, basis.shape[-1])
+            return dispatch.top_chunks(step_mass(projected, coded, state.selectable, chunk, scale), k)
         if sub is not None:
             size = int(sub.group(1))
             if chunk % size:

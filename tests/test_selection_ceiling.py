@@ -139,3 +139,18 @@ def test_sub_landmarks_of_single_tokens_are_the_oracle_and_of_whole_chunks_shado
         assert "whole runs" in str(err)
     else:
         raise AssertionError("a run length that does not divide the chunk was accepted")
+
+
+def test_pca_codes_in_every_direction_pick_as_the_oracle_and_in_one_direction_do_not():
+    """Centring costs each query one constant logit (the softmax cancels it), so every direction at 12 bits picks
+    the oracle's chunks; one direction of 16 cannot."""
+    state, _ = _layer_state()
+    q = torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(1)) * 3
+    oracle_idx, _ = ceiling.selector("oracle")(state, q, 0.25)
+    full_idx, _ = ceiling.selector("pca16codes12")(state, q, 0.25)
+    assert torch.equal(full_idx.sort(-1).values, oracle_idx.sort(-1).values)
+    basis, coded = ceiling.pca_codes(ceiling.all_keys(state), 3, 4)
+    assert basis.shape[-1] == 3 and coded.shape[-1] == 3
+    assert torch.allclose(basis.transpose(-1, -2) @ basis, torch.eye(3).expand(1, 2, 3, 3), atol=1e-5)
+    one_idx, _ = ceiling.selector("pca1codes12")(state, q, 0.25)
+    assert not torch.equal(one_idx.sort(-1).values, oracle_idx.sort(-1).values), "one direction of 16 loses picks"
