@@ -148,7 +148,8 @@ def pca_codes(keys: torch.Tensor, directions: int, bits: int) -> tuple[torch.Ten
     _, vectors = torch.linalg.eigh(centred.transpose(-1, -2) @ centred)  # ascending eigenvalues
     basis = vectors[..., -directions:]
     coded = key_codes(centred @ basis, bits, keys.shape[2])
-    _PCA.clear()  # one layer's keys at a time is enough for a decode step's replay
+    while len(_PCA) >= 64:  # a model's layers, once a prompt (the oldest prompt's go first)
+        _PCA.pop(next(iter(_PCA)))
     _PCA[(id(keys), directions, bits)] = (keys, basis, coded)
     return basis, coded
 
