@@ -24,7 +24,9 @@ codes meet the tensor cores:
   rows and the few query rows its columns;
 - ``"fp16_asm"``: ``fp16_bits`` in PTX, four codes a register (``prmt`` + ``and``: two instructions a pair of codes
   against ~4 integer instructions a code for Triton's lowering, which bound the kernel on the H100), the high
-  nibble read in place as 16 * code, and each chunk's log-sum-exp in base 2 with one ``ex2.approx.ftz`` a token.
+  nibble read in place as 16 * code, and each chunk's log-sum-exp in base 2 with one ``ex2.approx.ftz`` a token;
+- ``"fp16_asm_phases"``: ``fp16_asm`` with consecutive tokens folded into the dot's padded query rows
+  (``_chunk_logits_phases``), untimed.
 
 Measured on the H100 (``benchmarks/results/h100_code_tiles``): 24 us a layer for 16-bit landmarks at 32K x 4,
 codes 74 us (fp16), 66 (fp16_bits), 67 (int8x2), 94-207 (turned around), 58 (fp16_asm); a program looping over
@@ -45,7 +47,7 @@ from shadowkv_fx.kernels import triton_score
 GPU_TILES = {"block_t": 256, "num_warps": 4, "dot": "fp16_bits", "blocks": 1, "stages": 1}
 # name: (dot form, codes as the dots' rows)
 DOT_FORMS = {"fp16": (0, False), "fp16_bits": (1, False), "int8x2": (2, False), "fp16_tokens": (0, True),
-             "int8x2_tokens": (2, True), "fp16_asm": (3, False)}
+             "int8x2_tokens": (2, True), "fp16_asm": (3, False), "fp16_asm_phases": (4, False)}
 # the GPU's dots (GPU_TILES['dot']) off a GPU (the interpreter) only where a test asks for them
 GPU_DOTS_OFF_GPU = False
 
@@ -154,7 +156,7 @@ def _chunk_logits_codes_as_columns(b_qlo, b_qhi, p_k, o_h, m_h, m_t, BLOCK_M: tl
     """Chunk logits ``[BLOCK_M, BLOCK_C]``, the query rows the dots' rows and the codes transposed
     (``[BLOCK_H, BLOCK_T]``): each chunk's log-sum-exp of its ``L`` token logits (finite: padding keys have codes 0)."""
     b_k = tl.load(p_k[None, :] + o_h[:, None], mask=m_h[:, None] & m_t[None, :], other=0)
-    if FAST_DOT and DOT_FORM == 3:
+    if FAST_DOT and DOT_FORM >= 3:  # fp16_asm (and fp16_asm_phases where no phases fit)
         b_cl = _chunk_logits_fp16_asm(b_qlo, b_qhi, b_k, BLOCK_M, BLOCK_C, L, ASM)
     else:
         if FAST_DOT and DOT_FORM == 2:
@@ -172,6 +174,31 @@ def _chunk_logits_codes_as_columns(b_qlo, b_qhi, p_k, o_h, m_h, m_t, BLOCK_M: tl
         b_top = tl.max(b_l3, axis=2)
         b_cl = b_top + tl.log(tl.sum(tl.exp(b_l3 - b_top[:, :, None]), axis=2))
     return b_cl
+
+
+@triton.jit
+def _chunk_logits_phases(b_qlo, b_qhi, p_k, o_h, m_h, m_t, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                         L: tl.constexpr, BLOCK_H: tl.constexpr, PHASES: tl.constexpr, ASM: tl.constexpr):
+    """The ``"fp16_asm_phases"`` form: ``fp16_asm`` with no padded query rows. A decode step has ``G * n`` = 4 query
+    rows where a tensor-core dot needs 16, so ``PHASES`` consecutive tokens share a column: the codes ``[T, H]`` read
+    as ``[T / PHASES, PHASES * H]`` against the query rows laid block-diagonally, ``[BLOCK_M * PHASES, PHASES * H]``
+    (row ``r * PHASES + p`` holds row ``r`` in block ``p``), so logit ``(r * PHASES + p, t)`` is row ``r``'s for
+    token ``t * PHASES + p`` and every exp of the log-sum-exp is a real one (a quarter of ``fp16_asm``'s at G = 4)."""
+    b_kt = tl.load(p_k[:, None] + o_h[None, :], mask=m_t[:, None] & m_h[None, :], other=0)
+    b_kp = tl.reshape(b_kt, (BLOCK_C * L // PHASES, PHASES * BLOCK_H))
+    if ASM:
+        lo, hi = _fp16_low_nibbles_asm(b_kp), _fp16_high_nibbles_asm(b_kp)
+    else:
+        lo, hi = _fp16_nibble(b_kp & 15), _fp16_nibble(b_kp & 0xF0)
+    o_p = tl.arange(0, PHASES)
+    diagonal = (o_p[:, None] == o_p[None, :])[None, :, :, None]
+    a_lo = tl.reshape(tl.where(diagonal, b_qlo[:, None, None, :], 0.0), (BLOCK_M * PHASES, PHASES * BLOCK_H))
+    a_hi = tl.reshape(tl.where(diagonal, b_qhi[:, None, None, :], 0.0), (BLOCK_M * PHASES, PHASES * BLOCK_H))
+    b_l = tl.dot(a_lo.to(tl.float16), tl.trans(lo)) + tl.dot(a_hi.to(tl.float16), tl.trans(hi))
+    b_l4 = tl.reshape(b_l, (BLOCK_M, PHASES, BLOCK_C, L // PHASES))
+    b_top = tl.max(tl.max(b_l4, axis=3), axis=1)
+    b_sum = tl.sum(tl.sum(_exp2(b_l4 - b_top[:, None, :, None], ASM), axis=3), axis=1)
+    return (b_top + tl.log2(b_sum)) * 0.6931471805599453
 
 
 @triton.jit
@@ -199,7 +226,7 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
                        G: tl.constexpr, HALF: tl.constexpr, L: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FAST_DOT: tl.constexpr,
                        DOT_FORM: tl.constexpr, TOKEN_ROWS: tl.constexpr, BLOCKS: tl.constexpr,
-                       STAGES: tl.constexpr, ASM: tl.constexpr):
+                       STAGES: tl.constexpr, ASM: tl.constexpr, PHASES: tl.constexpr):
     i_c = tl.program_id(0)
     i_m = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -217,7 +244,7 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
     b_qlo = tl.load(p_q, mask=m_q, other=0.0).to(tl.float32) * (tl.load(p_s, mask=m_h, other=0.0) * scale)[None, :]
     b_qhi = tl.load(p_q + HALF * s_qd, mask=m_q, other=0.0).to(tl.float32) \
         * (tl.load(p_s + HALF * s_sd, mask=m_h, other=0.0) * scale)[None, :]
-    if FAST_DOT and DOT_FORM == 3:  # logits in base 2; the high nibbles are read as 16 * code
+    if FAST_DOT and DOT_FORM >= 3:  # logits in base 2; the high nibbles are read as 16 * code
         b_qlo = b_qlo * 1.4426950408889634
         b_qhi = b_qhi * (1.4426950408889634 / 16)
     # token t of a block is token t % L of chunk t // L; the program's BLOCKS blocks in a software-pipelined loop
@@ -231,7 +258,10 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
         c0 = (i_c * BLOCKS + j) * BLOCK_C
         o_tc = c0 + o_t // L
         p_k = p_kh + o_tc.to(tl.int64) * s_cc
-        if TOKEN_ROWS:
+        if FAST_DOT and DOT_FORM == 4 and PHASES > 1:
+            b_cl = _chunk_logits_phases(b_qlo, b_qhi, p_k, o_h, m_h, o_tc < C, BLOCK_M, BLOCK_C, L, BLOCK_H, PHASES,
+                                        ASM)
+        elif TOKEN_ROWS:
             b_cl = _chunk_logits_codes_as_rows(b_qlo, b_qhi, p_k, o_h, m_h, o_tc < C, BLOCK_M, BLOCK_C, L, FAST_DOT,
                                                DOT_FORM)
         else:  # the default: the query rows are the dots' rows (a token-major tile was slower on the H100)
@@ -291,8 +321,14 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
     form, token_rows = DOT_FORMS[GPU_TILES["dot"]]
     gn = g * n
     block_m = max(16, min(64, triton.next_power_of_2(gn)))
+    phases = 1
+    if form == 4 and fast_dot:  # as many tokens a column as fill the dot's 16 rows and divide a chunk
+        phases = 16 // min(16, triton.next_power_of_2(gn))
+        while chunk % phases:
+            phases //= 2
+        block_m = 16 // phases
     block_c = max(1, (GPU_TILES["block_t"] if gpu else 64) // chunk)
-    block_c = max(block_c, triton.cdiv(16, chunk))  # tl.dot wants >= 16 tokens
+    block_c = max(block_c, triton.cdiv(16 * phases, chunk))  # tl.dot wants >= 16 columns
     blocks = GPU_TILES["blocks"] if gpu else 2  # the interpreter runs the loop too
     nb = triton.cdiv(c, block_c * blocks)
     logits = triton_score._scratch(b, hkv, gn, c, dtype=torch.float32, device=q.device)
@@ -305,6 +341,6 @@ def score_code_chunks(q: torch.Tensor, codes: torch.Tensor, code_scale: torch.Te
         G=g, HALF=d // 2, L=chunk, BLOCK_M=block_m, BLOCK_C=block_c,
         BLOCK_H=max(32 if form == 2 else 16, triton.next_power_of_2(d // 2)),  # int8 dots: k a multiple of 32
         FAST_DOT=fast_dot, DOT_FORM=form, TOKEN_ROWS=token_rows, BLOCKS=blocks,
-        STAGES=GPU_TILES["stages"], ASM=gpu, num_warps=GPU_TILES["num_warps"],
+        STAGES=GPU_TILES["stages"], ASM=gpu, PHASES=phases, num_warps=GPU_TILES["num_warps"],
     )
     return triton_score.launch_reduce(logits, blk_max, blk_sum, sel, out, n)
