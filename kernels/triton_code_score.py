@@ -74,7 +74,7 @@ def _fp16_low_nibbles_asm(b):
 
 @triton.jit
 def _fp16_high_nibbles_asm(b):
-    """``_fp16_nibble(b & 0xF0)``: the high nibble left in place, 1024 + 16 * code (the query half is scaled by 1/16)."""
+    """``_fp16_nibble(b & 0xF0)``: the high nibble left in place, 1024 + 16 * code (its query half scaled by 1/16)."""
     return tl.inline_asm_elementwise(
         "{ .reg .b32 t0, t1; prmt.b32 t0, $2, 0x64646464, 0x5150; prmt.b32 t1, $2, 0x64646464, 0x5352;"
         " and.b32 $0, t0, 0x64F064F0; and.b32 $1, t1, 0x64F064F0; }",
