@@ -22,9 +22,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from kernel_bench import D, G, HKV, graph_ms  # noqa: E402  (a sibling script: its L2-flushed graph timing)
 
 LAYERS = 32
-# (form, tokens a block, warps, blocks a program, pipeline stages): one block a program in every column form and
-# tile, then the looped, pipelined program (3 stages led the H100's sweep of 2-4) in the forms that led the one-block sweep;
-# SWEEP_FORMS=a,b keeps those forms only
+# (form, tokens a block, warps, blocks a program, pipeline stages): one block a program in every column form
+# and tile, then the looped, pipelined program (3 stages led the H100's sweep of 2-4) in the forms that led
+# the one-block sweep; SWEEP_FORMS=a,b keeps those forms only
 _LOOPED = ("fp16_bits", "int8x2", "fp16_asm", "fp16_asm_phases")
 TILES = [*itertools.product(("fp16", *_LOOPED), (128, 256), (4, 8), (1,), (1,)),
          *itertools.product(_LOOPED, (128, 256), (4, 8), (4, 16), (3,))]
