@@ -49,10 +49,13 @@ case $STAGE in
         fi
         TILES=$OUT/best_tiles.json FORMS=$form SAFEGUARD_FORM=$form bash "$0" bench
         TILES=$OUT/best_tiles.json FORMS=$form SAFEGUARD_FORM=$form CONTEXT=122880 BATCH=1 bash "$0" bench ;;
-    bench)
-        bench "default_${CONTEXT}" ""
-        for form in ${FORMS:-int8x2 fp16_bits fp16}; do
-            bench "codes4_${form}_${CONTEXT}" "$form" --key-code-bits 4
+    bench)  # REPEATS=N: the default and code rows N times, alternating (the default moved 5% between two calls)
+        for rep in $(seq "${REPEATS:-1}"); do
+            tag=$([ "${REPEATS:-1}" -gt 1 ] && echo "_r$rep")
+            bench "default_${CONTEXT}$tag" ""
+            for form in ${FORMS:-int8x2 fp16_bits fp16}; do
+                bench "codes4_${form}_${CONTEXT}$tag" "$form" --key-code-bits 4
+            done
         done
         # the config that meets #32's accuracy target at 2K-8K on the CPU: codes, chunks of 4 + local 128, the
         # per-layer split measured on SmolLM2 at 4K carried to the 8B shape's 32 layers (same total)
