@@ -82,6 +82,16 @@ def _fp16_high_nibbles_asm(b):
 
 
 @triton.jit
+def _fp16_nibble_pair(b, ASM: tl.constexpr):
+    """Packed codes as fp16 ``(1024 + low nibble, 1024 + 16 * high nibble)``: in PTX on a GPU (``ASM``), by the same
+    bits in Triton ops under the interpreter."""
+    if ASM:
+        return _fp16_low_nibbles_asm(b), _fp16_high_nibbles_asm(b)
+    else:
+        return _fp16_nibble(b & 15), _fp16_nibble(b & 0xF0)
+
+
+@triton.jit
 def _exp2(x, ASM: tl.constexpr):
     """``2 ** x``, one MUFU.EX2 on a GPU (``tl.exp2`` adds a range fix for subnormal results, which a softmax over
     logits never needs)."""
@@ -96,12 +106,9 @@ def _exp2(x, ASM: tl.constexpr):
 def _chunk_logits_fp16_asm(b_qlo, b_qhi, b_k, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, L: tl.constexpr,
                            ASM: tl.constexpr):
     """The ``"fp16_asm"`` form: ``b_qlo``, ``b_qhi`` arrive scaled by log2(e) (``b_qhi`` also by 1/16), the nibbles
-    are made fp16 in PTX (``ASM``; the same bits by Triton ops under the interpreter) and each chunk's log-sum-exp
-    runs in base 2; chunk logits come back in natural units."""
-    if ASM:
-        lo, hi = _fp16_low_nibbles_asm(b_k), _fp16_high_nibbles_asm(b_k)
-    else:
-        lo, hi = _fp16_nibble(b_k & 15), _fp16_nibble(b_k & 0xF0)
+    are made fp16 by ``_fp16_nibble_pair`` and each chunk's log-sum-exp runs in base 2; chunk logits come back in
+    natural units."""
+    lo, hi = _fp16_nibble_pair(b_k, ASM)
     b_l = tl.dot(b_qlo.to(tl.float16), lo) + tl.dot(b_qhi.to(tl.float16), hi)
     b_l3 = tl.reshape(b_l, (BLOCK_M, BLOCK_C, L))
     b_top = tl.max(b_l3, axis=2)
@@ -186,10 +193,7 @@ def _chunk_logits_phases(b_qlo, b_qhi, p_k, o_h, m_h, m_t, BLOCK_M: tl.constexpr
     token ``t * PHASES + p`` and every exp of the log-sum-exp is a real one (a quarter of ``fp16_asm``'s at G = 4)."""
     b_kt = tl.load(p_k[:, None] + o_h[None, :], mask=m_t[:, None] & m_h[None, :], other=0)
     b_kp = tl.reshape(b_kt, (BLOCK_C * L // PHASES, PHASES * BLOCK_H))
-    if ASM:
-        lo, hi = _fp16_low_nibbles_asm(b_kp), _fp16_high_nibbles_asm(b_kp)
-    else:
-        lo, hi = _fp16_nibble(b_kp & 15), _fp16_nibble(b_kp & 0xF0)
+    lo, hi = _fp16_nibble_pair(b_kp, ASM)
     o_p = tl.arange(0, PHASES)
     diagonal = (o_p[:, None] == o_p[None, :])[None, :, :, None]
     a_lo = tl.reshape(tl.where(diagonal, b_qlo[:, None, None, :], 0.0), (BLOCK_M * PHASES, PHASES * BLOCK_H))
