@@ -135,23 +135,20 @@ def key_codes(keys: torch.Tensor, bits: int, group: int = 32) -> torch.Tensor:
     return (codes * step + low).view(b, h, -1, d)[:, :, :t]
 
 
-_PCA: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # (id(keys), P, N) -> keys, basis, codes
+_PCA: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (id(keys), P, N) -> basis, codes, while the keys live
 
 
 def pca_codes(keys: torch.Tensor, directions: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``keys [B, Hkv, T, D]`` -> (basis ``[B, Hkv, D, P]``, the centred keys' projections on it as ``bits``-bit codes
     with one min/max per direction, read back, ``[B, Hkv, T, P]``); once per set of keys (``all_keys`` keeps one)."""
-    kept = _PCA.get((id(keys), directions, bits))
-    if kept is not None and kept[0] is keys:
-        return kept[1], kept[2]
-    centred = keys - keys.mean(2, keepdim=True)
-    _, vectors = torch.linalg.eigh(centred.transpose(-1, -2) @ centred)  # ascending eigenvalues
-    basis = vectors[..., -directions:]
-    coded = key_codes(centred @ basis, bits, keys.shape[2])
-    while len(_PCA) >= 64:  # a model's layers, once a prompt (the oldest prompt's go first)
-        _PCA.pop(next(iter(_PCA)))
-    _PCA[(id(keys), directions, bits)] = (keys, basis, coded)
-    return basis, coded
+    key = (id(keys), directions, bits)
+    if key not in _PCA:
+        centred = keys - keys.mean(2, keepdim=True)
+        _, vectors = torch.linalg.eigh(centred.transpose(-1, -2) @ centred)  # ascending eigenvalues
+        basis = vectors[..., -directions:]
+        _PCA[key] = (basis, key_codes(centred @ basis, bits, keys.shape[2]))
+        weakref.finalize(keys, _PCA.pop, key, None)  # as all_keys: dropped with the keys, so an id is never reused
+    return _PCA[key]
 
 
 def selector(mode: str):
