@@ -31,24 +31,28 @@ main()" bench --contexts "$CONTEXT" --batches "$BATCH" --methods shadowkv --step
     cp "/tmp/b_$name/bench.json" "$OUT/bench_$name.json" 2>/dev/null
 }
 
+sweep() {  # the kernel sweep; its fastest exact tiles go to $OUT/best_tiles.json
+    python3 benchmarks/score_kernel_sweep.py "$OUT/best_tiles.json" > "$OUT/sweep.txt" 2>&1
+    cat "$OUT/sweep.txt"
+}
+
 case $STAGE in
     sweep)
-        python3 benchmarks/score_kernel_sweep.py "$OUT/best_tiles.json" > "$OUT/sweep.txt" 2>&1
-        cat "$OUT/sweep.txt"
+        sweep
         echo "=== GPU suite $(date +%T)"
         bash scripts/gpu_suite.sh ;;
-    tiles|quick)  # quick: one bench shape (CONTEXT x BATCH), after the code kernel's GPU tests
-        python3 benchmarks/score_kernel_sweep.py "$OUT/best_tiles.json" > "$OUT/sweep.txt" 2>&1
-        cat "$OUT/sweep.txt"
-        form=$(python3 -c "import json; print(json.load(open('$OUT/best_tiles.json'))['dot'])") || exit 1
+    tiles|quick)  # every bench row with the sweep's fastest tiles; quick: one shape (CONTEXT x BATCH), then the tests
+        sweep
+        export TILES=$OUT/best_tiles.json
+        FORMS=$(python3 -c "import json; print(json.load(open('$TILES'))['dot'])") || exit 1
+        export FORMS SAFEGUARD_FORM=$FORMS
+        bash "$0" bench
         if [ "$STAGE" = quick ]; then
-            TILES=$OUT/best_tiles.json FORMS=$form SAFEGUARD_FORM=$form bash "$0" bench
             python3 -m pytest -q -o addopts='' -p no:cacheprovider -rs -n 8 tests/test_key_codes.py > "$OUT/key_code_tests.txt" 2>&1
             tail -3 "$OUT/key_code_tests.txt"
-            exit
-        fi
-        TILES=$OUT/best_tiles.json FORMS=$form SAFEGUARD_FORM=$form bash "$0" bench
-        TILES=$OUT/best_tiles.json FORMS=$form SAFEGUARD_FORM=$form CONTEXT=122880 BATCH=1 bash "$0" bench ;;
+        else
+            CONTEXT=122880 BATCH=1 bash "$0" bench
+        fi ;;
     bench)  # REPEATS=N: the default and code rows N times, alternating (the default moved 5% between two calls)
         for rep in $(seq "${REPEATS:-1}"); do
             tag=$([ "${REPEATS:-1}" -gt 1 ] && echo "_r$rep")
