@@ -1,5 +1,6 @@
-"""One layer's chunk scoring at 32K x 4 (Llama-3.1-8B heads), the 4-bit code kernel beside the 16-bit landmark kernel, for a
-profiler: each runs once to compile, then once more to be profiled (issue #32: why the code kernel reads at a third of HBM).
+"""One layer's chunk scoring at 32K x 4 (Llama-3.1-8B heads), the 4-bit code kernel beside the 16-bit landmark kernel,
+for a profiler: each runs once to compile, then once more to be profiled (issue #32: why the code kernel reads at a
+third of HBM).
 
     ncu --clock-control none --kernel-name regex:"code_logits|score_logits" --launch-skip 2 --launch-count 2 \\
         --section SpeedOfLight --section WarpStateStats python benchmarks/code_kernel_profile.py
@@ -11,23 +12,16 @@ import sys
 
 import torch
 
-from shadowkv_fx.kernels import key_codes, triton_code_score, triton_score
+from shadowkv_fx.kernels import triton_code_score, triton_score
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_bench import D, G, HKV  # noqa: E402  (a sibling script: the 8B head shape)
+from kernel_bench import D  # noqa: E402  (sibling scripts: the 8B head shape, the sweep's inputs)
+from score_kernel_sweep import scoring_inputs  # noqa: E402
 
 
 def main() -> None:
     torch.manual_seed(0)
-    b, ctx, chunk = 4, 32768, 8
-    c = ctx // chunk
-    q = torch.randn(b, HKV * G, 1, D, device="cuda", dtype=torch.bfloat16)
-    keys = torch.randn(b, HKV, ctx, D, device="cuda")
-    sel = torch.rand(b, HKV, c, device="cuda") > 0.01
-    landmarks = keys.view(b, HKV, c, chunk, D).mean(3).bfloat16()
-    scale = key_codes.fit_scale(keys)
-    codes = key_codes.encode(keys, scale, chunk)
-    del keys
+    q, sel, landmarks, _, (codes, scale) = scoring_inputs(4, 32768)
     for _ in range(2):  # compile, then the profiled launch (the profiler skips the first of each kernel)
         triton_code_score.score_code_chunks(q, codes, scale, sel, D**-0.5)
         triton_score.score_chunks(q, landmarks, sel, D**-0.5)

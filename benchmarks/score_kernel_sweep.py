@@ -39,22 +39,26 @@ def graphed_us(fn) -> float:
     return graph_ms(fn) * 1000
 
 
+def scoring_inputs(b: int, ctx: int, chunk: int = 8):
+    """One layer's random decode query ``[b, Hq, 1, D]`` (bf16) and ``ctx`` keys a sequence, as each scorer reads them:
+    ``(q, selectable, 16-bit landmarks, (2 runs' int8 landmarks, their scales), (4-bit codes, code scale))``."""
+    c = ctx // chunk
+    q = torch.randn(b, HKV * G, 1, D, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(b, HKV, ctx, D, device="cuda")
+    sel = torch.rand(b, HKV, c, device="cuda") > 0.01
+    landmarks = keys.view(b, HKV, c, chunk, D).mean(3).bfloat16()
+    runs = quantize.quantize(keys.view(b, HKV, c * 2, chunk // 2, D).mean(3), 1)
+    scale = key_codes.fit_scale(keys)
+    return q, sel, landmarks, runs, (key_codes.encode(keys, scale, chunk), scale)
+
+
 def main(best_path: str | None = None) -> None:
     torch.manual_seed(0)
     best: tuple[float, dict] = (float("inf"), {})
     print(f"{torch.cuda.get_device_name()}; per layer (us) and x{LAYERS} layers (ms a step)")
     for b, ctx in ((4, 32768), (1, 122880)):
-        chunk = 8
-        c = ctx // chunk
-        q = torch.randn(b, HKV * G, 1, D, device="cuda", dtype=torch.bfloat16)
-        keys = torch.randn(b, HKV, ctx, D, device="cuda")
-        sel = torch.rand(b, HKV, c, device="cuda") > 0.01
-        means = keys.view(b, HKV, c, chunk, D).mean(3)
-        runs, run_scale = quantize.quantize(keys.view(b, HKV, c * 2, chunk // 2, D).mean(3), 1)
-        scale = key_codes.fit_scale(keys)
-        codes = key_codes.encode(keys, scale, chunk)
-        del keys
-        lm16, sel2 = means.bfloat16(), sel.repeat_interleave(2, -1)
+        q, sel, lm16, (runs, run_scale), (codes, scale) = scoring_inputs(b, ctx)
+        sel2 = sel.repeat_interleave(2, -1)
         rows = {"landmarks 16-bit": lambda: triton_score.score_chunks(q, lm16, sel, D**-0.5),
                 "2 runs, 8-bit": lambda: triton_score.score_chunks(q, runs, sel2, D**-0.5, run_scale)}
         print(f"\n{ctx} x {b}: codes {codes.numel() / 2**20:.0f} MiB, 16-bit landmarks {lm16.numel() * 2 / 2**20:.0f} MiB "
