@@ -8,7 +8,8 @@
 #   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh quick"   # sweep, bench rows at CONTEXT x
 #                                           BATCH only, then tests/test_key_codes.py (SWEEP_FORMS=a,b narrows the sweep)
 # A bench row with a form other than the default runs the CLI with GPU_TILES["dot"] set first; TILES=FILE (a JSON
-# the sweep writes: $OUT/best_tiles.json) sets GPU_TILES from it first.
+# the sweep writes: $OUT/best_tiles.json) sets GPU_TILES from it first; BREAKDOWN=1 adds bench --breakdown (each row's
+# GPU time per kernel in one step, in its bench_*.json).
 set -uo pipefail
 STAGE=${1:?sweep, tiles, quick or bench}
 CONTEXT=${CONTEXT:-32768} BATCH=${BATCH:-4}
@@ -25,7 +26,7 @@ if '$form':
     triton_code_score.GPU_TILES['dot'] = '$form'
 from shadowkv_fx.cli import main
 sys.argv = ['shadowkv-fx'] + sys.argv[1:]
-main()" bench --contexts "$CONTEXT" --batches "$BATCH" --methods shadowkv --steps 32 "$@" --out "/tmp/b_$name" \
+main()" bench --contexts "$CONTEXT" --batches "$BATCH" --methods shadowkv --steps 32 ${BREAKDOWN:+--breakdown} "$@" --out "/tmp/b_$name" \
         > "/tmp/b_$name.log" 2>&1
     cat "/tmp/b_$name/table.txt" 2>/dev/null || tail -20 "/tmp/b_$name.log"
     cp "/tmp/b_$name/bench.json" "$OUT/bench_$name.json" 2>/dev/null
