@@ -184,21 +184,26 @@ def _chunk_logits_codes_as_columns(b_qlo, b_qhi, p_k, o_h, m_h, m_t, BLOCK_M: tl
 
 
 @triton.jit
-def _chunk_logits_phases(b_qlo, b_qhi, p_k, o_h, m_h, m_t, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                         L: tl.constexpr, BLOCK_H: tl.constexpr, PHASES: tl.constexpr, ASM: tl.constexpr):
-    """The ``"fp16_asm_phases"`` form: ``fp16_asm`` with no padded query rows. A decode step has ``G * n`` = 4 query
-    rows where a tensor-core dot needs 16, so ``PHASES`` consecutive tokens share a column: the codes ``[T, H]`` read
-    as ``[T / PHASES, PHASES * H]`` against the query rows laid block-diagonally, ``[BLOCK_M * PHASES, PHASES * H]``
-    (row ``r * PHASES + p`` holds row ``r`` in block ``p``), so logit ``(r * PHASES + p, t)`` is row ``r``'s for
-    token ``t * PHASES + p`` and every exp of the log-sum-exp is a real one (a quarter of ``fp16_asm``'s at G = 4)."""
-    b_kt = tl.load(p_k[:, None] + o_h[None, :], mask=m_t[:, None] & m_h[None, :], other=0)
-    b_kp = tl.reshape(b_kt, (BLOCK_C * L // PHASES, PHASES * BLOCK_H))
-    lo, hi = _fp16_nibble_pair(b_kp, ASM)
+def _block_diagonal(b_q, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, PHASES: tl.constexpr):
+    """Query rows ``[BLOCK_M, BLOCK_H]`` laid block-diagonally, ``[BLOCK_M * PHASES, PHASES * BLOCK_H]`` fp16: row
+    ``r * PHASES + p`` holds row ``r`` in column block ``p`` (``_chunk_logits_phases``); built once a program."""
     o_p = tl.arange(0, PHASES)
     diagonal = (o_p[:, None] == o_p[None, :])[None, :, :, None]
-    a_lo = tl.reshape(tl.where(diagonal, b_qlo[:, None, None, :], 0.0), (BLOCK_M * PHASES, PHASES * BLOCK_H))
-    a_hi = tl.reshape(tl.where(diagonal, b_qhi[:, None, None, :], 0.0), (BLOCK_M * PHASES, PHASES * BLOCK_H))
-    b_l = tl.dot(a_lo.to(tl.float16), tl.trans(lo)) + tl.dot(a_hi.to(tl.float16), tl.trans(hi))
+    rows = tl.where(diagonal, b_q[:, None, None, :], 0.0)
+    return tl.reshape(rows, (BLOCK_M * PHASES, PHASES * BLOCK_H)).to(tl.float16)
+
+
+@triton.jit
+def _chunk_logits_phases(a_lo, a_hi, p_kc, m_kc, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, L: tl.constexpr,
+                         PHASES: tl.constexpr, ASM: tl.constexpr):
+    """The ``"fp16_asm_phases"`` form: ``fp16_asm`` with no padded query rows. A decode step has ``G * n`` = 4 query
+    rows where a tensor-core dot needs 16, so ``PHASES`` consecutive tokens share a column: the codes ``[T, H]`` are
+    read as ``[PHASES * H, T / PHASES]`` (``p_kc``: a chunk's tokens lie back to back, so that is a plain strided
+    read) against the query rows laid block-diagonally (``a_lo``, ``a_hi``: ``_block_diagonal``), so logit
+    ``(r * PHASES + p, t)`` is row ``r``'s for token ``t * PHASES + p`` and every exp of the log-sum-exp is a real one
+    (a quarter of ``fp16_asm``'s at G = 4)."""
+    lo, hi = _fp16_nibble_pair(tl.load(p_kc, mask=m_kc, other=0), ASM)
+    b_l = tl.dot(a_lo, lo) + tl.dot(a_hi, hi)
     b_l4 = tl.reshape(b_l, (BLOCK_M, PHASES, BLOCK_C, L // PHASES))
     b_top = tl.max(tl.max(b_l4, axis=3), axis=1)
     b_sum = tl.sum(tl.sum(_exp2(b_l4 - b_top[:, None, :, None], ASM), axis=3), axis=1)
@@ -256,6 +261,18 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
     o_t = tl.arange(0, BLOCK_C * L)
     o_cb = tl.arange(0, BLOCK_C)
     p_kh = codes + i_b * s_cb + i_h * s_ch + (o_t % L) * HALF
+    # the phases form's view of a block: column i its tokens i*P..i*P+P-1, row p*BLOCK_H + h their channel pair h
+    o_i = tl.arange(0, BLOCK_C * L // PHASES) * PHASES
+    o_j = tl.arange(0, PHASES * BLOCK_H)
+    p_kph = codes + i_b * s_cb + i_h * s_ch + ((o_i % L)[None, :] + (o_j // BLOCK_H)[:, None]) * HALF \
+        + (o_j % BLOCK_H)[:, None]
+    m_jh = ((o_j % BLOCK_H) < HALF)[:, None]
+    if FAST_DOT and DOT_FORM == 4 and PHASES > 1:
+        a_lo = _block_diagonal(b_qlo, BLOCK_M, BLOCK_H, PHASES)
+        a_hi = _block_diagonal(b_qhi, BLOCK_M, BLOCK_H, PHASES)
+    else:
+        a_lo = b_qlo
+        a_hi = b_qhi
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_M], tl.float32)
     for j in tl.range(0, BLOCKS, num_stages=STAGES):
@@ -263,8 +280,9 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
         o_tc = c0 + o_t // L
         p_k = p_kh + o_tc.to(tl.int64) * s_cc
         if FAST_DOT and DOT_FORM == 4 and PHASES > 1:
-            b_cl = _chunk_logits_phases(b_qlo, b_qhi, p_k, o_h, m_h, o_tc < C, BLOCK_M, BLOCK_C, L, BLOCK_H, PHASES,
-                                        ASM)
+            o_ic = c0 + o_i // L
+            p_kc = p_kph + o_ic.to(tl.int64)[None, :] * s_cc
+            b_cl = _chunk_logits_phases(a_lo, a_hi, p_kc, m_jh & (o_ic < C)[None, :], BLOCK_M, BLOCK_C, L, PHASES, ASM)
         elif TOKEN_ROWS:
             b_cl = _chunk_logits_codes_as_rows(b_qlo, b_qhi, p_k, o_h, m_h, o_tc < C, BLOCK_M, BLOCK_C, L, FAST_DOT,
                                                DOT_FORM)
