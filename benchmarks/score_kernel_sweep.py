@@ -24,12 +24,14 @@ from kernel_bench import D, G, HKV, graph_ms  # noqa: E402  (a sibling script: i
 LAYERS = 32
 # (form, tokens a block, warps, blocks a program, pipeline stages): one block a program in every column form
 # and tile, then the looped, pipelined program (3 stages led the H100's sweep of 2-4) in the forms that led
-# the one-block sweep; SWEEP_FORMS=a,b keeps those forms only
+# the one-block sweep; SWEEP_FORMS=a,b keeps those forms only, SWEEP_BLOCKS=a,b those blocks a program
 _LOOPED = ("fp16_bits", "int8x2", "fp16_asm", "fp16_asm_phases")
 TILES = [*itertools.product(("fp16", *_LOOPED), (128, 256), (4, 8), (1,), (1,)),
          *itertools.product(_LOOPED, (128, 256), (4, 8), (4, 16), (3,))]
 if os.environ.get("SWEEP_FORMS"):
     TILES = [tile for tile in TILES if tile[0] in os.environ["SWEEP_FORMS"].split(",")]
+if os.environ.get("SWEEP_BLOCKS"):  # SWEEP_BLOCKS=4,16 keeps the looped programs of 4 and 16 blocks only
+    TILES = [tile for tile in TILES if str(tile[3]) in os.environ["SWEEP_BLOCKS"].split(",")]
 
 
 def graphed_us(fn) -> float:

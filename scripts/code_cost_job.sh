@@ -7,11 +7,14 @@
 #                                           32K x 4 and 122K x 1 with the sweep's fastest exact tiles
 #   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh quick"   # sweep, bench rows at CONTEXT x
 #                                           BATCH only, then tests/test_key_codes.py (SWEEP_FORMS=a,b narrows the sweep)
+#   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh adopt"   # sweep, its fastest exact tiles made
+#                                           the default (scripts/set_code_tiles.py), bench rows at CONTEXT x BATCH, then
+#                                           the whole GPU suite on that default
 # A bench row with a form other than the default runs the CLI with GPU_TILES["dot"] set first; TILES=FILE (a JSON
 # the sweep writes: $OUT/best_tiles.json) sets GPU_TILES from it first; BREAKDOWN=1 adds bench --breakdown (each row's
 # GPU time per kernel in one step, in its bench_*.json).
 set -uo pipefail
-STAGE=${1:?sweep, tiles, quick or bench}
+STAGE=${1:?sweep, tiles, quick, adopt or bench}
 CONTEXT=${CONTEXT:-32768} BATCH=${BATCH:-4}
 
 bench() {  # name, dot form ('' for the default), flags...
@@ -54,6 +57,13 @@ case $STAGE in
         else
             CONTEXT=122880 BATCH=1 bash "$0" bench
         fi ;;
+    adopt)
+        sweep
+        python3 scripts/set_code_tiles.py "$OUT/best_tiles.json" || exit 1
+        FORMS=$(python3 -c "import json; print(json.load(open('$OUT/best_tiles.json'))['dot'])") || exit 1
+        FORMS=$FORMS SAFEGUARD_FORM=$FORMS bash "$0" bench
+        echo "=== GPU suite $(date +%T)"
+        bash scripts/gpu_suite.sh ;;
     bench)  # REPEATS=N: the default and code rows N times, alternating (the default moved 5% between two calls)
         for rep in $(seq "${REPEATS:-1}"); do
             tag=$([ "${REPEATS:-1}" -gt 1 ] && echo "_r$rep")
@@ -67,5 +77,5 @@ case $STAGE in
         bench "safeguard_${SAFEGUARD_FORM:-int8x2}_${CONTEXT}" "${SAFEGUARD_FORM:-int8x2}" --key-code-bits 4 \
             --chunk-size 4 --local-tokens 128 \
             --layer-budgets benchmarks/results/cpu_key_codes_layer_budgets/layer_budgets_coverage_4k.json ;;
-    *) echo "unknown stage $STAGE (sweep, tiles, quick or bench)"; exit 2 ;;
+    *) echo "unknown stage $STAGE (sweep, tiles, quick, adopt or bench)"; exit 2 ;;
 esac
