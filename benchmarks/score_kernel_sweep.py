@@ -30,6 +30,9 @@ TILES = [*itertools.product(("fp16", *_LOOPED), (128, 256), (4, 8), (1,), (1,)),
          *itertools.product(_LOOPED, (128, 256), (4, 8), (4, 16), (3,))]
 if os.environ.get("SWEEP_FORMS"):
     TILES = [tile for tile in TILES if tile[0] in os.environ["SWEEP_FORMS"].split(",")]
+# (batch, context) swept; SWEEP_CONTEXTS=32768 keeps that one (the fastest tiles are chosen there)
+SHAPES = [(b, ctx) for b, ctx in ((4, 32768), (1, 122880))
+          if str(ctx) in os.environ.get("SWEEP_CONTEXTS", "32768,122880").split(",")]
 if os.environ.get("SWEEP_BLOCKS"):  # SWEEP_BLOCKS=4,16 keeps the looped programs of 4 and 16 blocks only
     TILES = [tile for tile in TILES if str(tile[3]) in os.environ["SWEEP_BLOCKS"].split(",")]
 
@@ -58,7 +61,7 @@ def main(best_path: str | None = None) -> None:
     torch.manual_seed(0)
     best: tuple[float, dict] = (float("inf"), {})
     print(f"{torch.cuda.get_device_name()}; per layer (us) and x{LAYERS} layers (ms a step)")
-    for b, ctx in ((4, 32768), (1, 122880)):
+    for b, ctx in SHAPES:
         q, sel, lm16, (runs, run_scale), (codes, scale) = scoring_inputs(b, ctx)
         sel2 = sel.repeat_interleave(2, -1)
         rows = {"landmarks 16-bit": lambda: triton_score.score_chunks(q, lm16, sel, D**-0.5),

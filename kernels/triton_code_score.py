@@ -40,11 +40,10 @@ import triton.language as tl
 
 from shadowkv_fx.kernels import triton_score
 
-# tokens a block (BLOCK_C * L), warps, dot form, blocks a program and their pipeline stages. The H100's fastest
-# (score_kernel_sweep.py) is {"dot": "fp16_asm", "blocks": 16, "stages": 3} at 256 tokens and 4 warps, 50 us a layer at
-# 32K x 4 against this default's 66; it is checked on the GPU by the sweep and tests/test_key_codes.py, but the whole
-# GPU suite has not run with it as the default yet: make it the default once it has.
-GPU_TILES = {"block_t": 256, "num_warps": 4, "dot": "fp16_bits", "blocks": 1, "stages": 1}
+# tokens a block (BLOCK_C * L), warps, dot form, blocks a program and their pipeline stages: the H100's fastest exact
+# tiles (score_kernel_sweep.py, session 13: 50 us a layer at 32K x 4 against fp16_bits' one block's 66); set from a
+# sweep's BEST.json by scripts/set_code_tiles.py
+GPU_TILES = {"block_t": 256, "num_warps": 4, "dot": "fp16_asm", "blocks": 16, "stages": 3}
 # name: (dot form, codes as the dots' rows)
 DOT_FORMS = {"fp16": (0, False), "fp16_bits": (1, False), "int8x2": (2, False), "fp16_tokens": (0, True),
              "int8x2_tokens": (2, True), "fp16_asm": (3, False), "fp16_asm_phases": (4, False)}

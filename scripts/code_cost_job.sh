@@ -6,7 +6,7 @@
 #   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh tiles"   # sweep, then bench rows at
 #                                           32K x 4 and 122K x 1 with the sweep's fastest exact tiles
 #   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh quick"   # sweep, bench rows at CONTEXT x
-#                                           BATCH only, then tests/test_key_codes.py (SWEEP_FORMS=a,b narrows the sweep)
+#                                           BATCH only, then tests/test_key_codes.py (SWEEP_FORMS=a,b narrows the sweep; NO_TESTS=1 skips the tests)
 #   bash scripts/device_jobs.sh $OUT/jobs "bash scripts/code_cost_job.sh adopt"   # sweep, its fastest exact tiles made
 #                                           the default (scripts/set_code_tiles.py), bench rows at CONTEXT x BATCH, then
 #                                           the whole GPU suite on that default
@@ -51,10 +51,10 @@ case $STAGE in
         FORMS=$(python3 -c "import json; print(json.load(open('$TILES'))['dot'])") || exit 1
         export FORMS SAFEGUARD_FORM=$FORMS
         bash "$0" bench
-        if [ "$STAGE" = quick ]; then
+        if [ "$STAGE" = quick ] && [ -z "${NO_TESTS:-}" ]; then
             python3 -m pytest -q -o addopts='' -p no:cacheprovider -rs -n 8 tests/test_key_codes.py > "$OUT/key_code_tests.txt" 2>&1
             tail -3 "$OUT/key_code_tests.txt"
-        else
+        elif [ "$STAGE" = tiles ]; then
             CONTEXT=122880 BATCH=1 bash "$0" bench
         fi ;;
     adopt)
