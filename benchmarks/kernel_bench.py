@@ -116,13 +116,14 @@ def bench_topk(batch: int, chunks: int, gen: torch.Generator) -> dict:
 
 
 def sweep_topk(batch: int, chunks: int, gen: torch.Generator) -> list[str]:
-    """Graph time at each warp count, for ``triton_topk.GPU_TILES``."""
+    """Graph time at each warp count (``GPU_TILES``' warps), then at each segment count a row (``segments``)."""
     scores = topk_scores(batch, chunks, gen)
     lines = []
-    for warps in (4, 8, 16, 32):
-        err = topk_err(scores, num_warps=warps)
-        ms = graph_ms(lambda: triton_topk.top_chunks(scores, K, num_warps=warps))
-        lines.append(f"  topk sweep B={batch} chunks={chunks} warps={warps:>2}: {ms * 1e3:7.1f} us  err {err:.0e}")
+    for tiles in (*({"num_warps": w} for w in (4, 8, 16, 32)), *({"segments": s} for s in (1, 4, 8, 16, 32))):
+        err = topk_err(scores, **tiles)
+        ms = graph_ms(lambda: triton_topk.top_chunks(scores, K, **tiles))
+        name = ", ".join(f"{key}={value:>2}" for key, value in tiles.items())
+        lines.append(f"  topk sweep B={batch} chunks={chunks} {name}: {ms * 1e3:7.1f} us  err {err:.0e}")
     return lines
 
 
@@ -159,7 +160,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 124928])
     parser.add_argument("--batches", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--max-err", type=float, default=2e-2, help="fail when a Triton result is further off")
-    parser.add_argument("--sweep-topk", action="store_true", help="time top-k at each warp count")
+    parser.add_argument("--sweep-topk", action="store_true", help="time top-k at each warp and segment count")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernel_bench needs a CUDA GPU")

@@ -12,7 +12,8 @@
 #                                           the whole GPU suite on that default
 # A bench row with a form other than the default runs the CLI with GPU_TILES["dot"] set first; TILES=FILE (a JSON
 # the sweep writes: $OUT/best_tiles.json) sets GPU_TILES from it first; BREAKDOWN=1 adds bench --breakdown (each row's
-# GPU time per kernel in one step, in its bench_*.json).
+# GPU time per kernel in one step, in its bench_*.json); TOPK_SEGMENTS=S splits each top-k row over S programs
+# (kernels/triton_topk.py GPU_TILES["segments"]) in every row.
 set -uo pipefail
 STAGE=${1:?sweep, tiles, quick, adopt or bench}
 CONTEXT=${CONTEXT:-32768} BATCH=${BATCH:-4}
@@ -22,7 +23,9 @@ bench() {  # name, dot form ('' for the default), flags...
     echo "=== bench ${CONTEXT}x$BATCH $name ($*) $(date +%T)"
     python3 -c "
 import json, sys
-from shadowkv_fx.kernels import triton_code_score
+from shadowkv_fx.kernels import triton_code_score, triton_topk
+if '${TOPK_SEGMENTS:-}':
+    triton_topk.GPU_TILES['segments'] = int('${TOPK_SEGMENTS:-1}')
 if '${TILES:-}':
     triton_code_score.GPU_TILES.update(json.load(open('${TILES:-}')))
 if '$form':

@@ -24,7 +24,9 @@ from tests.models import cuda_only, skip_unless_kernels_run_here  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 skip_unless_kernels_run_here(triton_topk.top_chunks_kernel)
 
-POISON = {torch.int64: -7, torch.uint8: 0xAB}
+# int32: segment_top_kernel's candidates; -7 is the key bits 0xFFFFFFF9, above every score's key: a candidate slot
+# left unwritten is picked and shows
+POISON = {torch.int64: -7, torch.uint8: 0xAB, torch.int32: -7}
 
 
 def poisoned_scratch(*size, dtype, **kwargs):
@@ -75,6 +77,26 @@ def check_top_chunks(scores: torch.Tensor, k: int, **tiles) -> None:
 def test_top_chunks_matches_reference(seed, b, hkv, c, k, masked, levels, dtype, transposed):
     gen = torch.Generator().manual_seed(seed)
     check_top_chunks(make_scores(gen, b, hkv, c, dtype=dtype, masked=masked, levels=levels, transposed=transposed), k)
+
+
+@given(seed=st.integers(0, 2**16), c=st.sampled_from([1, 37, 300, 1000]), k=st.sampled_from([1, 8, 64, 300]),
+       segments=st.sampled_from([2, 3, 8]), masked=st.sampled_from([0.0, 0.5, 0.97]), levels=st.sampled_from([0, 3]),
+       transposed=st.booleans())
+def test_segmented_top_chunks_matches_reference(seed, c, k, segments, masked, levels, transposed):
+    """A row split over ``segments`` programs (each segment's top k, then the row's top k of those) picks the same
+    set; where the split would not shrink the row the one-program kernel runs."""
+    gen = torch.Generator().manual_seed(seed)
+    check_top_chunks(make_scores(gen, 2, 3, c, masked=masked, levels=levels, transposed=transposed), k,
+                     segments=segments)
+
+
+def test_segmented_top_chunks_ties_and_the_last_short_segment():
+    """The k-th score shared across segments, and a last segment shorter than the others (C = 1000 over 8 segments
+    of 125, 7 of 128 lanes past C in the last), with the split taken (8 x 16 candidates < 1000)."""
+    gen = torch.Generator().manual_seed(9)
+    check_top_chunks(make_scores(gen, 2, 2, 1000, masked=0.3, levels=7), 16, segments=8)
+    check_top_chunks(make_scores(gen, 2, 2, 1001, masked=0.0), 16, segments=8)
+    check_top_chunks(torch.full((1, 2, 1000), 0.5, device=DEVICE), 16, segments=8)
 
 
 @pytest.mark.parametrize("c, k, masked", [
@@ -138,6 +160,15 @@ def test_top_chunks_every_swept_warp_count_on_gpu(num_warps):
     gen = torch.Generator().manual_seed(num_warps)
     for c in (4096, 15616):
         check_top_chunks(make_scores(gen, 2, 8, c, masked=0.01, levels=1000), 256, num_warps=num_warps)
+
+
+@cuda_only
+@pytest.mark.parametrize("segments", [4, 16, 32])
+def test_segmented_top_chunks_decode_shapes_on_gpu(segments):
+    """kernel_bench --sweep-topk's segment counts at the decode shapes, chunks of 8 and of 4 (the safeguard's)."""
+    gen = torch.Generator().manual_seed(segments)
+    for b, c, k in ((4, 4096, 256), (1, 15360, 256), (1, 30720, 512)):
+        check_top_chunks(make_scores(gen, b, 8, c, masked=0.01, levels=1000), k, segments=segments)
 
 
 @cuda_only
