@@ -26,11 +26,12 @@ codes meet the tensor cores:
   against ~4 integer instructions a code for Triton's lowering, which bound the kernel on the H100), the high
   nibble read in place as 16 * code, and each chunk's log-sum-exp in base 2 with one ``ex2.approx.ftz`` a token;
 - ``"fp16_asm_phases"``: ``fp16_asm`` with consecutive tokens folded into the dot's padded query rows
-  (``_chunk_logits_phases``), untimed.
+  (``_chunk_logits_phases``): every row real, a quarter of the exps at G = 4.
 
 Measured on the H100 (``benchmarks/results/h100_code_tiles``): 24 us a layer for 16-bit landmarks at 32K x 4,
 codes 74 us (fp16), 66 (fp16_bits), 67 (int8x2), 94-207 (turned around), 58 (fp16_asm); a program looping over
-16 blocks of tokens, software-pipelined in 3 stages, takes fp16_asm to 50 us.
+16 blocks of tokens, software-pipelined in 3 stages, takes fp16_asm to 50 us and fp16_asm_phases to 46
+(``benchmarks/results/h100_code_phases``).
 """
 from __future__ import annotations
 
