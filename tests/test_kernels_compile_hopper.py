@@ -52,7 +52,8 @@ CODE_FORMS = ("fp16_bits", "int8x2", "fp16_asm", "fp16_asm_phases")
 def builds() -> dict:
     """Each case: (kernel, runtime args, constexprs, warps). The code kernel in every timed dot form as a decode step
     launches it (Llama-3.1-8B heads, chunks of 8, G = 4, 16 blocks x 3 stages; the phases form with the 4 phases
-    ``score_code_chunks`` picks at G = 4); the top-k's one-program kernel from scores and from candidates' keys."""
+    ``score_code_chunks`` picks at G = 4) and at the committed ``GPU_TILES``; the top-k's one-program kernel from
+    scores and from candidates' keys, and its segment kernel."""
     cases = {}
     for from_keys in (False, True):
         args = {"scores": torch.int32 if from_keys else torch.float32, "out_idx": torch.int64,
@@ -62,13 +63,16 @@ def builds() -> dict:
     args = {"scores": torch.bfloat16, "cand_key": torch.int32, "cand_idx": torch.int32, "C": "i32", "KS": "i32",
             "SEG": "i32", "S": "i32", "Hkv": "i32", "s_b": "i32", "s_h": "i32", "s_c": "i32"}
     cases["segment_top_kernel"] = (triton_topk.segment_top_kernel, args, {"BLOCK_S": 1024}, 8)
-    for form in CODE_FORMS:
-        dot_form, token_rows = triton_code_score.DOT_FORMS[form]
-        phases = 4 if form == "fp16_asm_phases" else 1
-        constexprs = {"G": 4, "HALF": 64, "L": 8, "BLOCK_M": 16 // phases, "BLOCK_C": 128 // 8, "BLOCK_H": 64,
-                      "FAST_DOT": True, "DOT_FORM": dot_form, "TOKEN_ROWS": token_rows, "BLOCKS": 16, "STAGES": 3,
-                      "ASM": True, "PHASES": phases}
-        cases[f"code_logits_kernel {form}"] = (triton_code_score.code_logits_kernel, CODE_ARGS, constexprs, 4)
+    tiles = triton_code_score.GPU_TILES
+    for form in (*CODE_FORMS, "default"):  # "default": GPU_TILES as committed, its form at its tiles
+        dot_form, token_rows = triton_code_score.DOT_FORMS[tiles["dot"] if form == "default" else form]
+        phases = 4 if dot_form == triton_code_score.DOT_FORMS["fp16_asm_phases"][0] else 1
+        block_t, blocks, stages, warps = ((tiles["block_t"], tiles["blocks"], tiles["stages"], tiles["num_warps"])
+                                          if form == "default" else (128, 16, 3, 4))
+        constexprs = {"G": 4, "HALF": 64, "L": 8, "BLOCK_M": 16 // phases, "BLOCK_C": block_t // 8, "BLOCK_H": 64,
+                      "FAST_DOT": True, "DOT_FORM": dot_form, "TOKEN_ROWS": token_rows, "BLOCKS": blocks,
+                      "STAGES": stages, "ASM": True, "PHASES": phases}
+        cases[f"code_logits_kernel {form}"] = (triton_code_score.code_logits_kernel, CODE_ARGS, constexprs, warps)
     return cases
 
 
@@ -96,6 +100,6 @@ def built() -> dict:
 
 @pytest.mark.parametrize("case", [
     "top_chunks_kernel from_keys=False", "top_chunks_kernel from_keys=True", "segment_top_kernel",
-    *(f"code_logits_kernel {form}" for form in CODE_FORMS)])
+    *(f"code_logits_kernel {form}" for form in (*CODE_FORMS, "default"))])
 def test_kernel_builds_for_hopper(built, case):
     assert built[case] == "ok", f"{case} does not build for sm_90: {built[case]}"
