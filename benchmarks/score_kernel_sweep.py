@@ -30,11 +30,11 @@ TILES = [*itertools.product(("fp16", *_LOOPED), (128, 256), (4, 8), (1,), (1,)),
          *itertools.product(_LOOPED, (128, 256), (4, 8), (4, 16), (3,))]
 if os.environ.get("SWEEP_FORMS"):
     TILES = [tile for tile in TILES if tile[0] in os.environ["SWEEP_FORMS"].split(",")]
+if os.environ.get("SWEEP_BLOCKS"):  # SWEEP_BLOCKS=4,16 keeps the looped programs of 4 and 16 blocks only
+    TILES = [tile for tile in TILES if str(tile[3]) in os.environ["SWEEP_BLOCKS"].split(",")]
 # (batch, context) swept; SWEEP_CONTEXTS=32768 keeps that one (the fastest tiles are chosen there)
 SHAPES = [(b, ctx) for b, ctx in ((4, 32768), (1, 122880))
           if str(ctx) in os.environ.get("SWEEP_CONTEXTS", "32768,122880").split(",")]
-if os.environ.get("SWEEP_BLOCKS"):  # SWEEP_BLOCKS=4,16 keeps the looped programs of 4 and 16 blocks only
-    TILES = [tile for tile in TILES if str(tile[3]) in os.environ["SWEEP_BLOCKS"].split(",")]
 
 
 def graphed_us(fn) -> float:

@@ -38,9 +38,11 @@ main()" bench --contexts "$CONTEXT" --batches "$BATCH" --methods shadowkv --step
     cp "/tmp/b_$name/bench.json" "$OUT/bench_$name.json" 2>/dev/null
 }
 
-sweep() {  # the kernel sweep; its fastest exact tiles go to $OUT/best_tiles.json
+sweep() {  # the kernel sweep; its fastest exact tiles go to $OUT/best_tiles.json, their form to FORMS for the bench rows
     python3 benchmarks/score_kernel_sweep.py "$OUT/best_tiles.json" > "$OUT/sweep.txt" 2>&1
     cat "$OUT/sweep.txt"
+    FORMS=$(python3 -c "import json; print(json.load(open('$OUT/best_tiles.json'))['dot'])") || exit 1
+    export FORMS SAFEGUARD_FORM=$FORMS
 }
 
 case $STAGE in
@@ -51,8 +53,6 @@ case $STAGE in
     tiles|quick)  # every bench row with the sweep's fastest tiles; quick: one shape (CONTEXT x BATCH), then the tests
         sweep
         export TILES=$OUT/best_tiles.json
-        FORMS=$(python3 -c "import json; print(json.load(open('$TILES'))['dot'])") || exit 1
-        export FORMS SAFEGUARD_FORM=$FORMS
         bash "$0" bench
         if [ "$STAGE" = quick ] && [ -z "${NO_TESTS:-}" ]; then
             python3 -m pytest -q -o addopts='' -p no:cacheprovider -rs -n 8 tests/test_key_codes.py > "$OUT/key_code_tests.txt" 2>&1
@@ -63,8 +63,7 @@ case $STAGE in
     adopt)
         sweep
         python3 scripts/set_code_tiles.py "$OUT/best_tiles.json" || exit 1
-        FORMS=$(python3 -c "import json; print(json.load(open('$OUT/best_tiles.json'))['dot'])") || exit 1
-        FORMS=$FORMS SAFEGUARD_FORM=$FORMS bash "$0" bench
+        bash "$0" bench
         echo "=== GPU suite $(date +%T)"
         bash scripts/gpu_suite.sh ;;
     bench)  # REPEATS=N: the default and code rows N times, alternating (the default moved 5% between two calls)

@@ -11,8 +11,10 @@ import pathlib
 import re
 import sys
 
-KERNEL = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "triton_code_score.py"
-KEYS = ("block_t", "num_warps", "dot", "blocks", "stages")
+from shadowkv_fx.kernels import triton_code_score
+
+KERNEL = pathlib.Path(triton_code_score.__file__)
+KEYS = tuple(triton_code_score.GPU_TILES)  # the line keeps the committed keys, in their order
 
 
 def main(best_path: str) -> None:
