@@ -4,9 +4,12 @@ third of HBM).
 
     ncu --clock-control none --kernel-name regex:"code_logits|score_logits" --launch-skip 2 --launch-count 2 \\
         --section SpeedOfLight --section WarpStateStats python benchmarks/code_kernel_profile.py
+
+``CODE_TILES='{"dot": "fp16_asm_phases", "block_t": 128}'`` updates ``GPU_TILES`` first (another form's profile).
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -20,6 +23,7 @@ from score_kernel_sweep import scoring_inputs  # noqa: E402
 
 
 def main() -> None:
+    triton_code_score.GPU_TILES.update(json.loads(os.environ.get("CODE_TILES", "{}")))
     torch.manual_seed(0)
     q, sel, landmarks, _, (codes, scale) = scoring_inputs(4, 32768)
     for _ in range(2):  # compile, then the profiled launch (the profiler skips the first of each kernel)

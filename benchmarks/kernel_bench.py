@@ -96,10 +96,10 @@ def topk_scores(batch: int, chunks: int, gen: torch.Generator) -> torch.Tensor:
     return logits.softmax(dim=-1).masked_fill(unselectable, float("-inf"))
 
 
-def topk_err(scores: torch.Tensor, **tiles) -> float:
-    idx, picked = triton_topk.top_chunks(scores, K, **tiles)
+def topk_err(scores: torch.Tensor, k: int = K, **tiles) -> float:
+    idx, picked = triton_topk.top_chunks(scores, k, **tiles)
     got = scores.gather(-1, idx).sort(dim=-1, descending=True).values
-    same = torch.equal(got, scores.topk(K, dim=-1).values) and torch.equal(picked, torch.isfinite(scores.gather(-1, idx)))
+    same = torch.equal(got, scores.topk(k, dim=-1).values) and torch.equal(picked, torch.isfinite(scores.gather(-1, idx)))
     return 0.0 if same else float("inf")
 
 
@@ -116,14 +116,17 @@ def bench_topk(batch: int, chunks: int, gen: torch.Generator) -> dict:
 
 
 def sweep_topk(batch: int, chunks: int, gen: torch.Generator) -> list[str]:
-    """Graph time at each warp count (``GPU_TILES``' warps), then at each segment count a row (``segments``)."""
-    scores = topk_scores(batch, chunks, gen)
+    """Graph time at each warp count (``GPU_TILES``' warps), then at each segment count a row (``segments``; "auto":
+    ``triton_topk.auto_segments``), at chunks of 8 and, twice the chunks and k, of 4 (the same context and budget)."""
     lines = []
-    for tiles in (*({"num_warps": w} for w in (4, 8, 16, 32)), *({"segments": s} for s in (1, 4, 8, 16, 32))):
-        err = topk_err(scores, **tiles)
-        ms = graph_ms(lambda: triton_topk.top_chunks(scores, K, **tiles))
-        name = ", ".join(f"{key}={value:>2}" for key, value in tiles.items())
-        lines.append(f"  topk sweep B={batch} chunks={chunks} {name}: {ms * 1e3:7.1f} us  err {err:.0e}")
+    for chunks_, k in ((chunks, K), (2 * chunks, 2 * K)):
+        scores = topk_scores(batch, chunks_, gen)
+        warps = ({"num_warps": w} for w in (4, 8, 16, 32)) if k == K else ()
+        for tiles in (*warps, *({"segments": s} for s in (1, 2, 4, 8, 16, 32, "auto"))):
+            err = topk_err(scores, k, **tiles)
+            ms = graph_ms(lambda: triton_topk.top_chunks(scores, k, **tiles))
+            name = ", ".join(f"{key}={value:>2}" for key, value in tiles.items())
+            lines.append(f"  topk sweep B={batch} chunks={chunks_} k={k} {name}: {ms * 1e3:7.1f} us  err {err:.0e}")
     return lines
 
 

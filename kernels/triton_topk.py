@@ -18,6 +18,8 @@ row is the top k of its segments' top k), reading their keys and indices instead
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -32,7 +34,7 @@ _scratch = torch.empty
 # --sweep-topk`` on an H100, B = 4 and 16, graph time per call: C = 4096: 4 warps 18.1 us, 8 warps
 # 11.9, 16 12.6, 32 16.5; C = 15616: 4 warps 189 us, 8 83.0, 16 35.6, 32 39.4.
 # "segments": a row's programs (1: the one-program kernel alone, the form the GPU suite and benches ran; > 1 is
-# used only where it shrinks the row, S * min(k, segment) < C: not yet timed on a GPU)
+# used only where it shrinks the row, S * min(k, segment) < C; "auto": ``auto_segments``)
 GPU_TILES = {"elems_per_thread": 32, "min_warps": 8, "max_warps": 32, "segments": 1}
 # a row is one program's registers and its counts fill 16-bit fields: longer rows (over 256K
 # tokens of context at chunk 8) go to torch.topk
@@ -135,12 +137,23 @@ def _warps(block: int) -> int:
     return min(GPU_TILES["max_warps"], max(GPU_TILES["min_warps"], block // (32 * GPU_TILES["elems_per_thread"])))
 
 
+def auto_segments(chunks: int, k: int) -> int:
+    """Segments a row of ``chunks`` scores splits into for its top ``k``: the power of two nearest
+    ``sqrt(chunks / k)``, where a segment's row (``chunks / S``) and the candidates' row (``S * k``) are
+    about as long, since each stage's time grows with its row (one program a row, serial reductions)."""
+    if k <= 0 or chunks < 4 * k:
+        return 1
+    return 1 << round(math.log2(math.sqrt(chunks / k)))
+
+
 def launch_top_chunks(scores: torch.Tensor, k: int, idx: torch.Tensor, picked: torch.Tensor,
-                      num_warps: int | None, segments: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      num_warps: int | None, segments: int | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Warps, grid and launch of ``top_chunks_kernel`` (after ``segment_top_kernel`` where ``segments`` shrinks the
     row) into ``idx`` and ``picked`` (uint8), as ``top_chunks`` returns them (arguments checked there)."""
     b, hkv, c = scores.shape
     segments = GPU_TILES["segments"] if segments is None else segments
+    if segments == "auto":
+        segments = auto_segments(c, k)
     seg = triton.cdiv(c, max(segments, 1))
     if segments > 1 and segments * min(k, seg) < c:
         ks = min(k, seg)
@@ -167,7 +180,7 @@ def launch_top_chunks(scores: torch.Tensor, k: int, idx: torch.Tensor, picked: t
 
 
 def top_chunks(scores: torch.Tensor, k: int, *, num_warps: int | None = None,
-               segments: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               segments: int | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``naive.top_chunks``.
 
     Parameters
@@ -179,8 +192,8 @@ def top_chunks(scores: torch.Tensor, k: int, *, num_warps: int | None = None,
         Chunks to select per row; may exceed ``C``.
     num_warps : int, optional
         Overrides the ``GPU_TILES`` choice (benchmark sweeps).
-    segments : int, optional
-        Programs a row (``segment_top_kernel``); overrides ``GPU_TILES["segments"]``.
+    segments : int or "auto", optional
+        Programs a row (``segment_top_kernel``; ``"auto"``: ``auto_segments``); overrides ``GPU_TILES["segments"]``.
 
     Returns
     -------

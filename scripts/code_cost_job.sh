@@ -13,7 +13,8 @@
 # A bench row with a form other than the default runs the CLI with GPU_TILES["dot"] set first; TILES=FILE (a JSON
 # the sweep writes: $OUT/best_tiles.json) sets GPU_TILES from it first; BREAKDOWN=1 adds bench --breakdown (each row's
 # GPU time per kernel in one step, in its bench_*.json); TOPK_SEGMENTS=S splits each top-k row over S programs
-# (kernels/triton_topk.py GPU_TILES["segments"]) in every row.
+# (kernels/triton_topk.py GPU_TILES["segments"]; "auto": its auto_segments) in every row; ROW_TAG=_x ends every
+# row's name with _x; FORMS=" " leaves out the code rows, NO_SAFEGUARD=1 the safeguard row.
 set -uo pipefail
 STAGE=${1:?sweep, tiles, quick, adopt or bench}
 CONTEXT=${CONTEXT:-32768} BATCH=${BATCH:-4}
@@ -25,7 +26,7 @@ bench() {  # name, dot form ('' for the default), flags...
 import json, sys
 from shadowkv_fx.kernels import triton_code_score, triton_topk
 if '${TOPK_SEGMENTS:-}':
-    triton_topk.GPU_TILES['segments'] = int('${TOPK_SEGMENTS:-1}')
+    triton_topk.GPU_TILES['segments'] = '${TOPK_SEGMENTS:-1}' if '${TOPK_SEGMENTS:-1}' == 'auto' else int('${TOPK_SEGMENTS:-1}')
 if '${TILES:-}':
     triton_code_score.GPU_TILES.update(json.load(open('${TILES:-}')))
 if '$form':
@@ -68,7 +69,7 @@ case $STAGE in
         bash scripts/gpu_suite.sh ;;
     bench)  # REPEATS=N: the default and code rows N times, alternating (the default moved 5% between two calls)
         for rep in $(seq "${REPEATS:-1}"); do
-            tag=$([ "${REPEATS:-1}" -gt 1 ] && echo "_r$rep")
+            tag=$([ "${REPEATS:-1}" -gt 1 ] && echo "_r$rep")${ROW_TAG:-}
             bench "default_${CONTEXT}$tag" ""
             for form in ${FORMS:-int8x2 fp16_bits fp16}; do
                 bench "codes4_${form}_${CONTEXT}$tag" "$form" --key-code-bits 4
@@ -76,7 +77,8 @@ case $STAGE in
         done
         # the config that meets #32's accuracy target at 2K-8K on the CPU: codes, chunks of 4 + local 128, the
         # per-layer split measured on SmolLM2 at 4K carried to the 8B shape's 32 layers (same total)
-        bench "safeguard_${SAFEGUARD_FORM:-int8x2}_${CONTEXT}" "${SAFEGUARD_FORM:-int8x2}" --key-code-bits 4 \
+        [ -n "${NO_SAFEGUARD:-}" ] && exit 0
+        bench "safeguard_${SAFEGUARD_FORM:-int8x2}_${CONTEXT}${ROW_TAG:-}" "${SAFEGUARD_FORM:-int8x2}" --key-code-bits 4 \
             --chunk-size 4 --local-tokens 128 \
             --layer-budgets benchmarks/results/cpu_key_codes_layer_budgets/layer_budgets_coverage_4k.json ;;
     *) echo "unknown stage $STAGE (sweep, tiles, quick, adopt or bench)"; exit 2 ;;

@@ -99,6 +99,18 @@ def test_segmented_top_chunks_ties_and_the_last_short_segment():
     check_top_chunks(torch.full((1, 2, 1000), 0.5, device=DEVICE), 16, segments=8)
 
 
+def test_auto_segments_balances_the_two_stages():
+    """``"auto"`` splits a row where a segment's row and the candidates' row come out about as long (decode shapes:
+    chunks of 8 at 32K and 122K, chunks of 4 at both), not where k is a quarter of the row or more, and picks the
+    same set as the reference where it splits (C = 1024, k = 16: 8 segments)."""
+    assert [triton_topk.auto_segments(c, k) for c, k in ((4096, 256), (15360, 256), (8192, 512), (30720, 512))] \
+        == [4, 8, 4, 8]
+    assert triton_topk.auto_segments(1000, 300) == triton_topk.auto_segments(1023, 256) == 1
+    assert triton_topk.auto_segments(1024, 16) == 8
+    gen = torch.Generator().manual_seed(5)
+    check_top_chunks(make_scores(gen, 1, 2, 1024, masked=0.2, levels=5), 16, segments="auto")
+
+
 @pytest.mark.parametrize("c, k, masked", [
     (300, 64, 0.9),   # ~30 finite per row: every one of them, then -inf chunks, not picked
     (5, 8, 0.0),      # fewer chunks than k: padded slots, not picked
@@ -163,10 +175,10 @@ def test_top_chunks_every_swept_warp_count_on_gpu(num_warps):
 
 
 @cuda_only
-@pytest.mark.parametrize("segments", [4, 16, 32])
+@pytest.mark.parametrize("segments", [4, 16, 32, "auto"])
 def test_segmented_top_chunks_decode_shapes_on_gpu(segments):
     """kernel_bench --sweep-topk's segment counts at the decode shapes, chunks of 8 and of 4 (the safeguard's)."""
-    gen = torch.Generator().manual_seed(segments)
+    gen = torch.Generator().manual_seed(len(str(segments)))
     for b, c, k in ((4, 4096, 256), (1, 15360, 256), (1, 30720, 512)):
         check_top_chunks(make_scores(gen, b, 8, c, masked=0.01, levels=1000), k, segments=segments)
 
