@@ -45,6 +45,8 @@ from shadowkv_fx.kernels import triton_score
 # tiles (score_kernel_sweep.py, session 13: 50 us a layer at 32K x 4 against fp16_bits' one block's 66); set from a
 # sweep's BEST.json by scripts/set_code_tiles.py
 GPU_TILES = {"block_t": 256, "num_warps": 4, "dot": "fp16_asm", "blocks": 16, "stages": 3}
+LOG2E = tl.constexpr(1.4426950408889634)  # the ASM forms' logits in base 2, their log-sum-exps back in natural units
+LN2 = tl.constexpr(0.6931471805599453)
 # name: (dot form, codes as the dots' rows)
 DOT_FORMS = {"fp16": (0, False), "fp16_bits": (1, False), "int8x2": (2, False), "fp16_tokens": (0, True),
              "int8x2_tokens": (2, True), "fp16_asm": (3, False), "fp16_asm_phases": (4, False)}
@@ -112,7 +114,7 @@ def _chunk_logits_fp16_asm(b_qlo, b_qhi, b_k, BLOCK_M: tl.constexpr, BLOCK_C: tl
     b_l = tl.dot(b_qlo.to(tl.float16), lo) + tl.dot(b_qhi.to(tl.float16), hi)
     b_l3 = tl.reshape(b_l, (BLOCK_M, BLOCK_C, L))
     b_top = tl.max(b_l3, axis=2)
-    return (b_top + tl.log2(tl.sum(_exp2(b_l3 - b_top[:, :, None], ASM), axis=2))) * 0.6931471805599453
+    return (b_top + tl.log2(tl.sum(_exp2(b_l3 - b_top[:, :, None], ASM), axis=2))) * LN2
 
 
 @triton.jit
@@ -207,7 +209,7 @@ def _chunk_logits_phases(a_lo, a_hi, p_kc, m_kc, BLOCK_M: tl.constexpr, BLOCK_C:
     b_l4 = tl.reshape(b_l, (BLOCK_M, PHASES, BLOCK_C, L // PHASES))
     b_top = tl.max(tl.max(b_l4, axis=3), axis=1)
     b_sum = tl.sum(tl.sum(_exp2(b_l4 - b_top[:, None, :, None], ASM), axis=3), axis=1)
-    return (b_top + tl.log2(b_sum)) * 0.6931471805599453
+    return (b_top + tl.log2(b_sum)) * LN2
 
 
 @triton.jit
@@ -254,20 +256,20 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
     b_qhi = tl.load(p_q + HALF * s_qd, mask=m_q, other=0.0).to(tl.float32) \
         * (tl.load(p_s + HALF * s_sd, mask=m_h, other=0.0) * scale)[None, :]
     if FAST_DOT and DOT_FORM >= 3:  # logits in base 2; the high nibbles are read as 16 * code
-        b_qlo = b_qlo * 1.4426950408889634
-        b_qhi = b_qhi * (1.4426950408889634 / 16)
+        b_qlo = b_qlo * LOG2E
+        b_qhi = b_qhi * (LOG2E / 16)
     # token t of a block is token t % L of chunk t // L; the program's BLOCKS blocks in a software-pipelined loop
     # (the next block's codes load while this one's dots run), its block statistics kept online
     o_t = tl.arange(0, BLOCK_C * L)
     o_cb = tl.arange(0, BLOCK_C)
     p_kh = codes + i_b * s_cb + i_h * s_ch + (o_t % L) * HALF
-    # the phases form's view of a block: column i its tokens i*P..i*P+P-1, row p*BLOCK_H + h their channel pair h
-    o_i = tl.arange(0, BLOCK_C * L // PHASES) * PHASES
-    o_j = tl.arange(0, PHASES * BLOCK_H)
-    p_kph = codes + i_b * s_cb + i_h * s_ch + ((o_i % L)[None, :] + (o_j // BLOCK_H)[:, None]) * HALF \
-        + (o_j % BLOCK_H)[:, None]
-    m_jh = ((o_j % BLOCK_H) < HALF)[:, None]
     if FAST_DOT and DOT_FORM == 4 and PHASES > 1:
+        # the phases form's view of a block: column i its tokens i*P..i*P+P-1, row p*BLOCK_H + h their channel pair h
+        o_i = tl.arange(0, BLOCK_C * L // PHASES) * PHASES
+        o_j = tl.arange(0, PHASES * BLOCK_H)
+        p_kph = codes + i_b * s_cb + i_h * s_ch + ((o_i % L)[None, :] + (o_j // BLOCK_H)[:, None]) * HALF \
+            + (o_j % BLOCK_H)[:, None]
+        m_jh = ((o_j % BLOCK_H) < HALF)[:, None]
         a_lo = _block_diagonal(b_qlo, BLOCK_M, BLOCK_H, PHASES)
         a_hi = _block_diagonal(b_qhi, BLOCK_M, BLOCK_H, PHASES)
     else:
