@@ -25,7 +25,7 @@ LAYERS = 32
 # (form, tokens a block, warps, blocks a program, pipeline stages): one block a program in every column form
 # and tile, then the looped, pipelined program (3 stages led the H100's sweep of 2-4) in the forms that led
 # the one-block sweep; SWEEP_FORMS=a,b keeps those forms only, SWEEP_BLOCKS=a,b those blocks a program
-_LOOPED = ("fp16_bits", "int8x2", "fp16_asm", "fp16_asm_phases")
+_LOOPED = ("fp16_bits", "int8x2", "fp16_asm", "fp16_asm_phases", "fp16_asm_phases_tokens")
 TILES = [*itertools.product(("fp16", *_LOOPED), (128, 256), (4, 8), (1,), (1,)),
          *itertools.product(_LOOPED, (128, 256), (4, 8), (4, 16), (3,))]
 if os.environ.get("SWEEP_FORMS"):

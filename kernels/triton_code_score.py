@@ -49,7 +49,8 @@ LOG2E = tl.constexpr(1.4426950408889634)  # the ASM forms' logits in base 2, the
 LN2 = tl.constexpr(0.6931471805599453)
 # name: (dot form, codes as the dots' rows)
 DOT_FORMS = {"fp16": (0, False), "fp16_bits": (1, False), "int8x2": (2, False), "fp16_tokens": (0, True),
-             "int8x2_tokens": (2, True), "fp16_asm": (3, False), "fp16_asm_phases": (4, False)}
+             "int8x2_tokens": (2, True), "fp16_asm": (3, False), "fp16_asm_phases": (4, False),
+             "fp16_asm_phases_tokens": (4, True)}
 # the GPU's dots (GPU_TILES['dot']) off a GPU (the interpreter) only where a test asks for them
 GPU_DOTS_OFF_GPU = False
 
@@ -213,6 +214,21 @@ def _chunk_logits_phases(a_lo, a_hi, p_kc, m_kc, BLOCK_M: tl.constexpr, BLOCK_C:
 
 
 @triton.jit
+def _chunk_logits_phases_rows(b_lo_t, b_hi_t, p_kc, m_kc, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                              L: tl.constexpr, PHASES: tl.constexpr, ASM: tl.constexpr):
+    """``_chunk_logits_phases`` turned around (``"fp16_asm_phases_tokens"``): the codes ``[T / PHASES, PHASES * H]``
+    (row i: tokens i*P..i*P+P-1 back to back, one contiguous read) the dots' rows, the block-diagonal query
+    ``[PHASES * H, BLOCK_M * PHASES]`` their columns; logit ``(i, r * PHASES + p)`` is row ``r``'s for token
+    ``i * PHASES + p``. The many-row operand is the codes, the shape Hopper's warpgroup dots take from registers."""
+    lo, hi = _fp16_nibble_pair(tl.load(p_kc, mask=m_kc, other=0), ASM)
+    b_l = tl.dot(lo, b_lo_t) + tl.dot(hi, b_hi_t)
+    b_l4 = tl.reshape(b_l, (BLOCK_C, L // PHASES, BLOCK_M, PHASES))
+    b_top = tl.max(tl.max(b_l4, axis=3), axis=1)
+    b_sum = tl.sum(tl.sum(_exp2(b_l4 - b_top[:, None, :, None], ASM), axis=3), axis=1)
+    return tl.trans((b_top + tl.log2(b_sum)) * LN2)
+
+
+@triton.jit
 def _chunk_logits_codes_as_rows(b_qlo, b_qhi, p_k, o_h, m_h, m_t, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                                 L: tl.constexpr, FAST_DOT: tl.constexpr, DOT_FORM: tl.constexpr):
     """``_chunk_logits_codes_as_columns`` with the codes as stored (``[BLOCK_T, BLOCK_H]``) the dots' rows: many
@@ -265,13 +281,21 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
     p_kh = codes + i_b * s_cb + i_h * s_ch + (o_t % L) * HALF
     if FAST_DOT and DOT_FORM == 4 and PHASES > 1:
         # the phases form's view of a block: column i its tokens i*P..i*P+P-1, row p*BLOCK_H + h their channel pair h
+        # (TOKEN_ROWS: the transpose, row i and column p*BLOCK_H + h)
         o_i = tl.arange(0, BLOCK_C * L // PHASES) * PHASES
         o_j = tl.arange(0, PHASES * BLOCK_H)
-        p_kph = codes + i_b * s_cb + i_h * s_ch + ((o_i % L)[None, :] + (o_j // BLOCK_H)[:, None]) * HALF \
-            + (o_j % BLOCK_H)[:, None]
-        m_jh = ((o_j % BLOCK_H) < HALF)[:, None]
         a_lo = _block_diagonal(b_qlo, BLOCK_M, BLOCK_H, PHASES)
         a_hi = _block_diagonal(b_qhi, BLOCK_M, BLOCK_H, PHASES)
+        if TOKEN_ROWS:
+            p_kph = codes + i_b * s_cb + i_h * s_ch + ((o_i % L)[:, None] + (o_j // BLOCK_H)[None, :]) * HALF \
+                + (o_j % BLOCK_H)[None, :]
+            m_jh = ((o_j % BLOCK_H) < HALF)[None, :]
+            a_lo = tl.trans(a_lo)
+            a_hi = tl.trans(a_hi)
+        else:
+            p_kph = codes + i_b * s_cb + i_h * s_ch + ((o_i % L)[None, :] + (o_j // BLOCK_H)[:, None]) * HALF \
+                + (o_j % BLOCK_H)[:, None]
+            m_jh = ((o_j % BLOCK_H) < HALF)[:, None]
     else:
         a_lo = b_qlo
         a_hi = b_qhi
@@ -281,7 +305,12 @@ def code_logits_kernel(q, codes, code_scale, sel, logits, blk_max, blk_sum, scal
         c0 = (i_c * BLOCKS + j) * BLOCK_C
         o_tc = c0 + o_t // L
         p_k = p_kh + o_tc.to(tl.int64) * s_cc
-        if FAST_DOT and DOT_FORM == 4 and PHASES > 1:
+        if FAST_DOT and DOT_FORM == 4 and PHASES > 1 and TOKEN_ROWS:
+            o_ic = c0 + o_i // L
+            p_kc = p_kph + o_ic.to(tl.int64)[:, None] * s_cc
+            b_cl = _chunk_logits_phases_rows(a_lo, a_hi, p_kc, m_jh & (o_ic < C)[:, None], BLOCK_M, BLOCK_C, L,
+                                             PHASES, ASM)
+        elif FAST_DOT and DOT_FORM == 4 and PHASES > 1:
             o_ic = c0 + o_i // L
             p_kc = p_kph + o_ic.to(tl.int64)[None, :] * s_cc
             b_cl = _chunk_logits_phases(a_lo, a_hi, p_kc, m_jh & (o_ic < C)[None, :], BLOCK_M, BLOCK_C, L, PHASES, ASM)

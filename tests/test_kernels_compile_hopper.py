@@ -46,7 +46,7 @@ CODE_ARGS = {"q": torch.bfloat16, "codes": torch.uint8, "code_scale": torch.floa
              "logits": torch.float32, "blk_max": torch.float32, "blk_sum": torch.float32, "scale": "fp32",
              **{name: "i32" for name in ("n", "C", "NB", "Hkv", "s_qb", "s_qh", "s_qn", "s_qd", "s_cb", "s_ch", "s_cc",
                                          "s_sb", "s_sh", "s_sd")}}
-CODE_FORMS = ("fp16_bits", "int8x2", "fp16_asm", "fp16_asm_phases")
+CODE_FORMS = ("fp16_bits", "int8x2", "fp16_asm", "fp16_asm_phases", "fp16_asm_phases_tokens")
 
 
 def builds() -> dict:

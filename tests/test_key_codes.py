@@ -86,7 +86,8 @@ def check_code_scores(b, hkv, g, n, c, chunk, d, dtype, seed, shared_row=False, 
 DOT_CASES = {"fp32_dots": (False, "fp16"), "fp16_dots": (True, "fp16"), "fp16_nibble_bits": (True, "fp16_bits"),
              "int8x2_dots": (True, "int8x2"), "fp32_token_rows": (False, "fp16_tokens"),
              "fp16_token_rows": (True, "fp16_tokens"), "int8x2_token_rows": (True, "int8x2_tokens"),
-             "fp16_asm_base2": (True, "fp16_asm"), "fp16_asm_phases": (True, "fp16_asm_phases")}
+             "fp16_asm_base2": (True, "fp16_asm"), "fp16_asm_phases": (True, "fp16_asm_phases"),
+             "fp16_asm_phases_token_rows": (True, "fp16_asm_phases_tokens")}
 
 
 @pytest.mark.parametrize("gpu_dots, form", list(DOT_CASES.values()), ids=list(DOT_CASES))
