@@ -42,9 +42,9 @@ import triton.language as tl
 from shadowkv_fx.kernels import triton_score
 
 # tokens a block (BLOCK_C * L), warps, dot form, blocks a program and their pipeline stages: the H100's fastest exact
-# tiles (score_kernel_sweep.py, session 13: 50 us a layer at 32K x 4 against fp16_bits' one block's 66); set from a
-# sweep's BEST.json by scripts/set_code_tiles.py
-GPU_TILES = {"block_t": 256, "num_warps": 4, "dot": "fp16_asm", "blocks": 16, "stages": 3}
+# tiles (score_kernel_sweep.py, sessions 13-15: fp16_asm_phases 45.9 us a layer at 32K x 4, fp16_asm 50-51, the phases
+# form turned around 50.9, fp16_bits' one block 66); set from a sweep's BEST.json by scripts/set_code_tiles.py
+GPU_TILES = {"block_t": 128, "num_warps": 4, "dot": "fp16_asm_phases", "blocks": 16, "stages": 3}
 LOG2E = tl.constexpr(1.4426950408889634)  # the ASM forms' logits in base 2, their log-sum-exps back in natural units
 LN2 = tl.constexpr(0.6931471805599453)
 # name: (dot form, codes as the dots' rows)

@@ -33,9 +33,12 @@ _scratch = torch.empty
 # Below min_warps a row's 16 serial reductions run on too few threads: ``kernel_bench.py
 # --sweep-topk`` on an H100, B = 4 and 16, graph time per call: C = 4096: 4 warps 18.1 us, 8 warps
 # 11.9, 16 12.6, 32 16.5; C = 15616: 4 warps 189 us, 8 83.0, 16 35.6, 32 39.4.
-# "segments": a row's programs (1: the one-program kernel alone, the form the GPU suite and benches ran; > 1 is
-# used only where it shrinks the row, S * min(k, segment) < C; "auto": ``auto_segments``)
-GPU_TILES = {"elems_per_thread": 32, "min_warps": 8, "max_warps": 32, "segments": 1}
+# "segments": a row's programs (1: the one-program kernel alone; > 1 is used only where it shrinks the row,
+# S * min(k, segment) < C; "auto": ``auto_segments``, which splits rows of more than "split_above" chunks).
+# ``kernel_bench.py --sweep-topk`` on an H100 (benchmarks/results/h100_topk_segments): C = 15360, k = 256:
+# one program 39.9 us, 8 segments 17.0; C = 30720, k = 512: 105.4 and 24.1; C = 8192, k = 512: 22.4 and
+# 16.7 (4 segments); but C = 4096, k = 256: 11.9 against 13.5 (4), so rows of 4096 stay whole.
+GPU_TILES = {"elems_per_thread": 32, "min_warps": 8, "max_warps": 32, "segments": "auto", "split_above": 4096}
 # a row is one program's registers and its counts fill 16-bit fields: longer rows (over 256K
 # tokens of context at chunk 8) go to torch.topk
 MAX_CHUNKS = 32768
@@ -138,10 +141,11 @@ def _warps(block: int) -> int:
 
 
 def auto_segments(chunks: int, k: int) -> int:
-    """Segments a row of ``chunks`` scores splits into for its top ``k``: the power of two nearest
-    ``sqrt(chunks / k)``, where a segment's row (``chunks / S``) and the candidates' row (``S * k``) are
-    about as long, since each stage's time grows with its row (one program a row, serial reductions)."""
-    if k <= 0 or chunks < 4 * k:
+    """Segments a row of ``chunks`` scores splits into for its top ``k``: none up to ``GPU_TILES["split_above"]``
+    chunks (one program is as fast there) or where k is a quarter of the row or more; else the power of two nearest
+    ``sqrt(chunks / k)``, where a segment's row (``chunks / S``) and the candidates' row (``S * k``) are about as
+    long, since each stage's time grows with its row (one program a row, serial reductions)."""
+    if k <= 0 or chunks < 4 * k or chunks <= GPU_TILES["split_above"]:
         return 1
     return 1 << round(math.log2(math.sqrt(chunks / k)))
 

@@ -100,15 +100,17 @@ def test_segmented_top_chunks_ties_and_the_last_short_segment():
 
 
 def test_auto_segments_balances_the_two_stages():
-    """``"auto"`` splits a row where a segment's row and the candidates' row come out about as long (decode shapes:
-    chunks of 8 at 32K and 122K, chunks of 4 at both), not where k is a quarter of the row or more, and picks the
-    same set as the reference where it splits (C = 1024, k = 16: 8 segments)."""
-    assert [triton_topk.auto_segments(c, k) for c, k in ((4096, 256), (15360, 256), (8192, 512), (30720, 512))] \
-        == [4, 8, 4, 8]
-    assert triton_topk.auto_segments(1000, 300) == triton_topk.auto_segments(1023, 256) == 1
-    assert triton_topk.auto_segments(1024, 16) == 8
-    gen = torch.Generator().manual_seed(5)
-    check_top_chunks(make_scores(gen, 1, 2, 1024, masked=0.2, levels=5), 16, segments="auto")
+    """``"auto"`` splits a row past ``split_above`` chunks where a segment's row and the candidates' row come out
+    about as long (decode shapes: chunks of 8 at 32K, a fold's chunks past 4096, and at 122K; chunks of 4 at both),
+    not rows of 4096 or where k is a quarter of the row or more, and picks the same set as the reference where it
+    splits (C = 1024, k = 16, rows past 256 split: 8 segments)."""
+    assert [triton_topk.auto_segments(c, k) for c, k in ((4096, 256), (4200, 256), (15360, 256), (8192, 512),
+                                                         (30720, 512))] == [1, 4, 8, 4, 8]
+    assert triton_topk.auto_segments(5000, 1300) == triton_topk.auto_segments(1024, 16) == 1
+    with mock.patch.dict(triton_topk.GPU_TILES, split_above=256):
+        assert triton_topk.auto_segments(1024, 16) == 8
+        gen = torch.Generator().manual_seed(5)
+        check_top_chunks(make_scores(gen, 1, 2, 1024, masked=0.2, levels=5), 16, segments="auto")
 
 
 @pytest.mark.parametrize("c, k, masked", [
