@@ -14,7 +14,8 @@
 # the sweep writes: $OUT/best_tiles.json) sets GPU_TILES from it first; BREAKDOWN=1 adds bench --breakdown (each row's
 # GPU time per kernel in one step, in its bench_*.json); TOPK_SEGMENTS=S splits each top-k row over S programs
 # (kernels/triton_topk.py GPU_TILES["segments"]; "auto": its auto_segments) in every row; ROW_TAG=_x ends every
-# row's name with _x; FORMS=" " leaves out the code rows, NO_SAFEGUARD=1 the safeguard row.
+# row's name with _x; FORMS=" " leaves out the code rows, NO_SAFEGUARD=1 the safeguard row; BENCH_ARGS="..." adds
+# bench flags to every row (e.g. "--random-fill-above 0" for a large batch without its prefills).
 set -uo pipefail
 STAGE=${1:?sweep, tiles, quick, adopt or bench}
 CONTEXT=${CONTEXT:-32768} BATCH=${BATCH:-4}
@@ -33,7 +34,7 @@ if '$form':
     triton_code_score.GPU_TILES['dot'] = '$form'
 from shadowkv_fx.cli import main
 sys.argv = ['shadowkv-fx'] + sys.argv[1:]
-main()" bench --contexts "$CONTEXT" --batches "$BATCH" --methods shadowkv --steps 32 ${BREAKDOWN:+--breakdown} "$@" --out "/tmp/b_$name" \
+main()" bench --contexts "$CONTEXT" --batches "$BATCH" --methods shadowkv --steps 32 ${BREAKDOWN:+--breakdown} ${BENCH_ARGS:-} "$@" --out "/tmp/b_$name" \
         > "/tmp/b_$name.log" 2>&1
     cat "/tmp/b_$name/table.txt" 2>/dev/null || tail -20 "/tmp/b_$name.log"
     cp "/tmp/b_$name/bench.json" "$OUT/bench_$name.json" 2>/dev/null
