@@ -32,12 +32,22 @@ def _ptxas_present() -> bool:
 pytestmark = pytest.mark.skipif(not _ptxas_present(), reason="Triton's ptxas is not installed here")
 
 
+# integer arguments a decode launch passes as multiples of 16 at the 8B shape (strides of q, codes, scales and scores),
+# which Triton's launcher specialises as such, as it does every pointer from torch's allocator: without the hint the
+# build is another kernel (the code kernel's codes then load a byte at a time instead of by 16-byte cp.async)
+ALIGNED_INTS = {"s_qb", "s_qh", "s_qn", "s_cb", "s_ch", "s_cc", "s_sb", "s_sh", "s_b", "s_h"}
+
+
 def compile_for_hopper(kernel, args: dict, constexprs: dict, num_warps: int) -> bytes:
     """``kernel`` built to a cubin for sm_90: ``args`` maps each runtime parameter to a dtype (a pointer of it),
-    ``"i32"`` or ``"fp32"``; ``constexprs`` the rest."""
+    ``"i32"`` or ``"fp32"``; ``constexprs`` the rest. Pointers and ``ALIGNED_INTS`` carry the divisibility-by-16
+    hint a GPU launch gives them."""
     signature = {name: POINTERS.get(kind, kind) for name, kind in args.items()}
     signature.update({name: "constexpr" for name in constexprs})
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    names = list(kernel.arg_names)  # attrs go by the kernel's parameter order
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in args
+             if signature[name].startswith("*") or name in ALIGNED_INTS}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps}).asm["cubin"]
 
 
