@@ -86,13 +86,20 @@ def rotates_like(k_pre: torch.Tensor, k_rot: torch.Tensor, tables: list[torch.Te
 
     ``k_pre, k_rot: [1, Hkv, S, D]``; ``tables``: ``[1, 1, S, c]`` each, aligned with them.
     """
+    flag = rotates_like_flag(k_pre, k_rot, tables, rope_form, sample)
+    return flag is not None and bool(flag)
+
+
+def rotates_like_flag(k_pre: torch.Tensor, k_rot: torch.Tensor, tables: list[torch.Tensor], rope_form: str,
+                      sample: int = 64) -> torch.Tensor | None:
+    """``rotates_like`` with no host sync: a device bool scalar, or None where it is False without a look."""
     if not _triton(k_pre) or rope_form not in FORMS or len(tables) != 2 or k_rot.dtype != k_pre.dtype:
-        return False
+        return None
     from shadowkv_fx.kernels import triton_append
 
     n = min(sample, k_pre.shape[2])
     cos, sin = (t[:, :, t.shape[2] - n :] for t in tables)
-    return triton_append.rotates_like(k_pre[:, :, -n:], k_rot[:, :, -n:], cos, sin, rope_form)
+    return triton_append.rotates_like_flag(k_pre[:, :, -n:], k_rot[:, :, -n:], cos, sin, rope_form)
 
 
 def append_rope(k_pre: torch.Tensor, v: torch.Tensor, tables: list[torch.Tensor], rope_form: str,

@@ -34,18 +34,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, form: str)
 
 def detect_rope_form(k_pre: torch.Tensor, k_rot: torch.Tensor, tables: list[torch.Tensor]) -> str:
     """The form in ``FORMS`` whose rotation of ``k_pre`` gives ``k_rot`` (``[B, H, S, D]``), else "generic"."""
+    errors = rope_form_errors(k_pre, k_rot, tables)
+    return "generic" if errors is None else form_from_errors(errors.tolist(), k_rot.dtype)
+
+
+def rope_form_errors(k_pre: torch.Tensor, k_rot: torch.Tensor, tables: list[torch.Tensor]) -> torch.Tensor | None:
+    """Each form of ``FORMS``'s error rotating ``k_pre`` into ``k_rot``, relative to ``k_rot``'s norm: ``[len(FORMS)]``
+    float32 on their device, no host sync (``form_from_errors`` reads it); None where the tables fit no form."""
     if len(tables) != 2 or any(t.dim() != 4 or t.shape[-1] > k_pre.shape[-1] or t.shape[-1] % 2 for t in tables):
-        return "generic"
+        return None
     cos, sin = tables
     if cos.shape[-2] != k_pre.shape[-2]:
-        return "generic"
-    tolerance = 1e-4 if k_rot.dtype == torch.float32 else 2e-2
+        return None
     norm = k_rot.float().norm().clamp_min(1e-12)
-    for form in FORMS:
-        err = (apply_rope(k_pre.float(), cos, sin, form) - k_rot.float()).norm() / norm
-        if err < tolerance:
-            return form
-    return "generic"
+    return torch.stack([(apply_rope(k_pre.float(), cos, sin, form) - k_rot.float()).norm() / norm for form in FORMS])
+
+
+def form_from_errors(errors: list[float], dtype: torch.dtype) -> str:
+    """The first form of ``FORMS`` within the keys' dtype's tolerance (``rope_form_errors``' values), else "generic"."""
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    return next((form for form, err in zip(FORMS, errors) if err < tolerance), "generic")
 
 
 def rotary_width(cos: torch.Tensor, d: int, rope_form: str) -> int:

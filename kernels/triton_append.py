@@ -156,9 +156,15 @@ def rotates_like(k_pre: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor, si
                  rope_form: str) -> bool:
     """Whether ``append_rope`` gives the model's post-RoPE keys ``k_rot`` bit for bit on ``k_pre``
     (``[B, Hkv, n, D]``, tables ``[B|1, 1, n, R]``, on the device)."""
+    return bool(rotates_like_flag(k_pre, k_rot, cos, sin, rope_form))
+
+
+def rotates_like_flag(k_pre: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      rope_form: str) -> torch.Tensor:
+    """``rotates_like`` as a device bool scalar: no host sync."""
     b, hkv, n, d = k_pre.shape
     out = torch.empty_like(k_rot)
     spare = torch.empty(b, hkv, n, 1, dtype=k_pre.dtype, device=k_pre.device)
     level = torch.zeros((), dtype=torch.long, device=k_pre.device)
     append_rope(k_pre, spare, cos, sin, rope_form, out, spare, level, 0)
-    return torch.equal(out, k_rot)
+    return (out == k_rot).all()

@@ -8,12 +8,11 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from shadowkv_fx import cache_io, cache_share, decode_step, dense_fallback, fold, pinned, preflight
+from shadowkv_fx import cache_io, cache_share, decode_step, dense_fallback, fold, pinned, preflight, rope_detection
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.decode_step import RopeFn
 from shadowkv_fx.layer_state import LayerState
-# device_and_host_bytes: documented as shadowkv_fx.cache's, beside memory_report
-from shadowkv_fx.memory_report import cache_report, device_and_host_bytes  # noqa: F401
+from shadowkv_fx.memory_report import cache_report, device_and_host_bytes  # noqa: F401 (documented here too)
 from shadowkv_fx.prefill_attention import dense_prefill, stage_piece
 from shadowkv_fx.prompt_layout import PromptLayout
 from shadowkv_fx.rope_tables import SharedRopeTables
@@ -37,8 +36,8 @@ class ShadowKVLayer(CacheLayerMixin):
 
     def __init__(self, owner: "ShadowKVCache", config: ShadowKVConfig) -> None:
         super().__init__()
-        # weak: no cache <-> layer cycle, so a finished cache frees its pinned host memory and
-        # CUDA graphs at once, not whenever the cyclic GC runs (perhaps inside another capture)
+        # weak: no cache <-> layer cycle, so a finished cache frees its pinned memory and CUDA graphs at once,
+        # not whenever the cyclic GC runs (perhaps inside another capture)
         self._owner = weakref.ref(owner)
         self.state = LayerState(config)
 
@@ -75,11 +74,10 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
     """Compressed KV cache for a batch of left-padded prompts.
 
     Created by the optimized model's ``forward``/``generate``; pass one explicitly as
-    ``past_key_values=ShadowKVCache(num_layers, config)`` to keep it after generation.
-    ``tail_capacity`` is how many generated tokens fit before the tail buffers grow (``generate``
-    sizes it from ``max_new_tokens``; growing re-captures a CUDA-graphed decode step).
-    A prefilled document is asked many questions through ``copy.deepcopy`` or
-    ``batch_repeat_interleave`` (cache_share.py), and kept with ``save_pretrained`` (cache_io.py).
+    ``past_key_values=ShadowKVCache(num_layers, config)`` to keep it after generation. ``tail_capacity`` is how
+    many generated tokens fit before the tail buffers grow (``generate`` sizes it from ``max_new_tokens``; growing
+    re-captures a CUDA-graphed decode step). A prefilled document is asked many questions through
+    ``copy.deepcopy`` or ``batch_repeat_interleave`` (cache_share.py), and kept with ``save_pretrained`` (cache_io.py).
     """
 
     def __init__(self, num_layers: int, config: ShadowKVConfig | None = None, tail_capacity: int = 64,
@@ -104,8 +102,7 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
         self.group_layout: PromptLayout | None = None
         self._staged: dict[int, tuple[torch.Tensor, ...]] = {}
         self.device_value_bytes = 0
-        # bytes of spare accelerator memory the values may take: planned by the preflight before
-        # prefill (else when the first layer is compressed), the whole batch's state set aside first
+        # spare accelerator bytes for the values, the state set aside: the preflight's plan (or the first layer's)
         self.value_room: int | None = None
         self.layout: PromptLayout | None = None
         self.realigned = False  # the prompt came right-padded and was moved to the left
@@ -146,6 +143,7 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
             self.begin_group(list(range(len(self.layout.lengths))), 0)
             return
         self.phase = "decode"
+        rope_detection.settle([layer.state for layer in self.layers])  # any a prefill's last layer left
         if self.crop_floor is None:
             self.fold_undo = []  # a new step: no crop can reach back past the last one's tokens
         undo = [] if self.crop_floor is not None and self.generated > self.crop_floor else None
@@ -220,6 +218,8 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
                 layer.state.advance(input_len)
         elif self.layout is not None:
             pinned.POOL.settle()  # the store blocks prefetched for layers whose values stayed on the GPU
+            rope_detection.settle([layer.state for layer in self.layers])  # every layer's RoPE checks: one host read
+            self.rope_tables.forget_sources()
             # folding layers size their RoPE tables and store now, so the first decode step moves nothing
             for layer in self.layers:
                 if layer.state.reserve_tail(0):

@@ -11,10 +11,9 @@ from typing import Callable
 
 import torch
 
-from shadowkv_fx import dense_fallback, host_copies
+from shadowkv_fx import dense_fallback, host_copies, rope_detection
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.kernels import dispatch
-from shadowkv_fx.kernels.rope_forms import detect_rope_form
 from shadowkv_fx.pinned import grown, moved
 from shadowkv_fx.prompt_layout import PromptLayout, store_chunks, tail_slots
 from shadowkv_fx.rope_tables import reserve_columns
@@ -25,22 +24,21 @@ class LayerState:
     """Compressed K/V of one layer for a batch: low-rank keys, landmarks, outliers, local window,
     offloaded values, and a dense tail of generated tokens that only grows.
 
-    A decode step reads and writes only device tensors at fixed addresses, with fixed shapes and
-    no host sync, so it can be captured as a CUDA graph and replayed: the tail is preallocated
-    (``reserve_tail``, outside the step) and its fill level lives on the device (``tail_fill``).
-    ``tail_len`` is the host's copy of that count, advanced by the cache once a step completes.
+    A decode step reads and writes only device tensors at fixed addresses, with fixed shapes and no host sync, so it
+    can be captured as a CUDA graph and replayed: the tail is preallocated (``reserve_tail``, outside the step) and
+    its fill level lives on the device (``tail_fill``). ``tail_len`` is the host's copy of that count, advanced by the
+    cache once a step completes.
 
-    Held by address by a captured step, so written in place only (by the step; between steps by
-    ``fold.py`` and ``slot_state.py``): ``k_buf``, ``v_buf``, ``key_valid``, ``pre_k``, ``tail_fill``,
-    ``tail_first``, ``gen_count``, ``u``, ``sv``, ``landmarks``, ``selectable``, ``v_chunks``, ``pad``,
-    the scales, ``prev_idx``, ``v_lookups``, ``row_columns`` and the tensors of ``rope_tables``; baked into it:
-    ``sel_start``, ``local_start``, ``tail_start``, ``select_k``, ``padded_len``, ``rope_form`` and the
-    flags. After prefill only ``reserve_tail``, ``commit_adoption`` (and ``adopt``, on a new copy) rebind any,
-    between steps, and then return True so the cache drops its graphs (``decode_graphs.clear()``): ``_relayout``
-    (buffers, offsets, ``select_k``, ``prev_idx``), ``_grow_store`` (the store),
-    ``rope_tables.reserve_columns`` (the shared tables, which ``SharedRopeTables.widen_for`` also
-    swaps), the RoPE form a slot's first compressed prompt names. No step reads the host counts
-    (``tail_len``, ``chunks``, ``tail_first_host``, ``tail_shift``, ``refreshes``) or ``fit_err``.
+    Held by address by a captured step, so written in place only (by the step; between steps by ``fold.py`` and
+    ``slot_state.py``): ``k_buf``, ``v_buf``, ``key_valid``, ``pre_k``, ``tail_fill``, ``tail_first``, ``gen_count``,
+    ``u``, ``sv``, ``landmarks``, ``selectable``, ``v_chunks``, ``pad``, the scales, ``prev_idx``, ``v_lookups``,
+    ``row_columns`` and the tensors of ``rope_tables``; baked into it: ``sel_start``, ``local_start``, ``tail_start``,
+    ``select_k``, ``padded_len``, ``rope_form`` and the flags. After prefill only ``reserve_tail``,
+    ``commit_adoption`` (and ``adopt``, on a new copy) rebind any, between steps, and then return True so the cache
+    drops its graphs (``decode_graphs.clear()``): ``_relayout`` (buffers, offsets, ``select_k``, ``prev_idx``),
+    ``_grow_store`` (the store), ``rope_tables.reserve_columns`` (the shared tables, which
+    ``SharedRopeTables.widen_for`` also swaps), the RoPE form a slot's first compressed prompt names. No step reads
+    the host counts (``tail_len``, ``chunks``, ``tail_first_host``, ``tail_shift``, ``refreshes``) or ``fit_err``.
     """
 
     def __init__(self, config: ShadowKVConfig) -> None:
@@ -62,8 +60,8 @@ class LayerState:
         # RoPE of the site: what rebuilt and appended keys are rotated with
         self.rope_tables: list[torch.Tensor] = []  # each [B|1, 1, S, c], shared by layers (SharedRopeTables)
         self.rope_form: str | None = None  # the known form that reproduces the model's RoPE (rope_forms.py), or None
-        self.fused_append = False  # new tokens rotated and written by one kernel (dispatch.append_rope):
-        # prefill sets it where that kernel reproduces the model's key RoPE exactly
+        self.rope_pending: rope_detection.PendingForm | None = None  # prefill's checks, until rope_detection.settle
+        self.fused_append = False  # new tokens rotated by one kernel (dispatch.append_rope), exactly the model's RoPE
         self.writes_tables = True  # of the layers sharing one set of tables, the first writes the new tokens' columns
 
         # The compressed store (C chunks of L tokens per row; grows with folds: _grow_store)
@@ -168,10 +166,9 @@ class LayerState:
                 write_landmarks(self.landmarks, self.landmark_scale, self.code_scale, stored, c)  # int8, or key codes
                 values = vb[:, :t].reshape(-1, n_chunks, chunk, vb.shape[-1])
                 self.values_copied = write_chunks(self.v_chunks, self.v_scale, stored, values, side_stream=True)
-                if self.rope_form is None:
+                if self.rope_form is None and self.rope_pending is None:  # settled after the prefill's last layer
                     tables = [tb[min(b, tb.shape[0] - 1)][None, :, layout.pad[b] :] for tb in rope_tables]
-                    self.rope_form = detect_rope_form(kp[None], kr[None], tables)
-                    self.fused_append = dispatch.rotates_like(kp[None], kr[None], tables, self.rope_form)
+                    self.rope_pending = rope_detection.measure(kp[None], kr[None], tables)
             self._pending.discard(b)
         if not self._pending:
             self._build_buffers(tail_capacity)
@@ -198,7 +195,7 @@ class LayerState:
         compressed stores of ``store`` chunks (0: no row is compressed)."""
         cfg, chunk, device = self.config, self.config.chunk_size, k_pre.device
         b_size, (hkv, d), dv = len(self.lengths), k_pre.shape[1::2], v.shape[-1]
-        self.rope_tables, self.rope_form, self.fused_append = rope_tables, None, False
+        self.rope_tables, self.rope_form, self.fused_append, self.rope_pending = rope_tables, None, False, None
         self._local_k = k_rot.new_zeros(b_size, hkv, local_max, d)
         self._local_v = v.new_zeros(b_size, hkv, local_max, dv)
         self.compressed = store > 0
@@ -338,6 +335,9 @@ class LayerState:
         select_k = self.config.select_chunks(chunks)
         if select_k != self.select_k:
             self._relayout(select_k, self.k_buf.shape[2] - self.tail_start)
+
+    def take_rope_form(self, form: str, fused_append: bool) -> None:  # rope_detection.settle's reading of the checks
+        self.rope_form, self.fused_append, self.rope_pending = form, fused_append, None
 
     def adopt(self, fields: dict) -> None:  # a copy's or a load's fields: only ones __init__ declared
         if unknown := fields.keys() - vars(self).keys():

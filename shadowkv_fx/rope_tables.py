@@ -18,6 +18,9 @@ class SharedRopeTables:
 
     def __init__(self) -> None:
         self.sets: list[list[torch.Tensor]] = []
+        # per set, what this prefill forward last wrote into it: (_source_key, the tables themselves). Held, so no
+        # other tensor can take their memory while a later layer's key is compared with it
+        self._sources: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
         self._of_layer: dict[int, int] = {}
         self._filled: set[int] = set()  # sets a sequence's rows were written into
 
@@ -27,10 +30,13 @@ class SharedRopeTables:
         layer's tables into the batch's set; return the set and whether this layer is the first
         reading it (layers run in order each step, so that one writes the new columns for all)."""
         batch = len(layout.lengths)
+        key = _source_key(tables, rows, group)
         index = self._of_layer.get(layer_idx)
-        if index is None:
-            index = next((i for i, shared in enumerate(self.sets)
-                          if self._holds(shared, tables, rows, group, layout)), None)
+        if index is None:  # a set written from these very tensors needs no look at their values (a host sync)
+            index = next((i for i, (k, _) in self._sources.items() if k == key), None)
+            if index is None:
+                index = next((i for i, shared in enumerate(self.sets)
+                              if self._holds(shared, tables, rows, group, layout)), None)
             if index is None:
                 # a copy, never a view: under CUDA graphs the inputs live in memory the next replay reuses
                 height = 1 if len(set(layout.pad)) == 1 else batch
@@ -38,7 +44,7 @@ class SharedRopeTables:
                 index = len(self.sets) - 1
             self._of_layer[layer_idx] = index
         shared = self.sets[index]
-        for j, b in enumerate(rows):
+        for j, b in enumerate(rows if self._sources.get(index, ((),))[0] != key else ()):
             first = index not in self._filled
             self._filled.add(index)
             for i, t in enumerate(tables):
@@ -48,6 +54,7 @@ class SharedRopeTables:
                         continue
                     table = self._widen(shared, i, batch)
                 table[b if table.shape[0] == batch else 0, :, layout.pad[b]:] = new
+        self._sources[index] = (key, list(tables))
         writes = min(i for i, j in self._of_layer.items() if j == index) == layer_idx
         return shared, writes
 
@@ -90,9 +97,23 @@ class SharedRopeTables:
     def restore(self, sets: list[list[torch.Tensor]], of_layer: dict[int, int]) -> None:
         """Tables a saved cache held (cache_io.load): ``sets``, already filled, and the set each layer reads."""
         self.sets, self._of_layer, self._filled = sets, dict(of_layer), set(range(len(sets)))
+        self._sources = {}
+
+    def forget_sources(self) -> None:
+        """Drop the tables a prefill forward wrote from (``for_layer``'s identity check), at its end."""
+        self._sources = {}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self.sets for t in ts)
+
+
+def _source_key(tables: list[torch.Tensor], rows: list[int], group: PromptLayout) -> tuple:
+    """What makes two layers' tables the same values without reading them: the same memory, view, dtype and
+    version (no write since) of each table, for the same rows of the batch in the same layout."""
+    return (tuple(rows), tuple(group.pad), tuple(
+        (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device,
+         object() if t.is_inference() else t._version)  # an inference tensor counts no writes: never the same
+        for t in tables))
 
 
 def reserve_columns(tables: list[torch.Tensor], width: int) -> bool:

@@ -110,7 +110,7 @@ def test_fused_append_gives_the_tokens_of_the_models_own_rope(monkeypatch):
         return out.sequences, [s.fused_append for s in states]
 
     fused_tokens, fused = run()
-    monkeypatch.setattr(dispatch, "rotates_like", lambda *a, **k: False)
+    monkeypatch.setattr(dispatch, "rotates_like_flag", lambda *a, **k: None)
     plain_tokens, plain = run()
     assert all(fused) and not any(plain)
     assert torch.equal(fused_tokens, plain_tokens)
