@@ -219,7 +219,7 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
         elif self.layout is not None:
             pinned.POOL.settle()  # the store blocks prefetched for layers whose values stayed on the GPU
             rope_detection.settle([layer.state for layer in self.layers])  # every layer's RoPE checks: one host read
-            self.rope_tables.forget_sources()
+            self.rope_tables.forget_sources(self.prefill_span[1] == self.group_layout.padded_len)
             # folding layers size their RoPE tables and store now, so the first decode step moves nothing
             for layer in self.layers:
                 if layer.state.reserve_tail(0):
@@ -345,9 +345,9 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
         if self.phase == "decode":
             return decode_step.decode(state, q, k_pre, v, rope_inputs, rope_fn, scale)
         k_rot = rope_fn(k_pre, *rope_inputs)
-        k_pre, k_rot, v, *tables = stage_piece(self._staged, layer_idx, self.prefill_span,
-                                               self.group_layout.padded_len, (k_pre, k_rot, v, *rope_inputs))
-        start, end = self.prefill_span
+        (start, end), total = self.prefill_span, self.group_layout.padded_len
+        k_pre, k_rot, v = stage_piece(self._staged, layer_idx, (start, end), total, (k_pre, k_rot, v))
+        tables = self.rope_tables.pieces.stage(layer_idx, list(rope_inputs), (start, end), total, self.group_rows)
         out = dense_prefill(q, k_rot, v, self.group_layout, scale, start)
         if end == self.group_layout.padded_len:
             self.compress_group(layer_idx, k_pre, k_rot, v, tables, dense_fallback.low_recall_rows(

@@ -21,6 +21,7 @@ class SharedRopeTables:
         # per set, what this prefill forward last wrote into it: (_source_key, the tables themselves). Held, so no
         # other tensor can take their memory while a later layer's key is compared with it
         self._sources: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
+        self.pieces = PieceTables()  # a prompt prefilled in pieces: its tables so far
         self._of_layer: dict[int, int] = {}
         self._filled: set[int] = set()  # sets a sequence's rows were written into
 
@@ -99,18 +100,67 @@ class SharedRopeTables:
         self.sets, self._of_layer, self._filled = sets, dict(of_layer), set(range(len(sets)))
         self._sources = {}
 
-    def forget_sources(self) -> None:
-        """Drop the tables a prefill forward wrote from (``for_layer``'s identity check), at its end."""
+    def forget_sources(self, prompt_done: bool) -> None:
+        """Drop the tables a prefill forward wrote from (``for_layer``'s identity check), at its end, and once the
+        prompt's last piece is done, its staged pieces."""
         self._sources = {}
+        if prompt_done:
+            self.pieces = PieceTables()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self.sets for t in ts)
 
 
-def _source_key(tables: list[torch.Tensor], rows: list[int], group: PromptLayout) -> tuple:
+class PieceTables:
+    """The RoPE inputs of a prompt that goes through the model in pieces, staged until its last piece once for
+    all the layers handed the same tables in every piece so far (views of one tensor: ``_source_key``), not once
+    a layer: at 122K tokens a layer's cos and sin are 63 MB (bf16, D = 128), 2 GB over 32 layers, and the layers
+    then share one set without comparing values (``SharedRopeTables.for_layer``)."""
+
+    def __init__(self) -> None:
+        self._sets: list[list[torch.Tensor]] = []  # [rows, *, total, c] buffers, columns up to the piece's end
+        self._of_layer: dict[int, int] = {}
+        self._span: tuple[int, int] | None = None
+        # this piece: (the layer's set before it, _source_key) -> its set now; sets written; the tables, held
+        self._piece: dict[tuple, int] = {}
+        self._written: set[int] = set()
+        self._held: list[list[torch.Tensor]] = []
+
+    def stage(self, layer_idx: int, tables: list[torch.Tensor], span: tuple[int, int], total: int,
+              rows: list[int]) -> list[torch.Tensor]:
+        """Layer ``layer_idx``'s tables (``[rows, *, span, c]``, padded-prompt columns ``span`` of ``total``) added
+        to its prompt's so far; returns its tables up to the span's end."""
+        start, end = span
+        if start == 0 and end == total:
+            return tables
+        if span != self._span:
+            if start == 0:  # a group's first piece: the last group's tables are done with
+                self._sets, self._of_layer = [], {}
+            self._span, self._piece, self._written, self._held = span, {}, set(), []
+        before = self._of_layer.get(layer_idx) if start else None
+        key = (before, _source_key(tables, rows, None))
+        index = self._piece.get(key)
+        if index is None:
+            if before is not None and before not in self._written:
+                index = before  # the first of its set this piece: write the piece into the set
+            else:  # a new set: the first piece, or tables that differ now from the others' of its set
+                self._sets.append([t.new_empty(*t.shape[:2], total, t.shape[3]) for t in tables])
+                index = len(self._sets) - 1
+                if before is not None:
+                    for buf, old in zip(self._sets[index], self._sets[before]):
+                        buf[:, :, :start] = old[:, :, :start]
+            for buf, part in zip(self._sets[index], tables):
+                buf[:, :, start:end] = part
+            self._piece[key], self._written = index, self._written | {index}
+            self._held.append(list(tables))
+        self._of_layer[layer_idx] = index
+        return [buf[:, :, :end] for buf in self._sets[index]]
+
+
+def _source_key(tables: list[torch.Tensor], rows: list[int], group: PromptLayout | None) -> tuple:
     """What makes two layers' tables the same values without reading them: the same memory, view, dtype and
     version (no write since) of each table, for the same rows of the batch in the same layout."""
-    return (tuple(rows), tuple(group.pad), tuple(
+    return (tuple(rows), None if group is None else tuple(group.pad), tuple(
         (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device,
          object() if t.is_inference() else t._version)  # an inference tensor counts no writes: never the same
         for t in tables))

@@ -12,8 +12,8 @@ from shadowkv_fx.cache import ShadowKVCache
 from shadowkv_fx.kernels import dispatch
 from shadowkv_fx.layer_state import LayerState
 from shadowkv_fx.prompt_layout import PromptLayout
-from shadowkv_fx.rope_tables import SharedRopeTables
-from tests.models import left_padded, tiny_pair
+from shadowkv_fx.rope_tables import PieceTables, SharedRopeTables
+from tests.models import assert_close, left_padded, tiny_pair
 from tests.test_decode_step_static import HOST_SYNC_OPS, OpLog
 
 SMALL = shadowkv_fx.ShadowKVConfig(sparse_budget=16, rank=8, chunk_size=4, local_chunks=2, outlier_chunks=2)
@@ -27,22 +27,30 @@ def model():
     return shadowkv_fx.optimize(m, SMALL)
 
 
-def prefill_logging_ops(model, lengths, monkeypatch, prefill_rows=None) -> tuple[ShadowKVCache, list[str]]:
-    """Prefill ``lengths`` (left-padded), logging every op of every layer's attention call."""
-    plain, seen = ShadowKVCache.attention, []
+def log_ops(monkeypatch, owner, name: str, seen: list[str]) -> None:
+    """Every op of every call of ``owner.name`` goes to ``seen``."""
+    plain = getattr(owner, name)
 
-    def logged(self, *args, **kwargs):
+    def logged(*args, **kwargs):
         log = OpLog()
         try:
             with log:
-                return plain(self, *args, **kwargs)
+                return plain(*args, **kwargs)
         finally:
             seen.extend(log.names)
 
-    monkeypatch.setattr(ShadowKVCache, "attention", logged)
+    monkeypatch.setattr(owner, name, logged)
+
+
+def prefill_logging_ops(model, lengths, monkeypatch, prefill_rows=None, prefill_chunk_size=None,
+                        logged=("attention",)) -> tuple[ShadowKVCache, list[str]]:
+    """Prefill ``lengths`` (left-padded), logging every op of every layer's call of the ``logged`` methods."""
+    seen = []
+    for name in logged:
+        log_ops(monkeypatch, ShadowKVCache, name, seen)
     ids, mask = left_padded(len(lengths), lengths, 96, seed=3)
     cache = model._shadowkv.new_cache(8)
-    cache.prefill_rows = prefill_rows
+    cache.prefill_rows, cache.prefill_chunk_size = prefill_rows, prefill_chunk_size
     with torch.no_grad():
         model(ids, attention_mask=mask, cache=cache)
     return cache, seen
@@ -109,5 +117,43 @@ def test_tables_are_shared_by_their_memory_and_version_never_by_a_guess():
     with mock.patch.object(torch, "equal", wraps=torch.equal) as compared:
         tables.for_layer(4, [cos, sin], [0], layout, layout)
     assert compared.called
-    tables.forget_sources()
+    tables.forget_sources(prompt_done=True)
     assert tables._sources == {}
+
+
+
+@pytest.mark.parametrize("prefill_rows", [None, 1], ids=["one_group", "a_group_a_row"])
+def test_a_prompt_in_pieces_stages_one_set_of_tables_for_all_layers(model, monkeypatch, prefill_rows):
+    """In pieces (``prefill_chunk_size``) a layer's tables were staged a layer at a time (2 GB of cos/sin at 122K over
+    32 layers); now once for the layers handed the same tables, which then share them with no look at their values,
+    and the compressed state is the one-piece prefill's."""
+    staged = []
+    plain = PieceTables.stage
+
+    def spy(self, layer_idx, tables, span, total, rows):
+        out = plain(self, layer_idx, tables, span, total, rows)
+        staged.append((tuple(rows), span, out[0].untyped_storage().data_ptr()))
+        return out
+
+    monkeypatch.setattr(PieceTables, "stage", spy)
+    whole, _ = prefill_logging_ops(model, [90, 61], monkeypatch, prefill_rows)
+    staged.clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(PieceTables, "stage", spy)
+    # not the whole attention call: SDPA's lower-right causal bias of a later piece is a tensor subclass that a
+    # dispatch mode cannot wrap
+    seen = []
+    log_ops(monkeypatch, PieceTables, "stage", seen)
+    cache, compress_ops = prefill_logging_ops(model, [90, 61], monkeypatch, prefill_rows, prefill_chunk_size=32,
+                                              logged=("compress_group",))
+    assert seen and compress_ops
+    assert not SYNCS & set(seen + compress_ops), sorted(SYNCS & set(seen + compress_ops))
+    assert len({span for _, span, _ in staged}) > 2, "the prompts went through in pieces"
+    for piece in {(rows, span) for rows, span, _ in staged}:
+        assert len({ptr for r, s, ptr in staged if (r, s) == piece}) == 1, f"one staged set for all layers: {piece}"
+    assert len(cache.rope_tables.sets) == 1 and cache.rope_tables.pieces._sets == []
+    assert whole.memory_report() == cache.memory_report()
+    for a, b in zip(whole.layers, cache.layers):
+        assert a.state.rope_form == b.state.rope_form == "rotate_half"
+        assert torch.equal(a.state.rope_tables[0], b.state.rope_tables[0])
+        assert_close(b.state.landmarks, a.state.landmarks, atol=1e-5, rtol=1e-5, what="landmarks, in pieces")
