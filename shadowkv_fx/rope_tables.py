@@ -160,10 +160,15 @@ class PieceTables:
 def _source_key(tables: list[torch.Tensor], rows: list[int], group: PromptLayout | None) -> tuple:
     """What makes two layers' tables the same values without reading them: the same memory, view, dtype and
     version (no write since) of each table, for the same rows of the batch in the same layout."""
-    return (tuple(rows), None if group is None else tuple(group.pad), tuple(
-        (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device,
-         object() if t.is_inference() else t._version)  # an inference tensor counts no writes: never the same
-        for t in tables))
+    return (tuple(rows), None if group is None else tuple(group.pad), tuple(_memory(t) for t in tables))
+
+
+def _memory(t: torch.Tensor):
+    """A table's memory, view, dtype and version; a key equal to no other where there is none to read: an
+    inference tensor counts no writes, a wrapper subclass (a DTensor) has no storage of its own."""
+    if t.is_inference() or type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+        return object()
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version
 
 
 def reserve_columns(tables: list[torch.Tensor], width: int) -> bool:

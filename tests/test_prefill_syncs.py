@@ -119,6 +119,13 @@ def test_tables_are_shared_by_their_memory_and_version_never_by_a_guess():
     assert compared.called
     tables.forget_sources(prompt_done=True)
     assert tables._sources == {}
+    with torch.inference_mode():  # inference tensors count no writes: their memory says nothing of their values
+        frozen = [torch.randn(1, 1, 8, 16), torch.randn(1, 1, 8, 16)]
+    inference = SharedRopeTables()
+    inference.for_layer(0, frozen, [0], layout, layout)
+    with mock.patch.object(torch, "equal", wraps=torch.equal) as compared:
+        inference.for_layer(1, frozen, [0], layout, layout)
+    assert compared.called
 
 
 
