@@ -79,20 +79,14 @@ def rebuild_rope_keys(u: torch.Tensor, sv: torch.Tensor, chunk_idx: torch.Tensor
     out.copy_(rope_fn(k_pre, *tables))
 
 
-def rotates_like(k_pre: torch.Tensor, k_rot: torch.Tensor, tables: list[torch.Tensor], rope_form: str,
-                 sample: int = 64) -> bool:
-    """Whether ``append_rope`` can stand in for the model's key RoPE: a Triton device and a known
-    form that reproduces ``k_rot`` bit for bit on the last ``sample`` prompt tokens.
+def rotates_like_flag(k_pre: torch.Tensor, k_rot: torch.Tensor, tables: list[torch.Tensor], rope_form: str,
+                      sample: int = 64) -> torch.Tensor | None:
+    """Whether ``append_rope`` can stand in for the model's key RoPE, as a device bool scalar (no host sync), or None
+    where it cannot without a look: a Triton device and a known form that reproduces ``k_rot`` bit for bit on the last
+    ``sample`` prompt tokens.
 
     ``k_pre, k_rot: [1, Hkv, S, D]``; ``tables``: ``[1, 1, S, c]`` each, aligned with them.
     """
-    flag = rotates_like_flag(k_pre, k_rot, tables, rope_form, sample)
-    return flag is not None and bool(flag)
-
-
-def rotates_like_flag(k_pre: torch.Tensor, k_rot: torch.Tensor, tables: list[torch.Tensor], rope_form: str,
-                      sample: int = 64) -> torch.Tensor | None:
-    """``rotates_like`` with no host sync: a device bool scalar, or None where it is False without a look."""
     if not _triton(k_pre) or rope_form not in FORMS or len(tables) != 2 or k_rot.dtype != k_pre.dtype:
         return None
     from shadowkv_fx.kernels import triton_append
@@ -106,7 +100,7 @@ def append_rope(k_pre: torch.Tensor, v: torch.Tensor, tables: list[torch.Tensor]
                 k_buf: torch.Tensor, v_buf: torch.Tensor, fill: torch.Tensor, base: int,
                 pre_k: torch.Tensor | None, pre_base: int) -> None:
     """New tokens rotated into ``k_buf`` (and, with ``pre_k``, kept unrotated there) with their
-    values into ``v_buf``, at slots ``base + fill + i``: one kernel (only where ``rotates_like``)."""
+    values into ``v_buf``, at slots ``base + fill + i``: one kernel (only where ``rotates_like_flag``)."""
     from shadowkv_fx.kernels import triton_append
 
     cos, sin = tables

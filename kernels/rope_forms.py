@@ -46,8 +46,9 @@ def rope_form_errors(k_pre: torch.Tensor, k_rot: torch.Tensor, tables: list[torc
     cos, sin = tables
     if cos.shape[-2] != k_pre.shape[-2]:
         return None
-    norm = k_rot.float().norm().clamp_min(1e-12)
-    return torch.stack([(apply_rope(k_pre.float(), cos, sin, form) - k_rot.float()).norm() / norm for form in FORMS])
+    k_pre, k_rot = k_pre.float(), k_rot.float()  # once, not once a form: a 122K prompt's keys are 0.5 GB in float32
+    norm = k_rot.norm().clamp_min(1e-12)
+    return torch.stack([(apply_rope(k_pre, cos, sin, form) - k_rot).norm() / norm for form in FORMS])
 
 
 def form_from_errors(errors: list[float], dtype: torch.dtype) -> str:

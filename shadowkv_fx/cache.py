@@ -143,7 +143,6 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
             self.begin_group(list(range(len(self.layout.lengths))), 0)
             return
         self.phase = "decode"
-        rope_detection.settle([layer.state for layer in self.layers])  # any a prefill's last layer left
         if self.crop_floor is None:
             self.fold_undo = []  # a new step: no crop can reach back past the last one's tokens
         undo = [] if self.crop_floor is not None and self.generated > self.crop_floor else None

@@ -2,8 +2,9 @@
 
 A layer's prefill only queues device-side checks (``PendingForm``: each known form's error, and
 whether the fused append reproduces the keys bit for bit in that form); ``settle`` reads every
-layer's in one host read a device, once the prefill's last layer is done (``ShadowKVCache``; the
-first decode step settles any left), and sets each state's ``rope_form`` and ``fused_append``.
+layer's in one host read a device when the prefill forward ends (``ShadowKVCache.end_step``, which
+every path that fills a cache reaches), and sets each state's ``rope_form`` and ``fused_append``.
+A state never settled decodes with the model's own RoPE function: slower, never wrong.
 """
 from __future__ import annotations
 
