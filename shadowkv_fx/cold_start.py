@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 FORMS = ("dense", "dense-static", "optimize", "compile")
 
@@ -34,7 +35,8 @@ class ColdRow:
     compile_s: float = 0.0  # of the first token's time: dynamo + the backend (torch's compile_times)
 
 
-def _child(form: str, context: int, batch: int, model_name: str, layers: int, cache_dir: str, start: float) -> dict:
+def _child(form: str, context: int, batch: int, model_name: str, layers: int, cache_dir: str, start: float,
+           profile: str | None = None) -> dict:
     import torch
 
     import shadowkv_fx
@@ -51,12 +53,6 @@ def _child(form: str, context: int, batch: int, model_name: str, layers: int, ca
         model = bench.llama31_8b_random(layers, device=device)
     ready = time.time() - start
     config = shadowkv_fx.ShadowKVConfig(sparse_budget=min(2048, context // 64 * 8 or 8), rank=min(160, bench_rank(model)))
-    if form == "optimize":
-        shadowkv_fx.optimize(model, config)
-    elif form == "compile":
-        model = torch.compile(model, backend="shadowkv", options={**config.to_dict(), "cuda_graphs": True})
-    elif form == "dense-static":
-        model.generation_config.cache_implementation = "static"
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
 
@@ -69,7 +65,17 @@ def _child(form: str, context: int, batch: int, model_name: str, layers: int, ca
             torch.cuda.synchronize()
         return time.time()
 
-    first = first_tokens(context, 1) - start
+    def set_up_and_first_token() -> float:
+        nonlocal model
+        if form == "optimize":
+            shadowkv_fx.optimize(model, config)
+        elif form == "compile":
+            model = torch.compile(model, backend="shadowkv", options={**config.to_dict(), "cuda_graphs": True})
+        elif form == "dense-static":
+            model.generation_config.cache_implementation = "static"
+        return first_tokens(context, 1)
+
+    first = (_profiled(set_up_and_first_token, profile) if profile else set_up_and_first_token()) - start
     compiled = _compile_seconds()
     t = time.time()
     sixteen = first_tokens(context, 16) - t
@@ -79,6 +85,22 @@ def _child(form: str, context: int, batch: int, model_name: str, layers: int, ca
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return asdict(ColdRow(form, "", context, batch, first, sixteen, shorter, counts["hit"], counts["miss"], name,
                           ready, compiled))
+
+
+def _profiled(call, path: str) -> float:
+    """``call()`` under cProfile; the 60 costliest functions (cumulative, then own time) go to ``path``."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    done = profiler.runcall(call)
+    text = io.StringIO()
+    for order in ("cumulative", "tottime"):
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(60)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text.getvalue())
+    return done
 
 
 def _compile_seconds() -> float:
@@ -96,8 +118,9 @@ def bench_rank(model) -> int:
 
 
 def measure(forms: list[str], context: int, batch: int, model_name: str = "llama-8b", layers: int = 32,
-            cache_root: str | None = None, timeout: float = 900) -> list[ColdRow]:
-    """Each form cold (empty cache folder), then warm (a second process on that folder)."""
+            cache_root: str | None = None, timeout: float = 900, profile: str | None = None) -> list[ColdRow]:
+    """Each form cold (empty cache folder), then warm (a second process on that folder). With ``profile`` (a
+    folder) each process writes a cProfile of its first token there, as ``{form}_{cold|warm}.txt``."""
     rows = []
     for form in forms:
         folder = tempfile.mkdtemp(prefix=f"shadowkv-cold-{form}-", dir=cache_root)
@@ -106,6 +129,8 @@ def measure(forms: list[str], context: int, batch: int, model_name: str = "llama
             cmd = [sys.executable, "-m", "shadowkv_fx.cold_start", "--child", form, "--context", str(context),
                    "--batch", str(batch), "--model", model_name, "--layers", str(layers), "--cache-dir", folder,
                    "--start", repr(start)]
+            if profile:
+                cmd += ["--profile", os.path.join(profile, f"{form}_{state}.txt")]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
             if done.returncode != 0:
                 raise RuntimeError(f"{form} ({state}) failed:\n{done.stderr[-3000:]}")
@@ -138,12 +163,14 @@ def main() -> None:
     parser.add_argument("--cache-dir")
     parser.add_argument("--start", type=float)
     parser.add_argument("--out")
+    parser.add_argument("--profile", help="a folder for each process's cProfile of its first token (child: a file)")
     args = parser.parse_args()
     if args.child:
-        result = _child(args.child, args.context, args.batch, args.model, args.layers, args.cache_dir, args.start)
+        result = _child(args.child, args.context, args.batch, args.model, args.layers, args.cache_dir, args.start,
+                        args.profile)
         print(json.dumps(result))
         return
-    rows = measure(args.forms.split(","), args.context, args.batch, args.model, args.layers)
+    rows = measure(args.forms.split(","), args.context, args.batch, args.model, args.layers, profile=args.profile)
     text = table(rows)
     print(text)
     if args.out:

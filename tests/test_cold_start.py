@@ -141,3 +141,15 @@ def test_on_the_cpu_graphs_run_as_fx_and_decode_graphs_compile_only_when_asked(m
     assert torch.equal(greedy(model, ids, mask), greedy(dense, ids, mask))
     assert seen == [True, False], "one prompt graph, then one decode graph"
     assert len(compiled) == (1 if cpu_inductor else 0), "only a decode graph, and only when asked, reaches inductor"
+
+
+def test_a_profiled_first_token_names_where_its_seconds_went(tmp_path):
+    from shadowkv_fx.cold_start import _profiled
+
+    def slow_set_up():
+        return sum(i * i for i in range(200_000))
+
+    out = tmp_path / "prof" / "compile_warm.txt"
+    assert _profiled(slow_set_up, str(out)) == sum(i * i for i in range(200_000))
+    text = out.read_text()
+    assert "slow_set_up" in text and "cumulative" in text and "internal time" in text
