@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
+from shadowkv_fx.column_staging import column_buffers, write_columns
 from shadowkv_fx.prompt_layout import PromptLayout
 
 
@@ -20,13 +21,11 @@ def stage_piece(staged: dict[int, tuple[torch.Tensor, ...]], layer_idx: int, spa
     if start == 0 and end == total:
         return parts
     if start == 0:
-        staged[layer_idx] = tuple(t.new_empty(*t.shape[:2], total, t.shape[3]) for t in parts)
-    buffers = staged[layer_idx]
-    for buf, part in zip(buffers, parts):
-        buf[:, :, start:end] = part
+        staged[layer_idx] = tuple(column_buffers(parts, total))
+    so_far = tuple(write_columns(staged[layer_idx], parts, start, end))
     if end == total:
         del staged[layer_idx]
-    return tuple(buf[:, :, :end] for buf in buffers)
+    return so_far
 
 
 def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PromptLayout, scale: float,

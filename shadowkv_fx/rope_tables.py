@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from shadowkv_fx.column_staging import column_buffers, write_columns
 from shadowkv_fx.prompt_layout import PromptLayout
 
 
@@ -144,13 +145,12 @@ class PieceTables:
             if before is not None and before not in self._written:
                 index = before  # the first of its set this piece: write the piece into the set
             else:  # a new set: the first piece, or tables that differ now from the others' of its set
-                self._sets.append([t.new_empty(*t.shape[:2], total, t.shape[3]) for t in tables])
+                self._sets.append(column_buffers(tables, total))
                 index = len(self._sets) - 1
                 if before is not None:
                     for buf, old in zip(self._sets[index], self._sets[before]):
                         buf[:, :, :start] = old[:, :, :start]
-            for buf, part in zip(self._sets[index], tables):
-                buf[:, :, start:end] = part
+            write_columns(self._sets[index], tables, start, end)
             self._piece[key], self._written = index, self._written | {index}
             self._held.append(list(tables))
         self._of_layer[layer_idx] = index
