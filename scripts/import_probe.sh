@@ -12,9 +12,9 @@ for name in ("torch", "transformers"):
     print(f"{name}: {folder} writable={os.access(folder, os.W_OK)} __pycache__ folders={caches}")
 PY
 stamp() { local t0; t0=$(date +%s.%N); "$@" > /dev/null 2>&1; echo "$(echo "$(date +%s.%N) - $t0" | bc) s: $*"; }
-for run in 1 2 3; do stamp python3 -c "$IMPORT"; done
-for run in 1 2 3; do PYTHONPYCACHEPREFIX=/tmp/pyc stamp python3 -c "$IMPORT"; done
-for run in 1 2; do PYTHONDONTWRITEBYTECODE=1 stamp python3 -c "$IMPORT"; done
+for run in 1 2; do stamp python3 -c "$IMPORT"; done
+for run in 1 2; do PYTHONPYCACHEPREFIX=/tmp/pyc stamp python3 -c "$IMPORT"; done
+PYTHONDONTWRITEBYTECODE=1 stamp python3 -c "$IMPORT"
 stamp python3 -c "pass"
 stamp python3 -S -c "pass"
 python3 -X importtime -c "$IMPORT" 2> /tmp/importtime.txt
