@@ -11,7 +11,7 @@ for name in ("torch", "transformers"):
     caches = sum(1 for root, dirs, files in os.walk(folder) if root.endswith("__pycache__"))
     print(f"{name}: {folder} writable={os.access(folder, os.W_OK)} __pycache__ folders={caches}")
 PY
-stamp() { local t0; t0=$(date +%s.%N); "$@" > /dev/null 2>&1; echo "$(echo "$(date +%s.%N) - $t0" | bc) s: $*"; }
+stamp() { local t0; t0=$(date +%s%N); "$@" > /dev/null 2>&1; echo "$(( ($(date +%s%N) - t0) / 1000000 )) ms: $*"; }
 for run in 1 2; do stamp python3 -c "$IMPORT"; done
 for run in 1 2; do PYTHONPYCACHEPREFIX=/tmp/pyc stamp python3 -c "$IMPORT"; done
 PYTHONDONTWRITEBYTECODE=1 stamp python3 -c "$IMPORT"
