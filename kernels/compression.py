@@ -34,18 +34,36 @@ def low_rank_keys(k_pre: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
         ``U [T, rank]`` and ``SV [Hkv, rank, D]`` (``diag(s) V^T``) with ``U @ SV[h] ~= k_pre[h]``;
         zero-padded when ``min(T, Hkv*D) < rank``.
     """
+    u, sv, _ = factor_keys(flatten_keys(k_pre), k_pre.shape[0], rank)
+    return u, sv
+
+
+def flatten_keys(k_pre: torch.Tensor) -> torch.Tensor:
+    """``[Hkv, T, D]`` keys as a new ``[T, Hkv*D]`` matrix (a copy: the heads side by side)."""
     hkv, t, d = k_pre.shape
-    flat = k_pre.permute(1, 0, 2).reshape(t, hkv * d)
-    if t > 4 * hkv * d:
+    flat = k_pre.new_empty(t, hkv * d)
+    flat.view(t, hkv, d).copy_(k_pre.permute(1, 0, 2))
+    return flat
+
+
+def factor_keys(flat: torch.Tensor, hkv: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``low_rank_keys`` of ``flatten_keys``' matrix, and the fit error: the share of the keys' norm that
+    the rank-``rank`` basis misses (0-d float32). ``torch.linalg`` reads a status back from the device here:
+    prefill runs this off its compute stream and thread (``key_basis.py``)."""
+    t, w = flat.shape
+    if t > 4 * w:
         u_r, s, vh = _tall_svd(flat, rank)
     else:
         u, s, vh = torch.linalg.svd(flat.float(), full_matrices=False)
         u_r = u.new_zeros(t, rank)
         u_r[:, : min(rank, s.numel())] = u[:, :rank]
     kept = min(rank, s.numel())
-    sv = u_r.new_zeros(rank, hkv * d)
+    sv = u_r.new_zeros(rank, w)
     sv[:kept] = s[:kept, None] * vh[:kept]
-    return u_r, sv.view(rank, hkv, d).permute(1, 0, 2).contiguous()
+    energy = flat.float().square().sum()
+    # U's columns are orthonormal, so what SV misses of the keys' energy is the fit error
+    fit_err = (1 - sv.square().sum() / energy.clamp_min(1e-30)).clamp_min(0).sqrt()
+    return u_r, sv.view(rank, hkv, w // hkv).permute(1, 0, 2).contiguous(), fit_err
 
 
 def _tall_svd(flat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,12 +120,12 @@ def chunk_landmarks(k_rot: torch.Tensor, chunk_size: int, runs: int = 1) -> tupl
 class CompressedPrompt(NamedTuple):
     """``compress_prompt``'s result (``O`` outlier chunks per head)."""
 
-    u: torch.Tensor  # [T, r] float32
-    sv: torch.Tensor  # [Hkv, r, D] float32
+    u: torch.Tensor | None  # [T, r] float32 (None: factored elsewhere, as sv and fit_err)
+    sv: torch.Tensor | None  # [Hkv, r, D] float32
     landmarks: torch.Tensor  # [Hkv, C, runs*D] float32 (or key codes)
     outliers: torch.Tensor  # [Hkv, O] long, the chunks with the lowest min-cosine
     outlier_cos: torch.Tensor  # [Hkv, O] float32, their min-cosines
-    fit_err: torch.Tensor  # 0-d float32, the share of the keys' norm the rank-r basis misses
+    fit_err: torch.Tensor | None  # 0-d float32, the share of the keys' norm the rank-r basis misses
     outlier_k: torch.Tensor  # [Hkv, O*L, D] post-RoPE keys of the outlier chunks
     outlier_v: torch.Tensor  # [Hkv, O*L, Dv]
     code_scale: torch.Tensor | None = None  # [Hkv, 2, D] float32 with key codes: landmarks are [Hkv, C, L*D/2] uint8
@@ -120,20 +138,21 @@ def least_agreeing_chunks(min_cos: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def compress_prompt(k_pre: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, rank: int, chunk_size: int,
-                    outlier_chunks: int, landmark_runs: int = 1, key_code_bits: int = 0) -> CompressedPrompt:
+                    outlier_chunks: int, landmark_runs: int = 1, key_code_bits: int = 0,
+                    basis: bool = True) -> CompressedPrompt:
     """One sequence's chunked prompt ``k_pre, k_rot: [Hkv, C*L, D]``, ``v: [Hkv, C*L, Dv]``: low-rank
     keys, landmarks (with ``key_code_bits``, every key's codes in their place), and the outlier
-    chunks kept dense (chosen by the chunk means either way)."""
-    u, sv = low_rank_keys(k_pre, rank)
+    chunks kept dense (chosen by the chunk means either way). ``basis=False``: ``u``, ``sv`` and
+    ``fit_err`` are None, for the caller to factor the keys elsewhere (``key_basis.py``)."""
+    u = sv = fit_err = None
+    if basis:
+        u, sv, fit_err = factor_keys(flatten_keys(k_pre), k_pre.shape[0], rank)
     landmarks, min_cos = chunk_landmarks(k_rot, chunk_size, landmark_runs)
     code_scale = None
     if key_code_bits:
         code_scale = key_codes.fit_scale(k_rot)
         landmarks = key_codes.encode(k_rot, code_scale, chunk_size)
     outliers = least_agreeing_chunks(min_cos, outlier_chunks)
-    energy = k_pre.float().square().sum()
-    # U's columns are orthonormal, so what SV misses of the keys' energy is the fit error
-    fit_err = (1 - sv.square().sum() / energy.clamp_min(1e-30)).clamp_min(0).sqrt()
     token_idx = chunk_tokens(outliers, chunk_size)[..., None]
     return CompressedPrompt(u, sv, landmarks, outliers, min_cos.gather(1, outliers), fit_err,
                             torch.gather(k_rot, 1, token_idx.expand(-1, -1, k_rot.shape[-1])),

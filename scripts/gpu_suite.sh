@@ -9,7 +9,7 @@ python3 -m pytest -q -o addopts='' -p no:cacheprovider -rs -n 12 --dist loadfile
     tests/test_reference_kernels.py tests/test_cold_start.py tests/test_hooks.py tests/test_capture_warmup.py \
     tests/test_serving_shadowkv.py tests/test_prefix_store.py tests/test_dense_fallback.py tests/test_quantize.py \
     tests/test_quantized_store.py tests/test_cache_reuse.py tests/test_span_select.py tests/test_bench_fill.py \
-    tests/test_attend_earlier.py tests/test_prefill_pieces.py tests/test_landmark_runs.py tests/test_key_codes.py > "$OUT/gpu_tests.txt" 2>&1
+    tests/test_attend_earlier.py tests/test_prefill_pieces.py tests/test_landmark_runs.py tests/test_key_codes.py tests/test_key_basis.py tests/test_prefill_syncs.py > "$OUT/gpu_tests.txt" 2>&1
 tail -3 "$OUT/gpu_tests.txt"
 START=$(date +%s.%N) python3 benchmarks/model_ready_breakdown.py > "$OUT/ready.txt" 2>&1
 cat "$OUT/ready.txt"

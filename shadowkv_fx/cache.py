@@ -221,6 +221,7 @@ class ShadowKVCache(cache_share.SharedCopies, cache_io.SavedCache, Cache):
             self.rope_tables.forget_sources(self.prefill_span[1] == self.group_layout.padded_len)
             # folding layers size their RoPE tables and store now, so the first decode step moves nothing
             for layer in self.layers:
+                layer.state.bases.finish()  # prefill's key bases (key_basis.py), before a tail may move them
                 if layer.state.reserve_tail(0):
                     self.decode_graphs.clear()
         self.seq_length += input_len

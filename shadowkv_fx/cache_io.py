@@ -139,7 +139,7 @@ def save(cache, folder: str | os.PathLike, model: torch.nn.Module | None = None)
         state.values_ready()
         host = {}
         for name, value in vars(state).items():
-            if name == "config":
+            if name in ("config", "bases"):  # bases: jobs in flight, none once values_ready returned
                 continue
             if name == "rope_tables":
                 host[name] = next((s for s, tables in enumerate(sets) if tables is value), None)

@@ -74,11 +74,11 @@ def compressed(config: ShadowKVConfig, k_pre: torch.Tensor, k_rot: torch.Tensor,
                tokens: int) -> compression.CompressedPrompt | None:
     """The first ``tokens`` (whole chunks) of one prompt's keys and values (``[Hkv, T, D]``) compressed,
     or None where the basis fits those keys with a relative error above ``dense_fallback_error``: the
-    prompt stays dense."""
+    prompt stays dense. Without that bound the basis is left to the caller (``u`` None: ``key_basis``)."""
     k_pre, k_rot, v = k_pre[:, :tokens], k_rot[:, :tokens], v[:, :tokens]
-    c = compression.compress_prompt(k_pre, k_rot, v, config.rank, config.chunk_size, config.outlier_chunks,
-                                    config.landmark_runs, config.key_code_bits)
     bound = config.dense_fallback_error
+    c = compression.compress_prompt(k_pre, k_rot, v, config.rank, config.chunk_size, config.outlier_chunks,
+                                    config.landmark_runs, config.key_code_bits, basis=bound is not None)
     return None if bound is not None and float(c.fit_err) > bound else c
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from shadowkv_fx import dense_fallback, host_copies, rope_detection
+from shadowkv_fx import dense_fallback, host_copies, key_basis, rope_detection
 from shadowkv_fx.config import ShadowKVConfig
 from shadowkv_fx.kernels import dispatch
 from shadowkv_fx.pinned import grown, moved
@@ -79,7 +79,7 @@ class LayerState:
         self.outlier_cos: torch.Tensor | None = None  # [B, Hkv, O] float32, their min-cosines (fold ranks new chunks)
         self.outlier_valid: torch.Tensor | None = None  # [B] bool: the row has outliers (it is compressed)
         self.fit_err: torch.Tensor | None = None  # [B] float32, what the rank-r basis misses of the keys
-        self.refreshes = 0  # bases refreshed by folds so far
+        self.refreshes, self.bases = 0, key_basis.PendingBases()  # bases refreshed by folds; prefill's, in flight
 
         # Prefill only, dropped once the decode buffers are built (T: the longest local window)
         self._local_k: torch.Tensor | None = None  # [B, Hkv, T, D] post-RoPE keys of the local window
@@ -160,9 +160,10 @@ class LayerState:
             if n_chunks:
                 self.selectable[b, :, :n_chunks] = True
                 self.selectable[b].scatter_(1, c.outliers, False)
-                self.outlier_ids[b], self.outlier_cos[b], self.fit_err[b] = c.outliers, c.outlier_cos, c.fit_err
+                self.outlier_ids[b], self.outlier_cos[b] = c.outliers, c.outlier_cos
                 self._outlier_k[b], self._outlier_v[b] = c.outlier_k, c.outlier_v
-                self.u[b, :t], self.sv[b], stored = c.u, c.sv, (b, slice(None), slice(0, n_chunks))
+                stored = (b, slice(None), slice(0, n_chunks))
+                self.bases.store(c, kp[:, :t], cfg.rank, self.u[b, :t], self.sv[b], self.fit_err[b])
                 write_landmarks(self.landmarks, self.landmark_scale, self.code_scale, stored, c)  # int8, or key codes
                 values = vb[:, :t].reshape(-1, n_chunks, chunk, vb.shape[-1])
                 self.values_copied = write_chunks(self.v_chunks, self.v_scale, stored, values, side_stream=True)
@@ -272,11 +273,10 @@ class LayerState:
         self.tail_len, self.tail_fill = 0, torch.zeros((), dtype=torch.long, device=self.k_buf.device)
 
     def values_ready(self) -> None:
-        """Later work on the current stream sees the values prefill copied to the host."""
-        if self.values_copied is None:
-            return
-        host_copies.wait(self.values_copied)
-        if not dispatch.triton_available():  # the fallback gather reads them on the CPU
+        """Later work on the current stream sees what prefill wrote off it: values copied to the host, key bases."""
+        self.bases.finish()
+        host_copies.wait(self.values_copied)  # None: none in flight
+        if self.values_copied is not None and not dispatch.triton_available():  # the fallback gather reads on the CPU
             self.values_copied.synchronize()
         self.values_copied = None
 

@@ -1,0 +1,118 @@
+"""Prefill's low-rank key bases, factored off the compute stream and off the thread that launches it.
+
+``torch.linalg.eigh`` (and ``svd``) read a status word back from the GPU: a host sync in every
+layer's prefill, for every row. On the H100 each fp64 eigh of the 1024 x 1024 Gram matrix (8B
+shape) also takes ~11 ms of GPU time, 0.35 s a sequence whatever its length, which nothing else
+overlapped: most of what a 32K prefill spent over dense's. Here the compute thread only copies the
+row's pre-RoPE keys (its own copy: a compiled graph may reuse the tapped buffer once the op
+returns) and records an event; one worker thread waits for that event on a side stream, factors
+the keys there (blocking itself, not the prefill, on the status read) and writes U, SV and the fit
+error into the layer's slots. ``finish`` joins a layer's jobs and makes the compute stream wait for
+them on the GPU, before anything reads or moves those slots (``ShadowKVCache.end_step``).
+
+On a CPU the same jobs run inline, in order, unless ``THREAD_ON_CPU`` (tests run the worker there).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from shadowkv_fx.kernels import compression
+
+THREAD_ON_CPU = False
+
+_worker: ThreadPoolExecutor | None = None
+_streams: dict[int, torch.cuda.Stream] = {}
+_lock = threading.Lock()
+
+
+def _forget_worker() -> None:  # a forked child has none of its parent's threads
+    global _worker
+    _worker = None
+
+
+os.register_at_fork(after_in_child=_forget_worker)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _worker
+    with _lock:
+        if _worker is None:
+            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadowkv-key-basis")
+        return _worker
+
+
+def _stream(device: torch.device) -> torch.cuda.Stream:
+    with _lock:
+        if device.index not in _streams:
+            _streams[device.index] = torch.cuda.Stream(device=device)
+        return _streams[device.index]
+
+
+class PendingBases:
+    """One layer's factorisations still running; a copy (``deepcopy``) starts with none."""
+
+    def __init__(self) -> None:
+        self._jobs: list[Future] = []
+
+    def __deepcopy__(self, memo) -> PendingBases:
+        return PendingBases()
+
+    def __eq__(self, other) -> bool:  # as state: the same jobs in flight (none, between steps)
+        return isinstance(other, PendingBases) and self._jobs == other._jobs
+
+    def submit(self, k_pre: torch.Tensor, rank: int, u_out: torch.Tensor, sv_out: torch.Tensor,
+               fit_err_out: torch.Tensor) -> None:
+        """Factor one row's keys ``k_pre [Hkv, T, D]`` into ``u_out [T, rank]``, ``sv_out [Hkv, rank, D]`` and
+        ``fit_err_out`` (0-d): views of the layer's slots, which must neither move nor be read before ``finish``."""
+        flat, hkv = compression.flatten_keys(k_pre), k_pre.shape[0]
+        outs = (u_out, sv_out, fit_err_out)
+        if flat.device.type == "cuda":
+            ready, stream = torch.cuda.Event(), _stream(flat.device)
+            ready.record()
+            for t in (flat, *outs):  # memory this thread may free while the side stream still uses it
+                t.record_stream(stream)
+        elif not THREAD_ON_CPU:
+            _write(outs, compression.factor_keys(flat, hkv, rank))
+            return
+        else:
+            ready = stream = None
+        mode = torch.is_inference_mode_enabled()  # grad modes are per thread: the worker takes the caller's
+        self._jobs.append(_pool().submit(_factor, flat, hkv, rank, outs, ready, stream, mode))
+
+    def store(self, c: compression.CompressedPrompt, k_pre: torch.Tensor, rank: int, u_out: torch.Tensor,
+              sv_out: torch.Tensor, fit_err_out: torch.Tensor) -> None:
+        """``c``'s basis into the slots; where ``c`` left it out, a job that factors ``k_pre`` for them."""
+        if c.u is None:
+            self.submit(k_pre, rank, u_out, sv_out, fit_err_out)
+        else:
+            _write((u_out, sv_out, fit_err_out), (c.u, c.sv, c.fit_err))
+
+    def finish(self) -> None:
+        """Every submitted job done: the current stream's later work sees its slots. Re-raises a job's error."""
+        jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            done = job.result()
+            if done is not None:
+                torch.cuda.current_stream().wait_event(done)
+
+
+def _write(outs, factors) -> None:
+    for out, value in zip(outs, factors):
+        out.copy_(value)
+
+
+def _factor(flat, hkv: int, rank: int, outs, ready, stream, inference: bool) -> torch.cuda.Event | None:
+    with torch.inference_mode(inference), torch.no_grad():
+        if stream is None:
+            _write(outs, compression.factor_keys(flat, hkv, rank))
+            return None
+        with torch.cuda.device(flat.device), torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            _write(outs, compression.factor_keys(flat, hkv, rank))
+            done = torch.cuda.Event()
+            done.record(stream)
+            return done
