@@ -48,7 +48,9 @@ def _pool() -> ThreadPoolExecutor:
 def _stream(device: torch.device) -> torch.cuda.Stream:
     with _lock:
         if device.index not in _streams:
-            _streams[device.index] = torch.cuda.Stream(device=device)
+            # high priority: the solver's many small kernels take the next free SM slot instead of queueing
+            # behind every pending block of the compute stream's GEMMs and attention
+            _streams[device.index] = torch.cuda.Stream(device=device, priority=-1)
         return _streams[device.index]
 
 
