@@ -59,33 +59,46 @@ def shadowkv_prefill(model, ids: torch.Tensor, config, pins: PinTimer) -> dict:
 
 
 def count_host_syncs(model, ids: torch.Tensor, config) -> dict[str, int]:
-    """Synchronising calls on one prefill, by the line of ours that made them (torch's sync debug mode)."""
+    """Synchronising calls on one prefill, by the line that made them (torch's sync debug mode), those of
+    another thread than the prefill's (``key_basis``' worker) marked with its name."""
+    import threading
     import warnings
 
     cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, tail_capacity=32)
+    caught = []
+
+    def record(message, category, filename, lineno, file=None, line=None):  # runs in the warning's thread
+        caught.append((threading.current_thread(), str(message), filename, lineno))
+
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("always")
+            warnings.showwarning = record
             model(ids, cache=cache, logits_to_keep=1)
+            torch.cuda.synchronize()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     where: dict[str, int] = {}
-    for w in caught:
-        if "synchroniz" in str(w.message):
-            key = f"{os.path.relpath(w.filename)}:{w.lineno}"
+    for thread, message, filename, lineno in caught:
+        if "synchroniz" in message:
+            origin = "" if thread is threading.main_thread() else f"[{thread.name}] "
+            key = f"{origin}{os.path.relpath(filename)}:{lineno}"
             where[key] = where.get(key, 0) + 1
     return where
 
 
-def profile_prefill(model, ids: torch.Tensor, config, top: int = 25) -> str:
-    """Where one prefill's time goes: ops by device time, and by host time (torch.profiler)."""
+def profile_prefill(model, ids: torch.Tensor, config, top: int = 25, trace: str | None = None) -> str:
+    """Where one prefill's time goes: ops by device time, and by host time (torch.profiler); with ``trace`` (a
+    path ending .json.gz) also its timeline, streams apart (whether the key bases' stream overlaps the compute's)."""
     from torch.profiler import ProfilerActivity, profile
 
     cache = shadowkv_fx.ShadowKVCache(model.config.num_hidden_layers, config, tail_capacity=32)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.no_grad():
         model(ids, cache=cache, logits_to_keep=1)
         torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
     events = prof.key_averages()
     return (events.table(sort_by="cuda_time_total", row_limit=top) + "\n"
             + events.table(sort_by="self_cpu_time_total", row_limit=top))
@@ -97,7 +110,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--value-hbm-gib", type=float, default=None, help="GiB of values kept on the GPU (0: all pinned)")
-    parser.add_argument("--profile", action="store_true", help="also: torch.profiler tables of one batch-1 prefill")
+    parser.add_argument("--profile", action="store_true",
+                        help="also: torch.profiler tables of one batch-1 prefill (and its trace under --out)")
     parser.add_argument("--out")
     args = parser.parse_args()
     model = bench.llama31_8b_random(args.layers)
@@ -124,7 +138,10 @@ def main() -> None:
     lines.append(f"host syncs of one batch-1 prefill: {sum(syncs.values())}")
     lines += [f"  {n:5d}  {where}" for where, n in sorted(syncs.items(), key=lambda kv: -kv[1])[:20]]
     if args.profile:
-        lines.append(profile_prefill(model, ids[:1], config))
+        trace = os.path.join(args.out, "prefill_trace.json.gz") if args.out else None
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+        lines.append(profile_prefill(model, ids[:1], config, trace=trace))
     text = "\n".join(lines)
     print(text)
     if args.out:
