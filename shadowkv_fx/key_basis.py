@@ -74,7 +74,7 @@ class PendingBases:
         outs = (u_out, sv_out, fit_err_out)
         if flat.device.type == "cuda":
             ready, stream = torch.cuda.Event(), _stream(flat.device)
-            ready.record()
+            ready.record(torch.cuda.current_stream(flat.device))
             for t in (flat, *outs):  # memory this thread may free while the side stream still uses it
                 t.record_stream(stream)
         elif not THREAD_ON_CPU:
@@ -94,12 +94,15 @@ class PendingBases:
             _write((u_out, sv_out, fit_err_out), (c.u, c.sv, c.fit_err))
 
     def finish(self) -> None:
-        """Every submitted job done: the current stream's later work sees its slots. Re-raises a job's error."""
+        """Every submitted job done: the current stream's later work sees its slots. Raises the first job's error
+        once every job has ended (none still writes into the slots)."""
         jobs, self._jobs = self._jobs, []
         for job in jobs:
-            done = job.result()
-            if done is not None:
-                torch.cuda.current_stream().wait_event(done)
+            if job.exception() is None and (done := job.result()) is not None:
+                event, device = done
+                torch.cuda.current_stream(device).wait_event(event)
+        for job in jobs:
+            job.result()
 
 
 def _write(outs, factors) -> None:
@@ -107,7 +110,8 @@ def _write(outs, factors) -> None:
         out.copy_(value)
 
 
-def _factor(flat, hkv: int, rank: int, outs, ready, stream, inference: bool) -> torch.cuda.Event | None:
+def _factor(flat, hkv: int, rank: int, outs, ready, stream, inference: bool) -> tuple | None:
+    """The job: ``(event, device)`` marking its end on the side stream, or None where it ran on the CPU."""
     with torch.inference_mode(inference), torch.no_grad():
         if stream is None:
             _write(outs, compression.factor_keys(flat, hkv, rank))
@@ -117,4 +121,4 @@ def _factor(flat, hkv: int, rank: int, outs, ready, stream, inference: bool) -> 
             _write(outs, compression.factor_keys(flat, hkv, rank))
             done = torch.cuda.Event()
             done.record(stream)
-            return done
+            return done, flat.device
