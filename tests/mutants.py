@@ -192,14 +192,14 @@ def landmarks_first_token() -> None:
 @mutant("the low-rank factors drop their smallest kept singular component")
 def svd_drops_a_component() -> None:
     def make(plain):
-        def factors(k_pre, rank):
-            u, sv = plain(k_pre, rank)
+        def factors(flat, hkv, rank):
+            u, sv, fit_err = plain(flat, hkv, rank)
             kept = int((sv.square().sum(dim=(0, 2)) > 0).sum())  # sv: [Hkv, r, D], components by size
             if kept:
                 sv[:, kept - 1] = 0
-            return u, sv
+            return u, sv, fit_err
         return factors
-    _wrap(compression, "low_rank_keys", make)
+    _wrap(compression, "factor_keys", make)
 
 
 @mutant("with value reuse, a slot whose chunk changed keeps the old chunk's values")
