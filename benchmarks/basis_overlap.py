@@ -14,14 +14,17 @@ If the worker overlaps, its row is close to the compute alone; in line adds ~lay
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 
 import torch
 
 from shadowkv_fx import key_basis
 from shadowkv_fx.kernels import compression
+
+sys.path.insert(0, os.path.dirname(__file__))
+from prefill_batch import write_results  # noqa: E402  (a sibling script)
 
 
 def sync() -> None:
@@ -108,14 +111,7 @@ def main() -> None:
     lines = [f"{name}, {args.tokens} tokens, W = {width}, {args.layers} layers, "
              f"torch.get_num_threads() = {torch.get_num_threads()}"]
     lines += [f"{name:<48}{value * 1e3:>10.2f} ms" for name, value in rows.items()]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "basis_overlap.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-        with open(os.path.join(args.out, "basis_overlap.txt"), "w") as f:
-            f.write(text + "\n")
+    write_results(args.out, "basis_overlap", rows, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -142,13 +142,17 @@ def main() -> None:
         if args.out:
             os.makedirs(args.out, exist_ok=True)
         lines.append(profile_prefill(model, ids[:1], config, trace=trace))
-    text = "\n".join(lines)
+    write_results(args.out, "prefill_batch", rows, "\n".join(lines))
+
+
+def write_results(out: str | None, stem: str, rows: dict, text: str) -> None:
+    """Print ``text``; with ``out``, also write it and ``rows`` there as ``stem``.txt and ``stem``.json."""
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "prefill_batch.json"), "w") as f:
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"{stem}.json"), "w") as f:
             json.dump(rows, f, indent=1)
-        with open(os.path.join(args.out, "prefill_batch.txt"), "w") as f:
+        with open(os.path.join(out, f"{stem}.txt"), "w") as f:
             f.write(text + "\n")
 
 
