@@ -109,6 +109,7 @@ def _adopt_store(state: LayerState, b: int, other: LayerState, chunks: int) -> N
         state.outlier_ids[b], state.outlier_cos[b], state.fit_err[b] = 0, float("inf"), 0
         return
     tokens = chunks * state.config.chunk_size
+    other.bases.finish()  # its key bases (key_basis.py), should its prefill not have ended in end_step
     if other.values_copied is not None:  # prefill's copy to the host may still be landing
         other.values_copied.synchronize()
     state.u[b, :tokens] = other.u[0, :tokens]
