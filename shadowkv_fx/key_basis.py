@@ -23,15 +23,19 @@ import torch
 from shadowkv_fx.kernels import compression
 
 THREAD_ON_CPU = False
+# jobs submitted and not ended, all caches together: each holds its keys' copy (250 MB a 122K row on the 8B shape),
+# so a worker that falls behind makes the prefill wait here rather than grow past preflight's working-set reserve
+IN_FLIGHT = 2
+_in_flight = threading.BoundedSemaphore(IN_FLIGHT)
 
 _worker: ThreadPoolExecutor | None = None
 _streams: dict[int, torch.cuda.Stream] = {}
 _lock = threading.Lock()
 
 
-def _forget_worker() -> None:  # a forked child has none of its parent's threads
-    global _worker
-    _worker = None
+def _forget_worker() -> None:  # a forked child has none of its parent's threads, nor their jobs
+    global _worker, _in_flight
+    _worker, _in_flight = None, threading.BoundedSemaphore(IN_FLIGHT)
 
 
 os.register_at_fork(after_in_child=_forget_worker)
@@ -83,7 +87,12 @@ class PendingBases:
         else:
             ready = stream = None
         mode = torch.is_inference_mode_enabled()  # grad modes are per thread: the worker takes the caller's
-        self._jobs.append(_pool().submit(_factor, flat, hkv, rank, outs, ready, stream, mode))
+        _in_flight.acquire()
+        try:
+            self._jobs.append(_pool().submit(_factor, flat, hkv, rank, outs, ready, stream, mode))
+        except BaseException:
+            _in_flight.release()
+            raise
 
     def store(self, c: compression.CompressedPrompt, k_pre: torch.Tensor, rank: int, u_out: torch.Tensor,
               sv_out: torch.Tensor, fit_err_out: torch.Tensor) -> None:
@@ -112,6 +121,13 @@ def _write(outs, factors) -> None:
 
 def _factor(flat, hkv: int, rank: int, outs, ready, stream, inference: bool) -> tuple | None:
     """The job: ``(event, device)`` marking its end on the side stream, or None where it ran on the CPU."""
+    try:
+        return _factor_on(flat, hkv, rank, outs, ready, stream, inference)
+    finally:
+        _in_flight.release()
+
+
+def _factor_on(flat, hkv: int, rank: int, outs, ready, stream, inference: bool) -> tuple | None:
     with torch.inference_mode(inference), torch.no_grad():
         if stream is None:
             _write(outs, compression.factor_keys(flat, hkv, rank))

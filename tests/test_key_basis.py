@@ -90,3 +90,33 @@ def test_the_worker_takes_the_callers_inference_mode(threaded):
         cache = model._shadowkv.new_cache(8)
         model(ids, attention_mask=mask, cache=cache)
     assert all(float(layer.state.u.abs().sum()) > 0 for layer in cache.layers)
+
+
+def test_no_more_than_in_flight_jobs_hold_their_keys_at_once(threaded, monkeypatch):
+    """A worker that falls behind makes the prefill wait, so the keys' copies never pile up past IN_FLIGHT."""
+    import threading
+    import time
+
+    counts = {"submitted": 0, "ended": 0, "most": 0}
+    lock = threading.Lock()
+    plain_factor, plain_pool = compression.factor_keys, key_basis._pool
+
+    def slow_factor(flat, hkv, rank):
+        time.sleep(0.05)
+        with lock:
+            counts["ended"] += 1
+        return plain_factor(flat, hkv, rank)
+
+    class Counting:
+        def submit(self, *args):
+            with lock:
+                counts["submitted"] += 1
+                counts["most"] = max(counts["most"], counts["submitted"] - counts["ended"])
+            return plain_pool().submit(*args)
+
+    monkeypatch.setattr(compression, "factor_keys", slow_factor)
+    monkeypatch.setattr(key_basis, "_pool", lambda: Counting())
+    cache = prefill(optimized("cpu"), "cpu")
+    assert counts["submitted"] == 6, counts  # 3 layers x 2 rows
+    assert counts["most"] <= key_basis.IN_FLIGHT, counts
+    assert all(float(layer.state.u.abs().sum()) > 0 for layer in cache.layers)
