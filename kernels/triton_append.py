@@ -14,7 +14,7 @@ so the result equals the model's function bit for bit. The rounding is integer a
 bits (to nearest, ties to even, as torch's ``BFloat16`` cast): measured on an H100, a
 ``.to(bfloat16).to(float32)`` round trip did not keep the compiler from fusing the sum (1-ulp
 differences). Whether the kernel reproduces a given model is not assumed: prefill checks it on the
-real keys (``rotates_like``) and keeps the model's function where it does not (fp16, fp32 models).
+real keys (``rotates_like_flag``) and keeps the model's function where it does not (fp16, fp32 models).
 """
 from __future__ import annotations
 
@@ -152,16 +152,10 @@ def append_rope(k_pre: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: to
     launch_append_rope(k_pre, v, cos, sin, rope_form, k_out, v_out, fill, k_base, pre_out, pre_base, rounded)
 
 
-def rotates_like(k_pre: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 rope_form: str) -> bool:
-    """Whether ``append_rope`` gives the model's post-RoPE keys ``k_rot`` bit for bit on ``k_pre``
-    (``[B, Hkv, n, D]``, tables ``[B|1, 1, n, R]``, on the device)."""
-    return bool(rotates_like_flag(k_pre, k_rot, cos, sin, rope_form))
-
-
 def rotates_like_flag(k_pre: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       rope_form: str) -> torch.Tensor:
-    """``rotates_like`` as a device bool scalar: no host sync."""
+    """Whether ``append_rope`` gives the model's post-RoPE keys ``k_rot`` bit for bit on ``k_pre``
+    (``[B, Hkv, n, D]``, tables ``[B|1, 1, n, R]``, on the device), as a device bool scalar: no host sync."""
     b, hkv, n, d = k_pre.shape
     out = torch.empty_like(k_rot)
     spare = torch.empty(b, hkv, n, 1, dtype=k_pre.dtype, device=k_pre.device)

@@ -64,7 +64,7 @@ def test_append_rotates_like_the_model_and_writes_at_the_fill_level(form, b, hkv
     if dtype == torch.bfloat16:
         assert torch.equal(k_buf[:, :, at], expected), "bf16 keys must equal the model's RoPE bit for bit"
     else:  # one rounding of a fused sum against eager's two: the last bit may differ (decode keeps
-        # the model's function there: rotates_like says no)
+        # the model's function there: rotates_like_flag says no)
         tol = 1e-5 if dtype == torch.float32 else 3e-3
         assert_close(k_buf[:, :, at], expected, atol=tol, rtol=tol, what="rotated keys")
     assert torch.equal(v_buf[:, :, at], v) and torch.equal(pre[:, :, pre_base + fill : pre_base + fill + n], k_pre)
@@ -79,12 +79,12 @@ def test_rotates_like_refuses_a_rope_it_does_not_reproduce():
     k_pre = torch.randn(1, 2, 9, 32, generator=gen).to(device=DEVICE, dtype=torch.bfloat16)
     cos, sin = tables(gen, 1, 9, 32, torch.bfloat16)
     llama = model_rope("rotate_half", k_pre, cos, sin)
-    assert triton_append.rotates_like(k_pre, llama, cos, sin, "rotate_half")
-    assert not triton_append.rotates_like(k_pre, llama, cos, sin, "interleaved")
+    assert triton_append.rotates_like_flag(k_pre, llama, cos, sin, "rotate_half")
+    assert not triton_append.rotates_like_flag(k_pre, llama, cos, sin, "interleaved")
     # the same rotation computed in float32 and rounded once differs in the last bit somewhere
     upcast = model_rope("rotate_half", k_pre.float(), cos.float(), sin.float()).to(torch.bfloat16)
     assert not torch.equal(upcast, llama)
-    assert not triton_append.rotates_like(k_pre, upcast, cos, sin, "rotate_half")
+    assert not triton_append.rotates_like_flag(k_pre, upcast, cos, sin, "rotate_half")
 
 
 @cuda_only
