@@ -89,9 +89,7 @@ def main() -> None:
 
     def worker(priority: int):
         def run() -> None:
-            key_basis._streams.clear()
-            stream = torch.cuda.Stream(priority=priority)
-            key_basis._streams[torch.cuda.current_device()] = stream
+            key_basis.STREAM = (f"basis_overlap, priority {priority}", priority)
             prefill("worker")
         return run
 

@@ -14,16 +14,18 @@ import threading
 
 import torch
 
-_streams: dict[int, torch.cuda.Stream] = {}
+_streams: dict[tuple[int, str], torch.cuda.Stream] = {}
 _lock = threading.Lock()
 
 
-def side_stream(device: torch.device) -> torch.cuda.Stream:
+def side_stream(device: torch.device, purpose: str = "copies", priority: int = 0) -> torch.cuda.Stream:
+    """The device's side stream for ``purpose``, made once at ``priority`` (lower runs sooner): the value copies
+    here, the key bases' factorisations (``key_basis.py``)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     with _lock:
-        if index not in _streams:
-            _streams[index] = torch.cuda.Stream(device=index)
-        return _streams[index]
+        if (index, purpose) not in _streams:
+            _streams[index, purpose] = torch.cuda.Stream(device=index, priority=priority)
+        return _streams[index, purpose]
 
 
 def _contiguous_pieces(dst: torch.Tensor, src: torch.Tensor):
@@ -65,7 +67,7 @@ def wait(event: torch.cuda.Event | None) -> None:
 def drain() -> None:
     """Block until every side-stream copy has landed (before host memory they wrote is reused)."""
     with _lock:
-        streams = list(_streams.values())
+        streams = [stream for (_, purpose), stream in _streams.items() if purpose == "copies"]
     for stream in streams:
         stream.synchronize()
 

@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from shadowkv_fx import host_copies
 from shadowkv_fx.kernels import compression
 
 THREAD_ON_CPU = False
@@ -28,8 +29,11 @@ THREAD_ON_CPU = False
 IN_FLIGHT = 2
 _in_flight = threading.BoundedSemaphore(IN_FLIGHT)
 
+# the side stream's purpose and priority (host_copies.side_stream): high, so the solver's many small kernels take
+# the next free SM slot instead of queueing behind every pending block of the compute stream's GEMMs and attention
+STREAM = ("key_basis", -1)
+
 _worker: ThreadPoolExecutor | None = None
-_streams: dict[int, torch.cuda.Stream] = {}
 _lock = threading.Lock()
 
 
@@ -47,15 +51,6 @@ def _pool() -> ThreadPoolExecutor:
         if _worker is None:
             _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadowkv-key-basis")
         return _worker
-
-
-def _stream(device: torch.device) -> torch.cuda.Stream:
-    with _lock:
-        if device.index not in _streams:
-            # high priority: the solver's many small kernels take the next free SM slot instead of queueing
-            # behind every pending block of the compute stream's GEMMs and attention
-            _streams[device.index] = torch.cuda.Stream(device=device, priority=-1)
-        return _streams[device.index]
 
 
 class PendingBases:
@@ -77,7 +72,7 @@ class PendingBases:
         flat, hkv = compression.flatten_keys(k_pre), k_pre.shape[0]
         outs = (u_out, sv_out, fit_err_out)
         if flat.device.type == "cuda":
-            ready, stream = torch.cuda.Event(), _stream(flat.device)
+            ready, stream = torch.cuda.Event(), host_copies.side_stream(flat.device, *STREAM)
             ready.record(torch.cuda.current_stream(flat.device))
             for t in (flat, *outs):  # memory this thread may free while the side stream still uses it
                 t.record_stream(stream)
