@@ -46,7 +46,8 @@ class SharedRopeTables:
                 index = len(self.sets) - 1
             self._of_layer[layer_idx] = index
         shared = self.sets[index]
-        for j, b in enumerate(rows if self._sources.get(index, ((),))[0] != key else ()):
+        written = index in self._sources and self._sources[index][0] == key  # this forward, from these tensors
+        for j, b in enumerate(() if written else rows):
             first = index not in self._filled
             self._filled.add(index)
             for i, t in enumerate(tables):
