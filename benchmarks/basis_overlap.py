@@ -93,8 +93,16 @@ def main() -> None:
             prefill("worker")
         return run
 
+    def subspace_eigh(iters: int) -> None:  # the top rank + 16 eigenvectors by subspace iteration
+        basis = torch.randn(width, args.rank + 16, device=device, dtype=torch.float64)
+        for _ in range(iters):
+            basis = torch.linalg.qr(gram @ basis)[0]
+        torch.linalg.eigh(basis.T @ gram @ basis)
+
     rows = {
         "eigh fp64 on the GPU, one": seconds(lambda: torch.linalg.eigh(gram)),
+        "eigh fp32 on the GPU, one": seconds(lambda: torch.linalg.eigh(gram.float())),
+        "subspace iteration x3, fp64 on the GPU, one": seconds(lambda: subspace_eigh(3)),
         "eigh fp64 on the host CPU, one": seconds(lambda: torch.linalg.eigh(gram_host)),
         "factor_keys on the GPU, one": seconds(
             lambda: compression.factor_keys(compression.flatten_keys(keys), args.heads, args.rank)),
