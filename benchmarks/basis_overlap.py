@@ -113,6 +113,13 @@ def main() -> None:
     if device == "cuda":
         rows["prefill stand-in, worker, default priority"] = seconds(worker(0))
         rows["prefill stand-in, worker, high priority"] = seconds(worker(-1))
+    compression.EIGEN_SOLVER = "subspace"
+    rows["factor_keys on the GPU, one, subspace"] = seconds(
+        lambda: compression.factor_keys(compression.flatten_keys(keys), args.heads, args.rank))
+    rows["prefill stand-in, in line, subspace"] = seconds(lambda: prefill("inline"))
+    if device == "cuda":
+        rows["prefill stand-in, worker, high priority, subspace"] = seconds(worker(-1))
+    compression.EIGEN_SOLVER = "eigh"
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     lines = [f"{name}, {args.tokens} tokens, W = {width}, {args.layers} layers, "
              f"torch.get_num_threads() = {torch.get_num_threads()}"]

@@ -16,7 +16,8 @@ import time
 import torch
 
 import shadowkv_fx
-from shadowkv_fx import bench, pinned
+from shadowkv_fx import bench, key_basis, pinned
+from shadowkv_fx.kernels import compression
 
 
 class PinTimer:
@@ -127,10 +128,15 @@ def main() -> None:
     rows["shadowkv batch 1"] = shadowkv_prefill(model, ids[:1], config, pins)
     rows[f"shadowkv batch {args.batch}, pool cold"] = shadowkv_prefill(model, ids, config, pins)
     rows[f"shadowkv batch {args.batch}, pool warm"] = shadowkv_prefill(model, ids, config, pins)
+    for solver, on_worker in (("eigh", False), ("subspace", True), ("subspace", False)):  # the default: eigh, worker
+        compression.EIGEN_SOLVER, key_basis.ON_WORKER = solver, on_worker
+        where = "worker" if on_worker else "in line"
+        rows[f"shadowkv batch 1, {solver}, {where}"] = shadowkv_prefill(model, ids[:1], config, pins)
+    compression.EIGEN_SOLVER, key_basis.ON_WORKER = "eigh", True
     lines = [f"{torch.cuda.get_device_name()}, {args.layers} layers, context {args.context}",
-             f"{'point':<34}{'s/seq':>8}{'total s':>9}{'pinning s':>10}{'blocks':>7}"]
+             f"{'point':<38}{'s/seq':>8}{'total s':>9}{'pinning s':>10}{'blocks':>7}"]
     for name, r in rows.items():
-        lines.append(f"{name:<34}{r['per_seq_s']:>8.2f}{r.get('seconds', r['per_seq_s']):>9.2f}"
+        lines.append(f"{name:<38}{r['per_seq_s']:>8.2f}{r.get('seconds', r['per_seq_s']):>9.2f}"
                      f"{r.get('pin_s', 0.0):>10.2f}{r.get('pin_blocks', 0):>7}")
     syncs = count_host_syncs(model, ids[:1], config)
     rows["host syncs of a batch-1 prefill"] = syncs

@@ -24,6 +24,8 @@ from shadowkv_fx import host_copies
 from shadowkv_fx.kernels import compression
 
 THREAD_ON_CPU = False
+# False: a CUDA row is factored in line, on the prefill's thread and stream (benchmarks compare the two)
+ON_WORKER = True
 # jobs submitted and not ended, all caches together: each holds its keys' copy (250 MB a 122K row on the 8B shape),
 # so a worker that falls behind makes the prefill wait here rather than grow past preflight's working-set reserve
 IN_FLIGHT = 2
@@ -71,12 +73,12 @@ class PendingBases:
         ``fit_err_out`` (0-d): views of the layer's slots, which must neither move nor be read before ``finish``."""
         flat, hkv = compression.flatten_keys(k_pre), k_pre.shape[0]
         outs = (u_out, sv_out, fit_err_out)
-        if flat.device.type == "cuda":
+        if flat.device.type == "cuda" and ON_WORKER:
             ready, stream = torch.cuda.Event(), host_copies.side_stream(flat.device, *STREAM)
             ready.record(torch.cuda.current_stream(flat.device))
             for t in (flat, *outs):  # memory this thread may free while the side stream still uses it
                 t.record_stream(stream)
-        elif not THREAD_ON_CPU:
+        elif flat.device.type == "cuda" or not THREAD_ON_CPU:
             _write(outs, compression.factor_keys(flat, hkv, rank))
             return
         else:

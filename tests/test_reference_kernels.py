@@ -56,6 +56,29 @@ def test_tall_keys_fit_in_row_blocks_like_one_svd(monkeypatch, rows):
     assert_close(rebuilt, best.float(), atol=1e-4, what="rank-5 fit")
 
 
+@pytest.mark.parametrize("strong", [3, 12])
+def test_subspace_solver_fits_the_keys_about_as_well_as_the_full_eigh(monkeypatch, strong):
+    """``EIGEN_SOLVER = "subspace"`` finds only the top ``rank + SUBSPACE_EXTRA`` eigenvectors: the basis it gives
+    has orthonormal U and a fit error within 2% of the optimal one; below W / 2 it falls back to the full eigh."""
+    g = torch.Generator().manual_seed(strong)
+    hkv, t, d, rank = 4, 1200, 16, 8
+    k = (torch.randn(hkv, t, strong, generator=g) @ torch.randn(strong, d, generator=g)
+         + 0.05 * torch.randn(hkv, t, d, generator=g))
+    flat = compression.flatten_keys(k)
+    u_best, sv_best, err_best = compression.factor_keys(flat, hkv, rank)
+    monkeypatch.setattr(compression, "EIGEN_SOLVER", "subspace")
+    u, sv, err = compression.factor_keys(flat, hkv, rank)
+    assert_close(u.T @ u, torch.eye(rank), atol=1e-4, what="U's columns orthonormal")
+    assert err_best <= err <= err_best * 1.02 + 1e-6, (err, err_best)
+    idx = torch.arange(t).expand(1, hkv, t)
+    rebuilt = naive.rebuild_keys(u[None], sv[None], idx)[0]
+    best = naive.rebuild_keys(u_best[None], sv_best[None], idx)[0]
+    assert_close(rebuilt, best, atol=0.05 * k.abs().max().item(), what="subspace rank-8 fit")
+    full = compression.factor_keys(flat, hkv, hkv * d - compression.SUBSPACE_EXTRA)  # too wide: the full eigh
+    monkeypatch.setattr(compression, "EIGEN_SOLVER", "eigh")
+    assert torch.equal(full[0], compression.factor_keys(flat, hkv, hkv * d - compression.SUBSPACE_EXTRA)[0])
+
+
 @given(t=st.integers(1, 30), seed=st.integers(0, 999))
 def test_rope_after_rebuild_equals_rope_before_truncation_at_full_rank(t, seed):
     g = torch.Generator().manual_seed(seed)
