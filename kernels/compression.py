@@ -23,10 +23,11 @@ def chunk_tokens(chunk_idx: torch.Tensor, chunk_size: int) -> torch.Tensor:
 
 # rows of the keys in float64 at a time while the Gram matrix and U are formed (32 MiB at W = 1024)
 GRAM_ROWS = 4096
-# how the Gram matrix's top eigenvectors are found: "eigh" (all W of them; ~11 ms of GPU time a layer at W = 1024
-# on the H100) or "subspace" (subspace iteration for rank + SUBSPACE_EXTRA of them, where that is at most W / 2;
-# near-optimal, not exact)
-EIGEN_SOLVER = "eigh"
+# how the Gram matrix's top eigenvectors are found: "subspace" (subspace iteration for the top rank + SUBSPACE_EXTRA,
+# where that is at most W / 2; within 0.6% of the optimal fit error on SmolLM2's keys) or "eigh" (all W of them).
+# On the H100 at W = 1024 (8B shape) the fp64 eigh takes 11.9 ms a layer, the subspace route 4.7 (fp32 eigh: 11.9):
+# a 32K prefill 1.64 s against 1.45, dense 1.36 (benchmarks/RESULTS.md, "Prefill at batch")
+EIGEN_SOLVER = "subspace"
 SUBSPACE_EXTRA, SUBSPACE_ROUNDS = 16, 3
 
 
@@ -108,12 +109,18 @@ def _top_eigenpairs(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     if EIGEN_SOLVER == "eigh" or 2 * width > w:
         eigvals, eigvecs = torch.linalg.eigh(gram)
         return eigvals.flip(0), eigvecs.flip(1)
-    generator = torch.Generator(gram.device).manual_seed(0)  # the same basis for the same keys
-    basis = torch.randn(w, width, device=gram.device, dtype=gram.dtype, generator=generator)
+    basis = _fixed_start(w, width, gram.device)
     for _ in range(SUBSPACE_ROUNDS):
         basis = torch.linalg.qr(gram @ basis)[0]
     eigvals, rotation = torch.linalg.eigh(basis.T @ gram @ basis)  # Rayleigh-Ritz in the subspace
     return eigvals.flip(0), (basis @ rotation).flip(1)
+
+
+def _fixed_start(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """A ``[rows, cols]`` float64 matrix of scattered values in (-1, 1), the same on every device (no random
+    generator, no host copy): the subspace iteration gives the same basis for the same keys on a CPU and a GPU."""
+    n = torch.arange(rows * cols, device=device, dtype=torch.float64).view(rows, cols)
+    return (torch.sin(n * 12.9898 + 78.233) * 43758.5453).frac()
 
 
 def chunk_landmarks(k_rot: torch.Tensor, chunk_size: int, runs: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

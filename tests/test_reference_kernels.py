@@ -58,13 +58,14 @@ def test_tall_keys_fit_in_row_blocks_like_one_svd(monkeypatch, rows):
 
 @pytest.mark.parametrize("strong", [3, 12])
 def test_subspace_solver_fits_the_keys_about_as_well_as_the_full_eigh(monkeypatch, strong):
-    """``EIGEN_SOLVER = "subspace"`` finds only the top ``rank + SUBSPACE_EXTRA`` eigenvectors: the basis it gives
+    """``EIGEN_SOLVER = "subspace"`` (the default) finds only the top ``rank + SUBSPACE_EXTRA`` eigenvectors: the basis it gives
     has orthonormal U and a fit error within 2% of the optimal one; below W / 2 it falls back to the full eigh."""
     g = torch.Generator().manual_seed(strong)
     hkv, t, d, rank = 4, 1200, 16, 8
     k = (torch.randn(hkv, t, strong, generator=g) @ torch.randn(strong, d, generator=g)
          + 0.05 * torch.randn(hkv, t, d, generator=g))
     flat = compression.flatten_keys(k)
+    monkeypatch.setattr(compression, "EIGEN_SOLVER", "eigh")
     u_best, sv_best, err_best = compression.factor_keys(flat, hkv, rank)
     monkeypatch.setattr(compression, "EIGEN_SOLVER", "subspace")
     u, sv, err = compression.factor_keys(flat, hkv, rank)
@@ -73,7 +74,8 @@ def test_subspace_solver_fits_the_keys_about_as_well_as_the_full_eigh(monkeypatc
     idx = torch.arange(t).expand(1, hkv, t)
     rebuilt = naive.rebuild_keys(u[None], sv[None], idx)[0]
     best = naive.rebuild_keys(u_best[None], sv_best[None], idx)[0]
-    assert_close(rebuilt, best, atol=0.05 * k.abs().max().item(), what="subspace rank-8 fit")
+    miss, best_miss = (rebuilt - k).norm(), (best - k).norm()  # the fit itself, not only the energy it reports
+    assert best_miss <= miss <= best_miss * 1.02, (miss, best_miss)
     full = compression.factor_keys(flat, hkv, hkv * d - compression.SUBSPACE_EXTRA)  # too wide: the full eigh
     monkeypatch.setattr(compression, "EIGEN_SOLVER", "eigh")
     assert torch.equal(full[0], compression.factor_keys(flat, hkv, hkv * d - compression.SUBSPACE_EXTRA)[0])
