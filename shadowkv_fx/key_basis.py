@@ -2,8 +2,8 @@
 
 ``torch.linalg.eigh`` (and ``svd``) read a status word back from the GPU: a host sync in every
 layer's prefill, for every row. On the H100 each fp64 eigh of the 1024 x 1024 Gram matrix (8B
-shape) also takes ~11 ms of GPU time, 0.35 s a sequence whatever its length, which nothing else
-overlapped: most of what a 32K prefill spent over dense's. Here the compute thread only copies the
+shape) also takes ~12 ms of GPU time (the subspace solver, ``compression.EIGEN_SOLVER``, 4.7), which
+the prefill's GEMMs leave little room to overlap. Here the compute thread only copies the
 row's pre-RoPE keys (its own copy: a compiled graph may reuse the tapped buffer once the op
 returns) and records an event; one worker thread waits for that event on a side stream, factors
 the keys there (blocking itself, not the prefill, on the status read) and writes U, SV and the fit
