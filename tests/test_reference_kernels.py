@@ -58,8 +58,8 @@ def test_tall_keys_fit_in_row_blocks_like_one_svd(monkeypatch, rows):
 
 @pytest.mark.parametrize("strong", [3, 12])
 def test_subspace_solver_fits_the_keys_about_as_well_as_the_full_eigh(monkeypatch, strong):
-    """``EIGEN_SOLVER = "subspace"`` (the default) finds only the top ``rank + SUBSPACE_EXTRA`` eigenvectors: the basis it gives
-    has orthonormal U and a fit error within 2% of the optimal one; below W / 2 it falls back to the full eigh."""
+    """``EIGEN_SOLVER = "subspace"`` (the default) finds only the top ``rank + SUBSPACE_EXTRA`` eigenvectors: its basis
+    has orthonormal U and a fit error within 2% of the optimal one; past W / 2 directions it is the full eigh."""
     g = torch.Generator().manual_seed(strong)
     hkv, t, d, rank = 4, 1200, 16, 8
     k = (torch.randn(hkv, t, strong, generator=g) @ torch.randn(strong, d, generator=g)
