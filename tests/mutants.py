@@ -202,6 +202,11 @@ def svd_drops_a_component() -> None:
     _wrap(compression, "factor_keys", make)
 
 
+@mutant("the subspace solver skips its rounds: the key basis is its fixed start's Ritz vectors")
+def subspace_skips_its_rounds() -> None:
+    compression.SUBSPACE_ROUNDS = 0
+
+
 @mutant("with value reuse, a slot whose chunk changed keeps the old chunk's values")
 def reuse_stale_values() -> None:
     def make(plain):
