@@ -102,7 +102,7 @@ def main() -> None:
     rows = {
         "eigh fp64 on the GPU, one": seconds(lambda: torch.linalg.eigh(gram)),
         "eigh fp32 on the GPU, one": seconds(lambda: torch.linalg.eigh(gram.float())),
-        "subspace iteration x3, fp64 on the GPU, one": seconds(lambda: subspace_eigh(3)),
+        **{f"subspace iteration x{n}, fp64 on the GPU, one": seconds(lambda n=n: subspace_eigh(n)) for n in (2, 3, 4)},
         "eigh fp64 on the host CPU, one": seconds(lambda: torch.linalg.eigh(gram_host)),
         "factor_keys on the GPU, one": seconds(
             lambda: compression.factor_keys(compression.flatten_keys(keys), args.heads, args.rank)),

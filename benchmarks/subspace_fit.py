@@ -2,7 +2,7 @@
 (the full ``eigh``), on real keys: SmolLM2's pre-RoPE keys of a 2K-token prompt (this repository's README), every
 layer, at ranks where the subspace route applies (rank + 16 <= W / 2, W = 192). CPU.
 
-    python benchmarks/subspace_fit.py [--tokens 2048] [--ranks 32 64]
+    python benchmarks/subspace_fit.py [--tokens 2048] [--ranks 32 64] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--ranks", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--rounds", type=int, default=compression.SUBSPACE_ROUNDS, help="subspace iteration rounds")
     args = parser.parse_args()
+    compression.SUBSPACE_ROUNDS = args.rounds
     model, tokenizer = load_smollm2()
     readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
     ids = tokenizer(open(readme).read() * 4, return_tensors="pt").input_ids[:, : args.tokens]
@@ -38,7 +40,7 @@ def main() -> None:
                 fits.append(compression.factor_keys(flat, hkv, rank)[2].item())
             worst = max(worst, fits[1] / fits[0] - 1)
             total = [t + f for t, f in zip(total, fits)]
-        print(f"rank {rank}: mean fit error over {len(keys)} layers, eigh {total[0] / len(keys):.4f}, "
+        print(f"{args.rounds} rounds, rank {rank}: mean fit error over {len(keys)} layers, eigh {total[0] / len(keys):.4f}, "
               f"subspace {total[1] / len(keys):.4f}; the worst layer's subspace error is {100 * worst:.2f}% higher")
 
 
