@@ -58,21 +58,22 @@ def factor_keys(flat: torch.Tensor, hkv: int, rank: int) -> tuple[torch.Tensor, 
     prefill runs this off its compute stream and thread (``key_basis.py``)."""
     t, w = flat.shape
     if t > 4 * w:
-        u_r, s, vh = _tall_svd(flat, rank)
+        u_r, s, vh, energy = _tall_svd(flat, rank)
     else:
-        u, s, vh = torch.linalg.svd(flat.float(), full_matrices=False)
+        flat32 = flat.float()
+        u, s, vh = torch.linalg.svd(flat32, full_matrices=False)
         u_r = u.new_zeros(t, rank)
         u_r[:, : min(rank, s.numel())] = u[:, :rank]
+        energy = flat32.square().sum()
     kept = min(rank, s.numel())
     sv = u_r.new_zeros(rank, w)
     sv[:kept] = s[:kept, None] * vh[:kept]
-    energy = flat.float().square().sum()
     # U's columns are orthonormal, so what SV misses of the keys' energy is the fit error
     fit_err = (1 - sv.square().sum() / energy.clamp_min(1e-30)).clamp_min(0).sqrt()
     return u_r, sv.view(rank, hkv, w // hkv).permute(1, 0, 2).contiguous(), fit_err
 
 
-def _tall_svd(flat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tall_svd(flat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD of a tall ``[T, W]`` matrix through its ``W x W`` Gram matrix, in float64.
 
     Long prompts make ``T`` 100x ``W``; the Gram route costs one GEMM and a small eigh instead of
@@ -82,7 +83,7 @@ def _tall_svd(flat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     add ~3 GiB to the prefill working set.
 
     Returns ``U [T, rank]`` (float32), the singular values ``[W]`` and ``V^T [W, W]`` (with the subspace solver
-    only the top ``rank + SUBSPACE_EXTRA`` of them).
+    only the top ``rank + SUBSPACE_EXTRA`` of them), and the keys' energy (the Gram matrix's trace, float32).
     """
     t, w = flat.shape
     gram = flat.new_zeros(w, w, dtype=torch.float64)
@@ -98,7 +99,7 @@ def _tall_svd(flat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     for start in range(0, t, GRAM_ROWS):
         block = flat[start : start + GRAM_ROWS].double()
         u[start : start + GRAM_ROWS, :r] = (block @ v[:, :r] * inverse).float()
-    return u, order.float(), v.T.float()
+    return u, order.float(), v.T.float(), gram.trace().float()
 
 
 def _top_eigenpairs(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
