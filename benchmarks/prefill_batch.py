@@ -128,13 +128,13 @@ def main() -> None:
     rows["shadowkv batch 1"] = shadowkv_prefill(model, ids[:1], config, pins)
     rows[f"shadowkv batch {args.batch}, pool cold"] = shadowkv_prefill(model, ids, config, pins)
     rows[f"shadowkv batch {args.batch}, pool warm"] = shadowkv_prefill(model, ids, config, pins)
-    default = compression.EIGEN_SOLVER, key_basis.ON_WORKER
+    default = compression.EIGEN_SOLVER, key_basis.ON_WORKER["cuda"]
     for solver, on_worker in (("eigh", True), ("eigh", False), ("subspace", True), ("subspace", False)):
         if (solver, on_worker) != default:  # the key bases' other ways, against the rows above
-            compression.EIGEN_SOLVER, key_basis.ON_WORKER = solver, on_worker
+            compression.EIGEN_SOLVER, key_basis.ON_WORKER["cuda"] = solver, on_worker
             where = "worker" if on_worker else "in line"
             rows[f"shadowkv batch 1, {solver}, {where}"] = shadowkv_prefill(model, ids[:1], config, pins)
-    compression.EIGEN_SOLVER, key_basis.ON_WORKER = default
+    compression.EIGEN_SOLVER, key_basis.ON_WORKER["cuda"] = default
     lines = [f"{torch.cuda.get_device_name()}, {args.layers} layers, context {args.context}",
              f"{'point':<38}{'s/seq':>8}{'total s':>9}{'pinning s':>10}{'blocks':>7}"]
     for name, r in rows.items():

@@ -10,7 +10,7 @@ the keys there (blocking itself, not the prefill, on the status read) and writes
 error into the layer's slots. ``finish`` joins a layer's jobs and makes the compute stream wait for
 them on the GPU, before anything reads or moves those slots (``ShadowKVCache.end_step``).
 
-On a CPU the same jobs run inline, in order, unless ``THREAD_ON_CPU`` (tests run the worker there).
+On a CPU the same jobs run inline, in order, unless ``ON_WORKER["cpu"]`` (tests run the worker there).
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import torch
 from shadowkv_fx import host_copies
 from shadowkv_fx.kernels import compression
 
-THREAD_ON_CPU = False
-# False: a CUDA row is factored in line, on the prefill's thread and stream (benchmarks compare the two)
-ON_WORKER = True
+# by device type, whether a row's keys go to the worker; else they are factored in line, on the prefill's thread and
+# stream (the CPU's default; tests run the worker there, benchmarks time a GPU in line)
+ON_WORKER = {"cuda": True, "cpu": False}
 # jobs submitted and not ended, all caches together: each holds its keys' copy (250 MB a 122K row on the 8B shape),
 # so a worker that falls behind makes the prefill wait here rather than grow past preflight's working-set reserve
 IN_FLIGHT = 2
@@ -73,16 +73,15 @@ class PendingBases:
         ``fit_err_out`` (0-d): views of the layer's slots, which must neither move nor be read before ``finish``."""
         flat, hkv = compression.flatten_keys(k_pre), k_pre.shape[0]
         outs = (u_out, sv_out, fit_err_out)
-        if flat.device.type == "cuda" and ON_WORKER:
+        if not ON_WORKER.get(flat.device.type, False):
+            _write(outs, compression.factor_keys(flat, hkv, rank))
+            return
+        ready = stream = None
+        if flat.device.type == "cuda":
             ready, stream = torch.cuda.Event(), host_copies.side_stream(flat.device, *STREAM)
             ready.record(torch.cuda.current_stream(flat.device))
             for t in (flat, *outs):  # memory this thread may free while the side stream still uses it
                 t.record_stream(stream)
-        elif flat.device.type == "cuda" or not THREAD_ON_CPU:
-            _write(outs, compression.factor_keys(flat, hkv, rank))
-            return
-        else:
-            ready = stream = None
         mode = torch.is_inference_mode_enabled()  # grad modes are per thread: the worker takes the caller's
         _in_flight.acquire()
         try:

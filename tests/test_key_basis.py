@@ -36,7 +36,7 @@ def bases(cache: ShadowKVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.fixture
 def threaded(monkeypatch):
-    monkeypatch.setattr(key_basis, "THREAD_ON_CPU", True)
+    monkeypatch.setitem(key_basis.ON_WORKER, "cpu", True)
 
 
 @pytest.mark.parametrize("prefill_rows", [None, 1], ids=["one_group", "a_group_a_row"])
@@ -60,9 +60,9 @@ def test_bases_from_the_worker_equal_those_factored_in_line(monkeypatch, device)
             out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         return bases(prefill(model, device)), out.cpu()
 
-    monkeypatch.setattr(key_basis, "THREAD_ON_CPU", device == "cpu")
+    monkeypatch.setitem(key_basis.ON_WORKER, "cpu", device == "cpu")
     threaded_run = run(device)
-    monkeypatch.setattr(key_basis, "THREAD_ON_CPU", False)
+    monkeypatch.setitem(key_basis.ON_WORKER, "cpu", False)
     inline_run = run("cpu")
     tol = 1e-5 if device == "cpu" else 1e-4
     for (keys, err), (keys0, err0) in zip(threaded_run[0], inline_run[0], strict=True):
