@@ -88,7 +88,8 @@ def _child(form: str, context: int, batch: int, model_name: str, layers: int, ca
 
 
 def _profiled(call, path: str) -> float:
-    """``call()`` under cProfile; the 60 costliest functions (cumulative, then own time) go to ``path``."""
+    """``call()`` under cProfile; the 60 costliest functions (cumulative, then own time) go to ``path``, and the
+    whole profile (``pstats`` form, to read with ``python -m pstats``) beside it as ``path`` + ``.prof``."""
     import cProfile
     import io
     import pstats
@@ -100,6 +101,7 @@ def _profiled(call, path: str) -> float:
         pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(60)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text.getvalue())
+    profiler.dump_stats(path + ".prof")
     return done
 
 

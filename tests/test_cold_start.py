@@ -153,3 +153,7 @@ def test_a_profiled_first_token_names_where_its_seconds_went(tmp_path):
     assert _profiled(slow_set_up, str(out)) == sum(i * i for i in range(200_000))
     text = out.read_text()
     assert "slow_set_up" in text and "cumulative" in text and "internal time" in text
+    import pstats
+
+    whole = pstats.Stats(str(out) + ".prof")
+    assert any(name == "slow_set_up" for (_, _, name) in whole.stats), "the whole profile is kept for later reading"
