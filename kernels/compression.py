@@ -8,7 +8,6 @@ Shapes: ``Hkv`` key-value heads, ``T`` tokens, ``C`` chunks, ``L`` chunk size, `
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -118,11 +117,9 @@ def _top_eigenpairs(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return eigvals.flip(0), (basis @ rotation).flip(1)
 
 
-@functools.lru_cache(maxsize=8)
 def _fixed_start(rows: int, cols: int, device: torch.device) -> torch.Tensor:
     """A ``[rows, cols]`` float64 matrix of scattered values in (-1, 1), the same on every device (no random
-    generator, no host copy): the subspace iteration gives the same basis for the same keys on a CPU and a GPU.
-    Made once per shape and device (every layer of a prefill asks for the same one); callers only read it."""
+    generator, no host copy): the subspace iteration gives the same basis for the same keys on a CPU and a GPU."""
     n = torch.arange(rows * cols, device=device, dtype=torch.float64).view(rows, cols)
     return (torch.sin(n * 12.9898 + 78.233) * 43758.5453).frac()
 
