@@ -32,12 +32,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, form: str)
     return torch.cat([(rot * cos + turned * sin).to(x.dtype), rest], dim=-1)
 
 
-def detect_rope_form(k_pre: torch.Tensor, k_rot: torch.Tensor, tables: list[torch.Tensor]) -> str:
-    """The form in ``FORMS`` whose rotation of ``k_pre`` gives ``k_rot`` (``[B, H, S, D]``), else "generic"."""
-    errors = rope_form_errors(k_pre, k_rot, tables)
-    return "generic" if errors is None else form_from_errors(errors.tolist(), k_rot.dtype)
-
-
 def rope_form_errors(k_pre: torch.Tensor, k_rot: torch.Tensor, tables: list[torch.Tensor]) -> torch.Tensor | None:
     """Each form of ``FORMS``'s error rotating ``k_pre`` into ``k_rot``, relative to ``k_rot``'s norm: ``[len(FORMS)]``
     float32 on their device, no host sync (``form_from_errors`` reads it); None where the tables fit no form."""

@@ -23,7 +23,7 @@ class PendingForm(NamedTuple):
 
 
 def measure(k_pre: torch.Tensor, k_rot: torch.Tensor, tables: list[torch.Tensor]) -> PendingForm:
-    """Queue one layer's checks: keys ``[1, Hkv, S, D]`` and tables ``[1, 1, S, c]``, as ``detect_rope_form``."""
+    """Queue one layer's checks: keys ``[1, Hkv, S, D]`` and tables ``[1, 1, S, c]`` (``settle`` reads them)."""
     errors = rope_form_errors(k_pre, k_rot, tables)
     exact = tuple(None if errors is None else dispatch.rotates_like_flag(k_pre, k_rot, tables, form)
                   for form in FORMS)

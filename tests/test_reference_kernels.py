@@ -176,7 +176,20 @@ def test_rope_form_is_recognised_from_the_models_own_rope(module, form):
     """Prefill names the RoPE form by reproducing the model's own output; anything else is generic."""
     import importlib
 
-    from shadowkv_fx.kernels.rope_forms import apply_rope, detect_rope_form
+    from shadowkv_fx import rope_detection
+    from shadowkv_fx.kernels.rope_forms import apply_rope
+
+    class Pending:  # what rope_detection.settle reads and sets on a layer's state
+        def __init__(self, k_pre, k_rot, tables):
+            self.rope_pending, self.rope_form = rope_detection.measure(k_pre, k_rot, tables), None
+
+        def take_rope_form(self, form, fused_append):
+            self.rope_form, self.rope_pending = form, None
+
+    def detect_rope_form(k_pre, k_rot, tables):
+        state = Pending(k_pre, k_rot, tables)
+        rope_detection.settle([state])
+        return state.rope_form
 
     hf = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
     g = torch.Generator().manual_seed(3)
