@@ -32,15 +32,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, form: str)
     return torch.cat([(rot * cos + turned * sin).to(x.dtype), rest], dim=-1)
 
 
+# prompt positions a form check reads at most, spread evenly over the prompt: a form is one rule for every position
+# (the positions differ only in their tables), and all of a 122K prompt's keys in float32 are 0.5 GB a layer, each
+# form's rotation of them as much again, on top of the prefill's own working set
+FORM_CHECK_POSITIONS = 4096
+
+
 def rope_form_errors(k_pre: torch.Tensor, k_rot: torch.Tensor, tables: list[torch.Tensor]) -> torch.Tensor | None:
-    """Each form of ``FORMS``'s error rotating ``k_pre`` into ``k_rot``, relative to ``k_rot``'s norm: ``[len(FORMS)]``
+    """Each form of ``FORMS``'s error rotating ``k_pre`` into ``k_rot`` (``[B, H, S, D]``, tables ``[B', 1, S, c]``) at
+    ``FORM_CHECK_POSITIONS`` of the ``S`` positions at most, relative to ``k_rot``'s norm there: ``[len(FORMS)]``
     float32 on their device, no host sync (``form_from_errors`` reads it); None where the tables fit no form."""
     if len(tables) != 2 or any(t.dim() != 4 or t.shape[-1] > k_pre.shape[-1] or t.shape[-1] % 2 for t in tables):
         return None
     cos, sin = tables
     if cos.shape[-2] != k_pre.shape[-2]:
         return None
-    k_pre, k_rot = k_pre.float(), k_rot.float()  # once, not once a form: a 122K prompt's keys are 0.5 GB in float32
+    stride = -(-k_pre.shape[-2] // FORM_CHECK_POSITIONS)
+    k_pre, k_rot, cos, sin = (t[..., ::stride, :] for t in (k_pre, k_rot, cos, sin))
+    k_pre, k_rot = k_pre.float(), k_rot.float()  # once, not once a form
     norm = k_rot.norm().clamp_min(1e-12)
     return torch.stack([(apply_rope(k_pre, cos, sin, form) - k_rot).norm() / norm for form in FORMS])
 

@@ -171,25 +171,33 @@ def test_grouped_attention_equals_the_head_repeating_reference(b, hkv, group, n,
                  atol=1e-5, what="broadcast mask")
 
 
+class PendingForm:
+    """What ``rope_detection.settle`` reads and sets on a layer's state."""
+
+    def __init__(self, k_pre, k_rot, tables):
+        from shadowkv_fx import rope_detection
+
+        self.rope_pending, self.rope_form = rope_detection.measure(k_pre, k_rot, tables), None
+
+    def take_rope_form(self, form, fused_append):
+        self.rope_form, self.rope_pending = form, None
+
+
+def detect_rope_form(k_pre, k_rot, tables):
+    """The form prefill names for these keys: ``rope_detection.measure``, then ``settle``."""
+    from shadowkv_fx import rope_detection
+
+    state = PendingForm(k_pre, k_rot, tables)
+    rope_detection.settle([state])
+    return state.rope_form
+
+
 @pytest.mark.parametrize("module, form", [("llama", "rotate_half"), ("glm4", "interleaved")])
 def test_rope_form_is_recognised_from_the_models_own_rope(module, form):
     """Prefill names the RoPE form by reproducing the model's own output; anything else is generic."""
     import importlib
 
-    from shadowkv_fx import rope_detection
     from shadowkv_fx.kernels.rope_forms import apply_rope
-
-    class Pending:  # what rope_detection.settle reads and sets on a layer's state
-        def __init__(self, k_pre, k_rot, tables):
-            self.rope_pending, self.rope_form = rope_detection.measure(k_pre, k_rot, tables), None
-
-        def take_rope_form(self, form, fused_append):
-            self.rope_form, self.rope_pending = form, None
-
-    def detect_rope_form(k_pre, k_rot, tables):
-        state = Pending(k_pre, k_rot, tables)
-        rope_detection.settle([state])
-        return state.rope_form
 
     hf = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
     g = torch.Generator().manual_seed(3)
@@ -203,3 +211,23 @@ def test_rope_form_is_recognised_from_the_models_own_rope(module, form):
     assert_close(apply_rope(k, cos, sin, form), k_rot, atol=1e-5, what=f"{form} RoPE")
     assert detect_rope_form(k, k_rot * 1.01, [cos, sin]) == "generic"
     assert detect_rope_form(k, k_rot, [cos]) == "generic"
+
+
+def test_a_long_prompts_form_check_reads_a_spread_of_positions_not_all(monkeypatch):
+    """Past ``FORM_CHECK_POSITIONS`` the check reads evenly spread positions (a 122K prompt's keys in float32 would be
+    0.5 GB a layer): the form is still named, a wrong rotation still is not, and no form sees more positions."""
+    from shadowkv_fx.kernels import rope_forms
+
+    g = torch.Generator().manual_seed(5)
+    s = 3 * rope_forms.FORM_CHECK_POSITIONS + 7
+    k = torch.randn(1, 2, s, 8, generator=g)
+    angles = torch.arange(s, dtype=torch.float32)[:, None] * torch.tensor([1.0, 0.01, 1e-4, 1e-6])
+    freqs = torch.cat([angles, angles], dim=-1)
+    cos, sin = freqs.cos()[None, None], freqs.sin()[None, None]
+    k_rot = rope_half(k, cos, sin)
+    read = []
+    plain = rope_forms.apply_rope
+    monkeypatch.setattr(rope_forms, "apply_rope", lambda x, *rest: read.append(x.shape[-2]) or plain(x, *rest))
+    assert detect_rope_form(k, k_rot, [cos, sin]) == "rotate_half"
+    assert read and max(read) <= rope_forms.FORM_CHECK_POSITIONS
+    assert detect_rope_form(k, rope_half(k, cos, -sin), [cos, sin]) == "generic"
