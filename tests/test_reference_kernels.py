@@ -171,7 +171,7 @@ def test_grouped_attention_equals_the_head_repeating_reference(b, hkv, group, n,
                  atol=1e-5, what="broadcast mask")
 
 
-class PendingForm:
+class FormCheckedState:
     """What ``rope_detection.settle`` reads and sets on a layer's state."""
 
     def __init__(self, k_pre, k_rot, tables):
@@ -187,7 +187,7 @@ def detect_rope_form(k_pre, k_rot, tables):
     """The form prefill names for these keys: ``rope_detection.measure``, then ``settle``."""
     from shadowkv_fx import rope_detection
 
-    state = PendingForm(k_pre, k_rot, tables)
+    state = FormCheckedState(k_pre, k_rot, tables)
     rope_detection.settle([state])
     return state.rope_form
 
