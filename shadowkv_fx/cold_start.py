@@ -52,7 +52,8 @@ def _child(form: str, context: int, batch: int, model_name: str, layers: int, ca
     else:
         model = bench.llama31_8b_random(layers, device=device)
     ready = time.time() - start
-    config = shadowkv_fx.ShadowKVConfig(sparse_budget=min(2048, context // 64 * 8 or 8), rank=min(160, bench_rank(model)))
+    config = shadowkv_fx.ShadowKVConfig(sparse_budget=min(2048, context // 64 * 8 or 8),
+                                        rank=min(160, bench_rank(model)))
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
 
