@@ -34,14 +34,14 @@ def main() -> None:
     args = parser.parse_args()
     _, tokenizer = load_smollm2()
     variants = {f"rank={r}": replace(ShadowKVConfig(), rank=int(r)) for r in args.ranks.split(",")}
-    records = {}
+    records, default_solver = {}, compression.EIGEN_SOLVER
     for solver in SOLVERS:
         compression.EIGEN_SOLVER = solver  # read at each prefill's factorisation
         records[solver] = run_eval(lambda: load_smollm2()[0], tokenizer, tasks=args.tasks.split(","),
                                    lengths=args.lengths.split(","), budgets=args.budgets.split(","),
                                    samples_per_task=args.samples, methods=("shadowkv",), variants=variants,
                                    progress=False, print_table=False)
-    compression.EIGEN_SOLVER = "subspace"
+    compression.EIGEN_SOLVER = default_solver
     cells: dict[tuple, dict] = defaultdict(lambda: {s: [] for s in SOLVERS} | {"differ": 0})
     for eigh_row, sub_row in zip(records["eigh"], records["subspace"]):
         key = (eigh_row["variant"], eigh_row["budget"], eigh_row["length"], eigh_row["task"])
